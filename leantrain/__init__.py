@@ -1,0 +1,6 @@
+"""leantrain: memory-lean precision training for Llama-style models (full bfloat16 that converges like fp32)."""
+
+from .model import build_model
+from .utils import set_default_dtype
+
+__all__ = ["build_model", "set_default_dtype"]

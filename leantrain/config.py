@@ -1,0 +1,418 @@
+"""The configuration: one documented dataclass per TOML section, loaded, overridden and validated here.
+
+Every field has a type (``Literal[...]`` for choices) and a docstring right under it; ``--help`` is
+generated from those docstrings, so this file is the documentation of every key. Values come from,
+in increasing priority: the defaults below, ``--recipe`` (a named set of values, see precision.py),
+the TOML file, and ``--section.key=value`` on the command line. A key set both by the recipe and
+explicitly to another value is a contradiction, not a silent override.
+
+All validation happens in :func:`validate` before any work: unknown keys (with a "did you mean"),
+wrong types, out-of-range values and contradictions raise :class:`ConfigError`; legal but
+suspicious combinations warn once.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import tomllib
+import typing
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+
+@dataclass
+class Job:
+    dump_folder: str = ""
+    """Where the run writes config.toml, metrics.jsonl, summary.json and loss.png. Empty: runs/<timestamp>."""
+    seed: int = 0
+    """One seed for weight init, data order and stochastic rounding."""
+
+
+@dataclass
+class Model:
+    name: Literal["llama3"] = "llama3"
+    """Architecture. Only the Llama 3 family (RMSNorm, RoPE, grouped-query attention, SwiGLU)."""
+    flavor: Literal["debug", "small", "1B", "8B", "70B"] = "small"
+    """Size preset: debug (tests), small (about 13M params, CPU), 1B/8B/70B (Llama 3.2-1B, 3.1-8B, 3.1-70B)."""
+    dim: int = 0
+    """Hidden size. 0: the flavor's."""
+    n_layers: int = 0
+    """Number of transformer blocks. 0: the flavor's."""
+    n_heads: int = 0
+    """Attention heads. 0: the flavor's."""
+    n_kv_heads: int = 0
+    """Key/value heads (grouped-query attention); must divide n_heads. 0: the flavor's."""
+    ffn_dim: int = 0
+    """Hidden size of the SwiGLU feed-forward. 0: the flavor's."""
+    vocab_size: int = 0
+    """Vocabulary size. 0: the flavor's (debug and small: the tokenizer's)."""
+    rope_theta: float = 0.0
+    """RoPE base frequency. 0: the flavor's (500000, Llama 3)."""
+    norm_eps: float = 0.0
+    """RMSNorm epsilon. 0: the flavor's (1e-5)."""
+
+
+@dataclass
+class Tokenizer:
+    path: str = "byte"
+    """'byte' (256 byte ids plus BOS, EOS, PAD) or the path of a local Hugging Face tokenizer.json."""
+
+
+@dataclass
+class Data:
+    path: str = "builtin"
+    """'builtin' (the pydoc texts shipped with CPython), a .txt file, a .jsonl file (field 'text') or a folder of them."""
+    format: Literal["text"] = "text"
+    """'text': pretraining, documents packed into seq_len windows with EOS between them."""
+    seq_len: int = 256
+    """Tokens per training sample."""
+    local_batch_size: int = 8
+    """Samples per micro-batch (per rank)."""
+
+
+@dataclass
+class Training:
+    steps: int = 300
+    """Optimizer steps to train."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Storage dtype of parameters, gradients and (with optimizer.state_dtype=auto) the Adam moments."""
+    mixed_precision_param: Literal["bfloat16", "float32"] = "bfloat16"
+    """Compute dtype when training.dtype is float32 (autocast). Has no effect under full bfloat16."""
+    max_norm: float = 1.0
+    """Clip the global gradient norm (computed in fp32) to this value. 0 disables clipping."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches whose gradients are summed before each optimizer step."""
+
+
+@dataclass
+class Optimizer:
+    name: Literal["AdamW"] = "AdamW"
+    """The optimizer: leantrain's precision-aware AdamW (same update as torch.optim.AdamW)."""
+    lr: float = 1e-3
+    """Peak learning rate (reached at the end of warmup)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam's beta1, beta2."""
+    eps: float = 1e-8
+    """Adam's epsilon, added to sqrt of the second moment."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not norms)."""
+    state_dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"
+    """Dtype of the Adam moments: auto (= training.dtype), float32, bfloat16, or int8 (block-wise quantized)."""
+    compensation: Literal["none", "stochastic", "kahan"] = "stochastic"
+    """How a bf16 weight update keeps steps smaller than half a bf16 ulp: none (nearest rounding, they are lost),
+    stochastic (unbiased stochastic rounding of weights and bf16 moments), kahan (a bf16 compensation buffer).
+    No effect when training.dtype is float32."""
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = 30
+    """Steps of linear warmup from 0 to optimizer.lr."""
+    decay: Literal["cosine", "linear", "none"] = "cosine"
+    """Shape of the decay after warmup, down to min_lr_factor * lr at the last step."""
+    min_lr_factor: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+
+
+@dataclass
+class Eval:
+    interval: int = 100
+    """Evaluate on the held-out split every this many steps (and at the end). 0: only at the end."""
+    steps: int = 10
+    """Batches per evaluation."""
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 10
+    """Log a line to metrics.jsonl every this many steps (and at the first and last step)."""
+    progress: bool = True
+    """Show a progress bar with loss, tokens/s and memory."""
+
+
+@dataclass
+class Config:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    tokenizer: Tokenizer = field(default_factory=Tokenizer)
+    data: Data = field(default_factory=Data)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    eval: Eval = field(default_factory=Eval)
+    metrics: Metrics = field(default_factory=Metrics)
+    recipe: str = ""
+    """A named precision recipe (fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8): a set of the keys above."""
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "recipe"}
+
+
+def _section_class(name: str) -> type:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "recipe"}[name]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (read from the source, as torchtitan's --help does)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return "a list of " + str(len(typing.get_args(tp))) + " numbers"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+
+
+def _coerce(key: str, value: Any, tp: Any, from_cli: bool) -> Any:
+    """Check (and, for command-line strings, parse) one value against its field type."""
+    bad = ConfigError(f"Config key '{key}' has the value {value!r}, but it must be {_describe(tp)}.")
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            extra = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"Config key '{key}' has the value {value!r}, which is not allowed: it must be "
+                              f"{_describe(tp)}.{extra}")
+        return value
+    if origin is tuple:
+        if from_cli and isinstance(value, str):
+            value = [v.strip() for v in value.strip("[]()").split(",")]
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(tp)):
+            raise bad
+        return tuple(_coerce(key, v, float, from_cli) for v in value)
+    if tp is bool:
+        if from_cli and isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if from_cli and isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if from_cli and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise AssertionError(f"unsupported config type {tp}")
+
+
+def _unknown(kind: str, name: str, known: list[str]) -> ConfigError:
+    hint = difflib.get_close_matches(name, known, n=1)
+    extra = f" Did you mean '{hint[0]}'?" if hint else ""
+    return ConfigError(f"Unknown config {kind} '{name}'.{extra} Known {kind}s: {', '.join(sorted(known))}. "
+                       f"Run 'leantrain train --help' to see every key.")
+
+
+def _flatten(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """TOML tables -> {'section.key': value}, rejecting unknown sections."""
+    flat = {}
+    for name, value in raw.items():
+        if name == "recipe":
+            flat["recipe"] = value
+            continue
+        if name not in SECTIONS:
+            raise _unknown("section", name, list(SECTIONS) + ["recipe"])
+        if not isinstance(value, dict):
+            raise ConfigError(f"In {source}, '{name}' must be a table ([{name}]) of keys, not {value!r}.")
+        for key, v in value.items():
+            flat[f"{name}.{key}"] = v
+    return flat
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``--section.key=value`` / ``--section.key value`` / ``--recipe NAME`` -> {'section.key': 'value'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"Unexpected argument {arg!r}: options look like --section.key=value "
+                              f"(e.g. --training.steps=100). Run with --help to see every key.")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"Option '--{name}' needs a value, e.g. --{name}=VALUE.")
+            value = args[i + 1]
+            i += 1
+        out[name] = value
+        i += 1
+    return out
+
+
+def load_config(toml_path: str | None = None, overrides: dict[str, str] | None = None) -> Config:
+    """Defaults <- recipe <- TOML file <- command-line overrides, type-checked and validated."""
+    from .precision import RECIPES
+
+    flat: dict[str, tuple[Any, bool]] = {}  # key -> (value, from_cli)
+    if toml_path:
+        try:
+            with open(toml_path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"The config file '{toml_path}' does not exist. Pass --config with the path of a "
+                              f"TOML file, or leave it out to use the defaults.") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"The config file '{toml_path}' is not valid TOML: {e}.") from None
+        except OSError as e:
+            raise ConfigError(f"The config file '{toml_path}' cannot be read: {e.strerror}.") from None
+        flat.update({k: (v, False) for k, v in _flatten(raw, toml_path).items()})
+    flat.update({k: (v, True) for k, v in (overrides or {}).items()})
+
+    cfg = Config()
+    recipe_value, _ = flat.pop("recipe", ("", False))
+    if recipe_value:
+        if recipe_value not in RECIPES:
+            raise _unknown("recipe", str(recipe_value), list(RECIPES))
+        cfg.recipe = recipe_value
+        for key, value in RECIPES[recipe_value].items():
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
+
+    for key, (value, from_cli) in flat.items():
+        section, dot, name = key.partition(".")
+        if not dot or section not in SECTIONS:
+            raise _unknown("section", section, list(SECTIONS) + ["recipe"])
+        cls = _section_class(section)
+        hints = _hints(cls)
+        if name not in hints:
+            raise _unknown("key", key, [f"{section}.{k}" for k in hints])
+        value = _coerce(key, value, hints[name], from_cli)
+        if recipe_value and key in RECIPES[recipe_value] and RECIPES[recipe_value][key] != value:
+            raise ConfigError(f"The recipe '{recipe_value}' sets {key} = {RECIPES[recipe_value][key]!r}, but "
+                              f"{key} = {value!r} was also given. A recipe is a fixed set of keys: drop --recipe "
+                              f"and set the keys yourself, or drop {key}.")
+        setattr(getattr(cfg, section), name, value)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"Config key '{key}' has the value {value!r}, but it must be {allowed}.")
+
+
+def validate(cfg: Config) -> None:
+    """Every range check, contradiction and warning, in one place, before any work."""
+    from .precision import suspicious_precision_settings
+
+    t, o, d, m, s = cfg.training, cfg.optimizer, cfg.data, cfg.model, cfg.lr_scheduler
+    _require(t.steps >= 1, "training.steps", t.steps, "at least 1")
+    _require(t.max_norm >= 0, "training.max_norm", t.max_norm, "0 (no clipping) or positive")
+    _require(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps",
+             t.gradient_accumulation_steps, "at least 1")
+    _require(d.seq_len >= 1, "data.seq_len", d.seq_len, "at least 1")
+    _require(d.local_batch_size >= 1, "data.local_batch_size", d.local_batch_size, "at least 1")
+    _require(o.lr > 0, "optimizer.lr", o.lr, "a positive number")
+    _require(all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas), "two numbers in [0, 1)")
+    _require(o.eps > 0, "optimizer.eps", o.eps, "a positive number")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "0 or positive")
+    _require(s.warmup_steps >= 0, "lr_scheduler.warmup_steps", s.warmup_steps, "0 or positive")
+    _require(0 <= s.min_lr_factor <= 1, "lr_scheduler.min_lr_factor", s.min_lr_factor, "between 0 and 1")
+    _require(cfg.eval.interval >= 0, "eval.interval", cfg.eval.interval, "0 (only at the end) or positive")
+    _require(cfg.eval.steps >= 1, "eval.steps", cfg.eval.steps, "at least 1")
+    _require(cfg.metrics.log_freq >= 1, "metrics.log_freq", cfg.metrics.log_freq, "at least 1")
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+        _require(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "0 (the flavor's) or positive")
+    _require(m.rope_theta >= 0, "model.rope_theta", m.rope_theta, "0 (the flavor's) or positive")
+    _require(m.norm_eps >= 0, "model.norm_eps", m.norm_eps, "0 (the flavor's) or positive")
+    messages = suspicious_precision_settings(cfg)
+    if s.warmup_steps > t.steps:
+        messages.append(f"lr_scheduler.warmup_steps = {s.warmup_steps} is longer than training.steps = {t.steps}: "
+                        f"the learning rate never reaches optimizer.lr = {o.lr}.")
+    for message in messages:
+        warn_once(message)
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
+
+
+def resolve_dump_folder(cfg: Config) -> str:
+    if not cfg.job.dump_folder:
+        cfg.job.dump_folder = f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return cfg.job.dump_folder
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["optimizer"]["betas"] = list(cfg.optimizer.betas)
+    return d
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (what config.toml in the run folder holds; it loads back with --config)."""
+    d = to_dict(cfg)
+    lines = [f"recipe = {_toml_value(d.pop('recipe'))}"]
+    for section, values in d.items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def help_text() -> str:
+    """Every key with its type, default and docstring (the body of --help)."""
+    out = []
+    defaults = Config()
+    for section in SECTIONS:
+        cls = _section_class(section)
+        docs, hints = field_docs(cls), _hints(cls)
+        out.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            default = getattr(getattr(defaults, section), f.name)
+            out.append(f"  --{section}.{f.name}  ({_describe(hints[f.name])}; default {default!r})")
+            out.append(textwrap.indent(textwrap.fill(docs.get(f.name, ""), 92), "      "))
+    out.append("--recipe NAME")
+    out.append(textwrap.indent(textwrap.fill(field_docs(Config)["recipe"], 92), "      "))
+    return "\n".join(out)
+

@@ -1,0 +1,150 @@
+"""What a run reports: metrics.jsonl, summary.json, loss.png, the progress bar, and measured memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated accelerator memory, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor], seen: set[int]) -> int:
+    total = 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
+        storage = local.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of the live training state, measured from tensor storages (each storage counted once)."""
+    seen: set[int] = set()
+    params = list(model.parameters())
+    return {
+        "params": _storage_bytes(params, seen),
+        "grads": _storage_bytes([p.grad for p in params if p.grad is not None], seen),
+        "optimizer": _storage_bytes([v for s in optimizer.state.values() for v in s.values()
+                                     if isinstance(v, torch.Tensor)], seen),
+    }
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to metrics.jsonl (flushed, so a crash loses at most a line)."""
+
+    def __init__(self, folder: str, enabled: bool = True):
+        self.enabled = enabled
+        self.records: list[dict[str, Any]] = []
+        self.path = os.path.join(folder, "metrics.jsonl")
+        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self._file:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return records
+
+
+def summarize(records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """summary.json: final_loss is the mean of the last 10% of logged train losses."""
+    losses = [r["loss"] for r in records if "loss" in r]
+    tail = losses[-max(1, len(losses) // 10):] if losses else []
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    speeds = [r["tokens_per_sec"] for r in records if r.get("tokens_per_sec")]
+    return {
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "final_eval_loss": evals[-1] if evals else None,
+        "tokens_per_sec": statistics.median(speeds) if speeds else None,
+        **extra,
+    }
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write to a temporary name, then rename: readers never see half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def plot_losses(curves: dict[str, list[dict[str, Any]]], path: str, title: str = "") -> None:
+    """Train loss (lines) and eval loss (markers) against step, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for i, (name, records) in enumerate(curves.items()):
+        color = f"C{i}"
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        if train:
+            ax.plot(*zip(*train), color=color, lw=1.2, label=f"{name} train")
+        if evals:
+            ax.plot(*zip(*evals), color=color, ls="--", marker="o", ms=5, label=f"{name} eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class Progress:
+    """A one-line progress bar on stderr (tqdm), updated only on logging steps."""
+
+    def __init__(self, total: int, enabled: bool, desc: str = "train"):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                        unit="step")
+
+    def update(self, step: int, record: dict[str, Any]) -> None:
+        self.bar.n = step
+        postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_sec']:.0f}",
+                   "mem": f"{record['peak_memory_bytes'] / 2**30:.2f}GiB"}
+        if "eval_loss" in record:
+            postfix["eval"] = f"{record['eval_loss']:.3f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,191 @@
+"""The Llama 3 model: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Model code only: precision and parallelism are applied to it by other modules. The fp32 islands it
+touches (RoPE, RMSNorm statistics) are functions of leantrain.precision, called here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import precision
+from .utils import set_default_dtype
+
+LLAMA3_ROPE_SCALING_8K = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 8192}
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    ffn_dim: int = 14336
+    vocab_size: int = 128256
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+# 1B / 8B / 70B are the published Llama 3.2-1B, 3.1-8B and 3.1-70B (their config.json).
+FLAVORS: dict[str, ModelArgs] = {
+    "debug": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=259, max_seq_len=256),
+    "small": ModelArgs(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_dim=1024, vocab_size=259,
+                       max_seq_len=1024),
+    "1B": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True,
+                    rope_scaling={**LLAMA3_ROPE_SCALING_8K, "factor": 32.0}, max_seq_len=131072),
+    "8B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                    rope_scaling=LLAMA3_ROPE_SCALING_8K, max_seq_len=131072),
+    "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
+                     rope_scaling=LLAMA3_ROPE_SCALING_8K, max_seq_len=131072),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return precision.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q = self.wq(x).view(bsz, seq, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
+        q, k = precision.apply_rotary(q, cos, sin), precision.apply_rotary(k, cos, sin)
+        # Grouped-query attention: each key/value head serves n_heads // n_kv_heads query heads.
+        repeat = self.n_heads // self.n_kv_heads
+        k, v = (t.repeat_interleave(repeat, dim=2) if repeat > 1 else t for t in (k, v))
+        # SDPA's kernels accumulate the softmax in fp32 for bf16 inputs (fp32 island 3).
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # RoPE tables: fp32 whatever the default dtype, not saved in checkpoints (recomputed by init_weights).
+        cos, sin = precision.rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab] in the compute dtype (the loss upcasts them)."""
+        if tokens.shape[1] > self.args.max_seq_len:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than max_seq_len={self.args.max_seq_len}")
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, self.rope_cos, self.rope_sin)
+        return self.output(self.norm(h))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialise every parameter (in its own dtype, via fp32 draws) and recompute the RoPE tables.
+
+        nanoGPT's scheme: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers) so
+        the residual stream's variance does not grow with depth; norms start at 1.
+        """
+        device = self.tok_embeddings.weight.device
+        generator = torch.Generator(device).manual_seed(seed)
+        residual_std = 0.02 / math.sqrt(2 * self.args.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                std = residual_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
+                precision.init_normal_(param, std, generator)
+        cos, sin = precision.rope_cos_sin(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta,
+                                          self.args.rope_scaling)
+        self.rope_cos = cos.to(device)
+        self.rope_sin = sin.to(device)
+
+
+def model_args(flavor: str, **overrides) -> ModelArgs:
+    """The flavor's dimensions with overrides (None or 0 keeps the flavor's value)."""
+    if flavor not in FLAVORS:
+        raise ValueError(f"unknown flavor {flavor!r}; known: {', '.join(FLAVORS)}")
+    given = {k: v for k, v in overrides.items() if v}
+    args = dataclasses.replace(FLAVORS[flavor], **given)
+    if args.dim % args.n_heads or args.n_heads % args.n_kv_heads or args.head_dim % 2:
+        raise ValueError(f"dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}: dim must be a "
+                         "multiple of n_heads with an even head size, and n_kv_heads must divide n_heads")
+    return args
+
+
+def build_model(flavor: str = "debug", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                seed: int = 0, **dims) -> Transformer:
+    """Build a Llama on the meta device in ``dtype``, then materialize it on ``device`` and initialise it.
+
+    No parameter ever exists in another dtype: full bf16 never allocates an fp32 copy of the model.
+    With ``device="meta"`` the model is only a shape (for counting and planning).
+    """
+    args = model_args(flavor, **dims)
+    with torch.device("meta"), set_default_dtype(dtype):
+        model = Transformer(args)
+    if torch.device(device).type != "meta":
+        model.to_empty(device=device)
+        model.init_weights(seed)
+    return model
+
+
+def num_params(model: nn.Module) -> int:
+    """Parameters counted once (tied embeddings count once, as in the published figures)."""
+    return sum(p.numel() for p in model.parameters())

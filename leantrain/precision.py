@@ -1,0 +1,181 @@
+"""Every dtype decision of leantrain, in one place.
+
+Recipes (SPEC.md section 4) are named sets of config keys. A run has a *storage* dtype (params,
+grads, and Adam moments unless optimizer.state_dtype says otherwise) and a *compute* dtype (the
+matmuls). Full bf16 stores and computes in bf16; ``bf16-mixed`` stores fp32 and computes bf16 under
+autocast.
+
+The fp32 islands, kept in fp32 in every recipe, are the functions of this module that the model,
+the loss and the trainer call (and nowhere else casts):
+
+1. RoPE: frequencies computed and stored in fp32 (:func:`rope_cos_sin`), the rotation applied in
+   fp32 and cast back (:func:`apply_rotary`). In bf16, angles of positions in the thousands lose
+   all their fractional part.
+2. RMSNorm statistics: mean of squares and rsqrt in fp32 (:func:`rms_norm`).
+3. Attention softmax accumulation: done in fp32 by ``scaled_dot_product_attention``'s kernels for
+   bf16 inputs (their accumulate type is fp32); tested in tests/test_precision.py.
+4. The logits fed to the loss and the loss itself: cast in the loss (:func:`cross_entropy`), not in
+   the model, so the model's output stays in the compute dtype.
+5. The gradient-norm accumulation for clipping (:func:`clip_grad_norm_`).
+6. The optimizer's arithmetic (upcast, compute, round once): leantrain.optim.
+7. Initial weights: drawn in fp32 one tensor at a time, then rounded to the storage dtype
+   (:func:`init_normal_`), so every recipe starts from the same weights, and full bf16
+   never holds an fp32 copy of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .config import Config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# A recipe is only a named set of config values; `--recipe NAME` and these keys give the same run.
+RECIPES: dict[str, dict[str, object]] = {
+    "fp32": {"training.dtype": "float32", "training.mixed_precision_param": "float32",
+             "optimizer.state_dtype": "auto", "optimizer.compensation": "none"},
+    "bf16-mixed": {"training.dtype": "float32", "training.mixed_precision_param": "bfloat16",
+                   "optimizer.state_dtype": "auto", "optimizer.compensation": "none"},
+    "bf16": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
+             "optimizer.state_dtype": "auto", "optimizer.compensation": "none"},
+    "bf16-fp32state": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
+                       "optimizer.state_dtype": "float32", "optimizer.compensation": "none"},
+    "bf16-sr": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
+                "optimizer.state_dtype": "auto", "optimizer.compensation": "stochastic"},
+    "bf16-kahan": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
+                   "optimizer.state_dtype": "auto", "optimizer.compensation": "kahan"},
+    "bf16-int8": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
+                  "optimizer.state_dtype": "int8", "optimizer.compensation": "stochastic"},
+}
+
+
+def recipe_of(cfg: Config) -> str | None:
+    """The recipe whose keys the config matches (a run is named by its values, not by how they were set)."""
+    for name, keys in RECIPES.items():
+        if all(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) == v for k, v in keys.items()):
+            return name
+    return None
+
+
+def storage_dtype(cfg: Config) -> torch.dtype:
+    """Dtype of parameters and gradients."""
+    return DTYPES[cfg.training.dtype]
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    """Dtype of the matmuls: the storage dtype under full bf16, mixed_precision_param over fp32 storage."""
+    if cfg.training.dtype == "bfloat16":
+        return torch.bfloat16
+    return DTYPES[cfg.training.mixed_precision_param]
+
+
+def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for ``bf16-mixed`` (fp32 storage, bf16 compute) on one device; a no-op otherwise."""
+    if storage_dtype(cfg) == torch.float32 and compute_dtype(cfg) == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def suspicious_precision_settings(cfg: Config) -> list[str]:
+    """Legal settings that are probably not meant, in words a user understands (config.validate warns once)."""
+    t, o = cfg.training, cfg.optimizer
+    out = []
+    if t.dtype == "bfloat16" and t.mixed_precision_param == "float32":
+        out.append("training.dtype=bfloat16 with training.mixed_precision_param=float32: parameters are stored in "
+                   "bfloat16, so the forward and backward run in bfloat16 anyway; mixed_precision_param only "
+                   "chooses the compute dtype when training.dtype=float32. Set training.dtype=float32 for fp32 "
+                   "compute, or leave mixed_precision_param at bfloat16.")
+    if t.dtype == "float32" and o.compensation != "none":
+        out.append(f"optimizer.compensation={o.compensation} has no effect with training.dtype=float32: "
+                   "compensation only protects bfloat16 weights from rounding. Set it to 'none'.")
+    if t.dtype == "float32" and o.state_dtype == "bfloat16":
+        out.append("optimizer.state_dtype=bfloat16 with training.dtype=float32 stores the Adam moments in less "
+                   "precision than the weights; this saves 4 bytes/param but is not a recipe we measure.")
+    return out
+
+
+# ---- fp32 islands ---------------------------------------------------------------------------
+
+
+def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float,
+                 scaling: dict[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin tables [max_seq_len, head_dim // 2], computed and kept in fp32 (island 1).
+
+    ``scaling`` is Llama 3.1's frequency rescaling (factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings), as in the reference implementation.
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32)[: head_dim // 2] / head_dim))
+    if scaling:
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / freqs
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, freqs / factor, freqs)
+        mid = (1 - smooth) * freqs / factor + smooth * freqs
+        is_mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        freqs = torch.where(is_mid, mid, scaled)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [batch, seq, heads, head_dim] (Meta's interleaved pairs) in fp32, cast back (island 1)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[None, : x.shape[1], None, :], sin[None, : x.shape[1], None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm with the statistics in fp32, the result cast back to x's dtype (island 2)."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.type_as(x) * weight
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean token cross-entropy with the logits upcast to fp32 here, in the loss, not in the model (island 4)."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=ignore_index)
+
+
+def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients, each tensor's norm and their sum accumulated in fp32 (island 5)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale gradients so their global norm (fp32) is at most max_norm; returns the norm before clipping.
+
+    Like torch.nn.utils.clip_grad_norm_, but the per-tensor norms are returned in fp32 rather than
+    in the gradients' dtype (bf16 would round the norm itself by up to 0.4%). No host sync.
+    """
+    params = list(params)
+    total = grad_norm(params)
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
+    return total
+
+
+def init_normal_(param: torch.Tensor, std: float, generator: torch.Generator | None = None) -> None:
+    """Fill ``param`` with N(0, std) clipped to ±3 std, drawn in fp32 and rounded once to its dtype (island 7).
+
+    Drawing in fp32 makes the initial weights of every recipe the same values (the bf16 ones are
+    the fp32 ones rounded), which compare needs; only one tensor at a time exists in fp32.
+    """
+    with torch.no_grad():
+        values = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+        values.normal_(0.0, std, generator=generator).clamp_(-3 * std, 3 * std)
+        param.copy_(values)

@@ -1,0 +1,181 @@
+"""The training loop, readable in one sitting: build everything from the config, then step."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import precision
+from .config import Config, resolve_dump_folder, to_toml, warn_once
+from .data import PackedDataset, build_tokenizer, load_documents, split_documents
+from .errors import ConfigError
+from .metrics import MetricsLogger, Progress, peak_memory_bytes, plot_losses, state_bytes, summarize, write_json
+from .model import Transformer, build_model, num_params
+from .optim import build_optimizer
+
+# Share of bf16 weight elements whose update was rounded away above which plain bf16 warns.
+LOST_UPDATE_WARN_FRACTION = 0.1
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_model_from_config(cfg: Config, vocab_size: int, device: torch.device | str) -> Transformer:
+    """The configured flavor and overrides, in the run's storage dtype, sized to the tokenizer for debug/small."""
+    m = cfg.model
+    dims = {k: getattr(m, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
+                                      "rope_theta", "norm_eps")}
+    if not dims["vocab_size"] and m.flavor in ("debug", "small"):
+        dims["vocab_size"] = vocab_size
+    try:
+        model = build_model(m.flavor, precision.storage_dtype(cfg), device, seed=cfg.job.seed,
+                            max_seq_len=cfg.data.seq_len, **dims)
+    except ValueError as e:
+        raise ConfigError(f"The model dimensions are inconsistent: {e}. Fix the model.* keys.") from None
+    if model.args.vocab_size < vocab_size:
+        raise ConfigError(f"The tokenizer '{cfg.tokenizer.path}' has {vocab_size} tokens but the model's "
+                          f"vocabulary (model.vocab_size) has only {model.args.vocab_size}. Set model.vocab_size "
+                          f"to at least {vocab_size}, or use a smaller tokenizer.")
+    return model
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the peak, then cosine / linear decay to min_lr_factor * peak at the last step."""
+    s, steps = cfg.lr_scheduler, cfg.training.steps
+
+    def factor(step: int) -> float:  # step = optimizer steps already taken
+        if step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        if s.decay == "none":
+            return 1.0
+        progress = min(1.0, (step - s.warmup_steps) / max(1, steps - s.warmup_steps - 1))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if s.decay == "cosine" else 1 - progress
+        return s.min_lr_factor + (1 - s.min_lr_factor) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def prepare_run_folder(cfg: Config) -> str:
+    folder = resolve_dump_folder(cfg)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"job.dump_folder '{folder}' cannot be written ({e.strerror}). Choose a folder you can "
+                          f"write to with --job.dump_folder=PATH.") from None
+    with open(os.path.join(folder, "config.toml"), "w", encoding="utf-8") as f:
+        f.write(to_toml(cfg))
+    return folder
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: PackedDataset, cfg: Config, device: torch.device) -> float:
+    """Mean loss over the first eval.steps batches of the held-out split (the same batches every time)."""
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    for inputs, labels in data.eval_batches(cfg.eval.steps):
+        with precision.autocast(cfg, device):
+            logits = model(inputs.to(device))
+        total += precision.cross_entropy(logits, labels.to(device))
+        count += 1
+    model.train()
+    return (total / count).item()
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    device = default_device()
+    torch.manual_seed(cfg.job.seed)
+    folder = prepare_run_folder(cfg)
+
+    tokenizer = build_tokenizer(cfg.tokenizer.path)
+    train_docs, eval_docs = split_documents(load_documents(cfg.data.path))
+    d = cfg.data
+    train_data = PackedDataset(train_docs, tokenizer, d.seq_len, d.local_batch_size, cfg.job.seed)
+    eval_data = PackedDataset(eval_docs, tokenizer, d.seq_len, d.local_batch_size, cfg.job.seed, shuffle=False,
+                              name="eval")
+    model = build_model_from_config(cfg, tokenizer.vocab_size, device)
+    params = list(model.parameters())
+    o = cfg.optimizer
+    optimizer = build_optimizer(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                state_dtype=o.state_dtype, compensation=o.compensation, seed=cfg.job.seed)
+    scheduler = build_lr_scheduler(optimizer, cfg)
+    recipe = precision.recipe_of(cfg)
+    n_params = num_params(model)
+    print(f"leantrain: training llama3 {cfg.model.flavor} ({n_params / 1e6:.1f}M parameters), recipe "
+          f"{recipe or 'custom'}, on {device.type}, {train_data.num_tokens:,} training tokens; writing {folder}",
+          flush=True)
+
+    logger = MetricsLogger(folder)
+    progress = Progress(cfg.training.steps, cfg.metrics.progress)
+    steps, accum = cfg.training.steps, cfg.training.gradient_accumulation_steps
+    tokens_per_step = d.seq_len * d.local_batch_size * accum
+    start = last_log_time = time.perf_counter()
+    last_log_step, measured_state = 0, None
+    for step in range(1, steps + 1):
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(accum):
+            inputs, labels = train_data.next_batch()
+            with precision.autocast(cfg, device):
+                logits = model(inputs.to(device, non_blocking=True))
+            loss = precision.cross_entropy(logits, labels.to(device, non_blocking=True)) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = precision.clip_grad_norm_(params, cfg.training.max_norm)
+        log_now = step == 1 or step % cfg.metrics.log_freq == 0 or step == steps
+        optimizer.track_lost_updates = log_now
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        if measured_state is None:  # after the first step every state buffer exists; it never grows after
+            measured_state = state_bytes(model, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+
+        eval_now = step == steps or (cfg.eval.interval and step % cfg.eval.interval == 0)
+        if not (log_now or eval_now):
+            continue
+        now = time.perf_counter()
+        record = {"step": step, "loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                  "tokens_per_sec": (step - last_log_step) * tokens_per_step / (now - last_log_time),
+                  "elapsed_s": now - start, "peak_memory_bytes": peak_memory_bytes(device)}
+        record.update({k: float(v) for k, v in getattr(optimizer, "last_update_stats", {}).items()})
+        if eval_now:
+            record["eval_loss"] = evaluate(model, eval_data, cfg, device)
+        _warn_if_updates_lost(cfg, record)
+        logger.log(record)
+        progress.update(step, record)
+        last_log_time, last_log_step = time.perf_counter(), step
+    progress.close()
+    logger.close()
+
+    summary = summarize(logger.records, recipe=recipe, num_params=n_params, steps=steps,
+                        peak_memory_bytes=peak_memory_bytes(device), state_bytes=measured_state,
+                        state_bytes_per_param=sum(measured_state.values()) / n_params)
+    # Key order of SPEC.md section 5.
+    summary = {k: summary[k] for k in ("recipe", "num_params", "steps", "final_loss", "final_eval_loss",
+                                       "tokens_per_sec", "peak_memory_bytes", "state_bytes",
+                                       "state_bytes_per_param")}
+    write_json(os.path.join(folder, "summary.json"), summary)
+    plot_losses({recipe or "run": logger.records}, os.path.join(folder, "loss.png"),
+                title=f"llama3 {cfg.model.flavor}, recipe {recipe or 'custom'}")
+    print(f"leantrain: done. final loss {summary['final_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}, "
+          f"{summary['state_bytes_per_param']:.2f} bytes/param of training state. Files in {folder}", flush=True)
+    return summary
+
+
+def _warn_if_updates_lost(cfg: Config, record: dict[str, Any]) -> None:
+    lost = record.get("lost_update_fraction")
+    if lost is None or cfg.optimizer.compensation != "none" or lost < LOST_UPDATE_WARN_FRACTION:
+        return
+    warn_once(f"At step {record['step']}, {lost:.0%} of the bfloat16 weights did not change although their update "
+              f"was not zero: the update was smaller than half a bfloat16 step and nearest rounding threw it away. "
+              f"Training is losing progress; optimizer.compensation=stochastic (recipe bf16-sr) or kahan "
+              f"(bf16-kahan) keeps these updates.")
