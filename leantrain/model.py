@@ -120,12 +120,16 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         # RoPE tables: fp32 whatever the default dtype, not saved in checkpoints (recomputed by init_weights).
         cos, sin = precision.rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def tie_weights(self) -> None:
+        """Llama 3.2-1B shares the embedding and output matrices (to_empty unties them: call again after)."""
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab] in the compute dtype (the loss upcasts them)."""
@@ -182,6 +186,7 @@ def build_model(flavor: str = "debug", dtype: torch.dtype = torch.float32, devic
         model = Transformer(args)
     if torch.device(device).type != "meta":
         model.to_empty(device=device)
+        model.tie_weights()
         model.init_weights(seed)
     return model
 

@@ -1,0 +1,106 @@
+"""The trainer end to end, in real processes: files written, learning, measured state bytes, bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, run_leantrain
+from leantrain.config import load_config
+from leantrain.metrics import read_metrics
+from leantrain.optim import build_optimizer
+from leantrain.train import build_model_from_config
+
+SPEC_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s", "peak_memory_bytes"}
+SPEC_SUMMARY = {"recipe", "num_params", "steps", "final_loss", "final_eval_loss", "tokens_per_sec",
+                "peak_memory_bytes", "state_bytes", "state_bytes_per_param"}
+
+
+def test_train_writes_the_run_files_and_learns(tmp_path):
+    out = tmp_path / "run"
+    r = run_leantrain("train", *TINY, "--training.steps=60", "--optimizer.lr=3e-3", "--eval.interval=30",
+                      "--metrics.log_freq=10", f"--job.dump_folder={out}")
+    assert r.returncode == 0, r.stderr
+    assert {"config.toml", "metrics.jsonl", "summary.json", "loss.png"} <= set(os.listdir(out))
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 10, 20, 30, 40, 50, 60]
+    assert all(SPEC_METRICS <= set(r) for r in records)
+    assert [r["step"] for r in records if "eval_loss" in r] == [30, 60]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == SPEC_SUMMARY
+    assert summary["recipe"] == "bf16-sr" and summary["steps"] == 60
+    # It learns: from ln(259) = 5.56 nats at init to well below.
+    assert records[0]["loss"] > 5.0
+    assert summary["final_eval_loss"] < 0.75 * records[0]["loss"]
+    # The written config is the resolved one and loads back as the same run.
+    assert load_config(str(out / "config.toml")).training.steps == 60
+
+
+@pytest.mark.parametrize("recipe, expected", [("fp32", 16.0), ("bf16", 8.0), ("bf16-mixed", 16.0)])
+def test_state_bytes_per_param_measured_on_small(tmp_path, recipe, expected):
+    out = tmp_path / recipe
+    r = run_leantrain("train", "--model.flavor=small", "--data.seq_len=32", "--data.local_batch_size=1",
+                      "--training.steps=1", "--eval.steps=1", "--metrics.progress=false",
+                      "--lr_scheduler.warmup_steps=0", f"--recipe={recipe}", f"--job.dump_folder={out}")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recipe"] == recipe
+    assert abs(summary["state_bytes_per_param"] - expected) / expected < 0.01
+    assert summary["state_bytes"]["params"] == summary["num_params"] * expected / 4
+
+
+def test_full_bf16_keeps_every_tensor_of_the_training_state_in_bf16():
+    cfg = load_config(None, {"recipe": "bf16", "model.flavor": "debug"})
+    model = build_model_from_config(cfg, 259, "cpu")
+    o = cfg.optimizer
+    opt = build_optimizer(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                          state_dtype=o.state_dtype, compensation=o.compensation, seed=0)
+    model(torch.randint(0, 259, (2, 16))).float().mean().backward()
+    opt.step()
+    for p in model.parameters():
+        assert p.dtype == p.grad.dtype == torch.bfloat16
+        moments = [v for k, v in opt.state[p].items() if k in ("exp_avg", "exp_avg_sq")]
+        assert len(moments) == 2 and all(m.dtype == torch.bfloat16 for m in moments)
+
+
+def test_recipe_flag_and_explicit_keys_give_the_same_run(tmp_path):
+    common = [*TINY, "--training.steps=4", "--metrics.log_freq=1", "--eval.interval=0"]
+    a = run_leantrain("train", *common, "--recipe=bf16-kahan", f"--job.dump_folder={tmp_path / 'a'}")
+    b = run_leantrain("train", *common, "--training.dtype=bfloat16", "--optimizer.compensation=kahan",
+                      f"--job.dump_folder={tmp_path / 'b'}")
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    la = [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
+    assert la == lb
+
+
+def test_help_lists_every_key():
+    r = run_leantrain("train", "--help")
+    assert r.returncode == 0
+    assert "--optimizer.compensation" in r.stdout and "stochastic rounding" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["missing_data", "empty_data", "unknown_key", "bad_value", "contradiction",
+                                  "unwritable_folder", "vocab_too_small", "missing_config"])
+def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, case):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n\n  ")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args = {
+        "missing_data": (["--data.path=/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+        "empty_data": ([f"--data.path={empty}"], "empty.txt"),
+        "unknown_key": (["--training.setps=3"], "Did you mean 'training.steps'"),
+        "bad_value": (["--training.dtype=fp16"], "training.dtype"),
+        "contradiction": (["--recipe=fp32", "--training.dtype=bfloat16"], "recipe 'fp32'"),
+        "unwritable_folder": ([f"--job.dump_folder={blocker}/run"], "job.dump_folder"),
+        "vocab_too_small": (["--model.vocab_size=100"], "model.vocab_size"),
+        "missing_config": (["--config", str(tmp_path / "nope.toml")], "nope.toml"),
+    }[case]
+    r = run_leantrain("train", *TINY, "--training.steps=2", f"--job.dump_folder={tmp_path / 'run'}", *args[0])
+    if case == "unwritable_folder":
+        r = run_leantrain("train", *TINY, "--training.steps=2", *args[0])
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("leantrain: error:") and args[1] in r.stderr
