@@ -20,6 +20,23 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return "leantrain: warning: " + textwrap.fill(str(message), 100, subsequent_indent="  ") + "\n"
 
 
+def _take_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
+    """Remove ``--name VALUE`` / ``--name=VALUE`` from args; return (VALUE or None, the rest)."""
+    rest, value, i = [], None, 0
+    while i < len(args):
+        if args[i] == f"--{name}":
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise UserError(f"--{name} needs a value, e.g. --{name}=VALUE.")
+            value, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith(f"--{name}="):
+            value = args[i].split("=", 1)[1]
+        else:
+            rest.append(args[i])
+        i += 1
+    return value, rest
+
+
 def _train(args: list[str]) -> int:
     from .config import help_text, load_config, parse_overrides
 
@@ -27,18 +44,7 @@ def _train(args: list[str]) -> int:
         print(USAGE)
         print(help_text())
         return 0
-    config_path = None
-    if "--config" in args:
-        i = args.index("--config")
-        if i + 1 >= len(args):
-            raise UserError("--config needs the path of a TOML file, e.g. --config my_run.toml.")
-        config_path = args[i + 1]
-        args = args[:i] + args[i + 2:]
-    else:
-        for a in args:
-            if a.startswith("--config="):
-                config_path = a.split("=", 1)[1]
-        args = [a for a in args if not a.startswith("--config=")]
+    config_path, args = _take_option(args, "config")
     cfg = load_config(config_path, parse_overrides(args))
 
     from .train import train
@@ -47,7 +53,70 @@ def _train(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train}
+COMPARE_USAGE = """usage: leantrain compare --recipes fp32,bf16,bf16-sr [--out DIR] [--config FILE.toml] [train options ...]
+
+Trains the same model from the same initial weights on the same batches under each recipe (each in
+its own process), then writes DIR/<recipe>/ run folders, DIR/summary.json, DIR/report.md (final
+losses, eval gap to the first recipe in %, bytes/param, tokens/s, peak memory) and DIR/loss.png.
+Train options are those of `leantrain train --help`.
+"""
+
+
+def _compare(args: list[str]) -> int:
+    from .compare import compare, default_out
+
+    if "-h" in args or "--help" in args:
+        print(COMPARE_USAGE)
+        return 0
+    recipes, args = _take_option(args, "recipes")
+    out, args = _take_option(args, "out")
+    config_path, args = _take_option(args, "config")
+    compare((recipes or "fp32,bf16,bf16-sr").split(","), out or default_out(), args, config_path)
+    return 0
+
+
+PLAN_USAGE = """usage: leantrain plan [--model.flavor=70B] [--recipe=NAME|all] [--parallelism.dp_shard=N]
+                      [--gpu-memory=80GiB] [--data.seq_len=S] [--data.local_batch_size=B] [--json]
+
+Counts the model's parameters exactly (built on the meta device) and prints, per GPU and recipe, the
+bytes of weights, gradients and optimizer state (laid out by the optimizer itself, divided by the FSDP
+degree dp_shard), an activation estimate with and without activation checkpointing, the total, and
+whether it fits in --gpu-memory. Any train option (model.*, data.*) applies. The activation formula is
+explained in leantrain/plan.py and the README.
+"""
+
+
+def _plan(args: list[str]) -> int:
+    from .config import load_config, parse_overrides
+    from .errors import ConfigError
+    from .plan import format_plan, parse_bytes, plan, to_json
+    from .precision import RECIPES
+
+    if "-h" in args or "--help" in args:
+        print(PLAN_USAGE)
+        return 0
+    as_json = "--json" in args
+    args = [a for a in args if a != "--json"]
+    recipe, args = _take_option(args, "recipe")
+    shard, args = _take_option(args, "parallelism.dp_shard")
+    memory, args = _take_option(args, "gpu-memory")
+    config_path, args = _take_option(args, "config")
+    recipes = list(RECIPES) if recipe in (None, "all") else recipe.split(",")
+    for r in recipes:
+        if r not in RECIPES:
+            raise ConfigError(f"--recipe={r!r} is not a recipe; allowed: all, {', '.join(RECIPES)}.")
+    try:
+        dp_shard = int(shard or 1)
+        assert dp_shard >= 1
+    except (ValueError, AssertionError):
+        raise ConfigError(f"--parallelism.dp_shard={shard!r} must be a positive integer (the FSDP degree).") from None
+    cfg = load_config(config_path, parse_overrides(args))
+    result = plan(cfg, recipes, dp_shard, parse_bytes(memory or "80GiB"))
+    print(to_json(result) if as_json else format_plan(result))
+    return 0
+
+
+COMMANDS = {"train": _train, "compare": _compare, "plan": _plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,7 +146,8 @@ def train(cfg: Config) -> dict[str, Any]:
         record = {"step": step, "loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item(),
                   "tokens_per_sec": (step - last_log_step) * tokens_per_step / (now - last_log_time),
                   "elapsed_s": now - start, "peak_memory_bytes": peak_memory_bytes(device)}
-        record.update({k: float(v) for k, v in getattr(optimizer, "last_update_stats", {}).items()})
+        stats = optimizer.last_update_stats
+        record.update({k: float(stats[k]) for k in ("lost_update_fraction", "compensated_fraction") if k in stats})
         if eval_now:
             record["eval_loss"] = evaluate(model, eval_data, cfg, device)
         _warn_if_updates_lost(cfg, record)

@@ -1,0 +1,129 @@
+"""Time one optimizer step of each leantrain AdamW variant against torch.optim.AdamW.
+
+The parameters are shaped like a ~15M-parameter Llama (embedding, per-layer attention and
+SwiGLU matrices, RMSNorm weights, output head). Each variant gets its own copy of the same
+parameters and gradients; the variants run interleaved (one step each, round after round), so
+a slow phase of the machine hits all of them alike. Reported: median step time, and the ratio
+to torch.optim.AdamW(foreach=True) on parameters of the same dtype.
+
+    .venv/bin/python benchmarks/optimizer_step.py --out benchmarks/optimizer_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from leantrain.optim import AdamW  # noqa: E402
+
+
+def llama_shapes(dim=384, n_layers=6, ffn_dim=1024, vocab=8192, n_kv_heads_dim=None):
+    kv = n_kv_heads_dim or dim
+    shapes = [(vocab, dim)]
+    for _ in range(n_layers):
+        shapes += [(dim, dim), (kv, dim), (kv, dim), (dim, dim)]  # wq wk wv wo
+        shapes += [(ffn_dim, dim), (ffn_dim, dim), (dim, ffn_dim)]  # w1 w3 w2
+        shapes += [(dim,), (dim,)]  # attention_norm, ffn_norm
+    shapes += [(dim,), (vocab, dim)]  # norm, output
+    return shapes
+
+
+# name -> (parameter dtype, factory); torch baselines first
+VARIANTS = {
+    "torch AdamW foreach (fp32)": (torch.float32, lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
+    "torch AdamW foreach (bf16)": (torch.bfloat16, lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
+    "torch AdamW for-loop (bf16)": (torch.bfloat16, lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False)),
+    "fp32 (auto)": (torch.float32, lambda ps: AdamW(ps, lr=1e-3)),
+    "bf16 none": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3)),
+    "bf16 stochastic": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compensation="stochastic")),
+    "bf16 stochastic, nearest moments": (torch.bfloat16, lambda ps: AdamW(
+        ps, lr=1e-3, compensation="stochastic", moments_rounding="nearest")),
+    "bf16 kahan": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compensation="kahan")),
+    "bf16 kahan, nearest moments": (torch.bfloat16, lambda ps: AdamW(
+        ps, lr=1e-3, compensation="kahan", moments_rounding="nearest")),
+    "bf16 int8 (stochastic)": (torch.bfloat16, lambda ps: AdamW(
+        ps, lr=1e-3, state_dtype="int8", compensation="stochastic")),
+    "bf16 fp32-state": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, state_dtype="float32")),
+    "bf16 none foreach": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, foreach=True)),
+    "bf16 stochastic foreach": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compensation="stochastic", foreach=True)),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=15, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shapes = llama_shapes()
+    numel = sum(torch.Size(s).numel() for s in shapes)
+
+    gen = torch.Generator().manual_seed(0)
+    master = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+    runs = {}
+    for name, (dtype, make) in VARIANTS.items():
+        ps = [torch.nn.Parameter(m.to(device, dtype)) for m in master]
+        for p, g in zip(ps, grads):
+            p.grad = g.to(device, dtype)
+        runs[name] = (ps, make(ps), [])
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for r in range(args.warmup + args.repeats):
+        for name, (ps, opt, times) in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            opt.step()
+            sync()
+            if r >= args.warmup:
+                times.append(time.perf_counter() - t0)
+
+    base = {torch.float32: statistics.median(runs["torch AdamW foreach (fp32)"][2]),
+            torch.bfloat16: statistics.median(runs["torch AdamW foreach (bf16)"][2])}
+    rows = []
+    for name, (ps, opt, times) in runs.items():
+        dtype = VARIANTS[name][0]
+        state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values()
+                          for k, t in st.items() if k != "step" and isinstance(t, torch.Tensor))
+        med = statistics.median(times)
+        rows.append(dict(variant=name, param_dtype=str(dtype).replace("torch.", ""),
+                         median_ms=med * 1e3, min_ms=min(times) * 1e3,
+                         ratio_to_torch_foreach=med / base[dtype],
+                         state_bytes_per_param=state_bytes / numel))
+
+    print(f"{numel / 1e6:.1f}M parameters in {len(shapes)} tensors, {device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"median of {args.repeats} interleaved steps\n")
+    print("| variant | params | median ms | ratio to torch foreach (same dtype) | state B/param |")
+    print("|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['param_dtype']} | {r['median_ms']:.1f} | "
+              f"{r['ratio_to_torch_foreach']:.2f} | {r['state_bytes_per_param']:.2f} |")
+    if args.out:
+        meta = dict(numel=numel, tensors=len(shapes), device=str(device),
+                    threads=torch.get_num_threads(), torch=torch.__version__,
+                    machine=platform.machine(), processor=platform.processor(),
+                    repeats=args.repeats)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

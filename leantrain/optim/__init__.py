@@ -1,0 +1,52 @@
+"""The precision-aware optimizer: AdamW with fp32 math and bf16 / fp32 / int8 state.
+
+    adamw.py     the optimizer (one update function, foreach and per-tensor paths)
+    rounding.py  nearest, stochastic and Kahan-compensated rounding to bfloat16
+    quant.py     block-wise int8 moments (dynamic code map, absmax per 256 elements)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adamw import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES, AdamW
+from .rounding import stochastic_round
+
+__all__ = [
+    "AdamW",
+    "build_optimizer",
+    "param_groups",
+    "stochastic_round",
+    "STATE_DTYPES",
+    "COMPENSATIONS",
+    "MOMENTS_ROUNDINGS",
+]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups, nanoGPT's rule: matrices (ndim >= 2) decay; norms and biases (ndim < 2) don't."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    state_dtype: str = "auto",
+    compensation: str = "none",
+    seed: int = 0,
+) -> AdamW:
+    """The AdamW of a training run: weight decay on matrices only, the recipe's state and rounding."""
+    return AdamW(
+        param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
+        weight_decay=weight_decay, state_dtype=state_dtype, compensation=compensation, seed=seed,
+    )

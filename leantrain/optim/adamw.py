@@ -1,0 +1,485 @@
+"""AdamW for full-bfloat16 training: fp32 arithmetic, bf16 (or fp32, or int8) storage.
+
+Every step upcasts weight, gradient and moments to fp32, computes the torch.optim.AdamW update
+(decoupled weight decay, bias corrections, eps after sqrt(v_hat)) and rounds each stored tensor
+once. What "rounds" means is the precision recipe:
+
+    compensation="none"        nearest rounding. Updates smaller than half a bf16 ulp of the
+                               weight are lost (see `last_update_stats`).
+    compensation="stochastic"  the weight is rounded stochastically (unbiased), and so are the
+                               bf16 moments unless moments_rounding="nearest" (torchao's variant).
+    compensation="kahan"       the weight is rounded to nearest and what it loses is carried in a
+                               bf16 buffer `kahan_comp` into the next step; moments and that
+                               buffer are rounded stochastically unless moments_rounding="nearest"
+                               (optimi's variant).
+
+Compensation acts on bf16 weights only: an fp32 weight takes the fp32 result exactly, so for
+fp32 parameters compensation is a no-op and no buffer is allocated. `moments_rounding` acts
+on every bf16 moment (and the Kahan buffer), whatever the parameter dtype.
+
+State per parameter (all tensors in `self.state[p]`, on the parameter's device):
+    step                       0-dim fp32 tensor (CPU), as in torch.optim.AdamW
+    exp_avg, exp_avg_sq        moments in the state dtype (fp32: 8 B/param, bf16: 4 B/param)
+    exp_avg_codes, exp_avg_scale, exp_avg_sq_codes, exp_avg_sq_scale
+                               int8 moments: uint8 codes (param shape) + fp32 scale per 256
+                               elements (~2.03 B/param); tensors under 4096 elements keep bf16
+    kahan_comp                 bf16, param shape (2 B/param), only for compensation="kahan"
+The random bits come from one CPU torch.Generator seeded with `seed`; its state is saved in
+`state_dict()["param_groups"][0]["rng_state"]`, so a resumed run is bit-identical.
+
+Two code paths share one update function (`_update`, written over lists of tensors):
+`foreach=True` calls it with all tensors of a (dtype, state kind, step) group at once through
+torch._foreach_* ops - few kernel launches on a GPU; `foreach=False` calls it per tensor, and
+on CPU per chunk of 2^18 elements so the fp32 temporaries stay in cache (on CPU that is faster
+than foreach, hence the default: foreach on accelerators, chunked loop on CPU). Both give
+bitwise identical results: each parameter draws its random bits from its own generator, seeded
+per step from the optimizer's generator, so neither grouping nor chunking changes the bits.
+
+Why not torchao's optimizers (`torchao.optim._AdamW(bf16_stochastic_round=True)`,
+`AdamW8bit`)? They do run on CPU with torch 2.13 (torchao 0.18.0), and our int8 codes match
+theirs exactly, but: each step function goes through torch.compile (18.6 s for the first step
+on a 2-core CPU, one recompile per new shape), they round only the weights stochastically (the
+bf16 moments are rounded to nearest), there is no Kahan variant and no lost-update diagnostic,
+and their random bits come from the global RNG, which makes an exactly-resumable run depend on
+saving global state. The tests use torchao as a cross-check when it is installed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+from . import quant
+from .rounding import kahan_write_, random_fields, round_to_bf16_
+
+STATE_DTYPES = ("auto", "float32", "bfloat16", "int8")
+COMPENSATIONS = ("none", "stochastic", "kahan")
+MOMENTS_ROUNDINGS = ("auto", "nearest", "stochastic")
+_PARAM_DTYPES = (torch.float32, torch.bfloat16)
+_CPU_CHUNK = 1 << 18  # elements per chunk on CPU (a multiple of quant.BLOCK)
+_FOREACH_BATCH = 1 << 26  # elements per foreach call: bounds the fp32 temporaries
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"AdamW: {name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with fp32 math and bf16 / fp32 / int8 state; see the module docstring.
+
+    Args:
+        params: iterable of parameters or param-group dicts (fp32 or bf16 tensors).
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
+        state_dtype: "auto" (the parameter's dtype), "float32", "bfloat16" or "int8".
+        compensation: "none", "stochastic" or "kahan" (bf16 parameters only).
+        moments_rounding: "auto" (stochastic unless compensation="none"), "nearest" or
+            "stochastic"; how bf16 moments and the Kahan buffer are written.
+        seed: seeds the optimizer's own generator (stochastic rounding).
+        foreach: True/False, or None to pick (foreach on accelerators, chunked loop on CPU).
+
+    Set `opt.track_lost_updates = True` before a step to get `opt.last_update_stats`:
+    `lost_update_fraction` (share of bf16 weight elements with a nonzero fp32 update whose
+    stored bf16 value did not change), `compensated_fraction` (Kahan only: the share of those
+    whose update went into the compensation buffer instead) and `tracked_elements`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        state_dtype: str = "auto",
+        compensation: str = "none",
+        moments_rounding: str = "auto",
+        seed: int = 0,
+        foreach: bool | None = None,
+    ):
+        if isinstance(lr, torch.Tensor) or not 0.0 <= float(lr):
+            raise ValueError(f"AdamW: lr must be a float >= 0, got {lr!r}")
+        if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"AdamW: betas must be two numbers in [0, 1), got {betas!r}")
+        if not eps > 0.0:
+            raise ValueError(f"AdamW: eps must be > 0, got {eps!r}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"AdamW: weight_decay must be >= 0, got {weight_decay!r}")
+        _check_choice("state_dtype", state_dtype, STATE_DTYPES)
+        _check_choice("compensation", compensation, COMPENSATIONS)
+        _check_choice("moments_rounding", moments_rounding, MOMENTS_ROUNDINGS)
+        if foreach not in (None, True, False):
+            raise ValueError(f"AdamW: foreach must be None, True or False, got {foreach!r}")
+        defaults = dict(
+            lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
+            weight_decay=float(weight_decay), state_dtype=state_dtype,
+            compensation=compensation, moments_rounding=moments_rounding, foreach=foreach,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype not in _PARAM_DTYPES:
+                    raise ValueError(
+                        f"AdamW: parameters must be float32 or bfloat16, got a {p.dtype} tensor "
+                        f"of shape {tuple(p.shape)}"
+                    )
+        self.seed = int(seed)
+        self._generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.track_lost_updates = False
+        self.last_update_stats: dict[str, float] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        for key, allowed in (("state_dtype", STATE_DTYPES), ("compensation", COMPENSATIONS),
+                             ("moments_rounding", MOMENTS_ROUNDINGS)):
+            if key in param_group:
+                _check_choice(key, param_group[key], allowed)
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ per-parameter layout
+
+    @staticmethod
+    def _moment_kind(group: dict, p: torch.Tensor) -> str:
+        """'float32', 'bfloat16' or 'int8': how this parameter's moments are stored."""
+        sd = group["state_dtype"]
+        if sd == "auto":
+            return "float32" if p.dtype == torch.float32 else "bfloat16"
+        if sd == "int8":
+            return "int8" if p.numel() >= quant.MIN_NUMEL else "bfloat16"
+        return sd
+
+    @staticmethod
+    def _uses_kahan(group: dict, p: torch.Tensor) -> bool:
+        return group["compensation"] == "kahan" and p.dtype == torch.bfloat16
+
+    @staticmethod
+    def _stochastic(group: dict, p: torch.Tensor) -> tuple[bool, bool]:
+        """(weights rounded stochastically, moments/Kahan buffer rounded stochastically)."""
+        comp, mr = group["compensation"], group["moments_rounding"]
+        weights = comp == "stochastic" and p.dtype == torch.bfloat16
+        moments = mr == "stochastic" or (mr == "auto" and comp != "none")
+        return weights, moments
+
+    def _init_state(self, group: dict, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if state:
+            return state
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        kind = self._moment_kind(group, p)
+        if kind == "int8":
+            nb = quant.num_blocks(p.numel())
+            for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                state[f"{name}_codes"] = torch.full_like(
+                    p, quant.zero_code(signed), dtype=torch.uint8, memory_format=torch.contiguous_format
+                )
+                state[f"{name}_scale"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+        else:
+            dtype = getattr(torch, kind)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        if self._uses_kahan(group, p):
+            state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return state
+
+    def _nfields(self, group: dict, p: torch.Tensor) -> tuple[int, int, int]:
+        """Which random field (or -1: none) rounds (weight or kahan_comp, exp_avg, exp_avg_sq)."""
+        sr_w, sr_m = self._stochastic(group, p)
+        kahan = self._uses_kahan(group, p)
+        bf16_moments = self._moment_kind(group, p) == "bfloat16"
+        wants = [sr_w or (kahan and sr_m), sr_m and bf16_moments, sr_m and bf16_moments]
+        idx, n = [], 0
+        for w in wants:
+            idx.append(n if w else -1)
+            n += int(w)
+        return tuple(idx)
+
+    # ------------------------------------------------------------------ step
+
+    def _use_foreach(self, group: dict, params: list[torch.Tensor]) -> bool:
+        if group["foreach"] is not None:
+            return bool(group["foreach"])
+        return all(p.device.type != "cpu" for p in params)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        track = bool(self.track_lost_updates)
+        stats = _Stats() if track else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise ValueError("AdamW: sparse gradients are not supported")
+                if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
+                    raise ValueError(
+                        f"AdamW: gradient {p.grad.dtype}{tuple(p.grad.shape)} does not match its "
+                        f"parameter {p.dtype}{tuple(p.shape)}"
+                    )
+            # One seed per parameter, in parameter order, so the random bits a parameter gets do
+            # not depend on how the paths group or chunk it.
+            seeds = torch.randint(0, 2**62, (len(params),), generator=self._generator).tolist()
+            states = [self._init_state(group, p) for p in params]
+            for st in states:
+                st["step"] += 1
+            if self._use_foreach(group, params):
+                self._step_foreach(group, params, states, seeds, stats)
+            else:
+                self._step_loop(group, params, states, seeds, stats)
+        if track:
+            self.last_update_stats = stats.result()
+        return loss
+
+    def _hyper(self, group: dict, step: float) -> dict:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            raise ValueError("AdamW: a tensor lr is not supported; use a float")
+        return dict(
+            lr=float(lr), wd=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            step_size=float(lr) / (1 - beta1**step), bc2_sqrt=math.sqrt(1 - beta2**step),
+        )
+
+    def _step_loop(self, group, params, states, seeds, stats):
+        for p, st, seed in zip(params, states, seeds):
+            h = self._hyper(group, st["step"].item())
+            kind = self._moment_kind(group, p)
+            kahan = self._uses_kahan(group, p)
+            fields = self._nfields(group, p)
+            gen = _param_generator(seed, p.device) if max(fields) >= 0 else None
+            n = p.numel()
+            chunk = _CPU_CHUNK if (p.device.type == "cpu" and p.is_contiguous()) else n
+            for a in range(0, n, chunk):
+                b = min(n, a + chunk)
+                t = _Tensors.gather([p], [st], kind, kahan, a, b, chunk < n)
+                rand = random_fields(b - a, max(fields) + 1, gen, p.device) if gen is not None else []
+                _update(t, kind, kahan, fields, [rand], h, stats)
+
+    def _step_foreach(self, group, params, states, seeds, stats):
+        buckets: dict[tuple, list[int]] = {}
+        for i, (p, st) in enumerate(zip(params, states)):
+            key = (p.dtype, p.device, self._moment_kind(group, p), self._uses_kahan(group, p),
+                   self._nfields(group, p), st["step"].item())
+            buckets.setdefault(key, []).append(i)
+        for (_, device, kind, kahan, fields, step), idxs in buckets.items():
+            h = self._hyper(group, step)
+            for batch in _batches(idxs, [params[i].numel() for i in idxs]):
+                ps = [params[i] for i in batch]
+                t = _Tensors.gather(ps, [states[i] for i in batch], kind, kahan, 0, None, False)
+                rand = []
+                if max(fields) >= 0:
+                    for i in batch:
+                        gen = _param_generator(seeds[i], device)
+                        rand.append(random_fields(params[i].numel(), max(fields) + 1, gen, device))
+                _update(t, kind, kahan, fields, rand, h, stats)
+
+    # ------------------------------------------------------------------ state_dict
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["param_groups"][0]["rng_state"] = self._generator.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a `state_dict()`; every buffer keeps its saved dtype (torch's default loader
+        would cast fp32 moments and int8 scales to the parameter dtype) and is copied to the
+        parameter's device."""
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        rng_state = groups[0].pop("rng_state", None)
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"AdamW: the state dict has {len(groups)} parameter groups, this optimizer "
+                f"{len(self.param_groups)}"
+            )
+        for saved, ours in zip(groups, self.param_groups):
+            for key in ("state_dtype", "compensation", "moments_rounding"):
+                if key in saved and saved[key] != ours[key]:
+                    raise ValueError(
+                        f"AdamW: the state dict was saved with {key}={saved[key]!r}, this "
+                        f"optimizer has {key}={ours[key]!r}; they must match to resume"
+                    )
+        saved_state = state_dict["state"]
+        super().load_state_dict({"state": {}, "param_groups": groups})
+        for saved, group in zip(groups, self.param_groups):
+            for pid, p in zip(saved["params"], group["params"]):
+                if pid not in saved_state:
+                    continue
+                expected = {k for k in _expected_keys(self, group, p)}
+                got = set(saved_state[pid])
+                if got != expected:
+                    raise ValueError(
+                        f"AdamW: saved state for a parameter of shape {tuple(p.shape)} has "
+                        f"buffers {sorted(got)}, this optimizer expects {sorted(expected)}"
+                    )
+                self.state[p] = {
+                    k: (v.detach().clone() if k == "step" else v.detach().to(p.device, copy=True))
+                    for k, v in saved_state[pid].items()
+                }
+        if rng_state is not None:
+            self._generator.set_state(rng_state.cpu() if isinstance(rng_state, torch.Tensor)
+                                      else torch.as_tensor(rng_state, dtype=torch.uint8))
+
+
+def _expected_keys(opt: AdamW, group: dict, p: torch.Tensor) -> list[str]:
+    keys = ["step"]
+    if opt._moment_kind(group, p) == "int8":
+        keys += ["exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes", "exp_avg_sq_scale"]
+    else:
+        keys += ["exp_avg", "exp_avg_sq"]
+    if opt._uses_kahan(group, p):
+        keys.append("kahan_comp")
+    return keys
+
+
+def _param_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _batches(idxs: list[int], sizes: list[int]):
+    batch, total = [], 0
+    for i, n in zip(idxs, sizes):
+        if batch and total + n > _FOREACH_BATCH:
+            yield batch
+            batch, total = [], 0
+        batch.append(i)
+        total += n
+    if batch:
+        yield batch
+
+
+class _Tensors:
+    """The storage tensors one `_update` call reads and writes (flat views for chunks)."""
+
+    def __init__(self, p, g, m, v, comp, m_scale, v_scale):
+        self.p, self.g, self.m, self.v, self.comp = p, g, m, v, comp
+        self.m_scale, self.v_scale = m_scale, v_scale
+
+    @staticmethod
+    def gather(params, states, kind, kahan, a, b, chunked):
+        flat = chunked or kind == "int8"  # int8 blocks run over the flattened tensor
+        if flat and not all(x.is_contiguous() for x in params):
+            raise ValueError("AdamW: int8 state needs contiguous parameters")
+
+        def view(t):
+            return t.view(-1)[a:b] if flat else t
+
+        def scale_view(t):
+            return t[a // quant.BLOCK: quant.num_blocks(b)] if chunked else t
+
+        p = [view(x) for x in params]
+        g = [view(x.grad) for x in params]
+        if kind == "int8":
+            m = [view(s["exp_avg_codes"]) for s in states]
+            v = [view(s["exp_avg_sq_codes"]) for s in states]
+            ms = [scale_view(s["exp_avg_scale"]) for s in states]
+            vs = [scale_view(s["exp_avg_sq_scale"]) for s in states]
+        else:
+            m = [view(s["exp_avg"]) for s in states]
+            v = [view(s["exp_avg_sq"]) for s in states]
+            ms = vs = None
+        comp = [view(s["kahan_comp"]) for s in states] if kahan else None
+        return _Tensors(p, g, m, v, comp, ms, vs)
+
+
+def _f32(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fp32 working copies (always copies, so in-place math never touches storage)."""
+    return [t.to(torch.float32, copy=True) for t in ts]
+
+
+def _update(t: _Tensors, kind: str, kahan: bool, fields: tuple, rand: list, h: dict, stats) -> None:
+    """One AdamW step for lists of same-kind tensors, in fp32; the only copy of the math.
+
+    Mirrors torch.optim.AdamW's single-tensor path op for op, so fp32 parameters with fp32
+    state get bitwise the same result. `rand[i]` are the random fields of tensor i.
+    """
+    w_field, m_field, v_field = fields
+    g = _f32(t.g)
+    if kind == "int8":
+        m = [quant.dequantize(c, s, True) for c, s in zip(t.m, t.m_scale)]
+        v = [quant.dequantize(c, s, False) for c, s in zip(t.v, t.v_scale)]
+    elif kind == "float32":
+        m, v = t.m, t.v  # update the fp32 state in place
+    else:
+        m, v = _f32(t.m), _f32(t.v)
+
+    torch._foreach_lerp_(m, g, 1 - h["beta1"])
+    torch._foreach_mul_(v, h["beta2"])
+    torch._foreach_addcmul_(v, g, g, value=1 - h["beta2"])
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, h["bc2_sqrt"])
+    torch._foreach_add_(denom, h["eps"])
+
+    fp32_params = t.p[0].dtype == torch.float32
+    if kahan:
+        # delta = -lr*wd*p - step_size*m/denom, applied through the compensation buffer
+        pf = _f32(t.p)
+        delta = torch._foreach_mul(pf, -h["lr"] * h["wd"])
+        torch._foreach_addcdiv_(delta, m, denom, value=-h["step_size"])
+        old = [x.clone() for x in t.p] if stats is not None else None
+        if stats is not None:
+            comp_old = [x.clone() for x in t.comp]
+            nonzero = [d != 0 for d in delta]
+        for i in range(len(t.p)):
+            r = rand[i][w_field] if w_field >= 0 else None
+            kahan_write_(t.p[i], t.comp[i], pf[i], delta[i], r)
+        if stats is not None:
+            for i in range(len(t.p)):
+                same = t.p[i] == old[i]
+                stats.add(nonzero[i], same, same & (t.comp[i] != comp_old[i]))
+    else:
+        pf = t.p if fp32_params else _f32(t.p)
+        old = [x.float() for x in t.p] if (stats is not None and not fp32_params) else None
+        torch._foreach_mul_(pf, 1 - h["lr"] * h["wd"])
+        torch._foreach_addcdiv_(pf, m, denom, value=-h["step_size"])
+        if not fp32_params:
+            nonzero = [x != o for x, o in zip(pf, old)] if old is not None else None
+            for i in range(len(t.p)):
+                r = rand[i][w_field] if w_field >= 0 else None
+                round_to_bf16_(t.p[i], pf[i], r)
+            if old is not None:
+                for i in range(len(t.p)):
+                    stats.add(nonzero[i], t.p[i].float() == old[i], None)
+
+    # write the moments back
+    if kind == "int8":
+        for i in range(len(t.p)):
+            quant.quantize_(t.m[i], t.m_scale[i], m[i], True)
+            quant.quantize_(t.v[i], t.v_scale[i], v[i], False)
+    elif kind == "bfloat16":
+        for i in range(len(t.p)):
+            round_to_bf16_(t.m[i], m[i], rand[i][m_field] if m_field >= 0 else None)
+            round_to_bf16_(t.v[i], v[i], rand[i][v_field] if v_field >= 0 else None)
+
+
+class _Stats:
+    """Accumulates the lost-update counts of one tracked step (tensors; one sync at the end)."""
+
+    def __init__(self):
+        self.updated = self.lost = self.compensated = None
+        self.kahan = False
+
+    def add(self, nonzero, same, compensated):
+        lost = (nonzero & same).sum()
+        upd = nonzero.sum()
+        self.updated = upd if self.updated is None else self.updated + upd
+        self.lost = lost if self.lost is None else self.lost + lost
+        if compensated is not None:
+            self.kahan = True
+            c = (nonzero & compensated).sum()
+            self.compensated = c if self.compensated is None else self.compensated + c
+
+    def result(self) -> dict[str, float]:
+        if self.updated is None:
+            return {"lost_update_fraction": 0.0, "compensated_fraction": 0.0, "tracked_elements": 0.0}
+        n = float(self.updated)
+        return {
+            "lost_update_fraction": float(self.lost) / n if n else 0.0,
+            "compensated_fraction": float(self.compensated) / n if (n and self.kahan) else 0.0,
+            "tracked_elements": n,
+        }

@@ -1,0 +1,130 @@
+"""``leantrain plan``: will this model and recipe fit on my GPUs? Counted, not guessed.
+
+The model is built on the meta device (no memory), its parameters counted exactly, and the optimizer's
+state is laid out on the meta parameters by the optimizer itself, so the planned state bytes are the
+bytes a real run allocates (tested against measured runs). FSDP (dp_shard = N) divides parameters,
+gradients and optimizer state by N.
+
+Activation estimate, per transformer block and token, for compute dtype width c bytes (2 for bf16),
+hidden size h, key/value width h_kv = n_kv_heads * head_dim and feed-forward width f: the tensors
+autograd saves in leantrain's block are
+
+    c * (9h + 4f)          linear inputs, q/k/v and attention output, SwiGLU's three products
+    4 * (2h + h + h_kv)    the fp32 islands: both RMSNorms' fp32 inputs, RoPE's fp32 q and k
+
+plus, once, the logits (c + 8 bytes per vocab entry per token: the compute-dtype logits, their fp32
+copy in the loss and its gradient). With activation checkpointing (`full`) only each block's input
+(c * h) is kept, plus one block's activations while it is recomputed. It is an estimate (allocator
+fragmentation and temporary buffers come on top), unlike the state bytes, which are exact.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from .config import Config
+from .model import build_model, num_params
+from .optim import AdamW
+from .precision import RECIPES, compute_dtype, storage_dtype
+
+
+def _storage_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def state_bytes(model: torch.nn.Module, cfg: Config) -> dict[str, int]:
+    """Params, grads and optimizer state of one unsharded replica, laid out on meta tensors."""
+    params = list(model.parameters())
+    o = cfg.optimizer
+    opt = AdamW(params, lr=o.lr, state_dtype=o.state_dtype, compensation=o.compensation)
+    states = [opt._init_state(opt.param_groups[0], p) for p in params]
+    return {"params": _storage_bytes(params), "grads": _storage_bytes(params),
+            "optimizer": _storage_bytes(v for s in states for v in s.values())}
+
+
+def activation_bytes(cfg: Config, model: torch.nn.Module, checkpointing: bool) -> int:
+    a = model.args
+    c = torch.finfo(compute_dtype(cfg)).bits // 8
+    tokens = cfg.data.seq_len * cfg.data.local_batch_size
+    h_kv = a.n_kv_heads * a.head_dim
+    block = c * (9 * a.dim + 4 * a.ffn_dim) + 4 * (3 * a.dim + h_kv)
+    logits = (c + 8) * a.vocab_size
+    if checkpointing:
+        layers = a.n_layers * c * a.dim + block
+    else:
+        layers = a.n_layers * block
+    return tokens * (layers + logits)
+
+
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper()
+    num = s.rstrip("KMGTIB")
+    try:
+        return int(float(num) * units[s[len(num):]])
+    except (ValueError, KeyError):
+        from .errors import ConfigError
+
+        raise ConfigError(f"--gpu-memory={text!r} is not a size; write e.g. 80GiB, 80GB or 85899345920.") from None
+
+
+def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dict[str, Any]:
+    vocab = 259 if cfg.model.flavor in ("debug", "small") and not cfg.model.vocab_size else cfg.model.vocab_size
+    dims = {k: getattr(cfg.model, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                                               "rope_theta", "norm_eps")}
+    out: dict[str, Any] = {"flavor": cfg.model.flavor, "dp_shard": dp_shard, "gpu_memory_bytes": gpu_memory,
+                           "seq_len": cfg.data.seq_len, "local_batch_size": cfg.data.local_batch_size,
+                           "recipes": {}}
+    for name in recipes:
+        rcfg = _with_recipe(cfg, name)
+        model = build_model(cfg.model.flavor, storage_dtype(rcfg), "meta", vocab_size=vocab,
+                            max_seq_len=cfg.data.seq_len, **dims)
+        out["num_params"] = num_params(model)
+        state = {k: -(-v // dp_shard) for k, v in state_bytes(model, rcfg).items()}
+        act = activation_bytes(rcfg, model, checkpointing=False)
+        act_ckpt = activation_bytes(rcfg, model, checkpointing=True)
+        total = sum(state.values()) + act
+        out["recipes"][name] = {
+            "state_bytes_per_gpu": state, "state_bytes_per_param": sum(state.values()) * dp_shard / out["num_params"],
+            "activation_bytes_per_gpu": act, "activation_bytes_per_gpu_checkpointed": act_ckpt,
+            "total_bytes_per_gpu": total, "total_bytes_per_gpu_checkpointed": sum(state.values()) + act_ckpt,
+            "fits": total <= gpu_memory, "fits_checkpointed": sum(state.values()) + act_ckpt <= gpu_memory,
+        }
+    return out
+
+
+def _with_recipe(cfg: Config, name: str) -> Config:
+    import copy
+
+    rcfg = copy.deepcopy(cfg)
+    for key, value in RECIPES[name].items():
+        section, field = key.split(".")
+        setattr(getattr(rcfg, section), field, value)
+    rcfg.recipe = name
+    return rcfg
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    gib = 2**30
+    lines = [f"llama3 {p['flavor']}: {p['num_params']:,} parameters; dp_shard={p['dp_shard']}, "
+             f"seq_len={p['seq_len']}, local_batch_size={p['local_batch_size']}, "
+             f"GPU memory {p['gpu_memory_bytes'] / gib:.1f} GiB",
+             "", "| recipe | bytes/param | params | grads | optimizer | activations (AC none / full) | "
+             "total (AC none / full) | fits (AC none / full) |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in p["recipes"].items():
+        s = r["state_bytes_per_gpu"]
+        lines.append(
+            f"| {name} | {r['state_bytes_per_param']:.2f} | {s['params'] / gib:.1f} GiB | {s['grads'] / gib:.1f} GiB | "
+            f"{s['optimizer'] / gib:.1f} GiB | {r['activation_bytes_per_gpu'] / gib:.1f} / "
+            f"{r['activation_bytes_per_gpu_checkpointed'] / gib:.1f} GiB | {r['total_bytes_per_gpu'] / gib:.1f} / "
+            f"{r['total_bytes_per_gpu_checkpointed'] / gib:.1f} GiB | "
+            f"{'yes' if r['fits'] else 'no'} / {'yes' if r['fits_checkpointed'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def to_json(p: dict[str, Any]) -> str:
+    return json.dumps(p, indent=2)
