@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from .config import Config
-from .model import build_model, num_params
+from .model import Transformer, build_model, num_params
 from .optim import AdamW
 from .precision import RECIPES, compute_dtype, storage_dtype
+from .utils import set_default_dtype
 
 
 def _storage_bytes(tensors) -> int:
@@ -43,6 +44,13 @@ def state_bytes(model: torch.nn.Module, cfg: Config) -> dict[str, int]:
     states = [opt._init_state(opt.param_groups[0], p) for p in params]
     return {"params": _storage_bytes(params), "grads": _storage_bytes(params),
             "optimizer": _storage_bytes(v for s in states for v in s.values())}
+
+
+def planned_state_bytes(model: torch.nn.Module, cfg: Config) -> dict[str, int]:
+    """What the planner predicts for this run's model (its meta twin), to set beside the measured bytes."""
+    with torch.device("meta"), set_default_dtype(storage_dtype(cfg)):
+        twin = Transformer(model.args)
+    return state_bytes(twin, cfg)
 
 
 def activation_bytes(cfg: Config, model: torch.nn.Module, checkpointing: bool) -> int:
@@ -92,7 +100,7 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
             "state_bytes_per_gpu": state, "state_bytes_per_param": sum(state.values()) * dp_shard / out["num_params"],
             "activation_bytes_per_gpu": act, "activation_bytes_per_gpu_checkpointed": act_ckpt,
             "total_bytes_per_gpu": total, "total_bytes_per_gpu_checkpointed": sum(state.values()) + act_ckpt,
-            "fits": total <= gpu_memory, "fits_checkpointed": sum(state.values()) + act_ckpt <= gpu_memory,
+            "state_fits": sum(state.values()) <= gpu_memory, "fits": total <= gpu_memory, "fits_checkpointed": sum(state.values()) + act_ckpt <= gpu_memory,
         }
     return out
 
@@ -114,14 +122,14 @@ def format_plan(p: dict[str, Any]) -> str:
              f"seq_len={p['seq_len']}, local_batch_size={p['local_batch_size']}, "
              f"GPU memory {p['gpu_memory_bytes'] / gib:.1f} GiB",
              "", "| recipe | bytes/param | params | grads | optimizer | activations (AC none / full) | "
-             "total (AC none / full) | fits (AC none / full) |", "|---|---|---|---|---|---|---|---|"]
+             "total (AC none / full) | state fits | fits (AC none / full) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in p["recipes"].items():
         s = r["state_bytes_per_gpu"]
         lines.append(
             f"| {name} | {r['state_bytes_per_param']:.2f} | {s['params'] / gib:.1f} GiB | {s['grads'] / gib:.1f} GiB | "
             f"{s['optimizer'] / gib:.1f} GiB | {r['activation_bytes_per_gpu'] / gib:.1f} / "
             f"{r['activation_bytes_per_gpu_checkpointed'] / gib:.1f} GiB | {r['total_bytes_per_gpu'] / gib:.1f} / "
-            f"{r['total_bytes_per_gpu_checkpointed'] / gib:.1f} GiB | "
+            f"{r['total_bytes_per_gpu_checkpointed'] / gib:.1f} GiB | {'yes' if r['state_fits'] else 'no'} | "
             f"{'yes' if r['fits'] else 'no'} / {'yes' if r['fits_checkpointed'] else 'no'} |")
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from .errors import ConfigError
 from .metrics import MetricsLogger, Progress, peak_memory_bytes, plot_losses, state_bytes, summarize, write_json
 from .model import Transformer, build_model, num_params
 from .optim import build_optimizer
+from .plan import planned_state_bytes
 
 # Share of bf16 weight elements whose update was rounded away above which plain bf16 warns.
 LOST_UPDATE_WARN_FRACTION = 0.1
@@ -159,11 +160,12 @@ def train(cfg: Config) -> dict[str, Any]:
 
     summary = summarize(logger.records, recipe=recipe, num_params=n_params, steps=steps,
                         peak_memory_bytes=peak_memory_bytes(device), state_bytes=measured_state,
-                        state_bytes_per_param=sum(measured_state.values()) / n_params)
-    # Key order of SPEC.md section 5.
+                        state_bytes_per_param=sum(measured_state.values()) / n_params,
+                        planned_state_bytes=planned_state_bytes(model, cfg))
+    # Key order of SPEC.md section 5, then the planner's prediction beside the measurement.
     summary = {k: summary[k] for k in ("recipe", "num_params", "steps", "final_loss", "final_eval_loss",
                                        "tokens_per_sec", "peak_memory_bytes", "state_bytes",
-                                       "state_bytes_per_param")}
+                                       "state_bytes_per_param", "planned_state_bytes")}
     write_json(os.path.join(folder, "summary.json"), summary)
     plot_losses({recipe or "run": logger.records}, os.path.join(folder, "loss.png"),
                 title=f"llama3 {cfg.model.flavor}, recipe {recipe or 'custom'}")

@@ -15,9 +15,8 @@ update below 0.0039 is lost, every step, forever. Two fixes, both used by the op
   take, and adds it back into the next update (see `kahan_write_`).
 
 Random bits come in 16-bit *fields* (int32 tensors with values in [0, 2^16)), drawn by
-`random_fields` from a torch.Generator: one `random_` call per tensor (or per chunk) gives up to
-three independent fields, one per bf16 tensor the optimizer writes (weight or compensation,
-exp_avg, exp_avg_sq).
+`random_fields` from a torch.Generator: one `random_` call per bf16 tensor the optimizer writes
+stochastically (weight or compensation buffer, exp_avg, exp_avg_sq).
 """
 
 from __future__ import annotations
@@ -29,23 +28,16 @@ _HIGH16 = -65536  # 0xFFFF0000 as a signed int32
 
 
 def random_fields(numel: int, nfields: int, generator: torch.Generator, device) -> list[torch.Tensor]:
-    """`nfields` (0-3) independent uniform 16-bit random fields of `numel` elements each.
+    """`nfields` independent uniform 16-bit random fields of `numel` elements each.
 
-    One or zero draws per element: a single field comes from an int32 draw in [0, 2^16); two or
-    three fields are cut from one int64 draw (63 random bits: bits 0-15, 16-31 and 32-47).
+    One `random_` call per field: an int32 draw gives 31 random bits, of which we keep the low 16
+    (cheaper on CPU than a ranged draw or than cutting several fields out of one int64 draw).
     """
-    if nfields == 0:
-        return []
-    if nfields == 1:
-        r = torch.empty(numel, dtype=torch.int32, device=device)
-        return [r.random_(0, 1 << 16, generator=generator)]
-    if nfields > 3:
-        raise ValueError(f"at most 3 random fields per draw, got {nfields}")
-    r64 = torch.empty(numel, dtype=torch.int64, device=device).random_(generator=generator)
-    words = r64.view(torch.int32).view(numel, 2)  # little-endian: [:, 0] low word (32 random bits)
-    lo, hi = words[:, 0], words[:, 1]
-    fields = [lo & _LOW16, (lo >> 16) & _LOW16, hi & _LOW16]
-    return fields[:nfields]
+    fields = []
+    for _ in range(nfields):
+        r = torch.empty(numel, dtype=torch.int32, device=device).random_(generator=generator)
+        fields.append(r.bitwise_and_(_LOW16))
+    return fields
 
 
 def stochastic_round_(out: torch.Tensor, x: torch.Tensor, rand16: torch.Tensor) -> torch.Tensor:
