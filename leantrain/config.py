@@ -110,6 +110,9 @@ class Optimizer:
     """How a bf16 weight update keeps steps smaller than half a bf16 ulp: none (nearest rounding, they are lost),
     stochastic (unbiased stochastic rounding of weights and bf16 moments), kahan (a bf16 compensation buffer).
     No effect when training.dtype is float32."""
+    moments_rounding: Literal["auto", "nearest", "stochastic"] = "auto"
+    """How bf16 Adam moments (and the Kahan buffer) are written: auto (stochastically unless compensation is none),
+    nearest, or stochastic. 'nearest' reproduces torchao's / optimi's variants for comparison."""
 
 
 @dataclass

@@ -40,19 +40,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # A recipe is only a named set of config values; `--recipe NAME` and these keys give the same run.
 RECIPES: dict[str, dict[str, object]] = {
     "fp32": {"training.dtype": "float32", "training.mixed_precision_param": "float32",
-             "optimizer.state_dtype": "auto", "optimizer.compensation": "none"},
+             "optimizer.state_dtype": "auto", "optimizer.compensation": "none", "optimizer.moments_rounding": "auto"},
     "bf16-mixed": {"training.dtype": "float32", "training.mixed_precision_param": "bfloat16",
-                   "optimizer.state_dtype": "auto", "optimizer.compensation": "none"},
+                   "optimizer.state_dtype": "auto", "optimizer.compensation": "none", "optimizer.moments_rounding": "auto"},
     "bf16": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-             "optimizer.state_dtype": "auto", "optimizer.compensation": "none"},
+             "optimizer.state_dtype": "auto", "optimizer.compensation": "none", "optimizer.moments_rounding": "auto"},
     "bf16-fp32state": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-                       "optimizer.state_dtype": "float32", "optimizer.compensation": "none"},
+                       "optimizer.state_dtype": "float32", "optimizer.compensation": "none", "optimizer.moments_rounding": "auto"},
     "bf16-sr": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-                "optimizer.state_dtype": "auto", "optimizer.compensation": "stochastic"},
+                "optimizer.state_dtype": "auto", "optimizer.compensation": "stochastic", "optimizer.moments_rounding": "auto"},
     "bf16-kahan": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-                   "optimizer.state_dtype": "auto", "optimizer.compensation": "kahan"},
+                   "optimizer.state_dtype": "auto", "optimizer.compensation": "kahan", "optimizer.moments_rounding": "auto"},
     "bf16-int8": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-                  "optimizer.state_dtype": "int8", "optimizer.compensation": "stochastic"},
+                  "optimizer.state_dtype": "int8", "optimizer.compensation": "stochastic", "optimizer.moments_rounding": "auto"},
 }
 
 

@@ -92,7 +92,8 @@ def evaluate(model: nn.Module, data: PackedDataset, cfg: Config, device: torch.d
     return (total / count).item()
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
+    """Train as configured; returns summary.json's contents and the trained model."""
     device = default_device()
     torch.manual_seed(cfg.job.seed)
     folder = prepare_run_folder(cfg)
@@ -107,7 +108,8 @@ def train(cfg: Config) -> dict[str, Any]:
     params = list(model.parameters())
     o = cfg.optimizer
     optimizer = build_optimizer(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                                state_dtype=o.state_dtype, compensation=o.compensation, seed=cfg.job.seed)
+                                state_dtype=o.state_dtype, compensation=o.compensation,
+                                moments_rounding=o.moments_rounding, seed=cfg.job.seed)
     scheduler = build_lr_scheduler(optimizer, cfg)
     recipe = precision.recipe_of(cfg)
     n_params = num_params(model)
@@ -148,7 +150,10 @@ def train(cfg: Config) -> dict[str, Any]:
                   "tokens_per_sec": (step - last_log_step) * tokens_per_step / (now - last_log_time),
                   "elapsed_s": now - start, "peak_memory_bytes": peak_memory_bytes(device)}
         stats = optimizer.last_update_stats
-        record.update({k: float(stats[k]) for k in ("lost_update_fraction", "compensated_fraction") if k in stats})
+        if stats.get("tracked_elements"):  # bf16 weights only: fp32 weights lose nothing to rounding
+            record["lost_update_fraction"] = float(stats["lost_update_fraction"])
+            if cfg.optimizer.compensation == "kahan":
+                record["compensated_fraction"] = float(stats["compensated_fraction"])
         if eval_now:
             record["eval_loss"] = evaluate(model, eval_data, cfg, device)
         _warn_if_updates_lost(cfg, record)
@@ -171,7 +176,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 title=f"llama3 {cfg.model.flavor}, recipe {recipe or 'custom'}")
     print(f"leantrain: done. final loss {summary['final_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}, "
           f"{summary['state_bytes_per_param']:.2f} bytes/param of training state. Files in {folder}", flush=True)
-    return summary
+    return summary, model
 
 
 def _warn_if_updates_lost(cfg: Config, record: dict[str, Any]) -> None:

@@ -44,9 +44,11 @@ def build_optimizer(
     state_dtype: str = "auto",
     compensation: str = "none",
     seed: int = 0,
+    moments_rounding: str = "auto",
 ) -> AdamW:
     """The AdamW of a training run: weight decay on matrices only, the recipe's state and rounding."""
     return AdamW(
         param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
         weight_decay=weight_decay, state_dtype=state_dtype, compensation=compensation, seed=seed,
+        moments_rounding=moments_rounding,
     )

@@ -1,0 +1,183 @@
+"""Does full bf16 train like fp32? Recipe x seed x regime, paired gaps to fp32 on the built-in corpus.
+
+    python benchmarks/convergence.py --out benchmarks/results/convergence          # the full matrix
+    python benchmarks/convergence.py --seeds 0 --regimes low --steps-scale 0.1    # a quick look
+
+Every run of one (seed, regime) pair starts from the same initial weights (drawn in fp32 from the
+seed, rounded to bf16 for bf16 storage) and sees the same batches as the fp32 run: the gap
+``100 * (eval_loss(recipe) - eval_loss(fp32)) / eval_loss(fp32)`` is *paired*. Each recipe's final
+weights are evaluated twice on the whole held-out split: in the recipe's own precision, and upcast to
+fp32 with an fp32 forward (training quality without inference rounding).
+
+Regimes (tiny Llama: dim 256, 4 layers, byte vocab, seq 256, batch 8; AdamW betas (0.9, 0.999),
+wd 0.01; warmup 50 then cosine to 10% of the peak):
+    low        peak lr 1e-4, 600 steps  (fine-tuning, and the warmup of any large run)
+    pretrain   peak lr 1e-3, 1000 steps
+
+Besides leantrain's recipes, two anchors show what each part buys: ``sr-weights`` (stochastic
+rounding of the weights only, nearest-rounded bf16 moments: torchao's bf16_stochastic_round) and
+``kahan-nearest`` (Kahan weights, nearest-rounded bf16 moments: optimi's Kahan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+REGIMES = {"low": {"optimizer.lr": "1e-4", "training.steps": 600},
+           "pretrain": {"optimizer.lr": "1e-3", "training.steps": 1000}}
+RUNS = {  # name -> config overrides (recipes by name, anchors as explicit keys)
+    "fp32": {"recipe": "fp32"},
+    "bf16": {"recipe": "bf16"},
+    "bf16-sr": {"recipe": "bf16-sr"},
+    "bf16-kahan": {"recipe": "bf16-kahan"},
+    "bf16-int8": {"recipe": "bf16-int8"},
+    "bf16-fp32state": {"recipe": "bf16-fp32state"},
+    "sr-weights (torchao)": {"training.dtype": "bfloat16", "optimizer.compensation": "stochastic",
+                             "optimizer.moments_rounding": "nearest"},
+    "kahan-nearest (optimi)": {"training.dtype": "bfloat16", "optimizer.compensation": "kahan",
+                               "optimizer.moments_rounding": "nearest"},
+}
+MODEL = {"model.flavor": "debug", "model.dim": "256", "model.n_layers": "4", "model.n_heads": "4",
+         "model.n_kv_heads": "2", "model.ffn_dim": "768", "data.seq_len": "256", "data.local_batch_size": "8",
+         "optimizer.betas": "0.9,0.999", "optimizer.weight_decay": "0.01", "lr_scheduler.warmup_steps": "50",
+         "lr_scheduler.decay": "cosine", "lr_scheduler.min_lr_factor": "0.1", "eval.steps": "1000",
+         "metrics.progress": "false", "metrics.log_freq": "25"}
+
+
+def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> dict:
+    import torch
+
+    torch.set_num_threads(1)  # the workers share the cores; one thread each is fastest for a tiny model
+    from leantrain.config import load_config
+    from leantrain.data import PackedDataset, build_tokenizer, load_documents, split_documents
+    from leantrain.train import evaluate, train
+
+    steps = max(60, int(REGIMES[regime]["training.steps"] * steps_scale))
+    overrides = {**MODEL, **RUNS[name], "optimizer.lr": REGIMES[regime]["optimizer.lr"],
+                 "training.steps": str(steps), "eval.interval": str(max(1, steps // 6)), "job.seed": str(seed),
+                 "job.dump_folder": os.path.join(out, regime, f"seed{seed}", name.split()[0])}
+    cfg = load_config(None, overrides)
+    start = time.perf_counter()
+    summary, model = train(cfg)
+    # The same weights, upcast, through an fp32 forward: what was learned, without inference rounding.
+    fp32_cfg = load_config(None, {**{k: v for k, v in overrides.items() if not k.startswith(("recipe", "optimizer.",
+                                                                                            "training."))},
+                                  "recipe": "fp32"})
+    tok = build_tokenizer(cfg.tokenizer.path)
+    _, eval_docs = split_documents(load_documents(cfg.data.path))
+    eval_data = PackedDataset(eval_docs, tok, cfg.data.seq_len, cfg.data.local_batch_size, seed, shuffle=False)
+    fp32_eval = evaluate(copy.deepcopy(model).float(), eval_data, fp32_cfg, torch.device("cpu"))
+    from leantrain.metrics import read_metrics
+
+    records = read_metrics(os.path.join(cfg.job.dump_folder, "metrics.jsonl"))
+    lost = [r["lost_update_fraction"] for r in records if "lost_update_fraction" in r]
+    return {"name": name, "seed": seed, "regime": regime, "steps": steps, "eval_loss": summary["final_eval_loss"],
+            "eval_loss_fp32_forward": fp32_eval, "final_loss": summary["final_loss"],
+            "state_bytes_per_param": summary["state_bytes_per_param"],
+            "mean_lost_update_fraction": statistics.mean(lost) if lost else None,
+            "curve": [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
+            "seconds": time.perf_counter() - start}
+
+
+def gaps(results: list[dict], key: str) -> dict[tuple[str, str], list[float]]:
+    base = {(r["regime"], r["seed"]): r[key] for r in results if r["name"] == "fp32"}
+    out: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        b = base.get((r["regime"], r["seed"]))
+        if b is not None:
+            out.setdefault((r["name"], r["regime"]), []).append(100 * (r[key] - b) / b)
+    return out
+
+
+def table(results: list[dict], regimes: list[str]) -> str:
+    own, f32 = gaps(results, "eval_loss"), gaps(results, "eval_loss_fp32_forward")
+    head = "| recipe | bytes/param | " + " | ".join(
+        f"{g}: gap, own precision (mean [min, max]) | {g}: gap, fp32 forward | {g}: lost updates" for g in regimes)
+    lines = [head + " |", "|---" * (2 + 3 * len(regimes)) + "|"]
+    for name in RUNS:
+        rows = [r for r in results if r["name"] == name]
+        if not rows:
+            continue
+        cells = [name, f"{rows[0]['state_bytes_per_param']:.2f}"]
+        for g in regimes:
+            o, f = own.get((name, g), []), f32.get((name, g), [])
+            lost = [r["mean_lost_update_fraction"] for r in rows if r["regime"] == g
+                    and r["mean_lost_update_fraction"] is not None]
+            cells.append(f"{statistics.mean(o):+.2f}% [{min(o):+.2f}, {max(o):+.2f}]" if o else "")
+            cells.append(f"{statistics.mean(f):+.2f}%" if f else "")
+            cells.append(f"{statistics.mean(lost):.1%}" if lost else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    fp32 = {g: [r["eval_loss"] for r in results if r["name"] == "fp32" and r["regime"] == g] for g in regimes}
+    lines.append("")
+    lines.append("fp32 eval loss per seed: " + "; ".join(
+        f"{g}: " + ", ".join(f"{v:.4f}" for v in fp32[g]) for g in regimes))
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], regimes: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(regimes), figsize=(7 * len(regimes), 5), dpi=110, squeeze=False)
+    for ax, g in zip(axes[0], regimes):
+        for i, name in enumerate(RUNS):
+            rows = [r for r in results if r["name"] == name and r["regime"] == g]
+            if not rows:
+                continue
+            steps = [s for s, _ in rows[0]["curve"]]
+            mean = [statistics.mean(r["curve"][k][1] for r in rows) for k in range(len(steps))]
+            ax.plot(steps, mean, marker="o", ms=3, color=f"C{i}", label=name)
+        ax.set_title(f"{g}: held-out loss, mean over seeds")
+        ax.set_xlabel("step")
+        ax.set_ylabel("eval loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--regimes", default="low,pretrain")
+    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated names from: " + ", ".join(RUNS))
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply each regime's steps (quick looks)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/convergence")
+    args = ap.parse_args()
+    seeds, regimes = [int(s) for s in args.seeds.split(",")], args.regimes.split(",")
+    names = [n for n in RUNS if n in args.runs.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    jobs = [(n, s, g) for g in regimes for s in seeds for n in names]
+    results = []
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = [pool.submit(one_run, n, s, g, args.steps_scale, args.out) for n, s, g in jobs]
+        for fut in futures:
+            r = fut.result()
+            results.append(r)
+            print(f"{r['regime']:8s} seed {r['seed']} {r['name']:24s} eval {r['eval_loss']:.4f} "
+                  f"(fp32 forward {r['eval_loss_fp32_forward']:.4f}) {r['seconds']:.0f}s", flush=True)
+    text = table(results, regimes)
+    print(text)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "results": results}, f, indent=1)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(f"Command: `python benchmarks/convergence.py {' '.join(sys.argv[1:])}`\n\n{text}\n")
+    plot(results, regimes, os.path.join(args.out, "convergence.png"))
+
+
+if __name__ == "__main__":
+    main()

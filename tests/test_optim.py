@@ -1,0 +1,466 @@
+"""leantrain.optim: AdamW against a float64 reference, rounding, Kahan, int8, paths, state_dict."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+from leantrain.optim import AdamW, build_optimizer, stochastic_round
+from leantrain.optim import adamw as adamw_mod
+from leantrain.optim import quant
+from leantrain.optim.rounding import kahan_write_, random_fields
+
+BF16_ULP_1 = 2.0**-7  # bf16 spacing in [1, 2)
+
+VARIANTS = [
+    dict(state_dtype=sd, compensation=c)
+    for sd in ("auto", "float32", "bfloat16", "int8")
+    for c in ("none", "stochastic", "kahan")
+] + [
+    dict(compensation="stochastic", moments_rounding="nearest"),
+    dict(compensation="kahan", moments_rounding="nearest"),
+    dict(compensation="none", moments_rounding="stochastic"),
+]
+
+
+def _ids(v):
+    return "-".join(f"{k}={x}" for k, x in v.items())
+
+
+# --------------------------------------------------------------------------- float64 reference
+
+def reference_adamw(p0, grads, lr, betas, eps, wd):
+    """torch.optim.AdamW's math in float64, one tensor, a list of gradients."""
+    p = p0.double().clone()
+    m = torch.zeros_like(p)
+    v = torch.zeros_like(p)
+    b1, b2 = betas
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        p.mul_(1 - lr * wd)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        p -= lr * m_hat / (v_hat.sqrt() + eps)
+    return p
+
+
+HP = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, wd=0.1)
+
+
+def _run(p0, grads, dtype=torch.float32, **kw):
+    p = torch.nn.Parameter(p0.clone().to(dtype))
+    opt = AdamW([p], lr=HP["lr"], betas=HP["betas"], eps=HP["eps"], weight_decay=HP["wd"], **kw)
+    for g in grads:
+        p.grad = g.to(dtype)
+        opt.step()
+    return p, opt
+
+
+def _problem(n=8192, steps=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    p0 = torch.randn(n, generator=gen)
+    grads = [torch.randn(n, generator=gen) * (0.1 + i) for i in range(steps)]
+    return p0, grads
+
+
+def test_fp32_matches_float64_reference_and_torch():
+    p0, grads = _problem()
+    ref = reference_adamw(p0, grads, **HP)
+    p, _ = _run(p0, grads)
+    # 1e-6 relative, elementwise; plus 1e-7 absolute for elements that crossed zero (fp32
+    # carries ~6e-8 relative error of the O(1) values they were computed from)
+    assert torch.allclose(p.double(), ref, rtol=1e-6, atol=1e-7)
+    q = torch.nn.Parameter(p0.clone())
+    topt = torch.optim.AdamW([q], lr=HP["lr"], betas=HP["betas"], eps=HP["eps"],
+                             weight_decay=HP["wd"], foreach=False)
+    for g in grads:
+        q.grad = g.clone()
+        topt.step()
+    assert torch.equal(p, q)  # same ops in the same order
+
+
+@pytest.mark.parametrize("state_dtype, bound", [
+    # bf16 keeps 8 significant bits: each stored moment is off by <= 2^-9 relative, so
+    # m_hat / sqrt(v_hat) is off by <~ 2^-8 per step, far under 2% of lr per step.
+    ("bfloat16", 0.02),
+    # int8 dynamic map: an element at >= 1% of its block max is stored within ~5% (>= 8 codes
+    # per decade there), smaller ones within the block max / 2e3; the Adam ratio then moves
+    # by well under 25% of lr per step.
+    ("int8", 0.25),
+])
+def test_low_precision_moments_stay_within_format_bound(state_dtype, bound):
+    p0, grads = _problem()
+    ref = reference_adamw(p0, grads, **HP)
+    p, _ = _run(p0, grads, state_dtype=state_dtype)  # fp32 params isolate the moments' error
+    err = (p.double() - ref).abs().max().item()
+    assert err <= bound * HP["lr"] * len(grads)
+    assert err > 0  # the moments really are stored in low precision
+
+
+# --------------------------------------------------------------------------- stochastic rounding
+
+def test_stochastic_rounding_is_unbiased():
+    n = 200_000
+    for value in (1.0 + 0.3 * BF16_ULP_1, -3.0 - 0.77 * 4 * BF16_ULP_1, 1e-3 * (1 + 2**-12)):
+        x = torch.full((n,), value, dtype=torch.float32)
+        out = stochastic_round(x, torch.Generator().manual_seed(1)).double()
+        lo = x.bfloat16().double()[0]
+        levels = torch.unique(out)
+        assert len(levels) == 2  # only the two neighbouring bf16 values
+        ulp = (levels[1] - levels[0]).item()
+        p = (value - levels[0].item()) / ulp
+        sigma = ulp * math.sqrt(p * (1 - p) / n)
+        assert abs(out.mean().item() - value) < 5 * sigma, (value, lo)
+
+
+def test_small_update_moves_weight_in_expectation_only_with_stochastic_rounding():
+    n = 100_000
+    x = torch.full((n,), 1.0 + 1e-4)  # 1e-4 is 1/78 of the bf16 ulp at 1.0
+    assert torch.all(x.bfloat16() == 1.0)  # nearest: the update is lost everywhere
+    sr = stochastic_round(x, torch.Generator().manual_seed(0)).double()
+    sigma = BF16_ULP_1 * math.sqrt((1e-4 / BF16_ULP_1) / n)
+    assert abs(sr.mean().item() - (1.0 + 1e-4)) < 5 * sigma
+    assert sr.mean().item() > 1.0
+
+
+def test_stochastic_rounding_edge_values():
+    x = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -2.5,
+                      3.3895313892515355e38])
+    out = stochastic_round(x, torch.Generator().manual_seed(0))
+    assert torch.isnan(out[4])
+    finite = ~torch.isnan(x)
+    assert torch.equal(out[finite].float(), x[finite])  # exactly representable stays put
+    assert torch.signbit(out[1])
+
+
+def test_random_fields_are_uniform_16_bit():
+    (r,) = random_fields(1 << 16, 1, torch.Generator().manual_seed(0), "cpu")
+    assert r.dtype == torch.int32 and r.min() >= 0 and r.max() < (1 << 16)
+    bits = torch.stack([((r >> k) & 1).float().mean() for k in range(16)])
+    assert torch.all((bits - 0.5).abs() < 0.02)
+
+
+# --------------------------------------------------------------------------- Kahan
+
+def _kahan_sum(n_updates, stochastic_comp):
+    gen = torch.Generator().manual_seed(0)
+    p = torch.ones(64, dtype=torch.bfloat16)
+    comp = torch.zeros(64, dtype=torch.bfloat16)
+    for _ in range(n_updates):
+        r = random_fields(64, 1, gen, "cpu")[0] if stochastic_comp else None
+        kahan_write_(p, comp, p.float(), torch.full((64,), 1e-4), r)
+    return p.float(), comp.float()
+
+
+def test_kahan_accumulates_tiny_updates():
+    p, comp = _kahan_sum(10_000, stochastic_comp=True)
+    assert (p - 2.0).abs().max() < 1e-3  # exact sum 1 + 10_000 * 1e-4
+    assert (p + comp - 2.0).abs().max() < 3e-3
+    plain = torch.ones(64, dtype=torch.bfloat16)
+    for _ in range(100):
+        plain.copy_(plain.float() + 1e-4)
+    assert torch.all(plain == 1.0)  # nearest rounding loses every one of them
+
+
+def test_kahan_with_nearest_buffer_is_biased():
+    """optimi's variant (nearest-rounded bf16 buffer): the buffer's own rounding error is
+    systematic, which is why moments_rounding='auto' writes the buffer stochastically."""
+    p, comp = _kahan_sum(10_000, stochastic_comp=False)
+    assert (p + comp - 2.0).abs().min() > 1e-2
+
+
+@pytest.mark.parametrize("compensation", ["kahan", "stochastic"])
+def test_optimizer_level_constant_tiny_steps(compensation):
+    """Adam on a constant gradient steps by ~lr each step; lr = 1e-4 is under half a bf16 ulp."""
+    steps, lr = 1000, 1e-4
+    grads = [torch.full((4096,), -1.0)] * steps
+    ref = reference_adamw(torch.ones(4096), grads, lr, (0.9, 0.999), 1e-8, 0.0)  # ~1.1
+    out = {}
+    for comp in ("none", compensation):
+        p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        opt = AdamW([p], lr=lr, weight_decay=0.0, compensation=comp)
+        for g in grads:
+            p.grad = g.bfloat16()
+            opt.step()
+        total = p.float() + (opt.state[p]["kahan_comp"].float() if comp == "kahan" else 0)
+        out[comp] = total.double()
+    assert torch.all(out["none"] == 1.0)
+    if compensation == "kahan":
+        assert (out["kahan"] - ref).abs().max() < 1e-3
+    else:  # unbiased: the mean over elements is right, each element within a few ulps
+        assert abs(out["stochastic"].mean().item() - ref.mean().item()) < 1e-3
+        assert (out["stochastic"] - ref).abs().max() < 3 * BF16_ULP_1
+
+
+def _toy(dtype, n=256, steps=4000, lr=1e-4, **kw):
+    """Fit w to a target 0.05 away with Adam at lr 1e-4 after an early noisy phase.
+
+    Weights sit in [0.1, 0.2) where half a bf16 ulp (4.9e-4) exceeds lr: nearest-rounded weights
+    never move. The early gradient noise (decaying over ~200 steps) makes v large at first;
+    v must then decay by ~0.1% per step, under half a bf16 ulp, so nearest-rounded moments keep
+    v_hat large and the steps tiny. Only unbiased rounding of weights *and* moments fits."""
+    gen = torch.Generator().manual_seed(0)
+    w0 = 0.1 + 0.1 * torch.rand(n, generator=gen)
+    target = w0 + 0.05 * torch.randn(n, generator=gen)
+    w = torch.nn.Parameter(w0.to(dtype))
+    opt = AdamW([w], lr=lr, weight_decay=0.0, **kw)
+    for t in range(steps):
+        noise = math.exp(-t / 200) * torch.randn(n, generator=gen)
+        w.grad = (w.float() - target + noise).to(dtype)
+        opt.step()
+    return ((w.float() - target) ** 2).mean().item()
+
+
+def test_low_lr_toy_needs_unbiased_weights_and_moments():
+    fp32 = _toy(torch.float32)
+    assert fp32 < 2e-5  # fits (start: 2.5e-3)
+    assert _toy(torch.bfloat16) > 100 * fp32  # compensation none: stuck
+    for comp in ("stochastic", "kahan"):
+        assert _toy(torch.bfloat16, compensation=comp) < 1.5 * fp32, comp
+        assert _toy(torch.bfloat16, compensation=comp, moments_rounding="nearest") > 10 * fp32, comp
+
+
+# --------------------------------------------------------------------------- int8
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_int8_quantize_rounds_to_nearest_code(signed):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256 * 40 + 77, generator=gen) * torch.logspace(-6, 2, 256 * 40 + 77)
+    if not signed:
+        x = x.abs()
+    codes = torch.empty(x.numel(), dtype=torch.uint8)
+    scale = torch.empty(quant.num_blocks(x.numel()))
+    quant.quantize_(codes, scale, x.clone(), signed)
+    deq = quant.dequantize(codes, scale, signed)
+    qmap = torch.tensor(quant.dynamic_map(signed))
+    per_el = torch.cat([scale[:-1].repeat_interleave(256), scale[-1:].expand(77)])
+    candidates = qmap.view(1, -1) * per_el.view(-1, 1)  # every code's value, per element
+    best = (candidates - x.view(-1, 1)).abs().min(dim=1).values
+    err = (deq - x).abs()
+    assert torch.all(err <= best * (1 + 1e-5) + 1e-12 * per_el)
+    # format bound: the largest gap of the map is 0.0141, so <= 0.71% of the block max
+    gap = (qmap[1:] - qmap[:-1]).max().item()
+    assert torch.all(err <= per_el * gap / 2 * (1 + 1e-5))
+
+
+def test_int8_codes_match_torchao():
+    ao = pytest.importorskip("torchao.optim.quant_utils")
+    for signed in (True, False):
+        assert quant.dynamic_map(signed) == tuple(ao.create_dynamic_map(signed))
+        x = torch.randn(256 * 64, generator=torch.Generator().manual_seed(1))
+        x = x.abs() if not signed else x
+        codes = torch.empty(x.numel(), dtype=torch.uint8)
+        scale = torch.empty(64)
+        quant.quantize_(codes, scale, x.clone(), signed)
+        xs, ao_scale = ao.scale_tensor(x, 256)
+        ao_codes = ao.quantize_8bit_with_qmap(xs, torch.tensor(ao.create_dynamic_map(signed)))
+        assert torch.equal(codes, ao_codes)
+        assert torch.equal(scale, ao_scale)
+
+
+# --------------------------------------------------------------------------- paths and state
+
+SHAPES = [(96, 64), (64,), (5000,), (300,), (1, 4096), (70, 80)]
+
+
+def _params(dtype_of):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype_of(i)))
+            for i, s in enumerate(SHAPES)]
+
+
+def _grads(params, step):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+
+
+def _make(params, variant, foreach=None, seed=3):
+    groups = [{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0, "lr": 5e-3}]
+    return AdamW(groups, lr=1e-2, weight_decay=0.1, seed=seed, foreach=foreach, **variant)
+
+
+def _steps(params, opt, start, stop):
+    for s in range(start, stop):
+        for p, g in zip(params, _grads(params, s)):
+            p.grad = g
+        opt.step()
+
+
+def _mixed(i):  # mostly bf16 with one fp32 parameter
+    return torch.float32 if i == 3 else torch.bfloat16
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_foreach_equals_for_loop_bitwise(variant, monkeypatch):
+    monkeypatch.setattr(adamw_mod, "_CPU_CHUNK", 1024)  # exercise chunking (and int8 tails)
+    results = []
+    for foreach in (False, True):
+        params = _params(_mixed)
+        opt = _make(params, variant, foreach=foreach)
+        _steps(params, opt, 0, 3)
+        results.append((params, opt))
+    (pa, oa), (pb, ob) = results
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        for k, v in oa.state[a].items():
+            assert torch.equal(v, ob.state[b][k]), k
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_state_dict_resume_is_bitwise(variant):
+    params = _params(_mixed)
+    opt = _make(params, variant)
+    _steps(params, opt, 0, 2)
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buf)
+    _steps(params, opt, 2, 5)  # the uninterrupted run
+
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed = [torch.nn.Parameter(t) for t in saved["params"]]
+    opt2 = _make(resumed, variant)
+    opt2.load_state_dict(saved["opt"])
+    _steps(resumed, opt2, 2, 5)
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+        for k, v in opt.state[a].items():
+            assert v.dtype == opt2.state[b][k].dtype and torch.equal(v, opt2.state[b][k]), k
+    assert torch.equal(opt._generator.get_state(), opt2._generator.get_state())
+
+
+def test_load_state_dict_rejects_another_recipe():
+    params = _params(_mixed)
+    opt = _make(params, dict(compensation="kahan"))
+    _steps(params, opt, 0, 1)
+    other = _make(_params(_mixed), dict(compensation="stochastic"))
+    with pytest.raises(ValueError, match="compensation"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_lr_scheduler_drives_lr():
+    p = torch.nn.Parameter(torch.zeros(8))
+    opt = AdamW([p], lr=1.0, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: [1e-3, 0.0][min(s, 1)])
+    p.grad = torch.ones(8)
+    opt.step()
+    sched.step()
+    before = p.detach().clone()
+    assert torch.allclose(before, torch.full((8,), -1e-3))
+    opt.step()
+    assert torch.equal(p, before)  # lr is 0 now
+
+
+@pytest.mark.parametrize("variant, expected", [
+    (dict(state_dtype="float32"), 8.0),
+    (dict(state_dtype="bfloat16"), 4.0),
+    (dict(state_dtype="auto"), 4.0),
+    (dict(state_dtype="int8"), 2 + 8 / 256),
+    (dict(state_dtype="bfloat16", compensation="kahan"), 6.0),
+    (dict(state_dtype="int8", compensation="kahan"), 4 + 8 / 256),
+])
+def test_state_bytes_per_param(variant, expected):
+    p = torch.nn.Parameter(torch.zeros(512, 256, dtype=torch.bfloat16))
+    opt = AdamW([p], **variant)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    nbytes = sum(t.numel() * t.element_size() for k, t in opt.state[p].items() if k != "step")
+    assert nbytes / p.numel() == pytest.approx(expected)
+
+
+def test_fp32_params_ignore_compensation():
+    p0, grads = _problem(n=4096, steps=3)
+    plain, _ = _run(p0, grads)
+    for comp in ("stochastic", "kahan"):
+        p, opt = _run(p0, grads, compensation=comp, moments_rounding="nearest")
+        assert torch.equal(p, plain) and "kahan_comp" not in opt.state[p]
+
+
+def test_small_tensors_keep_bf16_moments_under_int8():
+    big = torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16))
+    small = torch.nn.Parameter(torch.zeros(4095, dtype=torch.bfloat16))
+    opt = AdamW([big, small], state_dtype="int8")
+    big.grad, small.grad = torch.ones_like(big), torch.ones_like(small)
+    opt.step()
+    assert opt.state[big]["exp_avg_codes"].dtype == torch.uint8
+    assert opt.state[small]["exp_avg"].dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+@pytest.mark.parametrize("compensation, lost, compensated", [
+    ("none", 1.0, 0.0), ("kahan", 1.0, 1.0),
+])
+def test_lost_update_fraction(compensation, lost, compensated):
+    p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+    f = torch.nn.Parameter(torch.ones(16))  # fp32: not counted
+    opt = AdamW([p, f], lr=1e-5, weight_decay=0.0, compensation=compensation)
+    p.grad, f.grad = torch.ones_like(p), torch.ones_like(f)
+    opt.step()
+    assert opt.last_update_stats == {}  # computed only when tracked
+    opt.track_lost_updates = True
+    opt.step()
+    s = opt.last_update_stats
+    assert s["lost_update_fraction"] == lost
+    assert s["compensated_fraction"] == compensated
+    assert s["tracked_elements"] == 4096
+
+    big = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+    opt = AdamW([big], lr=0.1, weight_decay=0.0, compensation=compensation)
+    opt.track_lost_updates = True
+    big.grad = torch.ones_like(big)
+    opt.step()
+    assert opt.last_update_stats["lost_update_fraction"] == 0.0
+
+
+def test_lost_update_fraction_stochastic_is_probability():
+    p = torch.nn.Parameter(torch.ones(100_000, dtype=torch.bfloat16))
+    opt = AdamW([p], lr=1e-4, weight_decay=0.0, compensation="stochastic")
+    opt.track_lost_updates = True
+    p.grad = torch.ones_like(p)
+    opt.step()
+    # 1.0 - 1e-4 rounds down to 1 - 2^-8 with probability 1e-4 / 2^-8 = 0.0256
+    assert opt.last_update_stats["lost_update_fraction"] == pytest.approx(1 - 0.0256, abs=0.005)
+
+
+# --------------------------------------------------------------------------- API
+
+def test_build_optimizer_decays_matrices_only():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    opt = build_optimizer(model, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                          state_dtype="bfloat16", compensation="kahan", seed=1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.ndim >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.ndim < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert decay["compensation"] == "kahan" and decay["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=-1.0), "lr"), (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=0.0), "eps"),
+    (dict(weight_decay=-0.1), "weight_decay"), (dict(state_dtype="fp8"), "state_dtype"),
+    (dict(compensation="magic"), "compensation"), (dict(moments_rounding="up"), "moments_rounding"),
+    (dict(foreach="yes"), "foreach"),
+])
+def test_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdamW([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_rejects_float16_params():
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        AdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))])
+
+
+def test_deepcopy_and_pickle_friendly_state_dict():
+    params = _params(_mixed)
+    opt = _make(params, dict(state_dtype="int8", compensation="kahan"))
+    _steps(params, opt, 0, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    assert isinstance(sd["param_groups"][0]["rng_state"], torch.Tensor)
+    assert all(isinstance(v, torch.Tensor) for st in sd["state"].values() for v in st.values())
