@@ -41,7 +41,7 @@ def state_bytes(model: torch.nn.Module, cfg: Config) -> dict[str, int]:
     params = list(model.parameters())
     o = cfg.optimizer
     opt = AdamW(params, lr=o.lr, state_dtype=o.state_dtype, compensation=o.compensation)
-    states = [opt._init_state(opt.param_groups[0], p) for p in params]
+    states = [opt.init_state(p) for p in params]
     return {"params": _storage_bytes(params), "grads": _storage_bytes(params),
             "optimizer": _storage_bytes(v for s in states for v in s.values())}
 

@@ -132,15 +132,17 @@ def test_small_update_moves_weight_in_expectation_only_with_stochastic_rounding(
 def test_stochastic_rounding_edge_values():
     x = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -2.5,
                       3.3895313892515355e38])
+    x = torch.cat([x, torch.zeros(2).div(0.0), torch.tensor([float("nan")]).bfloat16().float()])
+    x = x.repeat(1000)  # many random draws for the NaNs (0/0 is x86's 0xFFC00000)
     out = stochastic_round(x, torch.Generator().manual_seed(0))
-    assert torch.isnan(out[4])
+    assert torch.equal(torch.isnan(out), torch.isnan(x))
     finite = ~torch.isnan(x)
     assert torch.equal(out[finite].float(), x[finite])  # exactly representable stays put
     assert torch.signbit(out[1])
 
 
 def test_random_fields_are_uniform_16_bit():
-    (r,) = random_fields(1 << 16, 1, torch.Generator().manual_seed(0), "cpu")
+    (r,) = random_fields(1 << 16, [torch.Generator().manual_seed(0)], "cpu")
     assert r.dtype == torch.int32 and r.min() >= 0 and r.max() < (1 << 16)
     bits = torch.stack([((r >> k) & 1).float().mean() for k in range(16)])
     assert torch.all((bits - 0.5).abs() < 0.02)
@@ -153,7 +155,7 @@ def _kahan_sum(n_updates, stochastic_comp):
     p = torch.ones(64, dtype=torch.bfloat16)
     comp = torch.zeros(64, dtype=torch.bfloat16)
     for _ in range(n_updates):
-        r = random_fields(64, 1, gen, "cpu")[0] if stochastic_comp else None
+        r = random_fields(64, [gen], "cpu")[0] if stochastic_comp else None
         kahan_write_(p, comp, p.float(), torch.full((64,), 1e-4), r)
     return p.float(), comp.float()
 
@@ -178,12 +180,12 @@ def test_kahan_with_nearest_buffer_is_biased():
 @pytest.mark.parametrize("compensation", ["kahan", "stochastic"])
 def test_optimizer_level_constant_tiny_steps(compensation):
     """Adam on a constant gradient steps by ~lr each step; lr = 1e-4 is under half a bf16 ulp."""
-    steps, lr = 1000, 1e-4
-    grads = [torch.full((4096,), -1.0)] * steps
-    ref = reference_adamw(torch.ones(4096), grads, lr, (0.9, 0.999), 1e-8, 0.0)  # ~1.1
+    steps, lr, n = 1000, 1e-4, 2048
+    grads = [torch.full((n,), -1.0)] * steps
+    ref = reference_adamw(torch.ones(n), grads, lr, (0.9, 0.999), 1e-8, 0.0)  # ~1.1
     out = {}
     for comp in ("none", compensation):
-        p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
         opt = AdamW([p], lr=lr, weight_decay=0.0, compensation=comp)
         for g in grads:
             p.grad = g.bfloat16()
@@ -191,11 +193,13 @@ def test_optimizer_level_constant_tiny_steps(compensation):
         total = p.float() + (opt.state[p]["kahan_comp"].float() if comp == "kahan" else 0)
         out[comp] = total.double()
     assert torch.all(out["none"] == 1.0)
-    if compensation == "kahan":
-        assert (out["kahan"] - ref).abs().max() < 1e-3
-    else:  # unbiased: the mean over elements is right, each element within a few ulps
-        assert abs(out["stochastic"].mean().item() - ref.mean().item()) < 1e-3
-        assert (out["stochastic"] - ref).abs().max() < 3 * BF16_ULP_1
+    # Unbiased: the mean over elements matches within 5 standard errors. Each element wanders
+    # (sd ~1e-3 here): the bf16 v is rounded stochastically and its EMA (beta2 = 0.999) keeps
+    # that noise, a few % of v, so an element's steps are a little larger or smaller for a while.
+    err = out[compensation] - ref
+    assert abs(err.mean().item()) < 5 * err.std().item() / math.sqrt(n) + 1e-6
+    assert err.abs().max() < (5e-3 if compensation == "kahan" else 0.2)
+    assert err.std() < (2e-3 if compensation == "kahan" else 0.05)
 
 
 def _toy(dtype, n=256, steps=4000, lr=1e-4, **kw):
@@ -433,12 +437,24 @@ def test_lost_update_fraction_stochastic_is_probability():
 def test_build_optimizer_decays_matrices_only():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
     opt = build_optimizer(model, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                          state_dtype="bfloat16", compensation="kahan", seed=1)
+                          state_dtype="bfloat16", compensation="kahan", seed=1,
+                          moments_rounding="nearest")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.ndim >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.ndim < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert decay["compensation"] == "kahan" and decay["betas"] == (0.9, 0.95)
+    assert decay["moments_rounding"] == "nearest" and opt.seed == 1
+
+
+def test_init_state_on_meta_params_lays_out_state_without_memory():
+    with torch.device("meta"):
+        p = torch.nn.Parameter(torch.empty(4096, 1024, dtype=torch.bfloat16))
+    opt = AdamW([p], state_dtype="int8", compensation="kahan")
+    st = opt.init_state(p)
+    nbytes = sum(t.numel() * t.element_size() for k, t in st.items() if k != "step")
+    assert nbytes / p.numel() == pytest.approx(4 + 8 / 256)
+    assert all(t.is_meta for k, t in st.items() if k != "step")
 
 
 @pytest.mark.parametrize("kwargs, match", [

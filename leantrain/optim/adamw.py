@@ -32,8 +32,9 @@ Two code paths share one update function (`_update`, written over lists of tenso
 torch._foreach_* ops - few kernel launches on a GPU; `foreach=False` calls it per tensor, and
 on CPU per chunk of 2^18 elements so the fp32 temporaries stay in cache (on CPU that is faster
 than foreach, hence the default: foreach on accelerators, chunked loop on CPU). Both give
-bitwise identical results: each parameter draws its random bits from its own generator, seeded
-per step from the optimizer's generator, so neither grouping nor chunking changes the bits.
+bitwise identical results: each parameter draws its random bits from its own generators (one
+per field), seeded per step from the optimizer's generator, so neither grouping nor chunking
+changes the bits.
 
 Why not torchao's optimizers (`torchao.optim._AdamW(bf16_stochastic_round=True)`,
 `AdamW8bit`)? They do run on CPU with torch 2.13 (torchao 0.18.0), and our int8 codes match
@@ -162,6 +163,16 @@ class AdamW(torch.optim.Optimizer):
         moments = mr == "stochastic" or (mr == "auto" and comp != "none")
         return weights, moments
 
+    def init_state(self, p: torch.Tensor) -> dict:
+        """Allocate (if needed) and return the state of parameter `p` without stepping.
+
+        Works on meta parameters, so a memory planner can measure the state layout for free.
+        """
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return self._init_state(group, p)
+        raise ValueError("AdamW.init_state: this tensor is not one of the optimizer's parameters")
+
     def _init_state(self, group: dict, p: torch.Tensor) -> dict:
         state = self.state[p]
         if state:
@@ -172,13 +183,14 @@ class AdamW(torch.optim.Optimizer):
             nb = quant.num_blocks(p.numel())
             for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
                 state[f"{name}_codes"] = torch.full_like(
-                    p, quant.zero_code(signed), dtype=torch.uint8, memory_format=torch.contiguous_format
+                    p, quant.zero_code(signed), dtype=torch.uint8,
+                    memory_format=torch.contiguous_format,
                 )
                 state[f"{name}_scale"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
         else:
             dtype = getattr(torch, kind)
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            for name in ("exp_avg", "exp_avg_sq"):
+                state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         if self._uses_kahan(group, p):
             state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return state
@@ -222,9 +234,9 @@ class AdamW(torch.optim.Optimizer):
                         f"AdamW: gradient {p.grad.dtype}{tuple(p.grad.shape)} does not match its "
                         f"parameter {p.dtype}{tuple(p.shape)}"
                     )
-            # One seed per parameter, in parameter order, so the random bits a parameter gets do
-            # not depend on how the paths group or chunk it.
-            seeds = torch.randint(0, 2**62, (len(params),), generator=self._generator).tolist()
+            # One seed per parameter and random field, in parameter order, so the random bits a
+            # parameter gets do not depend on how the paths group or chunk it.
+            seeds = torch.randint(0, 2**62, (len(params), 3), generator=self._generator).tolist()
             states = [self._init_state(group, p) for p in params]
             for st in states:
                 st["step"] += 1
@@ -252,14 +264,13 @@ class AdamW(torch.optim.Optimizer):
             kind = self._moment_kind(group, p)
             kahan = self._uses_kahan(group, p)
             fields = self._nfields(group, p)
-            gen = _param_generator(seed, p.device) if max(fields) >= 0 else None
+            gens = _field_generators(seed, max(fields) + 1, p.device)
             n = p.numel()
             chunk = _CPU_CHUNK if (p.device.type == "cpu" and p.is_contiguous()) else n
             for a in range(0, n, chunk):
                 b = min(n, a + chunk)
                 t = _Tensors.gather([p], [st], kind, kahan, a, b, chunk < n)
-                rand = random_fields(b - a, max(fields) + 1, gen, p.device) if gen is not None else []
-                _update(t, kind, kahan, fields, [rand], h, stats)
+                _update(t, kind, kahan, fields, [random_fields(b - a, gens, p.device)], h, stats)
 
     def _step_foreach(self, group, params, states, seeds, stats):
         buckets: dict[tuple, list[int]] = {}
@@ -272,11 +283,9 @@ class AdamW(torch.optim.Optimizer):
             for batch in _batches(idxs, [params[i].numel() for i in idxs]):
                 ps = [params[i] for i in batch]
                 t = _Tensors.gather(ps, [states[i] for i in batch], kind, kahan, 0, None, False)
-                rand = []
-                if max(fields) >= 0:
-                    for i in batch:
-                        gen = _param_generator(seeds[i], device)
-                        rand.append(random_fields(params[i].numel(), max(fields) + 1, gen, device))
+                rand = [random_fields(params[i].numel(),
+                                      _field_generators(seeds[i], max(fields) + 1, device), device)
+                        for i in batch]
                 _update(t, kind, kahan, fields, rand, h, stats)
 
     # ------------------------------------------------------------------ state_dict
@@ -337,8 +346,8 @@ def _expected_keys(opt: AdamW, group: dict, p: torch.Tensor) -> list[str]:
     return keys
 
 
-def _param_generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+def _field_generators(seeds: list[int], n: int, device: torch.device) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds[:n]]
 
 
 def _batches(idxs: list[int], sizes: list[int]):
@@ -399,7 +408,7 @@ def _update(t: _Tensors, kind: str, kahan: bool, fields: tuple, rand: list, h: d
     state get bitwise the same result. `rand[i]` are the random fields of tensor i.
     """
     w_field, m_field, v_field = fields
-    g = _f32(t.g)
+    g = [x.float() for x in t.g]  # read only: fp32 gradients are used as they are
     if kind == "int8":
         m = [quant.dequantize(c, s, True) for c, s in zip(t.m, t.m_scale)]
         v = [quant.dequantize(c, s, False) for c, s in zip(t.v, t.v_scale)]
@@ -476,7 +485,8 @@ class _Stats:
 
     def result(self) -> dict[str, float]:
         if self.updated is None:
-            return {"lost_update_fraction": 0.0, "compensated_fraction": 0.0, "tracked_elements": 0.0}
+            return {"lost_update_fraction": 0.0, "compensated_fraction": 0.0,
+                    "tracked_elements": 0.0}
         n = float(self.updated)
         return {
             "lost_update_fraction": float(self.lost) / n if n else 0.0,

@@ -110,8 +110,9 @@ def quantize_(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, signed:
     _per_block(x, amax.clamp(min=torch.finfo(torch.float32).tiny), "div_")
     cell = (x.view(torch.int32) >> 16).bitwise_and_(0xFFFF)
     code = cell_code.index_select(0, cell)
-    code.add_(x >= next_boundary.index_select(0, code))
+    up = x >= next_boundary.index_select(0, code)
     codes.copy_(code)
+    codes.add_(up.view(torch.uint8))  # uint8 + uint8: int32 + bool takes a slow casting path
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.Tensor:
