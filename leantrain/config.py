@@ -58,6 +58,10 @@ class Model:
     """RoPE base frequency. 0: the flavor's (500000, Llama 3)."""
     norm_eps: float = 0.0
     """RMSNorm epsilon. 0: the flavor's (1e-5)."""
+    hf_checkpoint: str = ""
+    """A local Hugging Face Llama folder (config.json + safetensors) to start from: its config.json sets the
+    dimensions (model.flavor is then ignored) and its weights replace the initial ones, cast to training.dtype.
+    Ignored when the run resumes from its own checkpoint."""
 
 
 @dataclass
@@ -70,8 +74,9 @@ class Tokenizer:
 class Data:
     path: str = "builtin"
     """'builtin' (the pydoc texts shipped with CPython), a .txt file, a .jsonl file (field 'text') or a folder of them."""
-    format: Literal["text"] = "text"
-    """'text': pretraining, documents packed into seq_len windows with EOS between them."""
+    format: Literal["text", "sft"] = "text"
+    """'text': pretraining, documents packed into seq_len windows with EOS between them. 'sft': .jsonl with
+    'prompt' and 'response' strings, one sample per row padded to seq_len; the loss is on the response only."""
     seq_len: int = 256
     """Tokens per training sample."""
     local_batch_size: int = 8
@@ -134,6 +139,19 @@ class Eval:
 
 
 @dataclass
+class Checkpoint:
+    enable: bool = False
+    """Save checkpoints (torch.distributed.checkpoint) and resume from the latest one when the run starts on a
+    dump folder that has some."""
+    folder: str = "checkpoints"
+    """Where checkpoints go, relative to job.dump_folder: one step-N folder per checkpoint."""
+    interval: int = 500
+    """Save every this many steps, and at the last step."""
+    keep_latest_k: int = 0
+    """Keep only the k most recent checkpoints (older ones are deleted after a save). 0: keep all."""
+
+
+@dataclass
 class Metrics:
     log_freq: int = 10
     """Log a line to metrics.jsonl every this many steps (and at the first and last step)."""
@@ -151,6 +169,7 @@ class Config:
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     eval: Eval = field(default_factory=Eval)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
     recipe: str = ""
     """A named precision recipe (fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8): a set of the keys above."""
@@ -350,6 +369,14 @@ def validate(cfg: Config) -> None:
     _require(cfg.eval.interval >= 0, "eval.interval", cfg.eval.interval, "0 (only at the end) or positive")
     _require(cfg.eval.steps >= 1, "eval.steps", cfg.eval.steps, "at least 1")
     _require(cfg.metrics.log_freq >= 1, "metrics.log_freq", cfg.metrics.log_freq, "at least 1")
+    c = cfg.checkpoint
+    _require(c.interval >= 1, "checkpoint.interval", c.interval, "at least 1")
+    _require(c.keep_latest_k >= 0, "checkpoint.keep_latest_k", c.keep_latest_k, "0 (keep all) or positive")
+    _require(bool(c.folder.strip()), "checkpoint.folder", c.folder, "a folder name (relative to job.dump_folder)")
+    if d.format == "sft" and (d.path == "builtin" or d.path.lower().endswith(".txt")):
+        raise ConfigError(f"data.format='sft' reads .jsonl files with 'prompt' and 'response' fields, but "
+                          f"data.path is {d.path!r}. Point data.path at such a .jsonl file (or a folder of them), "
+                          f"or use data.format='text'.")
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         _require(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "0 (the flavor's) or positive")
     _require(m.rope_theta >= 0, "model.rope_theta", m.rope_theta, "0 (the flavor's) or positive")
@@ -365,9 +392,10 @@ def validate(cfg: Config) -> None:
 _warned: set[str] = set()
 
 
-def warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
+def warn_once(message: str, key: str | None = None) -> None:
+    """Warn once per process for each key (by default the message itself)."""
+    if (key or message) not in _warned:
+        _warned.add(key or message)
         warnings.warn(message, UserWarning, stacklevel=2)
 
 

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import precision
+from . import checkpoint, precision
 from .config import Config, resolve_dump_folder, to_toml, warn_once
-from .data import PackedDataset, build_tokenizer, load_documents, split_documents
+from .data import PackedDataset, build_datasets, build_tokenizer
 from .errors import ConfigError
 from .metrics import MetricsLogger, Progress, peak_memory_bytes, plot_losses, state_bytes, summarize, write_json
 from .model import Transformer, build_model, num_params
@@ -27,11 +27,15 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_model_from_config(cfg: Config, vocab_size: int, device: torch.device | str) -> Transformer:
-    """The configured flavor and overrides, in the run's storage dtype, sized to the tokenizer for debug/small."""
+def build_model_from_config(cfg: Config, vocab_size: int, device: torch.device | str,
+                            hf_weights: bool = True) -> Transformer:
+    """The configured flavor and overrides, in the run's storage dtype, sized to the tokenizer for debug/small.
+    With model.hf_checkpoint: the HF folder's model (its weights unless hf_weights=False, e.g. when resuming)."""
     m = cfg.model
     dims = {k: getattr(m, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
                                       "rope_theta", "norm_eps")}
+    if m.hf_checkpoint:
+        return _hf_model(cfg, dims, vocab_size, device, hf_weights)
     if not dims["vocab_size"] and m.flavor in ("debug", "small"):
         dims["vocab_size"] = vocab_size
     try:
@@ -39,11 +43,30 @@ def build_model_from_config(cfg: Config, vocab_size: int, device: torch.device |
                             max_seq_len=cfg.data.seq_len, **dims)
     except ValueError as e:
         raise ConfigError(f"The model dimensions are inconsistent: {e}. Fix the model.* keys.") from None
+    _check_vocab(cfg, model, vocab_size)
+    return model
+
+
+def _hf_model(cfg: Config, dims: dict[str, Any], vocab_size: int, device: torch.device | str,
+              weights: bool) -> Transformer:
+    from .hf import load_hf
+
+    model = load_hf(cfg.model.hf_checkpoint, precision.storage_dtype(cfg), device, max_seq_len=cfg.data.seq_len,
+                    weights=weights)
+    for key, value in dims.items():
+        if value and getattr(model.args, key) != value:
+            raise ConfigError(f"model.{key} = {value!r}, but the model in model.hf_checkpoint="
+                              f"'{cfg.model.hf_checkpoint}' has {key} = {getattr(model.args, key)!r} (from its "
+                              f"config.json). Leave model.{key} unset when loading a Hugging Face model.")
+    _check_vocab(cfg, model, vocab_size)
+    return model
+
+
+def _check_vocab(cfg: Config, model: Transformer, vocab_size: int) -> None:
     if model.args.vocab_size < vocab_size:
         raise ConfigError(f"The tokenizer '{cfg.tokenizer.path}' has {vocab_size} tokens but the model's "
                           f"vocabulary (model.vocab_size) has only {model.args.vocab_size}. Set model.vocab_size "
                           f"to at least {vocab_size}, or use a smaller tokenizer.")
-    return model
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
@@ -96,34 +119,36 @@ def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
     """Train as configured; returns summary.json's contents and the trained model."""
     device = default_device()
     torch.manual_seed(cfg.job.seed)
+    resume_from = checkpoint.find_resume(cfg)  # checked against this config before any file is written
     folder = prepare_run_folder(cfg)
 
     tokenizer = build_tokenizer(cfg.tokenizer.path)
-    train_docs, eval_docs = split_documents(load_documents(cfg.data.path))
+    train_data, eval_data = build_datasets(cfg.data, tokenizer, cfg.job.seed)
     d = cfg.data
-    train_data = PackedDataset(train_docs, tokenizer, d.seq_len, d.local_batch_size, cfg.job.seed)
-    eval_data = PackedDataset(eval_docs, tokenizer, d.seq_len, d.local_batch_size, cfg.job.seed, shuffle=False,
-                              name="eval")
-    model = build_model_from_config(cfg, tokenizer.vocab_size, device)
+    model = build_model_from_config(cfg, tokenizer.vocab_size, device, hf_weights=resume_from is None)
     params = list(model.parameters())
     o = cfg.optimizer
     optimizer = build_optimizer(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                 state_dtype=o.state_dtype, compensation=o.compensation,
                                 moments_rounding=o.moments_rounding, seed=cfg.job.seed)
     scheduler = build_lr_scheduler(optimizer, cfg)
+    checkpointer = checkpoint.Checkpointer(cfg, model, optimizer, scheduler, train_data)
+    start_step, resumed_elapsed = checkpointer.load(resume_from) if resume_from else (0, 0.0)
     recipe = precision.recipe_of(cfg)
     n_params = num_params(model)
-    print(f"leantrain: training llama3 {cfg.model.flavor} ({n_params / 1e6:.1f}M parameters), recipe "
+    model_name = cfg.model.hf_checkpoint or cfg.model.flavor
+    print(f"leantrain: training llama3 {model_name} ({n_params / 1e6:.1f}M parameters), recipe "
           f"{recipe or 'custom'}, on {device.type}, {train_data.num_tokens:,} training tokens; writing {folder}",
           flush=True)
 
-    logger = MetricsLogger(folder)
+    logger = MetricsLogger(folder, resume_step=start_step)
     progress = Progress(cfg.training.steps, cfg.metrics.progress)
     steps, accum = cfg.training.steps, cfg.training.gradient_accumulation_steps
     tokens_per_step = d.seq_len * d.local_batch_size * accum
     start = last_log_time = time.perf_counter()
-    last_log_step, measured_state = 0, None
-    for step in range(1, steps + 1):
+    start -= resumed_elapsed  # a resumed run continues the interrupted run's clock
+    last_log_step, measured_state = start_step, None
+    for step in range(start_step + 1, steps + 1):
         loss_sum = torch.zeros((), device=device)
         for _ in range(accum):
             inputs, labels = train_data.next_batch()
@@ -141,6 +166,7 @@ def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
         if measured_state is None:  # after the first step every state buffer exists; it never grows after
             measured_state = state_bytes(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
+        checkpointer.save_if_due(step, elapsed_s=time.perf_counter() - start)
 
         eval_now = step == steps or (cfg.eval.interval and step % cfg.eval.interval == 0)
         if not (log_now or eval_now):
@@ -162,6 +188,8 @@ def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
         last_log_time, last_log_step = time.perf_counter(), step
     progress.close()
     logger.close()
+    if measured_state is None:  # resumed at or past training.steps: nothing was trained in this process
+        measured_state = state_bytes(model, optimizer)
 
     summary = summarize(logger.records, recipe=recipe, num_params=n_params, steps=steps,
                         peak_memory_bytes=peak_memory_bytes(device), state_bytes=measured_state,
@@ -186,4 +214,4 @@ def _warn_if_updates_lost(cfg: Config, record: dict[str, Any]) -> None:
     warn_once(f"At step {record['step']}, {lost:.0%} of the bfloat16 weights did not change although their update "
               f"was not zero: the update was smaller than half a bfloat16 step and nearest rounding threw it away. "
               f"Training is losing progress; optimizer.compensation=stochastic (recipe bf16-sr) or kahan "
-              f"(bf16-kahan) keeps these updates.")
+              f"(bf16-kahan) keeps these updates.", key="lost-updates")

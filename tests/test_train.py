@@ -118,3 +118,19 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, case):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     assert r.stderr.startswith("leantrain: error:") and args[1] in r.stderr
+
+
+def test_plain_bf16_at_low_lr_reports_and_warns_about_lost_updates(tmp_path):
+    common = [*TINY, "--training.steps=3", "--metrics.log_freq=1", "--eval.interval=0", "--optimizer.lr=1e-5"]
+    r = run_leantrain("train", *common, "--recipe=bf16", f"--job.dump_folder={tmp_path / 'plain'}")
+    assert r.returncode == 0, r.stderr
+    records = read_metrics(tmp_path / "plain" / "metrics.jsonl")
+    # lr 1e-5 on weights of about 0.02 (bf16 ulp there: 1.2e-4): nearly every update is rounded away.
+    assert all(rec["lost_update_fraction"] > 0.8 for rec in records)  # the rest: weights near 0
+    assert r.stderr.count("nearest rounding threw it away") == 1 and "bf16-sr" in r.stderr
+    # The compensated recipe reports the meter too, and does not warn.
+    r = run_leantrain("train", *common, "--recipe=bf16-kahan", f"--job.dump_folder={tmp_path / 'kahan'}")
+    assert r.returncode == 0 and "threw it away" not in r.stderr
+    records = read_metrics(tmp_path / "kahan" / "metrics.jsonl")
+    assert all("compensated_fraction" in rec for rec in records)
+    assert records[-1]["compensated_fraction"] > 0.5  # most of what nearest rounding loses, Kahan carries
