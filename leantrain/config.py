@@ -257,7 +257,7 @@ def _coerce(key: str, value: Any, tp: Any, from_cli: bool) -> Any:
 def _unknown(kind: str, name: str, known: list[str]) -> ConfigError:
     hint = difflib.get_close_matches(name, known, n=1)
     extra = f" Did you mean '{hint[0]}'?" if hint else ""
-    return ConfigError(f"Unknown config {kind} '{name}'.{extra} Known {kind}s: {', '.join(sorted(known))}. "
+    return ConfigError(f"Unknown config {kind} {name!r}.{extra} Known {kind}s: {', '.join(sorted(known))}. "
                        f"Run 'leantrain train --help' to see every key.")
 
 
