@@ -1,4 +1,4 @@
-"""The command line: ``leantrain train [--config FILE.toml] [--recipe NAME] [--section.key=value ...]``."""
+"""The command line: ``leantrain train|compare|plan|eval|export [options]`` (``leantrain COMMAND --help``)."""
 
 from __future__ import annotations
 
@@ -116,7 +116,71 @@ def _plan(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "compare": _compare, "plan": _plan}
+EVAL_USAGE = """usage: leantrain eval (--checkpoint DIR | --model.hf_checkpoint=DIR) [--data.path=PATH] [--out FILE]
+                      [--eval.steps=N] [--section.key=value ...]
+
+Prints the mean loss (over every predicted token; SFT: every response token) and the perplexity of a
+leantrain checkpoint (a step-N folder, or a run folder: its latest checkpoint) or of a local Hugging Face
+Llama folder, and writes them as JSON to --out, or to eval-step-N.json in the checkpoint's run folder
+(eval.json in job.dump_folder for an HF model). With --data.path, all of that data is evaluated;
+without it, the held-out split (last 5%) of the checkpoint run's data. --eval.steps=N stops after N
+batches. A checkpoint brings its run's settings (tokenizer, seq_len, dtype); options override them.
+"""
+
+
+def _eval(args: list[str]) -> int:
+    from .config import parse_overrides
+
+    if "-h" in args or "--help" in args:
+        print(EVAL_USAGE)
+        return 0
+    checkpoint_path, args = _take_option(args, "checkpoint")
+    out, args = _take_option(args, "out")
+    from .evaluation import run_eval
+
+    run_eval(checkpoint_path, parse_overrides(args), out)
+    return 0
+
+
+EXPORT_USAGE = """usage: leantrain export --checkpoint DIR --out HF_DIR
+
+Writes the model of a leantrain checkpoint (a step-N folder, or a run folder: its latest checkpoint) as a
+Hugging Face Llama folder: config.json and safetensors (in the dtype it was trained in; sharded above
+5 GiB), plus tokenizer.json when the run used one. transformers.LlamaForCausalLM.from_pretrained(HF_DIR)
+loads it.
+"""
+
+
+def _export(args: list[str]) -> int:
+    from .errors import ConfigError
+
+    if "-h" in args or "--help" in args:
+        print(EXPORT_USAGE)
+        return 0
+    checkpoint_path, args = _take_option(args, "checkpoint")
+    out, args = _take_option(args, "out")
+    if not checkpoint_path or not out or args:
+        raise ConfigError(f"leantrain export needs --checkpoint DIR and --out HF_DIR"
+                          f"{' and nothing else (got ' + ' '.join(args) + ')' if args else ''}.")
+    from .checkpoint import load_model, saved_config
+    from .data import build_tokenizer
+    from .errors import DataError
+    from .hf import save_hf
+
+    model, info = load_model(checkpoint_path)
+    tokenizer_path = saved_config(info).tokenizer.path
+    try:
+        tokenizer = build_tokenizer(tokenizer_path)
+    except DataError as e:
+        warnings.warn(f"The run's tokenizer could not be loaded ({e}); exporting the weights without it.")
+        tokenizer = None
+    save_hf(model, out, tokenizer=tokenizer)
+    print(f"leantrain: exported {info['path']} (step {info['step']}) to {out} as a Hugging Face Llama folder.",
+          flush=True)
+    return 0
+
+
+COMMANDS = {"train": _train, "compare": _compare, "plan": _plan, "eval": _eval, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,7 +90,12 @@ class Training:
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     """Storage dtype of parameters, gradients and (with optimizer.state_dtype=auto) the Adam moments."""
     mixed_precision_param: Literal["bfloat16", "float32"] = "bfloat16"
-    """Compute dtype when training.dtype is float32 (autocast). Has no effect under full bfloat16."""
+    """Compute dtype when training.dtype is float32: autocast on one device or under DDP, the parameters cast by
+    FSDP2's MixedPrecisionPolicy under FSDP2. Has no effect under full bfloat16."""
+    mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"
+    """Dtype in which FSDP2 reduce-scatters the gradients when training.dtype is float32 (MixedPrecisionPolicy's
+    reduce_dtype). No effect without FSDP2 (DDP and one device reduce in the gradients' dtype) or under full
+    bfloat16, whose gradients are reduced in bfloat16."""
     max_norm: float = 1.0
     """Clip the global gradient norm (computed in fp32) to this value. 0 disables clipping."""
     gradient_accumulation_steps: int = 1
@@ -160,6 +165,33 @@ class Metrics:
 
 
 @dataclass
+class Parallelism:
+    dp_shard: int = -1
+    """FSDP2 degree: parameters, gradients and optimizer state are split over this many ranks (fully_shard per
+    transformer block and the root); each rank holds 1/dp_shard of the training state. -1: every rank that
+    dp_replicate leaves (so a plain torchrun run is FSDP2). 1: no sharding."""
+    dp_replicate: int = 1
+    """Data-parallel replicas: each holds the whole model (DDP) or, with dp_shard > 1, one sharded copy (HSDP:
+    sharded within a group of dp_shard ranks, e.g. a node, replicated across groups). -1: every rank that
+    dp_shard leaves. dp_replicate * dp_shard must equal the number of processes (the world size)."""
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in the backward instead of keeping them: none; full (each transformer block keeps
+    only its input and recomputes everything else); selective (each block keeps the outputs of its matmuls and
+    of attention, and recomputes the cheap rest: norms, RoPE, SwiGLU's activation, casts)."""
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    """torch.compile each transformer block (with FSDP2, per block, inside the sharding). The first steps are
+    slower while it compiles."""
+
+
+@dataclass
 class Config:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -171,6 +203,9 @@ class Config:
     eval: Eval = field(default_factory=Eval)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
     recipe: str = ""
     """A named precision recipe (fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8): a set of the keys above."""
 
@@ -369,6 +404,14 @@ def validate(cfg: Config) -> None:
     _require(cfg.eval.interval >= 0, "eval.interval", cfg.eval.interval, "0 (only at the end) or positive")
     _require(cfg.eval.steps >= 1, "eval.steps", cfg.eval.steps, "at least 1")
     _require(cfg.metrics.log_freq >= 1, "metrics.log_freq", cfg.metrics.log_freq, "at least 1")
+    par = cfg.parallelism
+    _require(par.dp_shard == -1 or par.dp_shard >= 1, "parallelism.dp_shard", par.dp_shard,
+             "-1 (every rank dp_replicate leaves) or a positive number of ranks")
+    _require(par.dp_replicate == -1 or par.dp_replicate >= 1, "parallelism.dp_replicate", par.dp_replicate,
+             "-1 (every rank dp_shard leaves) or a positive number of ranks")
+    if par.dp_shard == par.dp_replicate == -1:
+        raise ConfigError("parallelism.dp_shard and parallelism.dp_replicate are both -1 ('every rank the other "
+                          "leaves'); set one of them to a number, e.g. parallelism.dp_replicate=1.")
     c = cfg.checkpoint
     _require(c.interval >= 1, "checkpoint.interval", c.interval, "at least 1")
     _require(c.keep_latest_k >= 0, "checkpoint.keep_latest_k", c.keep_latest_k, "0 (keep all) or positive")
@@ -387,6 +430,22 @@ def validate(cfg: Config) -> None:
                         f"the learning rate never reaches optimizer.lr = {o.lr}.")
     for message in messages:
         warn_once(message)
+
+
+def data_parallel_degrees(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(dp_replicate, dp_shard) for ``world_size`` processes, -1 resolved; their product must be the world size."""
+    par = cfg.parallelism
+    replicate, shard = par.dp_replicate, par.dp_shard
+    if replicate == -1:
+        replicate = world_size // shard if world_size % shard == 0 else 0
+    if shard == -1:
+        shard = world_size // replicate if world_size % replicate == 0 else 0
+    if replicate * shard != world_size:
+        raise ConfigError(f"parallelism.dp_replicate = {par.dp_replicate} and parallelism.dp_shard = {par.dp_shard} "
+                          f"do not fit the {world_size} process(es) of this run: dp_replicate * dp_shard must equal "
+                          f"the world size (-1 takes every rank the other leaves). Launch with torchrun "
+                          f"--nproc_per_node=N (N = dp_replicate * dp_shard per node), or change the degrees.")
+    return replicate, shard
 
 
 _warned: set[str] = set()

@@ -12,9 +12,9 @@ The trainer uses five names from here:
 Every bad input raises :class:`leantrain.errors.DataError` with a message that names the file
 (or key), says what is wrong and what is allowed.
 
-``data.format="sft"`` is meant to be a second dataset class next to :class:`PackedDataset`: it can
-reuse :func:`_read_jsonl` (records with line numbers), :func:`_encode_many` (fast tokenization)
-and :class:`_Sampler` (seeded epoch order, rank slicing and resumable state).
+``data.format="sft"`` uses :class:`SftDataset` (prompt/response pairs from :func:`load_sft_samples`,
+one sample per row, loss on the response only) with the same interface; :func:`build_datasets`
+gives the train and eval datasets of either format.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ __all__ = [
     "load_documents",
     "split_documents",
     "PackedDataset",
+    "SftDataset",
+    "load_sft_samples",
+    "build_datasets",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -576,3 +579,191 @@ class PackedDataset:
     def __repr__(self) -> str:
         return (f"PackedDataset(name={self.name!r}, num_tokens={self.num_tokens}, "
                 f"num_windows={self.num_windows}, seq_len={self.seq_len}, batch_size={self.batch_size})")
+
+
+# --------------------------------------------------------------------------------------------
+# Supervised fine-tuning data
+# --------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = -100  # label of a token the loss skips (precision.cross_entropy's ignore_index)
+_ALLOWED_SFT = ('data.format=sft needs data.path to be a .jsonl file (one JSON object per line with '
+                '"prompt" and "response" strings) or a folder of such files')
+
+
+def load_sft_samples(path: str) -> list[tuple[str, str]]:
+    """``data.path`` for ``data.format=sft`` -> (prompt, response) pairs, in file and line order.
+
+    A ``.jsonl`` file, or a folder whose ``.jsonl`` files (recursively, sorted, hidden ones skipped)
+    are read. Every non-blank line must be an object with ``prompt`` and ``response`` strings;
+    anything else raises :class:`DataError` naming the file and line.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data.path={path!r} does not exist. {_ALLOWED_SFT}.")
+    if p.is_dir():
+        files = sorted((f for f in p.rglob("*.jsonl") if f.is_file()
+                        and not any(part.startswith(".") for part in f.relative_to(p).parts)),
+                       key=lambda f: f.relative_to(p).as_posix())
+        if not files:
+            raise DataError(f"data.path={path!r} is a folder with no .jsonl files in it. {_ALLOWED_SFT}.")
+    elif p.suffix.lower() == ".jsonl":
+        files = [p]
+    else:
+        raise DataError(f"data.path={path!r} is not a .jsonl file. {_ALLOWED_SFT}.")
+    samples = []
+    for f in files:
+        for lineno, rec in _read_jsonl(f):
+            for key in ("prompt", "response"):
+                if key not in rec:
+                    keys = ", ".join(repr(k) for k in list(rec)[:10]) or "none"
+                    raise DataError(f"{f}:{lineno}: the JSON object has no \"{key}\" field (its keys: {keys}). "
+                                    f"{_ALLOWED_SFT}.")
+                if not isinstance(rec[key], str):
+                    raise DataError(f"{f}:{lineno}: \"{key}\" is a {type(rec[key]).__name__}, not a string. "
+                                    f"{_ALLOWED_SFT}.")
+            samples.append((rec["prompt"], rec["response"]))
+    if not samples:
+        raise DataError(f"data.path={path!r} holds no samples (only blank lines). {_ALLOWED_SFT}.")
+    return samples
+
+
+class SftDataset:
+    """Prompt/response pairs for supervised fine-tuning: one sample per row, padded to ``seq_len``.
+
+    A sample is ``[BOS] + prompt + response + [EOS]`` (BOS when the tokenizer has one; prompt and
+    response are tokenized separately and used as they are, so apply a chat template before writing
+    the jsonl). Row ``i`` holds sample ``i``'s first ``seq_len + 1`` tokens, then ``pad_id``;
+    inputs = row[:-1], labels = row[1:], with labels set to -100 (skipped by the loss) where the
+    label is a prompt token or padding: the loss is on the response and its EOS only.
+
+    No sample attends to another: each is alone in its row, and its padding comes after it, where
+    the causal mask hides it (padding positions have no label). A sample longer than
+    ``seq_len + 1`` tokens is cut at the end (one warning counts them); a sample whose prompt fills
+    the whole window has nothing to learn and is dropped (warning).
+
+    Order, rank slicing, :meth:`eval_batches` and :meth:`state_dict` work as in
+    :class:`PackedDataset`, over samples instead of windows. ``num_tokens`` counts the samples'
+    tokens (after cutting), not the padding.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, str]], tokenizer: Tokenizer, seq_len: int, batch_size: int,
+                 seed: int, shuffle: bool = True, name: str = "train", *, rank: int = 0, world_size: int = 1):
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise DataError(f"data.seq_len must be a positive integer, got {seq_len!r}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"data.local_batch_size must be a positive integer, got {batch_size!r}.")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.name, self.seq_len, self.batch_size, self.seed = name, seq_len, batch_size, seed
+        self.pad_id = tokenizer.pad_id
+        self.tokens, self.offsets, self.prompt_lens = self._tokenize(list(samples), tokenizer, seq_len, name)
+        self.num_samples = len(self.prompt_lens)
+        self.num_tokens = int(self.tokens.numel())
+        self._sampler = _Sampler(self.num_samples, batch_size, seed, shuffle, rank, world_size)
+
+    @staticmethod
+    def _tokenize(samples: list[tuple[str, str]], tokenizer: Tokenizer, seq_len: int,
+                  name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        prompts = _encode_many(tokenizer, [p for p, _ in samples])
+        responses = _encode_many(tokenizer, [r for _, r in samples])
+        parts, offsets, prompt_lens, cut, dropped = [], [0], [], 0, 0
+        for prompt, response in zip(prompts, responses):
+            ids = np.concatenate([np.asarray(head, dtype=np.int64), prompt, response,
+                                  np.asarray([tokenizer.eos_id], dtype=np.int64)])
+            n_prompt = len(head) + len(prompt)
+            if n_prompt >= seq_len + 1:  # not one response token would be a label
+                dropped += 1
+                continue
+            if len(ids) > seq_len + 1:
+                ids, cut = ids[:seq_len + 1], cut + 1
+            parts.append(ids.astype(np.int32))
+            offsets.append(offsets[-1] + len(ids))
+            prompt_lens.append(n_prompt)
+        if cut or dropped:
+            warnings.warn(f"SFT {name} data: {cut} sample(s) longer than data.seq_len + 1 = {seq_len + 1} tokens were "
+                          f"cut at the end, and {dropped} whose prompt alone fills the window were dropped. Raise "
+                          f"data.seq_len to keep them whole.", UserWarning, stacklevel=3)
+        if not parts:
+            raise DataError(f"The SFT {name} split has no sample whose response fits in data.seq_len = {seq_len} "
+                            f"tokens. Raise data.seq_len.")
+        return (torch.from_numpy(np.concatenate(parts)), torch.tensor(offsets, dtype=torch.int64),
+                torch.tensor(prompt_lens, dtype=torch.int64))
+
+    @property
+    def epoch(self) -> int:
+        return self._sampler.epoch
+
+    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.full((len(idx), self.seq_len + 1), self.pad_id, dtype=torch.int64)
+        labels = torch.full((len(idx), self.seq_len), IGNORE_INDEX, dtype=torch.int64)
+        for r, i in enumerate(idx.tolist()):
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            rows[r, :b - a] = self.tokens[a:b]
+            # label j is token j + 1: learned from the first response token to the EOS
+            first = int(self.prompt_lens[i]) - 1
+            labels[r, first:b - a - 1] = rows[r, first + 1:b - a]
+        return rows[:, :-1], labels
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels), both LongTensor [batch_size, seq_len]; labels are -100 on prompt and padding."""
+        return self._batch(self._sampler.next_indices())
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def eval_batches(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every sample in order, ``batch_size`` at a time (the last batch may be smaller), at most
+        ``max_batches`` batches; does not touch the training order or state."""
+        n_batches = math.ceil(self.num_samples / self.batch_size)
+        if max_batches is not None:
+            n_batches = min(n_batches, max(int(max_batches), 0))
+        for b in range(n_batches):
+            lo = b * self.batch_size
+            yield self._batch(torch.arange(lo, min(lo + self.batch_size, self.num_samples)))
+
+    def state_dict(self) -> dict:
+        return {**self._sampler.state_dict(), "seed": self.seed, "num_samples": self.num_samples,
+                "num_tokens": self.num_tokens, "seq_len": self.seq_len}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for key in ("num_samples", "num_tokens", "seq_len"):
+            if key in sd and int(sd[key]) != getattr(self, key):
+                raise DataError(
+                    f"The checkpoint's SFT {self.name} data state was saved with {key}={int(sd[key])}, but the "
+                    f"data now has {key}={getattr(self, key)}: data.path, tokenizer.path or data.seq_len changed "
+                    "since the checkpoint. Resume with the same data settings, or start a new run.")
+        if "seed" in sd and int(sd["seed"]) != self.seed:
+            raise DataError(f"The checkpoint's SFT {self.name} data order was drawn with job.seed={int(sd['seed'])}, "
+                            f"this run has job.seed={self.seed}. Resume with the same seed, or start a new run.")
+        epoch, position = int(sd["epoch"]), int(sd["position"])
+        if epoch < 0 or not 0 <= position < self.num_samples:
+            raise DataError(f"The checkpoint's SFT {self.name} data state (epoch={epoch}, position={position}) "
+                            f"is out of range for {self.num_samples} samples.")
+        self._sampler.load_state_dict(epoch, position)
+
+    def __repr__(self) -> str:
+        return (f"SftDataset(name={self.name!r}, num_samples={self.num_samples}, num_tokens={self.num_tokens}, "
+                f"seq_len={self.seq_len}, batch_size={self.batch_size})")
+
+
+def build_datasets(data: Any, tokenizer: Tokenizer, seed: int, *, rank: int = 0,
+                   world_size: int = 1) -> tuple[PackedDataset | SftDataset, PackedDataset | SftDataset]:
+    """(train, eval) datasets for the config's ``data`` section, either format. The eval split is the
+    last 5% of documents (text) or samples (sft); it is read in order, never shuffled."""
+    common = dict(rank=rank, world_size=world_size)
+    if data.format == "sft":
+        samples = load_sft_samples(data.path)
+        if len(samples) < 2:
+            raise DataError(f"data.path={data.path!r} holds {len(samples)} SFT sample; at least 2 are needed "
+                            "(the last 5%, at least one, are the held-out eval split).")
+        n_eval = min(max(1, round(len(samples) * 0.05)), len(samples) - 1)
+        train_samples, eval_samples = samples[:-n_eval], samples[-n_eval:]
+        return (SftDataset(train_samples, tokenizer, data.seq_len, data.local_batch_size, seed, **common),
+                SftDataset(eval_samples, tokenizer, data.seq_len, data.local_batch_size, seed, shuffle=False,
+                           name="eval", **common))
+    train_docs, eval_docs = split_documents(load_documents(data.path))
+    return (PackedDataset(train_docs, tokenizer, data.seq_len, data.local_batch_size, seed, **common),
+            PackedDataset(eval_docs, tokenizer, data.seq_len, data.local_batch_size, seed, shuffle=False,
+                          name="eval", **common))

@@ -47,10 +47,20 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
 class MetricsLogger:
     """Appends one JSON object per logged step to metrics.jsonl (flushed, so a crash loses at most a line)."""
 
-    def __init__(self, folder: str, enabled: bool = True):
+    def __init__(self, folder: str, enabled: bool = True, resume_step: int | None = None):
+        """``resume_step``: the run continues from its checkpoint of that step (0: from scratch, no checkpoint
+        yet). The records up to that step are kept (and count in summary.json); those after it, logged by an
+        interrupted attempt after its last checkpoint, are removed from the file, because this run logs those
+        steps again. ``None`` (checkpointing off): the file is appended to as it is."""
         self.enabled = enabled
         self.records: list[dict[str, Any]] = []
         self.path = os.path.join(folder, "metrics.jsonl")
+        if enabled and resume_step is not None and os.path.exists(self.path):
+            self.records = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
+            os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
 
     def log(self, record: dict[str, Any]) -> None:

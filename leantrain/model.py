@@ -156,6 +156,11 @@ class Transformer(nn.Module):
             else:
                 std = residual_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
                 precision.init_normal_(param, std, generator)
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        """(Re)compute the fp32 RoPE tables on the model's device (after to_empty, or when loading weights)."""
+        device = self.tok_embeddings.weight.device
         cos, sin = precision.rope_cos_sin(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta,
                                           self.args.rope_scaling)
         self.rope_cos = cos.to(device)
@@ -181,13 +186,22 @@ def build_model(flavor: str = "debug", dtype: torch.dtype = torch.float32, devic
     No parameter ever exists in another dtype: full bf16 never allocates an fp32 copy of the model.
     With ``device="meta"`` the model is only a shape (for counting and planning).
     """
-    args = model_args(flavor, **dims)
+    return build_model_from_args(model_args(flavor, **dims), dtype, device, seed)
+
+
+def build_model_from_args(args: ModelArgs, dtype: torch.dtype = torch.float32,
+                          device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
+    """:func:`build_model` for explicit dimensions. ``seed=None`` leaves the weights uninitialised (for a
+    caller about to load them from a checkpoint or a Hugging Face folder); the RoPE tables are computed."""
     with torch.device("meta"), set_default_dtype(dtype):
         model = Transformer(args)
     if torch.device(device).type != "meta":
         model.to_empty(device=device)
         model.tie_weights()
-        model.init_weights(seed)
+        if seed is None:
+            model.init_rope()
+        else:
+            model.init_weights(seed)
     return model
 
 

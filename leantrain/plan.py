@@ -46,11 +46,12 @@ def state_bytes(model: torch.nn.Module, cfg: Config) -> dict[str, int]:
             "optimizer": _storage_bytes(v for s in states for v in s.values())}
 
 
-def planned_state_bytes(model: torch.nn.Module, cfg: Config) -> dict[str, int]:
-    """What the planner predicts for this run's model (its meta twin), to set beside the measured bytes."""
+def planned_state_bytes(model: torch.nn.Module, cfg: Config, dp_shard: int = 1) -> dict[str, int]:
+    """What the planner predicts for this run's model (its meta twin) on one of dp_shard FSDP ranks, to set
+    beside the measured bytes."""
     with torch.device("meta"), set_default_dtype(storage_dtype(cfg)):
         twin = Transformer(model.args)
-    return state_bytes(twin, cfg)
+    return {k: -(-v // dp_shard) for k, v in state_bytes(twin, cfg).items()}
 
 
 def activation_bytes(cfg: Config, model: torch.nn.Module, checkpointing: bool) -> int:

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 if TYPE_CHECKING:
     from .config import Config
@@ -76,17 +78,48 @@ def compute_dtype(cfg: Config) -> torch.dtype:
     return DTYPES[cfg.training.mixed_precision_param]
 
 
-def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for ``bf16-mixed`` (fp32 storage, bf16 compute) on one device; a no-op otherwise."""
-    if storage_dtype(cfg) == torch.float32 and compute_dtype(cfg) == torch.bfloat16:
+def autocast(cfg: Config, device: torch.device, sharded: bool = False) -> contextlib.AbstractContextManager:
+    """Autocast for ``bf16-mixed`` (fp32 storage, bf16 compute) on one device or under DDP; a no-op otherwise.
+
+    ``sharded``: the model is under FSDP2, whose MixedPrecisionPolicy (:func:`fsdp_policy`) casts the
+    parameters to the compute dtype instead, so autocast is not used.
+    """
+    if not sharded and storage_dtype(cfg) == torch.float32 and compute_dtype(cfg) == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def suspicious_precision_settings(cfg: Config) -> list[str]:
-    """Legal settings that are probably not meant, in words a user understands (config.validate warns once)."""
+def fsdp_policy(cfg: Config) -> MixedPrecisionPolicy:
+    """FSDP2's MixedPrecisionPolicy for the run.
+
+    fp32 storage (``fp32``, ``bf16-mixed``): the fp32 shards are cast to the compute dtype when FSDP
+    gathers them for the forward and backward (instead of autocast), and gradients are reduce-scattered
+    in training.mixed_precision_reduce, then stored in fp32. Full bf16: no policy; parameters are
+    gathered, and gradients reduced and stored, in bf16, so no fp32 copy exists anywhere.
+    """
+    if storage_dtype(cfg) == torch.float32:
+        compute = compute_dtype(cfg)
+        return MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 else compute,
+                                    reduce_dtype=DTYPES[cfg.training.mixed_precision_reduce])
+    return MixedPrecisionPolicy()
+
+
+def suspicious_precision_settings(cfg: Config, dp_shard: int | None = None) -> list[str]:
+    """Legal settings that are probably not meant, in words a user understands (config.validate warns once).
+
+    ``dp_shard``: the FSDP degree once the world size is known (the trainer asks again then); None before.
+    """
     t, o = cfg.training, cfg.optimizer
     out = []
+    if dp_shard is None and cfg.parallelism.dp_shard != -1:
+        dp_shard = cfg.parallelism.dp_shard
+    if t.mixed_precision_reduce == "bfloat16" and t.dtype == "bfloat16":
+        out.append("training.mixed_precision_reduce=bfloat16 has no effect with training.dtype=bfloat16: full "
+                   "bfloat16 gradients are reduced in bfloat16 anyway. It only chooses the reduce dtype of "
+                   "fp32 parameters under FSDP2.")
+    elif t.mixed_precision_reduce == "bfloat16" and dp_shard == 1:
+        out.append("training.mixed_precision_reduce=bfloat16 has no effect without FSDP2 (parallelism.dp_shard "
+                   "is 1): one device does not reduce gradients, and DDP reduces them in their own dtype.")
     if t.dtype == "bfloat16" and t.mixed_precision_param == "float32":
         out.append("training.dtype=bfloat16 with training.mixed_precision_param=float32: parameters are stored in "
                    "bfloat16, so the forward and backward run in bfloat16 anyway; mixed_precision_param only "
@@ -141,18 +174,37 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return normed.type_as(x) * weight
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean token cross-entropy with the logits upcast to fp32 here, in the loss, not in the model (island 4)."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=ignore_index)
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy (mean over the labels that are not ``ignore_index``, or their ``sum``) with the
+    logits upcast to fp32 here, in the loss, not in the model (island 4)."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=ignore_index,
+                           reduction=reduction)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of the gradients, each tensor's norm and their sum accumulated in fp32 (island 5)."""
+    """Global L2 norm of the gradients, each tensor's norm and their sum accumulated in fp32 (island 5).
+
+    Sharded (FSDP2, DTensor) gradients: each rank sums the squares of its own shards in fp32 and the
+    sums are all-reduced over the ranks that hold different shards (not over replicas, which hold the
+    same ones), so every rank gets the norm of the whole model's gradient.
+    """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-    return torch.linalg.vector_norm(torch.stack(norms))
+    norms = torch._foreach_norm([_local(g) for g in grads], 2, dtype=torch.float32)
+    if not isinstance(grads[0], DTensor):
+        return torch.linalg.vector_norm(torch.stack(norms))
+    squares = torch.stack(norms).square().sum()
+    mesh = grads[0].device_mesh
+    for dim, placement in enumerate(grads[0].placements):
+        if placement.is_shard():
+            torch.distributed.all_reduce(squares, group=mesh.get_group(dim))
+    return squares.sqrt()
 
 
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -165,7 +217,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
     total = grad_norm(params)
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
+        torch._foreach_mul_([_local(p.grad) for p in params if p.grad is not None], coef)
     return total
 
 
@@ -174,8 +226,14 @@ def init_normal_(param: torch.Tensor, std: float, generator: torch.Generator | N
 
     Drawing in fp32 makes the initial weights of every recipe the same values (the bf16 ones are
     the fp32 ones rounded), which compare needs; only one tensor at a time exists in fp32.
+
+    A sharded (DTensor) parameter gets its slice of the same full draw, so FSDP starts from the
+    weights of a single-process run: every rank draws the whole tensor from the same generator
+    (one parameter at a time, never the model) and keeps its own shard, without communication.
     """
     with torch.no_grad():
         values = torch.empty(param.shape, dtype=torch.float32, device=param.device)
         values.normal_(0.0, std, generator=generator).clamp_(-3 * std, 3 * std)
+        if isinstance(param, DTensor):
+            values = distribute_tensor(values, param.device_mesh, param.placements, src_data_rank=None)
         param.copy_(values)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, precision
+from . import checkpoint, parallel, precision
 from .config import Config, resolve_dump_folder, to_toml, warn_once
 from .data import PackedDataset, build_datasets, build_tokenizer
 from .errors import ConfigError
@@ -102,30 +102,41 @@ def prepare_run_folder(cfg: Config) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: PackedDataset, cfg: Config, device: torch.device) -> float:
-    """Mean loss over the first eval.steps batches of the held-out split (the same batches every time)."""
+def evaluate(model: nn.Module, data: PackedDataset, cfg: Config, device: torch.device,
+             sharded: bool = False) -> float:
+    """Mean loss over the first eval.steps batches of the held-out split (the same batches every time, on
+    every rank). ``sharded``: the model is under FSDP2."""
     model.eval()
     total, count = torch.zeros((), device=device), 0
     for inputs, labels in data.eval_batches(cfg.eval.steps):
-        with precision.autocast(cfg, device):
+        with precision.autocast(cfg, device, sharded):
             logits = model(inputs.to(device))
         total += precision.cross_entropy(logits, labels.to(device))
         count += 1
+    if sharded:
+        parallel.reshard(model)
     model.train()
     return (total / count).item()
 
 
 def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
     """Train as configured; returns summary.json's contents and the trained model."""
-    device = default_device()
+    dist = parallel.init_distributed(cfg)  # torchrun's ranks (or one process), this rank's device, the mesh
+    device = dist.device
     torch.manual_seed(cfg.job.seed)
+    cfg.job.dump_folder = parallel.same_on_all_ranks(resolve_dump_folder(cfg), dist)
     resume_from = checkpoint.find_resume(cfg)  # checked against this config before any file is written
-    folder = prepare_run_folder(cfg)
+    folder = prepare_run_folder(cfg) if dist.is_main else cfg.job.dump_folder
 
     tokenizer = build_tokenizer(cfg.tokenizer.path)
-    train_data, eval_data = build_datasets(cfg.data, tokenizer, cfg.job.seed)
+    train_data, eval_data = build_datasets(cfg.data, tokenizer, cfg.job.seed, rank=dist.rank,
+                                           world_size=dist.world_size)  # each rank: its slice of a global batch
     d = cfg.data
-    model = build_model_from_config(cfg, tokenizer.vocab_size, device, hf_weights=resume_from is None)
+    model = build_model_from_config(cfg, tokenizer.vocab_size, "meta" if dist.sharded else device,
+                                    hf_weights=resume_from is None)
+    parallel.parallelize(model, cfg, dist)  # activation checkpointing, compile; FSDP2 / HSDP, or DDP
+    if dist.sharded:  # FSDP2: shapes only until now; each rank allocates and initialises only its shards
+        parallel.materialize(model, device, cfg.job.seed)
     params = list(model.parameters())
     o = cfg.optimizer
     optimizer = build_optimizer(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
@@ -137,14 +148,15 @@ def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
     recipe = precision.recipe_of(cfg)
     n_params = num_params(model)
     model_name = cfg.model.hf_checkpoint or cfg.model.flavor
-    print(f"leantrain: training llama3 {model_name} ({n_params / 1e6:.1f}M parameters), recipe "
-          f"{recipe or 'custom'}, on {device.type}, {train_data.num_tokens:,} training tokens; writing {folder}",
-          flush=True)
+    if dist.is_main:
+        print(f"leantrain: training llama3 {model_name} ({n_params / 1e6:.1f}M parameters), recipe "
+              f"{recipe or 'custom'}, on {dist.world_size} x {device.type}, {train_data.num_tokens:,} training "
+              f"tokens; writing {folder}", flush=True)
 
-    logger = MetricsLogger(folder, resume_step=start_step)
-    progress = Progress(cfg.training.steps, cfg.metrics.progress)
+    logger = MetricsLogger(folder, enabled=dist.is_main, resume_step=start_step if cfg.checkpoint.enable else None)
+    progress = Progress(cfg.training.steps, cfg.metrics.progress and dist.is_main)
     steps, accum = cfg.training.steps, cfg.training.gradient_accumulation_steps
-    tokens_per_step = d.seq_len * d.local_batch_size * accum
+    tokens_per_step = d.seq_len * d.local_batch_size * accum * dist.world_size  # the global batch
     start = last_log_time = time.perf_counter()
     start -= resumed_elapsed  # a resumed run continues the interrupted run's clock
     last_log_step, measured_state = start_step, None
@@ -152,7 +164,7 @@ def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
         loss_sum = torch.zeros((), device=device)
         for _ in range(accum):
             inputs, labels = train_data.next_batch()
-            with precision.autocast(cfg, device):
+            with precision.autocast(cfg, device, dist.sharded):
                 logits = model(inputs.to(device, non_blocking=True))
             loss = precision.cross_entropy(logits, labels.to(device, non_blocking=True)) / accum
             loss.backward()
@@ -172,6 +184,7 @@ def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
         if not (log_now or eval_now):
             continue
         now = time.perf_counter()
+        loss_sum = parallel.mean_over_ranks(loss_sum, dist)  # each rank's loss on its part of the global batch
         record = {"step": step, "loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item(),
                   "tokens_per_sec": (step - last_log_step) * tokens_per_step / (now - last_log_time),
                   "elapsed_s": now - start, "peak_memory_bytes": peak_memory_bytes(device)}
@@ -181,7 +194,7 @@ def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
             if cfg.optimizer.compensation == "kahan":
                 record["compensated_fraction"] = float(stats["compensated_fraction"])
         if eval_now:
-            record["eval_loss"] = evaluate(model, eval_data, cfg, device)
+            record["eval_loss"] = evaluate(model, eval_data, cfg, device, dist.sharded)
         _warn_if_updates_lost(cfg, record)
         logger.log(record)
         progress.update(step, record)
@@ -193,17 +206,22 @@ def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
 
     summary = summarize(logger.records, recipe=recipe, num_params=n_params, steps=steps,
                         peak_memory_bytes=peak_memory_bytes(device), state_bytes=measured_state,
-                        state_bytes_per_param=sum(measured_state.values()) / n_params,
-                        planned_state_bytes=planned_state_bytes(model, cfg))
+                        state_bytes_per_param=sum(measured_state.values()) / parallel.local_numel(model),
+                        planned_state_bytes=planned_state_bytes(model, cfg, dist.dp_shard))
     # Key order of SPEC.md section 5, then the planner's prediction beside the measurement.
     summary = {k: summary[k] for k in ("recipe", "num_params", "steps", "final_loss", "final_eval_loss",
                                        "tokens_per_sec", "peak_memory_bytes", "state_bytes",
                                        "state_bytes_per_param", "planned_state_bytes")}
-    write_json(os.path.join(folder, "summary.json"), summary)
-    plot_losses({recipe or "run": logger.records}, os.path.join(folder, "loss.png"),
-                title=f"llama3 {cfg.model.flavor}, recipe {recipe or 'custom'}")
-    print(f"leantrain: done. final loss {summary['final_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}, "
-          f"{summary['state_bytes_per_param']:.2f} bytes/param of training state. Files in {folder}", flush=True)
+    if dist.world_size > 1:  # state_bytes are then rank 0's own (its shards); bytes/param per local parameter
+        summary["world_size"] = dist.world_size
+    if dist.is_main:
+        write_json(os.path.join(folder, "summary.json"), summary)
+        plot_losses({recipe or "run": logger.records}, os.path.join(folder, "loss.png"),
+                    title=f"llama3 {cfg.model.flavor}, recipe {recipe or 'custom'}")
+        print(f"leantrain: done. final loss {summary['final_loss']:.4f}, eval loss "
+              f"{summary['final_eval_loss']:.4f}, {summary['state_bytes_per_param']:.2f} bytes/param of training "
+              f"state. Files in {folder}", flush=True)
+    parallel.shutdown(dist)
     return summary, model
 
 

@@ -27,6 +27,13 @@ State per parameter (all tensors in `self.state[p]`, on the parameter's device):
 The random bits come from one CPU torch.Generator seeded with `seed`; its state is saved in
 `state_dict()["param_groups"][0]["rng_state"]`, so a resumed run is bit-identical.
 
+Sharded parameters (FSDP2 DTensors): the math runs on each rank's local shard, and every state
+tensor is a DTensor sharded like its parameter (DCP saves each rank's part). int8 blocks are cut
+from the local shard; their scales form a [shards, blocks] DTensor, one row per shard. The
+per-parameter seeds are mixed with the shard's index, so ranks holding different shards draw
+different bits, while replicas of one shard (HSDP, DDP) draw the same bits and stay identical.
+The lost-update statistics are this rank's (its shards').
+
 Two code paths share one update function (`_update`, written over lists of tensors):
 `foreach=True` calls it with all tensors of a (dtype, state kind, step) group at once through
 torch._foreach_* ops - few kernel launches on a GPU; `foreach=False` calls it per tensor, and
@@ -51,6 +58,7 @@ import math
 from typing import Any, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from . import quant
 from .rounding import kahan_write_, random_fields, round_to_bf16_
@@ -186,7 +194,8 @@ class AdamW(torch.optim.Optimizer):
                     p, quant.zero_code(signed), dtype=torch.uint8,
                     memory_format=torch.contiguous_format,
                 )
-                state[f"{name}_scale"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+                state[f"{name}_scale"] = (_sharded_block_scales(p) if isinstance(p, DTensor) else
+                                          torch.zeros(nb, dtype=torch.float32, device=p.device))
         else:
             dtype = getattr(torch, kind)
             for name in ("exp_avg", "exp_avg_sq"):
@@ -237,6 +246,7 @@ class AdamW(torch.optim.Optimizer):
             # One seed per parameter and random field, in parameter order, so the random bits a
             # parameter gets do not depend on how the paths group or chunk it.
             seeds = torch.randint(0, 2**62, (len(params), 3), generator=self._generator).tolist()
+            seeds = [_mix_shard(row, _shard_index(p)) for row, p in zip(seeds, params)]
             states = [self._init_state(group, p) for p in params]
             for st in states:
                 st["step"] += 1
@@ -265,8 +275,8 @@ class AdamW(torch.optim.Optimizer):
             kahan = self._uses_kahan(group, p)
             fields = self._nfields(group, p)
             gens = _field_generators(seed, max(fields) + 1, p.device)
-            n = p.numel()
-            chunk = _CPU_CHUNK if (p.device.type == "cpu" and p.is_contiguous()) else n
+            n = _local(p).numel()
+            chunk = _CPU_CHUNK if (p.device.type == "cpu" and _local(p).is_contiguous()) else n
             for a in range(0, n, chunk):
                 b = min(n, a + chunk)
                 t = _Tensors.gather([p], [st], kind, kahan, a, b, chunk < n)
@@ -280,10 +290,10 @@ class AdamW(torch.optim.Optimizer):
             buckets.setdefault(key, []).append(i)
         for (_, device, kind, kahan, fields, step), idxs in buckets.items():
             h = self._hyper(group, step)
-            for batch in _batches(idxs, [params[i].numel() for i in idxs]):
+            for batch in _batches(idxs, [_local(params[i]).numel() for i in idxs]):
                 ps = [params[i] for i in batch]
                 t = _Tensors.gather(ps, [states[i] for i in batch], kind, kahan, 0, None, False)
-                rand = [random_fields(params[i].numel(),
+                rand = [random_fields(_local(params[i]).numel(),
                                       _field_generators(seeds[i], max(fields) + 1, device), device)
                         for i in batch]
                 _update(t, kind, kahan, fields, rand, h, stats)
@@ -346,6 +356,45 @@ def _expected_keys(opt: AdamW, group: dict, p: torch.Tensor) -> list[str]:
     return keys
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writes go to the DTensor), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shard_index(p: torch.Tensor) -> int:
+    """Which shard of its parameter this rank holds: 0 for a plain tensor, the same for replicas."""
+    if not isinstance(p, DTensor):
+        return 0
+    mesh, coordinate, index = p.device_mesh, p.device_mesh.get_coordinate(), 0
+    for dim, placement in enumerate(p.placements):
+        if placement.is_shard():
+            index = index * mesh.size(dim) + coordinate[dim]
+    return index
+
+
+def _mix_shard(seeds: list[int], shard: int) -> list[int]:
+    """Per-shard seeds; shard 0 (and any unsharded tensor) keeps the seeds of a single-process run."""
+    return [(s ^ (shard * 0x9E3779B97F4A7C15)) & (2**62 - 1) for s in seeds] if shard else seeds
+
+
+def _sharded_block_scales(p: DTensor) -> DTensor:
+    """int8 scales of a sharded parameter: each rank cuts its own shard into blocks; row r of this
+    [shards, blocks] DTensor (sharded like p, padded to the largest shard's block count) holds shard r's."""
+    if any(pl.is_shard() and pl.dim != 0 for pl in p.placements):
+        raise ValueError(f"AdamW: int8 state needs parameters sharded on dim 0, got {p.placements}")
+    mesh = p.device_mesh
+    shards = math.prod(mesh.size(d) for d, pl in enumerate(p.placements) if pl.is_shard())
+    largest = -(-p.shape[0] // shards) * (p.numel() // max(p.shape[0], 1))
+    nb = quant.num_blocks(largest)
+    local = torch.zeros(1, nb, dtype=torch.float32, device=p.device)
+    return DTensor.from_local(local, mesh, p.placements, shape=torch.Size((shards, nb)), stride=(nb, 1))
+
+
+def _local_scale(scale: torch.Tensor, numel: int) -> torch.Tensor:
+    """The flat scales of this rank's blocks (see _sharded_block_scales)."""
+    return scale.to_local()[0, :quant.num_blocks(numel)] if isinstance(scale, DTensor) else scale
+
+
 def _field_generators(seeds: list[int], n: int, device: torch.device) -> list[torch.Generator]:
     return [torch.Generator(device=device).manual_seed(s) for s in seeds[:n]]
 
@@ -372,13 +421,15 @@ class _Tensors:
     @staticmethod
     def gather(params, states, kind, kahan, a, b, chunked):
         flat = chunked or kind == "int8"  # int8 blocks run over the flattened tensor
-        if flat and not all(x.is_contiguous() for x in params):
+        if flat and not all(_local(x).is_contiguous() for x in params):
             raise ValueError("AdamW: int8 state needs contiguous parameters")
 
-        def view(t):
+        def view(t):  # sharded tensors: the math runs on this rank's shard
+            t = _local(t)
             return t.view(-1)[a:b] if flat else t
 
-        def scale_view(t):
+        def scale_view(t, p):
+            t = _local_scale(t, _local(p).numel())
             return t[a // quant.BLOCK: quant.num_blocks(b)] if chunked else t
 
         p = [view(x) for x in params]
@@ -386,8 +437,8 @@ class _Tensors:
         if kind == "int8":
             m = [view(s["exp_avg_codes"]) for s in states]
             v = [view(s["exp_avg_sq_codes"]) for s in states]
-            ms = [scale_view(s["exp_avg_scale"]) for s in states]
-            vs = [scale_view(s["exp_avg_sq_scale"]) for s in states]
+            ms = [scale_view(s["exp_avg_scale"], x) for s, x in zip(states, params)]
+            vs = [scale_view(s["exp_avg_sq_scale"], x) for s, x in zip(states, params)]
         else:
             m = [view(s["exp_avg"]) for s in states]
             v = [view(s["exp_avg_sq"]) for s in states]

@@ -1,0 +1,307 @@
+"""Hugging Face Llama weights in and out: local folders of ``config.json`` + safetensors.
+
+    HF tensor                                   leantrain parameter
+    model.embed_tokens.weight                   tok_embeddings.weight
+    model.layers.{i}.input_layernorm.weight     layers.{i}.attention_norm.weight
+    model.layers.{i}.self_attn.q_proj.weight    layers.{i}.attention.wq.weight   (rows reordered, below)
+    model.layers.{i}.self_attn.k_proj.weight    layers.{i}.attention.wk.weight   (rows reordered, below)
+    model.layers.{i}.self_attn.v_proj.weight    layers.{i}.attention.wv.weight
+    model.layers.{i}.self_attn.o_proj.weight    layers.{i}.attention.wo.weight
+    model.layers.{i}.post_attention_layernorm   layers.{i}.ffn_norm.weight
+    model.layers.{i}.mlp.gate_proj / up_proj / down_proj    layers.{i}.feed_forward.w1 / w3 / w2
+    model.norm.weight                           norm.weight
+    lm_head.weight                              output.weight   (absent when tie_word_embeddings)
+
+**RoPE layouts.** transformers rotates the two halves of each head (``rotate_half``: dimension j pairs
+with j + head_dim/2); Meta's reference code, and :func:`leantrain.precision.apply_rotary`, rotate
+interleaved pairs (2j, 2j+1). The same network in the two layouts differs only in the order of the
+rows of wq and wk inside each head, so loading reorders them (:func:`_hf_to_meta`) and saving puts
+them back (:func:`_meta_to_hf`), the permutation of transformers' ``convert_llama_weights_to_hf.py``.
+
+**Dtypes.** The model is built on the meta device in the run's storage dtype and each tensor is read
+from its safetensors file and cast on its own, so loading a bf16 model never holds an fp32 copy.
+Only safetensors are read: pickled ``.bin`` checkpoints can run code when loaded, and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .model import ModelArgs, Transformer, build_model_from_args
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+# Tensors some HF checkpoints carry that are not weights (recomputed RoPE frequencies).
+_NOT_WEIGHTS = ("rotary_emb.inv_freq",)
+_CONVERT_HINT = ("Convert it to safetensors first, e.g. python -c \"from transformers import AutoModelForCausalLM; "
+                 "AutoModelForCausalLM.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\"")
+
+
+def _hf_names(args: ModelArgs) -> dict[str, str]:
+    """leantrain parameter name -> HF tensor name."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not args.tie_embeddings:
+        names["output.weight"] = "lm_head.weight"
+    per_layer = {"attention_norm.weight": "input_layernorm.weight",
+                 "ffn_norm.weight": "post_attention_layernorm.weight",
+                 "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+                 "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+                 "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+                 "feed_forward.w2.weight": "mlp.down_proj.weight"}
+    for i in range(args.n_layers):
+        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{theirs}" for ours, theirs in per_layer.items()})
+    return names
+
+
+def _heads_of(name: str, args: ModelArgs) -> int | None:
+    """How many heads a projection's rows hold, for the two that RoPE rotates (wq, wk); None otherwise."""
+    if name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if name.endswith("attention.wk.weight"):
+        return args.n_kv_heads
+    return None
+
+
+def _hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of each head from HF's half-split order (j, j + d/2) to Meta's interleaved pairs (2j, 2j+1)."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of :func:`_hf_to_meta`."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# ---- config.json ------------------------------------------------------------------------------------
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"model.hf_checkpoint={str(path)!r} is not a folder. It must be a local Hugging Face "
+                              f"Llama folder with config.json and *.safetensors (what save_pretrained writes).")
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} has no config.json; a Hugging Face model folder needs one (it gives the "
+                              f"model's dimensions).") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_file} is not readable JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object.")
+    return config
+
+
+def model_args_from_hf(config: dict[str, Any], max_seq_len: int | None = None, where: str = "config.json") -> ModelArgs:
+    """ModelArgs from a Llama config.json (transformers 4.x rope_theta/rope_scaling or 5.x rope_parameters)."""
+    model_type = config.get("model_type")
+    if model_type != "llama":
+        raise CheckpointError(f"{where} has model_type={model_type!r}; leantrain loads Llama models "
+                              f"(model_type 'llama', LlamaForCausalLM) only.")
+    unsupported = [f"{k}={config[k]!r}" for k, ok in (("hidden_act", "silu"), ("attention_bias", False),
+                                                       ("mlp_bias", False)) if k in config and config[k] != ok]
+    try:
+        dim, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        head_dim = config.get("head_dim") or dim // n_heads
+        if head_dim * n_heads != dim:
+            unsupported.append(f"head_dim={head_dim} (leantrain needs hidden_size / num_attention_heads = "
+                               f"{dim // n_heads})")
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if rope_type == "llama3":
+            scaling = {k: float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor")}
+            scaling["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+        elif rope_type != "default":
+            unsupported.append(f"RoPE type {rope_type!r} (leantrain has 'default' and Llama 3.1's 'llama3')")
+        if unsupported:
+            raise CheckpointError(f"{where} describes a model leantrain's Llama cannot represent: "
+                                  f"{'; '.join(unsupported)}.")
+        return ModelArgs(dim=dim, n_layers=int(config["num_hidden_layers"]), n_heads=n_heads,
+                         n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
+                         ffn_dim=int(config["intermediate_size"]), vocab_size=int(config["vocab_size"]),
+                         rope_theta=theta, rope_scaling=scaling, norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                         max_seq_len=int(max_seq_len or config.get("max_position_embeddings", 2048)),
+                         tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        raise CheckpointError(f"{where} lacks {e.args[0]!r}, which a Llama config.json has.") from None
+
+
+def _config_from_args(args: ModelArgs, dtype: torch.dtype, tokenizer: Any = None) -> dict[str, Any]:
+    scaling = None
+    max_positions = args.max_seq_len
+    if args.rope_scaling:
+        scaling = {"rope_type": "llama3", **args.rope_scaling}
+        max_positions = max(max_positions, int(args.rope_scaling["original_max_position_embeddings"]))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size, "max_position_embeddings": max_positions, "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta, "rope_scaling": scaling, "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "use_cache": True, "torch_dtype": str(dtype).replace("torch.", ""),
+    }
+    if tokenizer is not None:
+        config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    return config
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+
+
+def _weight_map(folder: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file that holds it."""
+    from safetensors import safe_open
+
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a readable safetensors index ({e}).") from None
+        return {name: folder / file for name, file in weight_map.items()}
+    files = [folder / SINGLE_FILE] if (folder / SINGLE_FILE).exists() else sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        if pickled:
+            raise CheckpointError(f"{folder} holds PyTorch pickle weights ({', '.join(pickled[:3])}), which "
+                                  f"leantrain does not load (unpickling can run code). {_CONVERT_HINT}.")
+        raise CheckpointError(f"{folder} holds no *.safetensors weights (nor {INDEX_FILE}).")
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                out.update({name: f for name in st.keys()})
+        except Exception as e:  # safetensors raises its own error type for a bad header
+            raise CheckpointError(f"{f} is not a readable safetensors file ({e}).") from None
+    return out
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+            max_seq_len: int | None = None, weights: bool = True) -> Transformer:
+    """A local HF Llama folder -> leantrain model in ``dtype`` (each tensor cast on its own).
+
+    ``max_seq_len`` sizes the RoPE tables (default: config.json's max_position_embeddings).
+    ``weights=False`` builds the model from config.json only, leaving the weights uninitialised.
+    """
+    from safetensors import safe_open
+
+    folder = Path(path).expanduser()
+    config = read_config(folder)
+    args = model_args_from_hf(config, max_seq_len, where=str(folder / "config.json"))
+    model = build_model_from_args(args, dtype, device, seed=None)
+    if not weights:
+        return model
+    weight_map = _weight_map(folder)
+    names = _hf_names(args)
+    missing = [hf for hf in names.values() if hf not in weight_map]
+    ours = set(names.values()) | ({"lm_head.weight"} if args.tie_embeddings else set())
+    unexpected = [n for n in weight_map if n not in ours and not n.endswith(_NOT_WEIGHTS)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}" + (f" and {len(missing) - 4} more" if len(missing) > 4
+                                                                 else ""))
+        if unexpected:
+            parts.append(f"tensors a Llama of this config does not have: {', '.join(unexpected[:4])}"
+                         + (f" and {len(unexpected) - 4} more" if len(unexpected) > 4 else ""))
+        raise CheckpointError(f"The weights in {folder} do not match its config.json ({args.n_layers} layers, "
+                              f"tie_word_embeddings={args.tie_embeddings}): {'; '.join(parts)}.")
+    params = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
+    for ours_name, hf_name in names.items():
+        by_file.setdefault(weight_map[hf_name], []).append(ours_name)
+    with torch.no_grad():
+        for file, ours_names in by_file.items():
+            if not file.exists():
+                raise CheckpointError(f"{file} is listed in {folder / INDEX_FILE} but does not exist.")
+            try:
+                with safe_open(str(file), framework="pt") as st:
+                    for name in ours_names:
+                        tensor = st.get_tensor(names[name])
+                        param = params[name]
+                        if tuple(tensor.shape) != tuple(param.shape):
+                            raise CheckpointError(f"{names[name]} in {file} has shape {list(tensor.shape)}, but "
+                                                  f"config.json implies {list(param.shape)}.")
+                        heads = _heads_of(name, args)
+                        if heads:
+                            tensor = _hf_to_meta(tensor, heads)
+                        param.copy_(tensor)  # one tensor at a time, cast to the model's dtype
+                        del tensor
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{file} could not be read ({type(e).__name__}: {e}).") from None
+    return model
+
+
+# ---- saving -----------------------------------------------------------------------------------------
+
+
+def save_hf(model: Transformer, out_dir: str | Path, tokenizer: Any = None,
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write ``model`` as an HF Llama folder (config.json + safetensors, sharded with an index above
+    ``max_shard_bytes``) that ``transformers.LlamaForCausalLM.from_pretrained`` loads, in the model's dtype.
+
+    With a ``tokenizer`` (leantrain.data), its BOS/EOS/PAD ids go into config.json, and a Hugging Face
+    tokenizer's tokenizer.json (and tokenizer_config.json beside it) is copied.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir).expanduser()
+    if (out / "config.json").exists() or any(out.glob("*.safetensors")):
+        raise CheckpointError(f"{out} already holds a model (config.json or *.safetensors); choose another --out "
+                              f"folder or delete it first.")
+    out.mkdir(parents=True, exist_ok=True)
+    args: ModelArgs = model.args
+    params = dict(model.named_parameters())
+    dtype = params["tok_embeddings.weight"].dtype
+    names = _hf_names(args)
+
+    def hf_tensor(name: str) -> torch.Tensor:
+        t = params[name].detach().to("cpu")
+        heads = _heads_of(name, args)
+        return _meta_to_hf(t, heads) if heads else t.contiguous()
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = params[name].numel() * params[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        save_file({names[n]: hf_tensor(n) for n in shards[0]}, str(out / SINGLE_FILE), metadata={"format": "pt"})
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, start=1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {names[n]: hf_tensor(n) for n in shard}
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            save_file(tensors, str(out / file), metadata={"format": "pt"})
+            weight_map.update({names[n]: file for n in shard})
+            del tensors
+        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2) + "\n", encoding="utf-8")
+    (out / "config.json").write_text(json.dumps(_config_from_args(args, dtype, tokenizer), indent=2) + "\n",
+                                     encoding="utf-8")
+    tokenizer_file = getattr(tokenizer, "path", None)
+    if tokenizer_file:
+        for f in (Path(tokenizer_file), Path(tokenizer_file).parent / "tokenizer_config.json"):
+            if f.is_file():
+                shutil.copyfile(f, out / f.name)
+    return out

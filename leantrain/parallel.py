@@ -1,0 +1,235 @@
+"""Several devices: torchrun, the device mesh, FSDP2 / HSDP / DDP, activation checkpointing and compile.
+
+All of it is applied *to* the model by the functions below; model.py knows nothing of it. The trainer
+calls, in this order:
+
+    dist = init_distributed(cfg)                 # rank, world size, device, mesh; one process: no process group
+    model = ...built on the meta device...       # under FSDP2: shapes only, in the storage dtype
+    parallelize(model, cfg, dist)                # per block: activation checkpointing, compile, fully_shard;
+                                                 # then the root (FSDP2 / HSDP), or DDP for a built model
+    materialize(model, dist.device, seed)        # FSDP2: to_empty + init_weights, each rank fills its shards
+
+Data parallelism has two degrees on a 2-D mesh ``(dp_replicate, dp_shard)``:
+
+* ``dp_shard`` (FSDP2): parameters, gradients and optimizer state split over dp_shard ranks, gathered one
+  transformer block at a time for the forward and backward. Memory per rank falls as 1/dp_shard; each
+  block costs an all-gather (forward and backward) and a reduce-scatter.
+* ``dp_replicate`` alone (DDP): every rank holds the whole model; one all-reduce of the gradients per step.
+* both (HSDP): sharded within groups of dp_shard ranks (a node, on its fast links), replicated across the
+  groups (gradients all-reduced between them).
+
+Every rank is a data-parallel rank: it takes its own ``local_batch_size`` samples of each global batch
+(``local_batch_size * world_size`` samples), and DDP and FSDP2 average the gradients over ranks, which for
+the equal-sized packed batches is the gradient of the mean loss over the global batch.
+
+Precision (the decisions are leantrain.precision's): full bf16 shards bf16 parameters with no
+MixedPrecisionPolicy; ``bf16-mixed`` under FSDP2 uses ``precision.fsdp_policy`` instead of autocast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
+                                    noop_context_fn)
+
+from . import precision
+from .config import Config, data_parallel_degrees, warn_once
+from .errors import ConfigError
+
+
+@dataclass
+class Distributed:
+    """Where this process stands: its rank, the world, its device and the data-parallel mesh."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dp_replicate: int
+    dp_shard: int
+    mesh: DeviceMesh | None = None  # ("dp_replicate", "dp_shard"); None in a single process
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the run's files and prints."""
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are FSDP2 DTensors (dp_shard > 1)."""
+        return self.dp_shard > 1
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def backend(device: torch.device) -> str:
+    """NCCL on CUDA, gloo on CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(cfg: Config) -> Distributed:
+    """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE), check the degrees against the world
+    size, and start the process group and mesh. A plain `leantrain train` is world size 1: no process
+    group, and every parallelism function below leaves the model alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    replicate, shard = data_parallel_degrees(cfg, world_size)  # ConfigError before any process group
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if shard > 1 and cfg.model.hf_checkpoint:
+        raise ConfigError(f"model.hf_checkpoint='{cfg.model.hf_checkpoint}' cannot be loaded into a sharded model yet "
+                          f"(parallelism.dp_shard = {shard}). Use parallelism.dp_shard=1 with "
+                          f"parallelism.dp_replicate=-1 (DDP), or convert it with one process first.")
+    if rank != 0:  # every rank would print the same warnings; rank 0 speaks for all
+        warnings.filterwarnings("ignore", category=UserWarning)
+    for message in precision.suspicious_precision_settings(cfg, dp_shard=shard):
+        warn_once(message)
+    device = default_device(local_rank)
+    if world_size == 1:
+        return Distributed(0, 0, 1, device, 1, 1)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend(device), device_id=device if device.type == "cuda" else None)
+    mesh = init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    return Distributed(rank, local_rank, world_size, device, replicate, shard, mesh)
+
+
+def shutdown(d: Distributed) -> None:
+    if d.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+
+def parallelize(model: nn.Module, cfg: Config, d: Distributed) -> nn.Module:
+    """Activation checkpointing and compile per block; then FSDP2 / HSDP per block and root (on a meta
+    model, before :func:`materialize`), or DDP (on a materialized model). In place; returns the model."""
+    apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
+    if cfg.compile.enable:
+        apply_compile(model)
+    if d.sharded:
+        apply_fsdp(model, d.mesh if d.dp_replicate > 1 else d.mesh["dp_shard"], precision.fsdp_policy(cfg))
+    elif d.dp_replicate > 1:
+        apply_ddp(model, d.mesh["dp_replicate"])
+    return model
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, policy: Any) -> None:
+    """fully_shard each transformer block, then the root (embedding, final norm, output). A 2-D mesh
+    (dp_replicate, dp_shard) gives HSDP. The last block stays gathered after the forward: the backward
+    needs it first."""
+    from torch.distributed.fsdp import fully_shard
+
+    for i, block in enumerate(model.layers):
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(model.layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> None:
+    """DDP, applied in place (composable replicate): parameter names stay those of the model, so checkpoints
+    move between one device, DDP and FSDP2. Rank 0's weights are broadcast to the others."""
+    from torch.distributed._composable.replicate import replicate
+
+    replicate(model, device_mesh=mesh)
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Allocate a meta (sharded) model on ``device`` and initialise it: each rank allocates and fills only its
+    own shards, with the values a single-process run would draw (precision.init_normal_)."""
+    model.to_empty(device=device)
+    model.init_weights(seed)
+
+
+# ---- activation checkpointing and compile ----------------------------------------------------------
+
+# Selective activation checkpointing keeps what is expensive to recompute (the matmuls and attention)
+# and recomputes the rest (norms, RoPE, SwiGLU's activation and product, casts, residual adds).
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Per transformer block: ``full`` keeps only the block's input and recomputes the whole block in the
+    backward; ``selective`` keeps the matmul and attention outputs and recomputes the cheap ops between them.
+
+    The block's forward is wrapped in place (not the module), so parameter names and checkpoints do not
+    change with the mode.
+    """
+    if mode == "none":
+        return
+    context_fn = noop_context_fn
+    if mode == "selective":
+        context_fn = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+    for block in model.layers:
+        block.forward = _checkpointed(block.forward, context_fn)
+
+
+def _checkpointed(forward: Any, context_fn: Any) -> Any:
+    @functools.wraps(forward)
+    def run(*args: Any) -> Any:
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn)
+
+    return run
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block's forward (after activation checkpointing, which it then traces). The
+    FSDP2 hooks run around the compiled forward, on the gathered parameters."""
+    for block in model.layers:
+        block.forward = torch.compile(block.forward, fullgraph=True)
+
+
+def reshard(model: nn.Module) -> None:
+    """Shard the parameters that a forward without backward (evaluation) left gathered under FSDP2: the root
+    and the last block keep theirs after the forward for the backward that usually follows."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+# ---- collectives the loop needs ---------------------------------------------------------------------
+
+
+def mean_over_ranks(value: torch.Tensor, d: Distributed) -> torch.Tensor:
+    """The mean of a scalar over all ranks (for logging: every rank's loss on its part of the batch)."""
+    if d.world_size == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)  # SUM: gloo has no AVG
+    return total / d.world_size
+
+
+def same_on_all_ranks(obj: Any, d: Distributed) -> Any:
+    """Rank 0's value of ``obj`` on every rank (e.g. a run folder named after rank 0's clock)."""
+    if d.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def local_numel(model: nn.Module) -> int:
+    """Parameters held by this rank (its shards under FSDP2)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
