@@ -102,7 +102,7 @@ def gaps(results: list[dict], key: str) -> dict[tuple[str, str], list[float]]:
 def table(results: list[dict], regimes: list[str]) -> str:
     own, f32 = gaps(results, "eval_loss"), gaps(results, "eval_loss_fp32_forward")
     head = "| recipe | bytes/param | " + " | ".join(
-        f"{g}: gap, own precision (mean [min, max]) | {g}: gap, fp32 forward | {g}: lost updates" for g in regimes)
+        f"{g}: gap, own precision (mean [min, max]) | {g}: gap, fp32 forward | {g}: unchanged weights" for g in regimes)
     lines = [head + " |", "|---" * (2 + 3 * len(regimes)) + "|"]
     for name in RUNS:
         rows = [r for r in results if r["name"] == name]
@@ -117,6 +117,10 @@ def table(results: list[dict], regimes: list[str]) -> str:
             cells.append(f"{statistics.mean(f):+.2f}%" if f else "")
             cells.append(f"{statistics.mean(lost):.1%}" if lost else "")
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Unchanged weights: mean over logged steps of lost_update_fraction, the share of bf16 weight elements "
+                 "whose nonzero update left the stored value unchanged (lost for good under nearest rounding; "
+                 "under stochastic rounding or Kahan, carried in expectation or in the buffer).")
     fp32 = {g: [r["eval_loss"] for r in results if r["name"] == "fp32" and r["regime"] == g] for g in regimes}
     lines.append("")
     lines.append("fp32 eval loss per seed: " + "; ".join(
@@ -161,15 +165,27 @@ def main() -> None:
     seeds, regimes = [int(s) for s in args.seeds.split(",")], args.regimes.split(",")
     names = [n for n in RUNS if n in args.runs.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    jobs = [(n, s, g) for g in regimes for s in seeds for n in names]
-    results = []
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+    # Each finished run is appended to runs.jsonl at once; a rerun with the same --out skips those (resume).
+    log_path = os.path.join(args.out, "runs.jsonl")
+    done = []
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            done = [json.loads(line) for line in f if line.strip()]
+    finished = {(r["name"], r["seed"], r["regime"], r["steps"]) for r in done}
+    jobs = [(n, s, g) for g in regimes for s in seeds for n in names
+            if (n, s, g, max(60, int(REGIMES[g]["training.steps"] * args.steps_scale))) not in finished]
+    wanted = {(n, s, g) for g in regimes for s in seeds for n in names}
+    results = [r for r in done if (r["name"], r["seed"], r["regime"]) in wanted]
+    with ProcessPoolExecutor(max_workers=args.workers) as pool, open(log_path, "a") as log:
         futures = [pool.submit(one_run, n, s, g, args.steps_scale, args.out) for n, s, g in jobs]
         for fut in futures:
             r = fut.result()
             results.append(r)
+            log.write(json.dumps(r) + "\n")
+            log.flush()
             print(f"{r['regime']:8s} seed {r['seed']} {r['name']:24s} eval {r['eval_loss']:.4f} "
                   f"(fp32 forward {r['eval_loss_fp32_forward']:.4f}) {r['seconds']:.0f}s", flush=True)
+    results.sort(key=lambda r: (regimes.index(r["regime"]), r["seed"], names.index(r["name"])))
     text = table(results, regimes)
     print(text)
     with open(os.path.join(args.out, "results.json"), "w") as f:
