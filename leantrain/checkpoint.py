@@ -33,14 +33,27 @@ batch size and accumulation may change (a note lists what changed).
 a tensor of another shape or dtype raises :class:`CheckpointError` naming what does not match (DCP
 itself would cast a bf16 tensor into an fp32 one without a word). Nothing in the checkpoint is
 changed, and an earlier checkpoint is not silently used instead.
+
+**Finite.** A checkpoint is never written from weights that hold NaN/Inf: :meth:`Checkpointer.save` checks
+them first and stops the run with :class:`TrainingDiverged` (exit code 3) instead.
+
+**Untrusted files.** DCP's ``.metadata`` is a pickle, and DCP unpickles every non-tensor entry of the data
+files with ``torch.load(weights_only=False)``: a crafted checkpoint could run code when loaded. leantrain
+reads checkpoints only through :class:`_SafeReader` (``.metadata`` first unpickled by an unpickler that
+allows only DCP's metadata classes, torch.Size and dtypes) and :class:`_SafeLoadPlanner` (every non-tensor
+entry first loaded with ``weights_only=True``: plain Python values and tensors only); anything else is
+refused with a :class:`CheckpointError` before it is unpickled for real. Checkpoints should still come
+from sources you trust.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -54,9 +67,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from . import precision
+from . import guard, precision
 from .config import Config, resolve_dump_folder, to_dict
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingDiverged
 from .model import ModelArgs, Transformer, build_model_from_args
 
 INFO_FILE = "leantrain.json"
@@ -64,9 +77,11 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Config keys that may differ between a checkpoint and the run resuming from it (prefixes end with ".").
 MAY_CHANGE = ("job.dump_folder", "training.steps", "eval.", "metrics.", "checkpoint.", "model.hf_checkpoint",
               "data.local_batch_size", "training.gradient_accumulation_steps", "parallelism.", "compile.",
-              "activation_checkpoint.")
-# Test hook: LEANTRAIN_TEST_CRASH_IN_SAVE=N kills the process in the middle of saving step N.
+              "activation_checkpoint.", "training.max_nonfinite_steps")
+# Test hooks: LEANTRAIN_TEST_CRASH_IN_SAVE=N kills the process in the middle of saving step N;
+# LEANTRAIN_TEST_PAUSE_IN_SAVE=N sleeps there (an hour), for a test to signal or kill it mid-save.
 CRASH_ENV = "LEANTRAIN_TEST_CRASH_IN_SAVE"
+PAUSE_ENV = "LEANTRAIN_TEST_PAUSE_IN_SAVE"
 
 
 def _rank() -> int:
@@ -279,6 +294,76 @@ def _flatten(sd: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# ---- reading checkpoints that may not be what they claim ---------------------------------------------
+
+# Globals a DCP .metadata pickle may name besides the dataclasses and enums of torch.distributed.checkpoint
+# (and the torch dtypes): what torch writes for shapes, layouts and the checkpoint's path.
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                     ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+                     ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")}
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle names a global that a leantrain checkpoint never holds."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP .metadata building only DCP's own metadata classes, torch.Size and dtypes; any other
+    global (``os.system``, ...) is refused before it is looked up, let alone called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and
+                                                   isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        if module.startswith("torch.distributed.checkpoint.") and "." not in name:
+            import enum
+
+            found = getattr(__import__(module, fromlist=[name]), name, None)
+            if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
+                return found
+        raise _Refused(f"{module}.{name}")
+
+
+def _refused(path: Path, what: str, name: str) -> CheckpointError:
+    return CheckpointError(f"The checkpoint {path} is not safe to load: its {what} names '{name}', which a "
+                           f"leantrain checkpoint never holds (unpickling it could run code). It was not loaded. "
+                           f"Load checkpoints only from sources you trust.")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's FileSystemReader, but .metadata is first unpickled by :class:`_MetadataUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        with open(Path(self.path) / name, "rb") as f:
+            try:
+                _MetadataUnpickler(f).load()
+            except _Refused as e:
+                raise _refused(Path(self.path), ".metadata (a pickle)", str(e)) from None
+        return super().read_metadata(*args, **kwargs)
+
+
+class _SafeLoadPlanner(dcp.DefaultLoadPlanner):
+    """DCP's default planner unpickles every non-tensor entry (step, hyperparameters, schedule and data
+    position) with ``torch.load(weights_only=False)``; this one first loads it with ``weights_only=True``
+    (plain Python values and tensors only) and refuses the checkpoint if that fails."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._path = path
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        raw = value.read()
+        try:
+            torch.load(io.BytesIO(raw), weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            raise _refused(self._path, f"entry '{read_item.dest_index.fqn}'",
+                           found.group(1) if found else "an object that is not a plain value") from None
+        super().load_bytes(read_item, io.BytesIO(raw))
+
+
 def _check_tensors(path: Path, expected: dict[str, Any], info: dict[str, Any],
                    optional: tuple[str, ...] = ("rng.cuda",)) -> None:
     """Every key the load asks for is in the checkpoint with the same shape and dtype, and nothing is left over
@@ -286,7 +371,9 @@ def _check_tensors(path: Path, expected: dict[str, Any], info: dict[str, Any],
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        stored = _SafeReader(str(path)).read_metadata().state_dict_metadata
+    except CheckpointError:
+        raise
     except Exception as e:  # a damaged .metadata raises anything from OSError to an unpickling error
         raise CheckpointError(f"The checkpoint {path} has an unreadable DCP .metadata file ({type(e).__name__}: "
                               f"{e}); it is damaged.") from None
@@ -330,10 +417,12 @@ def _dcp_load(state: dict[str, Any], path: Path) -> None:
 
     try:
         with _quiet_dcp():
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafeLoadPlanner(path))
     except (Exception, CheckpointException) as e:
         if isinstance(e, CheckpointException) and e.failures:  # {rank: (exception, traceback)}
             e = next(iter(e.failures.values()))[0]
+        if isinstance(e, CheckpointError):
+            raise e from None
         detail = (str(e).strip().splitlines() or ["no detail"])[0].split(". ")[0][:160]
         raise CheckpointError(f"The checkpoint {path} could not be read ({type(e).__name__}: {detail}); it is "
                               f"damaged. Restore it, or move it away to use an earlier checkpoint.") from None
@@ -365,17 +454,37 @@ class Checkpointer:
                 "optimizer": _optimizer_state(self.model, self.optimizer),
                 "lr_scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(), "rng": _rng_state()}
 
+    def _allocate_optimizer_state(self) -> None:
+        """Every optimizer buffer, as the first step would create it (zeros, step 0), if not there yet."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                self.optimizer.init_state(p)
+
     # -- save
 
-    def save_if_due(self, step: int, elapsed_s: float = 0.0) -> None:
-        """Save after optimizer step ``step`` when it is a multiple of checkpoint.interval or the last step."""
+    def save_if_due(self, step: int, elapsed_s: float = 0.0, force: bool = False) -> Path | None:
+        """Save after optimizer step ``step`` when it is a multiple of checkpoint.interval or the last step, or
+        with ``force`` (a stop signal) whatever the step; only with checkpoint.enable. Returns the checkpoint."""
         c = self.cfg.checkpoint
-        if c.enable and (step % c.interval == 0 or step == self.cfg.training.steps):
-            self.save(step, elapsed_s)
+        if c.enable and (force or step % c.interval == 0 or step == self.cfg.training.steps):
+            return self.save(step, elapsed_s)
+        return None
+
+    def latest(self) -> Path | None:
+        """The run's latest complete checkpoint, if any."""
+        found = list_checkpoints(self.root)
+        return found[-1][1] if found else None
 
     def save(self, step: int, elapsed_s: float = 0.0) -> Path:
         began = time.perf_counter()
         final, tmp = self.root / f"step-{step}", self.root / f"step-{step}.tmp"
+        if not guard.all_finite(self.model.parameters()):
+            latest = self.latest()
+            raise TrainingDiverged(f"The weights hold NaN/Inf after step {step}, so no checkpoint is written from "
+                                   f"them; training diverged. The latest complete checkpoint is "
+                                   f"{latest or 'none'}. Lower optimizer.lr or raise lr_scheduler.warmup_steps "
+                                   f"(and use a new job.dump_folder, or the same settings resume into the same "
+                                   f"divergence).")
         if final.exists():
             raise CheckpointError(f"A checkpoint {final} already exists; leantrain never overwrites one. Move it "
                                   f"away, or use another job.dump_folder.")
@@ -384,10 +493,13 @@ class Checkpointer:
                 shutil.rmtree(tmp)  # an earlier save of this step that did not finish
             tmp.mkdir(parents=True)
         _barrier()
+        self._allocate_optimizer_state()  # all skipped so far (NaN/Inf steps): still save the full layout
         with _quiet_dcp():
             dcp.save(self._state(step), checkpoint_id=str(tmp))
         if os.environ.get(CRASH_ENV) == str(step):
             os._exit(1)  # test hook: the data is written, leantrain.json and the rename are not
+        if os.environ.get(PAUSE_ENV) == str(step):
+            time.sleep(3600)  # test hook: the same moment, held open for a signal or a kill -9
         if _rank() == 0:
             files = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
             info = {"step": step, "elapsed_s": elapsed_s, "recipe": precision.recipe_of(self.cfg),
@@ -420,9 +532,7 @@ class Checkpointer:
         path = Path(path)
         info = read_info(path)
         _check_model_args(path, info, self.model.args)
-        for group in self.optimizer.param_groups:  # allocate the buffers the checkpoint is loaded into
-            for p in group["params"]:
-                self.optimizer.init_state(p)
+        self._allocate_optimizer_state()  # the buffers the checkpoint is loaded into
         state = self._state(0)
         if "cuda" in state["rng"] and not _has_key(path, "rng.cuda"):
             del state["rng"]["cuda"]
@@ -448,7 +558,7 @@ class Checkpointer:
 
 def _has_key(path: Path, key: str) -> bool:
     try:
-        return key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        return key in _SafeReader(str(path)).read_metadata().state_dict_metadata
     except Exception:
         return False
 

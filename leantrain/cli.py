@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import warnings
 
-from .errors import UserError
+from .errors import LeantrainError, UserError
 
 USAGE = """usage: leantrain train [--config FILE.toml] [--recipe NAME] [--section.key=value ...]
 
@@ -47,9 +48,11 @@ def _train(args: list[str]) -> int:
     config_path, args = _take_option(args, "config")
     cfg = load_config(config_path, parse_overrides(args))
 
+    from .guard import stop_on_signals
     from .train import train
 
-    train(cfg)
+    with stop_on_signals():  # SIGTERM/SIGINT: finish the step, save, exit 0; a second one: exit at once
+        train(cfg)
     return 0
 
 
@@ -186,6 +189,8 @@ COMMANDS = {"train": _train, "compare": _compare, "plan": _plan, "eval": _eval, 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _format_warning
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all (same config, same warnings)
+        warnings.filterwarnings("ignore", category=UserWarning)
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: leantrain {{{','.join(COMMANDS)}}} [options]   (leantrain COMMAND --help for its options)")
         return 0 if argv else 2
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[command](rest)
-    except UserError as e:
+    except LeantrainError as e:  # bad input (2), training diverged (3): the message, no traceback
         print("leantrain: error: " + textwrap.fill(str(e), 100, subsequent_indent="  "), file=sys.stderr)
         return e.exit_code
 

@@ -100,6 +100,10 @@ class Training:
     """Clip the global gradient norm (computed in fp32) to this value. 0 disables clipping."""
     gradient_accumulation_steps: int = 1
     """Micro-batches whose gradients are summed before each optimizer step."""
+    max_nonfinite_steps: int = 10
+    """A step whose loss or gradient norm is NaN/Inf is skipped (weights and optimizer state unchanged, the step
+    logged with "skipped": true); after this many skipped steps in a row the run stops with exit code 3. 1: stop
+    at the first one."""
 
 
 @dataclass
@@ -393,9 +397,11 @@ def validate(cfg: Config) -> None:
     _require(t.max_norm >= 0, "training.max_norm", t.max_norm, "0 (no clipping) or positive")
     _require(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps",
              t.gradient_accumulation_steps, "at least 1")
+    _require(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", t.max_nonfinite_steps,
+             "at least 1 (1: stop at the first NaN/Inf step)")
     _require(d.seq_len >= 1, "data.seq_len", d.seq_len, "at least 1")
     _require(d.local_batch_size >= 1, "data.local_batch_size", d.local_batch_size, "at least 1")
-    _require(o.lr > 0, "optimizer.lr", o.lr, "a positive number")
+    _require(0 < o.lr < 3e38, "optimizer.lr", o.lr, "a positive number (below 3e38: the update is float32)")
     _require(all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas), "two numbers in [0, 1)")
     _require(o.eps > 0, "optimizer.eps", o.eps, "a positive number")
     _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "0 or positive")

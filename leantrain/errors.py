@@ -2,13 +2,22 @@
 
 Anything a user can cause (a config key, a data file, a checkpoint) raises one of these with a
 one-paragraph message that names what is wrong and what is allowed. The command line turns them
-into that message on stderr and exit code 2, with no traceback.
+into that message on stderr and the error's exit code, with no traceback:
+
+    2  bad input (UserError and its subclasses): nothing was trained, no saved file was changed
+    3  the training diverged (TrainingDiverged): too many NaN/Inf steps in a row, or NaN/Inf weights
 """
 
 from __future__ import annotations
 
 
-class UserError(Exception):
+class LeantrainError(Exception):
+    """An error explained to the user in one paragraph: printed without a traceback, exit code ``exit_code``."""
+
+    exit_code = 1
+
+
+class UserError(LeantrainError):
     """Bad input from the user: config, data, tokenizer, checkpoint. Exit code 2."""
 
     exit_code = 2
@@ -24,3 +33,10 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, incomplete, or belongs to another model or recipe."""
+
+
+class TrainingDiverged(LeantrainError):
+    """The loss or gradient norm was NaN/Inf for training.max_nonfinite_steps steps in a row, or the weights hold
+    NaN/Inf when a checkpoint is due (none is written from them). Exit code 3."""
+
+    exit_code = 3

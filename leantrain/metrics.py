@@ -61,6 +61,8 @@ class MetricsLogger:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.records)
             os.replace(tmp, self.path)
+        elif enabled and os.path.exists(self.path):
+            _drop_torn_last_line(self.path)  # appending after half a line would leave an invalid line inside
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
 
     def log(self, record: dict[str, Any]) -> None:
@@ -73,6 +75,25 @@ class MetricsLogger:
         if self._file:
             self._file.close()
             self._file = None
+
+
+def _drop_torn_last_line(path: str) -> None:
+    """Cut a last line that has no newline (a process killed in the middle of writing it)."""
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - 65536)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            if pos == end and chunk.endswith(b"\n"):
+                return
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            pos = start
+        f.truncate(0)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -90,8 +111,9 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def summarize(records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """summary.json: final_loss is the mean of the last 10% of logged train losses."""
-    losses = [r["loss"] for r in records if "loss" in r]
+    """summary.json: final_loss is the mean of the last 10% of logged train losses (skipped NaN/Inf steps,
+    logged as null, do not count)."""
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
     tail = losses[-max(1, len(losses) // 10):] if losses else []
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     speeds = [r["tokens_per_sec"] for r in records if r.get("tokens_per_sec")]
@@ -122,7 +144,7 @@ def plot_losses(curves: dict[str, list[dict[str, Any]]], path: str, title: str =
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for i, (name, records) in enumerate(curves.items()):
         color = f"C{i}"
-        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
         evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
         if train:
             ax.plot(*zip(*train), color=color, lw=1.2, label=f"{name} train")
@@ -149,7 +171,8 @@ class Progress:
 
     def update(self, step: int, record: dict[str, Any]) -> None:
         self.bar.n = step
-        postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_sec']:.0f}",
+        loss = record["loss"]
+        postfix = {"loss": "skipped" if loss is None else f"{loss:.3f}", "tok/s": f"{record['tokens_per_sec']:.0f}",
                    "mem": f"{record['peak_memory_bytes'] / 2**30:.2f}GiB"}
         if "eval_loss" in record:
             postfix["eval"] = f"{record['eval_loss']:.3f}"

@@ -38,8 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
-                                    noop_context_fn)
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import precision
 from .config import Config, data_parallel_degrees, warn_once
@@ -57,6 +56,7 @@ class Distributed:
     dp_replicate: int
     dp_shard: int
     mesh: DeviceMesh | None = None  # ("dp_replicate", "dp_shard"); None in a single process
+    owns_process_group: bool = False  # started here (torchrun), so shutdown() ends it
 
     @property
     def is_main(self) -> bool:
@@ -98,14 +98,16 @@ def init_distributed(cfg: Config) -> Distributed:
         return Distributed(0, 0, 1, device, 1, 1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()  # a caller (e.g. a test running several trainings) may have started it
+    if owns:
         dist.init_process_group(backend(device), device_id=device if device.type == "cuda" else None)
     mesh = init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
-    return Distributed(rank, local_rank, world_size, device, replicate, shard, mesh)
+    return Distributed(rank, local_rank, world_size, device, replicate, shard, mesh, owns)
 
 
 def shutdown(d: Distributed) -> None:
-    if d.world_size > 1 and dist.is_initialized():
+    """End the process group if init_distributed started it."""
+    if d.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -177,17 +179,17 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """
     if mode == "none":
         return
-    context_fn = noop_context_fn
-    if mode == "selective":
-        context_fn = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+    options: dict[str, Any] = {"use_reentrant": False}
+    if mode == "selective":  # (full: no context_fn at all; torch.compile cannot trace the default one)
+        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
     for block in model.layers:
-        block.forward = _checkpointed(block.forward, context_fn)
+        block.forward = _checkpointed(block.forward, options)
 
 
-def _checkpointed(forward: Any, context_fn: Any) -> Any:
+def _checkpointed(forward: Any, options: dict[str, Any]) -> Any:
     @functools.wraps(forward)
     def run(*args: Any) -> Any:
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn)
+        return checkpoint(forward, *args, **options)
 
     return run
 

@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import MixedPrecisionPolicy
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     from .config import Config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -97,6 +98,8 @@ def fsdp_policy(cfg: Config) -> MixedPrecisionPolicy:
     in training.mixed_precision_reduce, then stored in fp32. Full bf16: no policy; parameters are
     gathered, and gradients reduced and stored, in bf16, so no fp32 copy exists anywhere.
     """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     if storage_dtype(cfg) == torch.float32:
         compute = compute_dtype(cfg)
         return MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 else compute,
@@ -182,8 +185,15 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
                            reduction=reduction)
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor (an FSDP2 shard). None can exist before torch.distributed.tensor is imported, and importing it
+    costs a second, so commands that never shard do not."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_sharded(t) else t
 
 
 def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -197,7 +207,7 @@ def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros((), dtype=torch.float32)
     norms = torch._foreach_norm([_local(g) for g in grads], 2, dtype=torch.float32)
-    if not isinstance(grads[0], DTensor):
+    if not is_sharded(grads[0]):
         return torch.linalg.vector_norm(torch.stack(norms))
     squares = torch.stack(norms).square().sum()
     mesh = grads[0].device_mesh
@@ -234,6 +244,8 @@ def init_normal_(param: torch.Tensor, std: float, generator: torch.Generator | N
     with torch.no_grad():
         values = torch.empty(param.shape, dtype=torch.float32, device=param.device)
         values.normal_(0.0, std, generator=generator).clamp_(-3 * std, 3 * std)
-        if isinstance(param, DTensor):
+        if is_sharded(param):
+            from torch.distributed.tensor import distribute_tensor
+
             values = distribute_tensor(values, param.device_mesh, param.placements, src_data_rank=None)
         param.copy_(values)

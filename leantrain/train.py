@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, parallel, precision
+from . import checkpoint, guard, parallel, precision
 from .config import Config, resolve_dump_folder, to_toml, warn_once
 from .data import PackedDataset, build_datasets, build_tokenizer
 from .errors import ConfigError
@@ -86,6 +86,7 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.o
 
 
 def prepare_run_folder(cfg: Config) -> str:
+    """Create job.dump_folder and check that it can be written; nothing is written in it yet."""
     folder = resolve_dump_folder(cfg)
     try:
         os.makedirs(folder, exist_ok=True)
@@ -96,9 +97,13 @@ def prepare_run_folder(cfg: Config) -> str:
     except OSError as e:
         raise ConfigError(f"job.dump_folder '{folder}' cannot be written ({e.strerror}). Choose a folder you can "
                           f"write to with --job.dump_folder=PATH.") from None
+    return folder
+
+
+def write_run_config(folder: str, cfg: Config) -> None:
+    """config.toml, once every input has loaded: a run stopped by bad input leaves the folder as it was."""
     with open(os.path.join(folder, "config.toml"), "w", encoding="utf-8") as f:
         f.write(to_toml(cfg))
-    return folder
 
 
 @torch.no_grad()
@@ -119,8 +124,9 @@ def evaluate(model: nn.Module, data: PackedDataset, cfg: Config, device: torch.d
     return (total / count).item()
 
 
-def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
-    """Train as configured; returns summary.json's contents and the trained model."""
+def train(cfg: Config) -> tuple[dict[str, Any] | None, Transformer]:
+    """Train as configured; returns summary.json's contents (None when a stop signal ended the run early, see
+    leantrain.guard) and the trained model. Raises TrainingDiverged after too many NaN/Inf steps in a row."""
     dist = parallel.init_distributed(cfg)  # torchrun's ranks (or one process), this rank's device, the mesh
     device = dist.device
     torch.manual_seed(cfg.job.seed)
@@ -153,14 +159,19 @@ def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
               f"{recipe or 'custom'}, on {dist.world_size} x {device.type}, {train_data.num_tokens:,} training "
               f"tokens; writing {folder}", flush=True)
 
+    if dist.is_main:
+        write_run_config(folder, cfg)
     logger = MetricsLogger(folder, enabled=dist.is_main, resume_step=start_step if cfg.checkpoint.enable else None)
+    nonfinite = guard.NonFiniteGuard(cfg.training.max_nonfinite_steps, dist.world_size, logger.records)
     progress = Progress(cfg.training.steps, cfg.metrics.progress and dist.is_main)
     steps, accum = cfg.training.steps, cfg.training.gradient_accumulation_steps
     tokens_per_step = d.seq_len * d.local_batch_size * accum * dist.world_size  # the global batch
     start = last_log_time = time.perf_counter()
     start -= resumed_elapsed  # a resumed run continues the interrupted run's clock
-    last_log_step, measured_state = start_step, None
+    last_log_step, measured_state, stopped_at, stop_checkpoint = start_step, None, None, None
     for step in range(start_step + 1, steps + 1):
+        if stopped_at is not None or nonfinite.diverged:  # a stop signal or too many NaN/Inf steps: stop here
+            break
         loss_sum = torch.zeros((), device=device)
         for _ in range(accum):
             inputs, labels = train_data.next_batch()
@@ -170,15 +181,19 @@ def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = precision.clip_grad_norm_(params, cfg.training.max_norm)
-        log_now = step == 1 or step % cfg.metrics.log_freq == 0 or step == steps
+        finite, stop = nonfinite.check(step, loss_sum, grad_norm)  # one host sync; the same on every rank
+        log_now = not finite or step == 1 or step % cfg.metrics.log_freq == 0 or step == steps
         optimizer.track_lost_updates = log_now
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        if measured_state is None:  # after the first step every state buffer exists; it never grows after
+        if finite:  # a NaN/Inf step changes neither the weights nor the optimizer state
+            optimizer.step()
+        guard.advance_schedule(scheduler)  # skipped steps count too: the schedule follows the step number
+        if measured_state is None and finite:  # after the first step every state buffer exists; it never grows
             measured_state = state_bytes(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
-        checkpointer.save_if_due(step, elapsed_s=time.perf_counter() - start)
+        saved = checkpointer.save_if_due(step, elapsed_s=time.perf_counter() - start, force=stop)
+        if stop:  # SIGTERM/SIGINT: this step is done and saved (checkpoint.enable); log it, then stop
+            stopped_at, stop_checkpoint = step, saved
 
         eval_now = step == steps or (cfg.eval.interval and step % cfg.eval.interval == 0)
         if not (log_now or eval_now):
@@ -188,7 +203,7 @@ def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
         record = {"step": step, "loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item(),
                   "tokens_per_sec": (step - last_log_step) * tokens_per_step / (now - last_log_time),
                   "elapsed_s": now - start, "peak_memory_bytes": peak_memory_bytes(device)}
-        stats = optimizer.last_update_stats
+        stats = optimizer.last_update_stats if finite else {}  # a skipped step updated nothing
         if stats.get("tracked_elements"):  # bf16 weights only: fp32 weights lose nothing to rounding
             record["lost_update_fraction"] = float(stats["lost_update_fraction"])
             if cfg.optimizer.compensation == "kahan":
@@ -196,11 +211,17 @@ def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
         if eval_now:
             record["eval_loss"] = evaluate(model, eval_data, cfg, device, dist.sharded)
         _warn_if_updates_lost(cfg, record)
-        logger.log(record)
+        logger.log(nonfinite.annotate(record))
         progress.update(step, record)
         last_log_time, last_log_step = time.perf_counter(), step
     progress.close()
     logger.close()
+    if nonfinite.diverged:  # exit code 3
+        nonfinite.raise_diverged(checkpointer.latest() if cfg.checkpoint.enable else None, cfg.checkpoint.enable)
+    if stopped_at is not None and stopped_at < steps:
+        _say_stopped(stopped_at, stop_checkpoint, cfg, dist.is_main)
+        parallel.shutdown(dist)
+        return None, model
     if measured_state is None:  # resumed at or past training.steps: nothing was trained in this process
         measured_state = state_bytes(model, optimizer)
 
@@ -223,6 +244,18 @@ def train(cfg: Config) -> tuple[dict[str, Any], Transformer]:
               f"state. Files in {folder}", flush=True)
     parallel.shutdown(dist)
     return summary, model
+
+
+def _say_stopped(step: int, saved: Any, cfg: Config, is_main: bool) -> None:
+    if not is_main:
+        return
+    signal_name = guard.signal_name(guard.stop_requested())
+    if saved:
+        where = f"saved checkpoint {saved}. Run the same command again to resume from it."
+    else:
+        where = ("checkpoint.enable is false, so nothing was saved and the run cannot resume (set "
+                 "checkpoint.enable=true to make runs resumable).")
+    print(f"leantrain: stopped by {signal_name} after step {step} of {cfg.training.steps}; {where}", flush=True)
 
 
 def _warn_if_updates_lost(cfg: Config, record: dict[str, Any]) -> None:

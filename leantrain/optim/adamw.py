@@ -55,13 +55,16 @@ saving global state. The tests use torchao as a cross-check when it is installed
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+import sys
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from . import quant
 from .rounding import kahan_write_, random_fields, round_to_bf16_
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 STATE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 COMPENSATIONS = ("none", "stochastic", "kahan")
@@ -194,7 +197,7 @@ class AdamW(torch.optim.Optimizer):
                     p, quant.zero_code(signed), dtype=torch.uint8,
                     memory_format=torch.contiguous_format,
                 )
-                state[f"{name}_scale"] = (_sharded_block_scales(p) if isinstance(p, DTensor) else
+                state[f"{name}_scale"] = (_sharded_block_scales(p) if _is_dtensor(p) else
                                           torch.zeros(nb, dtype=torch.float32, device=p.device))
         else:
             dtype = getattr(torch, kind)
@@ -356,14 +359,20 @@ def _expected_keys(opt: AdamW, group: dict, p: torch.Tensor) -> list[str]:
     return keys
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # No DTensor exists before torch.distributed.tensor is imported (which costs a second).
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view: writes go to the DTensor), or the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def _shard_index(p: torch.Tensor) -> int:
     """Which shard of its parameter this rank holds: 0 for a plain tensor, the same for replicas."""
-    if not isinstance(p, DTensor):
+    if not _is_dtensor(p):
         return 0
     mesh, coordinate, index = p.device_mesh, p.device_mesh.get_coordinate(), 0
     for dim, placement in enumerate(p.placements):
@@ -386,13 +395,15 @@ def _sharded_block_scales(p: DTensor) -> DTensor:
     shards = math.prod(mesh.size(d) for d, pl in enumerate(p.placements) if pl.is_shard())
     largest = -(-p.shape[0] // shards) * (p.numel() // max(p.shape[0], 1))
     nb = quant.num_blocks(largest)
+    from torch.distributed.tensor import DTensor
+
     local = torch.zeros(1, nb, dtype=torch.float32, device=p.device)
     return DTensor.from_local(local, mesh, p.placements, shape=torch.Size((shards, nb)), stride=(nb, 1))
 
 
 def _local_scale(scale: torch.Tensor, numel: int) -> torch.Tensor:
     """The flat scales of this rank's blocks (see _sharded_block_scales)."""
-    return scale.to_local()[0, :quant.num_blocks(numel)] if isinstance(scale, DTensor) else scale
+    return scale.to_local()[0, :quant.num_blocks(numel)] if _is_dtensor(scale) else scale
 
 
 def _field_generators(seeds: list[int], n: int, device: torch.device) -> list[torch.Generator]:

@@ -1,0 +1,211 @@
+"""What keeps a long run safe mid-way: the non-finite step guard and the stop signals.
+
+**Non-finite steps.** After the backward, :meth:`NonFiniteGuard.check` looks at the step's loss and global
+gradient norm. When either is NaN or Inf the trainer skips the update: ``optimizer.step()`` is not called,
+so neither the weights nor any optimizer buffer (moments, Kahan buffer, Adam's step count, the
+stochastic-rounding generator) changes, and the gradients are dropped. The step still counts: its batch is
+consumed and the learning-rate schedule advances (the schedule is a function of the step number, so a
+resumed or skipped-over run stays on the same curve). The step is logged to metrics.jsonl with
+``"skipped": true`` (a NaN/Inf loss or norm is written as null, which JSON allows), every later record
+carries ``skipped_nonfinite`` (steps skipped so far), and a warning names the step. After
+``training.max_nonfinite_steps`` skipped steps in a row the run stops with :class:`TrainingDiverged`
+(exit code 3). Independently, :func:`all_finite` is checked before every checkpoint save, so no checkpoint
+is ever written from NaN/Inf weights (e.g. after a finite but far too large update).
+
+*Cost.* The decision needs the flag on the host: one ``.tolist()`` of a 2-element tensor per step, i.e. one
+device-to-host sync after the backward. On CPU it is free. On a GPU the CPU waits for the backward to
+finish before it launches the optimizer's kernels, so the device idles for about one kernel-launch
+latency per step (tens of microseconds against steps of tens of milliseconds or more). A sync-free skip
+(``torch.where`` on a device flag inside the optimizer, as fused torch AdamW does with ``found_inf``) would
+need the optimizer to take the flag, and the consecutive count would still need a host read now and
+then; we keep the simple, exact version.
+
+*Distributed.* Each rank's loss covers only its part of the batch, so the flag, together with the stop
+request below, is all-reduced (MAX over all ranks, the default process group that torchrun's ranks form;
+the same group parallel.mean_over_ranks uses) before anyone decides: every rank skips, or stops, at the
+same step. It is one extra collective of 2 integers per step, only when the world size is above 1.
+
+**Stop signals.** The command line wraps training in :func:`stop_on_signals`: the first SIGTERM or SIGINT
+only sets a flag; the trainer finishes the step in flight, saves a checkpoint (checkpoint.enable), says
+where, and exits with code 0. A second signal exits at once with 128 + its number (SIGINT 130, SIGTERM
+143), from wherever the process is, even mid-save: checkpoints are written to step-N.tmp and renamed
+when complete, and metrics.jsonl is written a whole line at a time, so nothing saved before is damaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import threading
+import warnings
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .errors import TrainingDiverged
+
+# Test hook: LEANTRAIN_TEST_NONFINITE_STEPS="3,5-7" makes the gradient norm of those steps Inf, as if a
+# gradient had overflowed (the gradients stay finite, so an update that was not skipped would show).
+NONFINITE_ENV = "LEANTRAIN_TEST_NONFINITE_STEPS"
+
+
+def _parse_steps(spec: str) -> set[int]:
+    steps: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        first, _, last = part.partition("-")
+        steps.update(range(int(first), int(last or first) + 1))
+    return steps
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _warn(message: str) -> None:
+    if _is_main():
+        print(f"leantrain: warning: {message}", file=sys.stderr, flush=True)
+
+
+class NonFiniteGuard:
+    """Decides, once per step, whether the update is taken (finite loss and gradient norm) and whether a stop
+    signal ends the run after this step; counts the skipped steps. See the module docstring."""
+
+    def __init__(self, max_consecutive: int, world_size: int = 1, records: Iterable[dict[str, Any]] = ()):
+        """``records``: metrics already logged by the run (a resumed run continues its count of skipped steps)."""
+        self.max_consecutive = max_consecutive
+        self.world_size = world_size
+        self.consecutive = 0  # skipped steps in a row, up to the last checked one
+        self.total = max((r.get("skipped_nonfinite", 0) for r in records), default=0)
+        self.last_skipped = False
+        self.step = 0  # the last checked step
+        self._test_steps = _parse_steps(os.environ.get(NONFINITE_ENV, ""))
+
+    def check(self, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
+        """(take the update?, stop after this step?): one host sync, the same answer on every rank."""
+        if step in self._test_steps:
+            grad_norm.fill_(math.inf)  # test hook: the caller's norm too, so the step is logged as it would be
+        bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        flags = torch.stack((bad, torch.full_like(bad, stop_requested() is not None))).int()
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop = (bool(f) for f in flags.tolist())  # the step's one device-to-host sync
+        self.step, self.last_skipped = step, nonfinite
+        if not nonfinite:
+            self.consecutive = 0
+            return True, stop
+        self.consecutive += 1
+        self.total += 1
+        loss, norm = (f"{v:g}" for v in torch.stack((loss_sum.float(), grad_norm.float())).tolist())
+        where = " on this rank (or NaN/Inf on another)" if self.world_size > 1 else ""
+        _warn(f"step {step}: loss {loss}, gradient norm {norm}{where}: the update was skipped, the weights and "
+              f"optimizer state are unchanged ({self.consecutive} such step(s) in a row; the run stops at "
+              f"training.max_nonfinite_steps = {self.max_consecutive}).")
+        return False, stop
+
+    @property
+    def diverged(self) -> bool:
+        return self.consecutive >= self.max_consecutive
+
+    def annotate(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Mark a metrics record of the last checked step: NaN/Inf values become null (JSON has no NaN),
+        ``skipped`` on a skipped step, ``skipped_nonfinite`` (count so far) once any step was skipped."""
+        for key in ("loss", "grad_norm"):
+            if isinstance(record.get(key), float) and not math.isfinite(record[key]):
+                record[key] = None
+        if self.last_skipped:
+            record["skipped"] = True
+        if self.total:
+            record["skipped_nonfinite"] = self.total
+        return record
+
+    def raise_diverged(self, latest_checkpoint: Any = None, checkpointing: bool = False) -> None:
+        """Stop the run with exit code 3 (once :attr:`diverged`)."""
+        step, first = self.step, self.step - self.consecutive + 1
+        if latest_checkpoint is not None:
+            saved = (f"The latest checkpoint is {latest_checkpoint}; resuming from it as it is repeats the same "
+                     f"steps, so change something first (e.g. lower optimizer.lr, in a new job.dump_folder).")
+        elif checkpointing:
+            saved = "No checkpoint was saved before this."
+        else:
+            saved = "checkpoint.enable is false, so nothing was saved."
+        raise TrainingDiverged(
+            f"Training diverged: the loss or gradient norm was NaN/Inf at {self.consecutive} steps in a row "
+            f"(steps {first} to {step}; training.max_nonfinite_steps = {self.max_consecutive}). Those updates were "
+            f"skipped, so the weights are those after step {first - 1}. {saved} Usual remedies: a lower "
+            f"optimizer.lr, a longer lr_scheduler.warmup_steps, gradient clipping (training.max_norm), or the "
+            f"bf16-kahan / fp32 recipes; raise training.max_nonfinite_steps to ride out longer spikes.")
+
+
+def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """``scheduler.step()``, without torch's warning that it ran before any ``optimizer.step()`` (which is what
+    a skipped first step does on purpose)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """No NaN/Inf in any of the tensors (each rank's own shards; agreed over all ranks when a process group
+    exists). Uses each tensor's max-abs (NaN propagates), so it allocates nothing the size of a tensor."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    local = [t.detach() for t in local if t.numel()]
+    if not local:
+        return True
+    ok = torch.stack(torch._foreach_norm(local, math.inf)).isfinite().all().int()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+# ---- stop signals ---------------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_received: int | None = None  # the first stop signal, while stop_on_signals is active
+
+
+def stop_requested() -> int | None:
+    """The signal number of the SIGTERM/SIGINT received under :func:`stop_on_signals`, or None."""
+    return _received
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    global _received
+    name = signal.Signals(signum).name
+    if _received is not None:  # the second one: leave now; saved files stay consistent (module docstring)
+        if _is_main():
+            os.write(2, f"\nleantrain: {name} again: exiting now without saving.\n".encode())
+        os._exit(128 + signum)
+    _received = signum
+    if _is_main():  # os.write, not print: the signal may arrive in the middle of a print
+        os.write(2, f"\nleantrain: {name} received: finishing the current step, then saving a checkpoint and "
+                    f"stopping (send it again to stop at once).\n".encode())
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While active, the first SIGTERM/SIGINT sets :func:`stop_requested` (the trainer stops cleanly after the
+    step) and a second exits the process at once with 128 + the signal number. Outside the main thread,
+    where Python cannot install handlers, it does nothing."""
+    global _received
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    _received = None
+    for s in STOP_SIGNALS:
+        signal.signal(s, _on_signal)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _received = None
+
+
+def signal_name(signum: int | None) -> str:
+    """SIGTERM, SIGINT; under torchrun a rank may stop because another one got the signal."""
+    return signal.Signals(signum).name if signum is not None else "a stop signal (received by another rank)"

@@ -1,0 +1,295 @@
+"""Distributed training in real processes on gloo (CPU): FSDP2, DDP and HSDP with the precision recipes, against
+a single-process run with the same global batch and the same initial weights.
+
+One torchrun launch (tests/distributed_jobs.py) trains every 2-rank configuration in turn, so the process
+start-up is paid once; the HSDP test launches two real `torchrun --nnodes=2 -m leantrain train` "nodes" on
+loopback. Each 2-rank run has local_batch_size 4, the single-process reference local_batch_size 8: rank r
+trains on samples [4r, 4r + 4) of the reference's batch.
+
+Tolerance on every step's loss (relative, 2 ranks vs 1 process), set from the differences measured on these
+5 steps (debug model, lr 3e-3) with 10x or more headroom:
+
+* fp32: 1e-5. Only the order of fp32 sums differs (the gradient reduce-scatter / all-reduce adds two half
+  batches instead of one matmul over the whole batch); measured 1.8e-7.
+* bf16, bf16-kahan: 1e-3. The gradients are bf16: each rank's half-batch gradient is rounded to bf16
+  (8 significant bits) before the reduction adds them, so a gradient element can differ by one bf16 ulp
+  (0.4%) from the single-process one, and under FSDP2 the ranks' shards draw other stochastic-rounding bits
+  than one process (their seeds are mixed with the shard index). The loss moves by far less; measured
+  2.6e-5 (bf16), 1.2e-5 (bf16-kahan); HSDP 4.2e-5, compile 3.8e-5 (fused kernels round bf16 intermediates
+  differently).
+* bf16-int8: 3e-3. The same bf16 differences, amplified by the int8 moments: a tiny change of a moment can
+  move it to the neighbouring code of the block-wise map (codes are 1-10% apart); measured 2.7e-4 (FSDP2),
+  1.2e-5 (DDP, whose ranks quantize the same whole tensors as one process).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from leantrain import parallel, precision
+from leantrain.config import data_parallel_degrees, load_config, parse_overrides
+from leantrain.errors import ConfigError
+from leantrain.metrics import read_metrics
+
+STEPS = 5
+COMMON = ["--model.flavor=debug", "--data.seq_len=32", "--eval.steps=1", "--metrics.progress=false",
+          "--lr_scheduler.warmup_steps=2", f"--training.steps={STEPS}", "--metrics.log_freq=1", "--eval.interval=0",
+          "--optimizer.lr=3e-3"]
+RECIPES = ["fp32", "bf16", "bf16-kahan", "bf16-int8"]
+TOLERANCE = {"fp32": 1e-5, "bf16": 1e-3, "bf16-kahan": 1e-3, "bf16-int8": 3e-3}
+MODES = {"fsdp": ["--parallelism.dp_shard=2", "--parallelism.dp_replicate=1"],
+         "ddp": ["--parallelism.dp_shard=1", "--parallelism.dp_replicate=2"]}
+# Extra 2-rank runs of bf16: activation checkpointing under FSDP2, and compile with each checkpointing mode.
+VARIANTS = {"ac-full": [*MODES["fsdp"], "--activation_checkpoint.mode=full"],
+            "ac-selective": [*MODES["fsdp"], "--activation_checkpoint.mode=selective"],
+            "compile-fsdp": [*MODES["fsdp"], "--compile.enable=true", "--activation_checkpoint.mode=full"],
+            "compile-ddp": [*MODES["ddp"], "--compile.enable=true", "--activation_checkpoint.mode=selective"]}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+def _losses(folder) -> list[float]:
+    return [r["loss"] for r in read_metrics(os.path.join(folder, "metrics.jsonl"))]
+
+
+def _assert_close(got: list[float], want: list[float], rel: float) -> None:
+    assert len(got) == len(want) == STEPS
+    worst = max(abs(g - w) / w for g, w in zip(got, want))
+    assert worst <= rel, f"losses {got} vs one process {want}: relative difference {worst:.2e} > {rel:.0e}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Train every configuration once: single-process references here, all 2-rank runs in one torchrun."""
+    root = tmp_path_factory.mktemp("dist")
+    from leantrain.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers
+    try:
+        for recipe in RECIPES:
+            train(load_config(None, parse_overrides([*COMMON, f"--recipe={recipe}", "--data.local_batch_size=8",
+                                                     f"--job.dump_folder={root / f'single-{recipe}'}"])))
+    finally:
+        torch.set_num_threads(threads)
+    jobs = [[*COMMON, f"--recipe={recipe}", "--data.local_batch_size=4", *MODES[mode],
+             f"--job.dump_folder={root / f'{mode}-{recipe}'}"] for mode in MODES for recipe in RECIPES]
+    jobs += [[*COMMON, "--recipe=bf16", "--data.local_batch_size=4", *extra,
+              f"--job.dump_folder={root / name}"] for name, extra in VARIANTS.items()]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "tests", "distributed_jobs.py"), str(root / "jobs.json")],
+                       capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return root
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_two_ranks_match_one_process_with_the_same_global_batch(runs, mode, recipe):
+    one, two = runs / f"single-{recipe}", runs / f"{mode}-{recipe}"
+    # The same initial weights and batch: the first loss is the same up to the order of fp32 sums.
+    assert _losses(two)[0] == pytest.approx(_losses(one)[0], rel=1e-6)
+    _assert_close(_losses(two), _losses(one), TOLERANCE[recipe])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fsdp_gives_each_rank_half_of_the_training_state(runs, recipe):
+    single = json.loads((runs / f"single-{recipe}" / "summary.json").read_text())["state_bytes"]
+    for rank in (0, 1):
+        mine = json.loads((runs / f"fsdp-{recipe}" / f"rank{rank}.json").read_text())["state_bytes"]
+        for kind in ("params", "grads", "optimizer"):
+            # Shards are rows: the 259-row embedding and output split 130 / 129, hence "about".
+            assert abs(mine[kind] / single[kind] - 0.5) < 0.01, (rank, kind, mine, single)
+    summary = json.loads((runs / f"fsdp-{recipe}" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["state_bytes"] == json.loads((runs / f"fsdp-{recipe}" / "rank0.json").read_text())["state_bytes"]
+    # Bytes per parameter are per parameter held, so a recipe reads the same sharded or not.
+    assert summary["state_bytes_per_param"] == pytest.approx(
+        json.loads((runs / f"single-{recipe}" / "summary.json").read_text())["state_bytes_per_param"], rel=1e-3)
+
+
+def test_only_rank_0_writes_the_run_files(runs):
+    folder = runs / "fsdp-bf16"
+    assert [r["step"] for r in read_metrics(folder / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    assert {"config.toml", "metrics.jsonl", "summary.json", "loss.png"} <= set(os.listdir(folder))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_ddp_replicas_stay_identical(runs, recipe):
+    # Stochastic rounding too: replicas draw the same bits (only different shards draw different ones).
+    ranks = [json.loads((runs / f"ddp-{recipe}" / f"rank{r}.json").read_text())["checksum"] for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+
+
+@pytest.mark.parametrize("variant", ["ac-full", "ac-selective"])
+def test_activation_checkpointing_leaves_the_loss_unchanged(runs, variant):
+    # Recomputing the same ops on the same inputs gives the same values, so the runs are identical.
+    assert _losses(runs / variant) == _losses(runs / "fsdp-bf16")
+
+
+@pytest.mark.parametrize("variant", ["compile-fsdp", "compile-ddp"])
+def test_compile_with_activation_checkpointing_matches_within_bf16_tolerance(runs, variant):
+    # Inductor fuses the elementwise ops, rounding some bf16 intermediates differently.
+    _assert_close(_losses(runs / variant), _losses(runs / "single-bf16"), TOLERANCE["bf16"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hsdp_on_two_nodes_over_loopback_matches_one_process(runs):
+    """Two `torchrun --nnodes=2 --nproc_per_node=2` launchers meet at a c10d rendezvous on 127.0.0.1; HSDP shards
+    within each "node" (dp_shard=2) and replicates across them (dp_replicate=2). Global batch 4 x 2 = 8."""
+    folder = runs / "hsdp-bf16"
+    port = _free_port()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=leantrain-test",
+                "-m", "leantrain", "train", *COMMON, "--recipe=bf16", "--data.local_batch_size=2",
+                "--parallelism.dp_replicate=2", "--parallelism.dp_shard=2", f"--job.dump_folder={folder}"]
+    nodes = [subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                              cwd=ROOT) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-4000:] for o in outputs)
+    _assert_close(_losses(folder), _losses(runs / "single-bf16"), TOLERANCE["bf16"])
+    assert json.loads((folder / "summary.json").read_text())["world_size"] == 4
+
+
+# ---- without processes ------------------------------------------------------------------------------------
+
+
+def test_degrees_resolve_against_the_world_size():
+    cfg = load_config(None, {})
+    assert data_parallel_degrees(cfg, 1) == (1, 1)
+    assert data_parallel_degrees(cfg, 4) == (1, 4)  # default: FSDP2 over every rank
+    cfg = load_config(None, {"parallelism.dp_replicate": "2"})
+    assert data_parallel_degrees(cfg, 8) == (2, 4)
+    cfg = load_config(None, {"parallelism.dp_replicate": "-1", "parallelism.dp_shard": "2"})
+    assert data_parallel_degrees(cfg, 8) == (4, 2)
+
+
+@pytest.mark.parametrize("overrides, world", [({"parallelism.dp_shard": "2"}, 1),
+                                              ({"parallelism.dp_shard": "3"}, 4),
+                                              ({"parallelism.dp_replicate": "3"}, 4)])
+def test_degrees_that_do_not_fit_the_world_size_are_a_config_error(overrides, world):
+    with pytest.raises(ConfigError, match="dp_replicate \\* dp_shard must equal the world size"):
+        data_parallel_degrees(load_config(None, overrides), world)
+
+
+def test_a_single_process_with_dp_shard_2_stops_before_any_work(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="parallelism.dp_shard = 2"):
+        parallel.init_distributed(load_config(None, {"parallelism.dp_shard": "2"}))
+
+
+@pytest.mark.parametrize("bad", [{"parallelism.dp_shard": "0"}, {"parallelism.dp_replicate": "-2"},
+                                 {"parallelism.dp_shard": "-1", "parallelism.dp_replicate": "-1"},
+                                 {"activation_checkpoint.mode": "some"}])
+def test_bad_parallelism_keys_are_rejected(bad):
+    with pytest.raises(ConfigError):
+        load_config(None, bad)
+
+
+def test_fsdp_mixed_precision_policy_per_recipe():
+    def policy(recipe, **extra):
+        return precision.fsdp_policy(load_config(None, {"recipe": recipe, **extra}))
+
+    mixed = policy("bf16-mixed")
+    assert (mixed.param_dtype, mixed.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert policy("bf16-mixed", **{"training.mixed_precision_reduce": "bfloat16"}).reduce_dtype == torch.bfloat16
+    for recipe in ("bf16", "bf16-kahan", "bf16-int8"):  # full bf16: no policy, bf16 all the way
+        assert (policy(recipe).param_dtype, policy(recipe).reduce_dtype) == (None, None)
+    assert policy("fp32").param_dtype is None and policy("fp32").reduce_dtype == torch.float32
+
+
+def test_reduce_dtype_without_effect_warns():
+    cfg = load_config(None, {"recipe": "bf16-mixed", "training.mixed_precision_reduce": "bfloat16"})
+    assert not precision.suspicious_precision_settings(cfg, dp_shard=2)
+    assert any("without FSDP2" in m for m in precision.suspicious_precision_settings(cfg, dp_shard=1))
+    cfg = load_config(None, {"recipe": "bf16", "training.mixed_precision_reduce": "bfloat16"})
+    assert any("has no effect with training.dtype=bfloat16" in m for m in precision.suspicious_precision_settings(cfg))
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real one-process gloo group, so DTensors exist without launching anything."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "bf16", "bf16-sr", "bf16-kahan", "bf16-int8"])
+def test_adamw_on_sharded_parameters_equals_adamw_on_plain_ones(one_rank_group, recipe):
+    """Every state kind (fp32 / bf16 moments, Kahan buffer, int8 codes and scales) lives on the local shard of a
+    DTensor parameter, and a one-shard DTensor steps exactly like a plain tensor (shard 0 keeps the seeds)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from leantrain.optim import AdamW
+
+    cfg = load_config(None, {"recipe": recipe})
+    dtype, o = precision.storage_dtype(cfg), cfg.optimizer
+    mesh = init_device_mesh("cpu", (1,))
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(96, 64, generator=gen).to(dtype), torch.randn(64, generator=gen).to(dtype)]
+    plain = [torch.nn.Parameter(v.clone()) for v in values]
+    sharded = [torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])) for v in values]
+    opts = [AdamW(ps, lr=1e-2, state_dtype=o.state_dtype, compensation=o.compensation, seed=3)
+            for ps in (plain, sharded)]
+    for _ in range(3):
+        grads = [torch.randn(v.shape, generator=gen).to(dtype) for v in values]
+        for p, g in zip(plain, grads):
+            p.grad = g.clone()
+        for p, g in zip(sharded, grads):
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        for opt in opts:
+            opt.step()
+    for p, q in zip(plain, sharded):
+        assert torch.equal(p.detach(), q.to_local().detach())
+        for key, value in opts[0].state[p].items():
+            other = opts[1].state[q][key]
+            assert isinstance(other, DTensor) or key == "step"
+            local = other.to_local() if isinstance(other, DTensor) else other
+            assert torch.equal(value, local.reshape(value.shape)), key
+
+
+def test_shards_draw_different_random_bits_and_replicas_the_same():
+    """HSDP on 2 x 2 ranks (a fake process group: no processes): ranks 0 and 2 hold shard 0, ranks 1 and 3
+    shard 1. Replicas must draw the same stochastic-rounding bits or they would drift apart."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from leantrain.optim.adamw import _mix_shard, _shard_index, _sharded_block_scales
+
+    indices = []
+    for rank in range(4):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=4)
+        try:
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+            p = DTensor.from_local(torch.zeros(5, 64), mesh, [Replicate(), Shard(0)], shape=torch.Size((10, 64)),
+                                   stride=(64, 1))
+            indices.append(_shard_index(p))
+            scales = _sharded_block_scales(p)  # one row of block scales per shard
+            assert tuple(scales.shape) == (2, 2) and tuple(scales.to_local().shape) == (1, 2)
+        finally:
+            dist.destroy_process_group()
+    assert indices == [0, 1, 0, 1]
+    assert _mix_shard([7, 8, 9], 0) == [7, 8, 9] and _mix_shard([7, 8, 9], 1) != [7, 8, 9]
