@@ -358,7 +358,7 @@ def load_config(toml_path: str | None = None, overrides: dict[str, str] | None =
     cfg = Config()
     recipe_value, _ = flat.pop("recipe", ("", False))
     if recipe_value:
-        if recipe_value not in RECIPES:
+        if not isinstance(recipe_value, str) or recipe_value not in RECIPES:  # TOML may give any type
             raise _unknown("recipe", str(recipe_value), list(RECIPES))
         cfg.recipe = recipe_value
         for key, value in RECIPES[recipe_value].items():

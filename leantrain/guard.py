@@ -27,9 +27,13 @@ same step. It is one extra collective of 2 integers per step, only when the worl
 
 **Stop signals.** The command line wraps training in :func:`stop_on_signals`: the first SIGTERM or SIGINT
 only sets a flag; the trainer finishes the step in flight, saves a checkpoint (checkpoint.enable), says
-where, and exits with code 0. A second signal exits at once with 128 + its number (SIGINT 130, SIGTERM
-143), from wherever the process is, even mid-save: checkpoints are written to step-N.tmp and renamed
-when complete, and metrics.jsonl is written a whole line at a time, so nothing saved before is damaged.
+where, and exits with code 0 (under torchrun, the flag is all-reduced with the non-finite one, so every rank
+stops after the same step even when only one got the signal). A second signal, at least SAME_REQUEST_S
+after the first (closer ones are the same request delivered twice: a terminal's Ctrl-C reaches every
+process of the group and torchrun forwards its own copy), exits at once with 128 + its number (SIGINT 130,
+SIGTERM 143), from wherever the process is, even mid-save: checkpoints are written to step-N.tmp and
+renamed when complete, and metrics.jsonl is written a whole line at a time, so nothing saved before is
+damaged.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from typing import Any, Iterable, Iterator
 
@@ -164,7 +169,11 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 # ---- stop signals ---------------------------------------------------------------------------------
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A signal this soon after the first is the same request delivered twice, not a second one: Ctrl-C in a terminal
+# (or timeout, or a cluster's scheduler) signals the whole process group, and torchrun forwards its own copy.
+SAME_REQUEST_S = 1.0
 _received: int | None = None  # the first stop signal, while stop_on_signals is active
+_received_at = 0.0
 
 
 def stop_requested() -> int | None:
@@ -173,13 +182,15 @@ def stop_requested() -> int | None:
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    global _received
+    global _received, _received_at
     name = signal.Signals(signum).name
+    if _received is not None and time.monotonic() - _received_at < SAME_REQUEST_S:
+        return  # a duplicate delivery of the first request
     if _received is not None:  # the second one: leave now; saved files stay consistent (module docstring)
         if _is_main():
             os.write(2, f"\nleantrain: {name} again: exiting now without saving.\n".encode())
         os._exit(128 + signum)
-    _received = signum
+    _received, _received_at = signum, time.monotonic()
     if _is_main():  # os.write, not print: the signal may arrive in the middle of a print
         os.write(2, f"\nleantrain: {name} received: finishing the current step, then saving a checkpoint and "
                     f"stopping (send it again to stop at once).\n".encode())

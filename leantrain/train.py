@@ -192,7 +192,7 @@ def train(cfg: Config) -> tuple[dict[str, Any] | None, Transformer]:
             measured_state = state_bytes(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
         saved = checkpointer.save_if_due(step, elapsed_s=time.perf_counter() - start, force=stop)
-        if stop:  # SIGTERM/SIGINT: this step is done and saved (checkpoint.enable); log it, then stop
+        if stop:  # SIGTERM/SIGINT: this step is done and saved (checkpoint.enable); the loop ends after it
             stopped_at, stop_checkpoint = step, saved
 
         eval_now = step == steps or (cfg.eval.interval and step % cfg.eval.interval == 0)
