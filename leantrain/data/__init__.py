@@ -1,0 +1,35 @@
+"""Data: tokenizers, corpus loading, the train/eval split and packed pretraining batches.
+
+The trainer uses five names from here:
+
+* :func:`build_tokenizer` -- ``"byte"`` or a local Hugging Face ``tokenizer.json``.
+* :func:`load_documents` -- ``"builtin"``, a ``.txt`` file, a ``.jsonl`` file or a folder of them.
+* :func:`split_documents` -- the last 5% of documents are the held-out eval split.
+* :class:`PackedDataset` -- documents tokenized once, joined with BOS/EOS, cut into windows of
+  ``seq_len + 1`` tokens and served in a seeded, resumable, infinite order.
+* :class:`Tokenizer` -- the protocol both tokenizers follow.
+
+Every bad input raises :class:`leantrain.errors.DataError` with a message that names the file
+(or key), says what is wrong and what is allowed.
+
+``data.format="sft"`` uses :class:`SftDataset` (prompt/response pairs from :func:`load_sft_samples`,
+one sample per row, loss on the response only) with the same interface; :func:`build_datasets`
+gives the train and eval datasets of either format.
+"""
+
+from .corpus import load_documents, split_documents
+from .datasets import PackedDataset, SftDataset, build_datasets, load_sft_samples
+from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
+
+__all__ = [
+    "Tokenizer",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "build_tokenizer",
+    "load_documents",
+    "split_documents",
+    "PackedDataset",
+    "SftDataset",
+    "load_sft_samples",
+    "build_datasets",
+]

@@ -1,0 +1,210 @@
+"""Tokenizers: ``byte`` (256 byte ids + BOS, EOS, PAD) and a local Hugging Face ``tokenizer.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from leantrain.errors import DataError
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the trainer needs from a tokenizer.
+
+    ``encode`` returns the ids of the text only -- no BOS/EOS; the datasets add those.
+    ``bos_id`` is ``None`` when the tokenizer has no beginning-of-text token.
+    """
+
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: ids 0..255 are the bytes, then BOS=256, EOS=257, PAD=258.
+
+    ``decode`` drops the special ids and replaces byte sequences that are not valid UTF-8
+    (e.g. a window cut in the middle of a character) with U+FFFD.
+    """
+
+    vocab_size = 259
+    bos_id: int | None = 256
+    eos_id = 257
+    pad_id = 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """``encode`` as an int32 array, without a Python loop over the bytes."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise ValueError(f"byte tokenizer ids must be in 0..{self.vocab_size - 1}")
+        return arr[arr < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(vocab_size=259, bos_id=256, eos_id=257, pad_id=258)"
+
+
+# Special-token names, in order of preference, for tokenizers without a tokenizer_config.json.
+# EOS: for pretraining the end-of-document token (<|end_of_text|>) is preferred over the chat
+# end-of-turn token (<|eot_id|>), which is only used when nothing else is there.
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "[BOS]", "<|bos|>")
+_EOS_NAMES = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>", "[EOS]", "<|eos|>",
+              "<|eot_id|>", "<|im_end|>")
+_PAD_NAMES = ("<|finetune_right_pad_id|>", "<pad>", "[PAD]", "<|pad|>", "<|padding|>")
+
+
+class HFTokenizer:
+    """A local Hugging Face ``tokenizer.json`` loaded with the ``tokenizers`` library.
+
+    ``encode`` does not add special tokens (``add_special_tokens=False``); ``decode`` keeps
+    them, so BOS/EOS stay visible in generated samples.
+    """
+
+    def __init__(self, tok: Any, path: str, bos_id: int | None, eos_id: int, pad_id: int):
+        self._tok = tok
+        self.path = path
+        self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return (f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+                f"eos_id={self.eos_id}, pad_id={self.pad_id})")
+
+
+def build_tokenizer(path: str) -> Tokenizer:
+    """``tokenizer.path`` -> a tokenizer.
+
+    ``"byte"`` gives :class:`ByteTokenizer`. Anything else is a local Hugging Face
+    ``tokenizer.json`` (or a folder holding one). BOS/EOS/PAD come from ``bos_token`` /
+    ``eos_token`` / ``pad_token`` in a ``tokenizer_config.json`` beside it when there is one;
+    otherwise from the well-known names (``<|begin_of_text|>``, ``<s>``, ``<|end_of_text|>``,
+    ``</s>``, ``<|eot_id|>``, ...) and then from added tokens flagged special whose name says
+    bos/begin/start or eos/end. No EOS found -> :class:`DataError`. PAD falls back to EOS.
+    """
+    if path == "byte":
+        return ByteTokenizer()
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    allowed = ('tokenizer.path must be "byte" or a local Hugging Face tokenizer.json '
+               "(or a folder that contains one)")
+    if not p.exists():
+        raise DataError(f"Tokenizer file {str(p)!r} (tokenizer.path={path!r}) does not exist. {allowed}.")
+    try:
+        from tokenizers import Tokenizer as _HFTok
+    except ImportError as e:  # pragma: no cover - tokenizers is a runtime dependency
+        raise DataError(f"tokenizer.path={path!r} needs the 'tokenizers' package, which is not "
+                        f"installed ({e}); install it or use tokenizer.path=byte.") from e
+    try:
+        tok = _HFTok.from_file(str(p))
+    except Exception as e:  # the library raises plain Exception for bad JSON and bad schema
+        raise DataError(
+            f"Tokenizer file {str(p)!r} (tokenizer.path={path!r}) could not be loaded as a Hugging "
+            f"Face tokenizer: {e}. It must be a tokenizer.json as written by "
+            f"tokenizers.Tokenizer.save() or transformers' save_pretrained(); {allowed}.") from e
+
+    vocab = tok.get_vocab(with_added_tokens=True)
+    added = _special_added_tokens(tok)
+    cfg = _read_tokenizer_config(p.parent / "tokenizer_config.json", vocab)
+
+    def pick(role: str, names: tuple[str, ...], hints: tuple[str, ...]) -> int | None:
+        if role in cfg:
+            return cfg[role]
+        for n in names:
+            if n in vocab:
+                return int(vocab[n])
+        for content in added:
+            low = content.lower()
+            if any(h in low for h in hints) and content in vocab:
+                return int(vocab[content])
+        return None
+
+    bos = pick("bos_token", _BOS_NAMES, ("bos", "begin", "start"))
+    eos = pick("eos_token", _EOS_NAMES, ("eos", "end"))
+    pad = pick("pad_token", _PAD_NAMES, ("pad",))
+    if eos is None:
+        specials = ", ".join(repr(a) for a in added[:20]) or "none"
+        raise DataError(
+            f"Tokenizer file {str(p)!r} has no end-of-text token: set eos_token in a "
+            f"tokenizer_config.json beside it, or add one of {', '.join(_EOS_NAMES)} as a special "
+            f"token. Its special tokens are: {specials}. leantrain puts EOS after every document.")
+    return HFTokenizer(tok, str(p), bos, eos, eos if pad is None else pad)
+
+
+def _special_added_tokens(tok: Any) -> list[str]:
+    try:
+        decoder = tok.get_added_tokens_decoder()  # {id: AddedToken}
+        items = sorted(decoder.items())
+        return [t.content for _, t in items if getattr(t, "special", False)]
+    except Exception:  # older tokenizers versions
+        return []
+
+
+def _read_tokenizer_config(cfg_path: Path, vocab: dict[str, int]) -> dict[str, int]:
+    """bos/eos/pad ids from a tokenizer_config.json (strings or {"content": ...}); {} if absent."""
+    if not cfg_path.is_file():
+        return {}
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"Tokenizer config {str(cfg_path)!r} is not readable JSON ({e}); fix or "
+                        "remove it (it is optional and only names bos_token/eos_token).") from e
+    if not isinstance(cfg, dict):
+        raise DataError(f"Tokenizer config {str(cfg_path)!r} must be a JSON object, got "
+                        f"{type(cfg).__name__}.")
+    out: dict[str, int] = {}
+    for key in ("bos_token", "eos_token", "pad_token"):
+        val = cfg.get(key)
+        if isinstance(val, dict):
+            val = val.get("content")
+        if val is None:
+            continue
+        if not isinstance(val, str) or val not in vocab:
+            raise DataError(f"Tokenizer config {str(cfg_path)!r}: {key}={val!r} is not a token of "
+                            f"the tokenizer.json beside it; it must name one of its tokens, or be "
+                            "null/absent.")
+        out[key] = int(vocab[val])
+    return out
+
+
+def _encode_many(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Tokenize many texts into int arrays, using each tokenizer's fast path."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return [tokenizer.encode_array(t) for t in texts]
+    batch = getattr(tokenizer, "encode_batch", None)
+    out: list[np.ndarray] = []
+    if batch is not None:
+        step = 1024  # bound the memory held in Python lists at once
+        for i in range(0, len(texts), step):
+            out.extend(np.asarray(ids, dtype=np.int64) for ids in batch(texts[i:i + step]))
+        return out
+    return [np.asarray(tokenizer.encode(t), dtype=np.int64) for t in texts]
