@@ -71,7 +71,38 @@ class _Sampler:
 # --------------------------------------------------------------------------------------------
 
 
-class PackedDataset:
+class _Batches:
+    """What both dataset kinds share: the seeded, resumable training order and the fixed eval pass.
+
+    A subclass sets ``_sampler`` (a :class:`_Sampler`) and ``batch_size``, and defines ``_num_items``
+    (windows or samples) and ``_batch(idx)`` -> (inputs, labels).
+    """
+
+    @property
+    def epoch(self) -> int:
+        return self._sampler.epoch
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next training batch, (inputs, labels), both LongTensor [batch_size, seq_len]."""
+        return self._batch(self._sampler.next_indices())
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def eval_batches(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A fixed pass over every item in order, ``batch_size`` at a time (the last batch may be smaller),
+        at most ``max_batches`` batches. Does not touch the training order or state. It ignores rank:
+        every rank gets the same batches (the same count, as FSDP needs)."""
+        n, size = self._num_items(), self.batch_size
+        n_batches = math.ceil(n / size)
+        if max_batches is not None:
+            n_batches = min(n_batches, max(int(max_batches), 0))
+        for b in range(n_batches):
+            yield self._batch(torch.arange(b * size, min((b + 1) * size, n)))
+
+
+class PackedDataset(_Batches):
     """Documents tokenized, concatenated with EOS after each document (and BOS before each when
     the tokenizer has one), cut into windows of ``seq_len + 1`` tokens (inputs = w[:-1],
     labels = w[1:]).
@@ -126,33 +157,13 @@ class PackedDataset:
         flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
         return torch.from_numpy(flat)
 
-    @property
-    def epoch(self) -> int:
-        return self._sampler.epoch
+    def _num_items(self) -> int:
+        return self.num_windows
 
     def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels), both LongTensor [len(idx), seq_len]; labels are inputs shifted by one."""
         w = self.windows[idx].long()
         return w[:, :-1], w[:, 1:]
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels), both LongTensor [batch_size, seq_len]; labels are inputs shifted by one."""
-        return self._batch(self._sampler.next_indices())
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    def eval_batches(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """A fixed pass over the windows in order, ``batch_size`` at a time (the last batch may be
-        smaller), at most ``max_batches`` batches. Does not touch the training order or state.
-        It ignores rank: every rank gets the same batches (the same count, as FSDP needs)."""
-        n_batches = math.ceil(self.num_windows / self.batch_size)
-        if max_batches is not None:
-            n_batches = min(n_batches, max(int(max_batches), 0))
-        for b in range(n_batches):
-            lo = b * self.batch_size
-            w = self.windows[lo:lo + self.batch_size].long()
-            yield w[:, :-1], w[:, 1:]
 
     def state_dict(self) -> dict:
         return {**self._sampler.state_dict(), "seed": self.seed, "num_tokens": self.num_tokens,
@@ -227,7 +238,7 @@ def load_sft_samples(path: str) -> list[tuple[str, str]]:
     return samples
 
 
-class SftDataset:
+class SftDataset(_Batches):
     """Prompt/response pairs for supervised fine-tuning: one sample per row, padded to ``seq_len``.
 
     A sample is ``[BOS] + prompt + response + [EOS]`` (BOS when the tokenizer has one; prompt and
@@ -290,9 +301,8 @@ class SftDataset:
         return (torch.from_numpy(np.concatenate(parts)), torch.tensor(offsets, dtype=torch.int64),
                 torch.tensor(prompt_lens, dtype=torch.int64))
 
-    @property
-    def epoch(self) -> int:
-        return self._sampler.epoch
+    def _num_items(self) -> int:
+        return self.num_samples
 
     def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.full((len(idx), self.seq_len + 1), self.pad_id, dtype=torch.int64)
@@ -304,24 +314,6 @@ class SftDataset:
             first = int(self.prompt_lens[i]) - 1
             labels[r, first:b - a - 1] = rows[r, first + 1:b - a]
         return rows[:, :-1], labels
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels), both LongTensor [batch_size, seq_len]; labels are -100 on prompt and padding."""
-        return self._batch(self._sampler.next_indices())
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    def eval_batches(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every sample in order, ``batch_size`` at a time (the last batch may be smaller), at most
-        ``max_batches`` batches; does not touch the training order or state."""
-        n_batches = math.ceil(self.num_samples / self.batch_size)
-        if max_batches is not None:
-            n_batches = min(n_batches, max(int(max_batches), 0))
-        for b in range(n_batches):
-            lo = b * self.batch_size
-            yield self._batch(torch.arange(lo, min(lo + self.batch_size, self.num_samples)))
 
     def state_dict(self) -> dict:
         return {**self._sampler.state_dict(), "seed": self.seed, "num_samples": self.num_samples,
