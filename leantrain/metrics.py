@@ -154,7 +154,7 @@ def plot_losses(curves: dict[str, list[dict[str, Any]]], path: str, title: str =
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title or "loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, ncol=2 if len(curves) > 3 else 1)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
