@@ -74,9 +74,12 @@ class _Sampler:
 class _Batches:
     """What both dataset kinds share: the seeded, resumable training order and the fixed eval pass.
 
-    A subclass sets ``_sampler`` (a :class:`_Sampler`) and ``batch_size``, and defines ``_num_items``
-    (windows or samples) and ``_batch(idx)`` -> (inputs, labels).
+    A subclass sets ``_sampler`` (a :class:`_Sampler`), ``batch_size``, ``seed`` and ``name``, and defines
+    ``_num_items`` (windows or samples) and ``_batch(idx)`` -> (inputs, labels).
     """
+
+    _IDENTITY: tuple[str, ...] = ()  # sizes that identify the data: a checkpoint's must be the same
+    _KIND, _ITEMS = "", "items"  # for messages
 
     @property
     def epoch(self) -> int:
@@ -100,6 +103,29 @@ class _Batches:
             n_batches = min(n_batches, max(int(max_batches), 0))
         for b in range(n_batches):
             yield self._batch(torch.arange(b * size, min((b + 1) * size, n)))
+
+    def state_dict(self) -> dict:
+        """The position in the training order (epoch, position) and what identifies the data."""
+        return {**self._sampler.state_dict(), "seed": self.seed, **{k: getattr(self, k) for k in self._IDENTITY}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Continue the order where a checkpoint left it; the data and seed must be the same."""
+        for key in self._IDENTITY:
+            if key in sd and int(sd[key]) != getattr(self, key):
+                raise DataError(
+                    f"The checkpoint's {self._KIND}{self.name} data state was saved with {key}={int(sd[key])}, "
+                    f"but the data now has {key}={getattr(self, key)}: data.path, tokenizer.path or "
+                    "data.seq_len changed since the checkpoint. Resume with the same data settings, "
+                    "or start a new run (another job.dump_folder).")
+        if "seed" in sd and int(sd["seed"]) != self.seed:
+            raise DataError(f"The checkpoint's {self._KIND}{self.name} data order was drawn with job.seed="
+                            f"{int(sd['seed'])}, this run has job.seed={self.seed}. Resume with the "
+                            "same seed, or start a new run.")
+        epoch, position = int(sd["epoch"]), int(sd["position"])
+        if epoch < 0 or not 0 <= position < self._num_items():
+            raise DataError(f"The checkpoint's {self._KIND}{self.name} data state (epoch={epoch}, "
+                            f"position={position}) is out of range for {self._num_items()} {self._ITEMS}.")
+        self._sampler.load_state_dict(epoch, position)
 
 
 class PackedDataset(_Batches):
@@ -157,6 +183,9 @@ class PackedDataset(_Batches):
         flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
         return torch.from_numpy(flat)
 
+    _IDENTITY = ("num_tokens", "num_windows", "seq_len")
+    _ITEMS = "windows"
+
     def _num_items(self) -> int:
         return self.num_windows
 
@@ -164,28 +193,6 @@ class PackedDataset(_Batches):
         """(inputs, labels), both LongTensor [len(idx), seq_len]; labels are inputs shifted by one."""
         w = self.windows[idx].long()
         return w[:, :-1], w[:, 1:]
-
-    def state_dict(self) -> dict:
-        return {**self._sampler.state_dict(), "seed": self.seed, "num_tokens": self.num_tokens,
-                "num_windows": self.num_windows, "seq_len": self.seq_len}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for key in ("num_tokens", "seq_len"):
-            if key in sd and int(sd[key]) != getattr(self, key):
-                raise DataError(
-                    f"The checkpoint's {self.name} data state was saved with {key}={int(sd[key])}, "
-                    f"but the data now has {key}={getattr(self, key)}: data.path, tokenizer.path or "
-                    "data.seq_len changed since the checkpoint. Resume with the same data settings, "
-                    "or start a new run (another job.dump_folder).")
-        if "seed" in sd and int(sd["seed"]) != self.seed:
-            raise DataError(f"The checkpoint's {self.name} data order was drawn with job.seed="
-                            f"{int(sd['seed'])}, this run has job.seed={self.seed}. Resume with the "
-                            "same seed, or start a new run.")
-        epoch, position = int(sd["epoch"]), int(sd["position"])
-        if epoch < 0 or not 0 <= position < self.num_windows:
-            raise DataError(f"The checkpoint's {self.name} data state (epoch={epoch}, "
-                            f"position={position}) is out of range for {self.num_windows} windows.")
-        self._sampler.load_state_dict(epoch, position)
 
     def __repr__(self) -> str:
         return (f"PackedDataset(name={self.name!r}, num_tokens={self.num_tokens}, "
@@ -301,6 +308,9 @@ class SftDataset(_Batches):
         return (torch.from_numpy(np.concatenate(parts)), torch.tensor(offsets, dtype=torch.int64),
                 torch.tensor(prompt_lens, dtype=torch.int64))
 
+    _IDENTITY = ("num_samples", "num_tokens", "seq_len")
+    _KIND, _ITEMS = "SFT ", "samples"
+
     def _num_items(self) -> int:
         return self.num_samples
 
@@ -314,26 +324,6 @@ class SftDataset(_Batches):
             first = int(self.prompt_lens[i]) - 1
             labels[r, first:b - a - 1] = rows[r, first + 1:b - a]
         return rows[:, :-1], labels
-
-    def state_dict(self) -> dict:
-        return {**self._sampler.state_dict(), "seed": self.seed, "num_samples": self.num_samples,
-                "num_tokens": self.num_tokens, "seq_len": self.seq_len}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for key in ("num_samples", "num_tokens", "seq_len"):
-            if key in sd and int(sd[key]) != getattr(self, key):
-                raise DataError(
-                    f"The checkpoint's SFT {self.name} data state was saved with {key}={int(sd[key])}, but the "
-                    f"data now has {key}={getattr(self, key)}: data.path, tokenizer.path or data.seq_len changed "
-                    "since the checkpoint. Resume with the same data settings, or start a new run.")
-        if "seed" in sd and int(sd["seed"]) != self.seed:
-            raise DataError(f"The checkpoint's SFT {self.name} data order was drawn with job.seed={int(sd['seed'])}, "
-                            f"this run has job.seed={self.seed}. Resume with the same seed, or start a new run.")
-        epoch, position = int(sd["epoch"]), int(sd["position"])
-        if epoch < 0 or not 0 <= position < self.num_samples:
-            raise DataError(f"The checkpoint's SFT {self.name} data state (epoch={epoch}, position={position}) "
-                            f"is out of range for {self.num_samples} samples.")
-        self._sampler.load_state_dict(epoch, position)
 
     def __repr__(self) -> str:
         return (f"SftDataset(name={self.name!r}, num_samples={self.num_samples}, num_tokens={self.num_tokens}, "
