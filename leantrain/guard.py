@@ -212,9 +212,11 @@ def stop_on_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        _received = None
+        # After a stop request the process is about to exit: keep the handler, so that the request's duplicate
+        # copy (process group + torchrun), which may land after a fast final step and save, is still ignored.
+        if _received is None:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def signal_name(signum: int | None) -> str:
