@@ -39,12 +39,8 @@ def _take_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
 
 
 def _train(args: list[str]) -> int:
-    from .config import help_text, load_config, parse_overrides
+    from .config import load_config, parse_overrides
 
-    if "-h" in args or "--help" in args:
-        print(USAGE)
-        print(help_text())
-        return 0
     config_path, args = _take_option(args, "config")
     cfg = load_config(config_path, parse_overrides(args))
 
@@ -68,9 +64,6 @@ Train options are those of `leantrain train --help`.
 def _compare(args: list[str]) -> int:
     from .compare import compare, default_out
 
-    if "-h" in args or "--help" in args:
-        print(COMPARE_USAGE)
-        return 0
     recipes, args = _take_option(args, "recipes")
     out, args = _take_option(args, "out")
     config_path, args = _take_option(args, "config")
@@ -95,9 +88,6 @@ def _plan(args: list[str]) -> int:
     from .plan import format_plan, parse_bytes, plan, to_json
     from .precision import RECIPES
 
-    if "-h" in args or "--help" in args:
-        print(PLAN_USAGE)
-        return 0
     as_json = "--json" in args
     args = [a for a in args if a != "--json"]
     recipe, args = _take_option(args, "recipe")
@@ -134,9 +124,6 @@ batches. A checkpoint brings its run's settings (tokenizer, seq_len, dtype); opt
 def _eval(args: list[str]) -> int:
     from .config import parse_overrides
 
-    if "-h" in args or "--help" in args:
-        print(EVAL_USAGE)
-        return 0
     checkpoint_path, args = _take_option(args, "checkpoint")
     out, args = _take_option(args, "out")
     from .evaluation import run_eval
@@ -157,9 +144,6 @@ loads it.
 def _export(args: list[str]) -> int:
     from .errors import ConfigError
 
-    if "-h" in args or "--help" in args:
-        print(EXPORT_USAGE)
-        return 0
     checkpoint_path, args = _take_option(args, "checkpoint")
     out, args = _take_option(args, "out")
     if not checkpoint_path or not out or args:
@@ -186,6 +170,15 @@ def _export(args: list[str]) -> int:
 COMMANDS = {"train": _train, "compare": _compare, "plan": _plan, "eval": _eval, "export": _export}
 
 
+def _usage(command: str) -> str:
+    """``leantrain COMMAND --help``: train's lists every config key from the dataclasses' docstrings."""
+    if command == "train":
+        from .config import help_text
+
+        return USAGE + "\n" + help_text()
+    return {"compare": COMPARE_USAGE, "plan": PLAN_USAGE, "eval": EVAL_USAGE, "export": EXPORT_USAGE}[command]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _format_warning
@@ -198,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"leantrain: error: unknown command '{command}'; available: {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
+    if "-h" in rest or "--help" in rest:
+        print(_usage(command))
+        return 0
     try:
         return COMMANDS[command](rest)
     except LeantrainError as e:  # bad input (2), training diverged (3): the message, no traceback

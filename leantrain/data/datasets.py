@@ -71,6 +71,15 @@ class _Sampler:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_sizes(seq_len: int, batch_size: int, rank: int, world_size: int) -> None:
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise DataError(f"data.seq_len must be a positive integer, got {seq_len!r}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"data.local_batch_size must be a positive integer, got {batch_size!r}.")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+
+
 class _Batches:
     """What both dataset kinds share: the seeded, resumable training order and the fixed eval pass.
 
@@ -150,12 +159,7 @@ class PackedDataset(_Batches):
     def __init__(self, docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, batch_size: int,
                  seed: int, shuffle: bool = True, name: str = "train", *,
                  rank: int = 0, world_size: int = 1):
-        if not isinstance(seq_len, int) or seq_len < 1:
-            raise DataError(f"data.seq_len must be a positive integer, got {seq_len!r}.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise DataError(f"data.local_batch_size must be a positive integer, got {batch_size!r}.")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        _check_sizes(seq_len, batch_size, rank, world_size)
         self.name = name
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -266,12 +270,7 @@ class SftDataset(_Batches):
 
     def __init__(self, samples: Sequence[tuple[str, str]], tokenizer: Tokenizer, seq_len: int, batch_size: int,
                  seed: int, shuffle: bool = True, name: str = "train", *, rank: int = 0, world_size: int = 1):
-        if not isinstance(seq_len, int) or seq_len < 1:
-            raise DataError(f"data.seq_len must be a positive integer, got {seq_len!r}.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise DataError(f"data.local_batch_size must be a positive integer, got {batch_size!r}.")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        _check_sizes(seq_len, batch_size, rank, world_size)
         self.name, self.seq_len, self.batch_size, self.seed = name, seq_len, batch_size, seed
         self.pad_id = tokenizer.pad_id
         self.tokens, self.offsets, self.prompt_lens = self._tokenize(list(samples), tokenizer, seq_len, name)
