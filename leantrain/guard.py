@@ -33,7 +33,8 @@ after the first (closer ones are the same request delivered twice: a terminal's 
 process of the group and torchrun forwards its own copy), exits at once with 128 + its number (SIGINT 130,
 SIGTERM 143), from wherever the process is, even mid-save: checkpoints are written to step-N.tmp and
 renamed when complete, and metrics.jsonl is written a whole line at a time, so nothing saved before is
-damaged.
+damaged. Once the stop is honoured (saved, training returned), stop signals are ignored while the process
+exits: there is nothing left to interrupt.
 """
 
 from __future__ import annotations
@@ -212,11 +213,16 @@ def stop_on_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        # After a stop request the process is about to exit: keep the handler, so that the request's duplicate
-        # copy (process group + torchrun), which may land after a fast final step and save, is still ignored.
         if _received is None:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        else:
+            # The stop was honoured and saved; the process is about to exit. Ignore further stop signals: the
+            # request's duplicate copy (process group + torchrun) can land after a fast final step and save,
+            # and Python's finalization (about 0.5 s with torch loaded) resets Python-level handlers to the
+            # default action, which would turn that duplicate into a death by signal instead of exit code 0.
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
 
 
 def signal_name(signum: int | None) -> str:
