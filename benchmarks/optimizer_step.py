@@ -64,7 +64,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated variant names to run (the torch foreach baselines always run)")
     args = ap.parse_args()
+    names = [n for n in VARIANTS if n.startswith("torch AdamW foreach")]
+    names += [n for n in VARIANTS if n not in names and (args.only is None or n in args.only.split(","))]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -75,7 +79,8 @@ def main() -> None:
     master = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
     runs = {}
-    for name, (dtype, make) in VARIANTS.items():
+    for name in names:
+        dtype, make = VARIANTS[name]
         ps = [torch.nn.Parameter(m.to(device, dtype)) for m in master]
         for p, g in zip(ps, grads):
             p.grad = g.to(device, dtype)

@@ -12,7 +12,7 @@ import torch
 from leantrain.optim import AdamW, build_optimizer, stochastic_round
 from leantrain.optim import adamw as adamw_mod
 from leantrain.optim import quant
-from leantrain.optim.rounding import kahan_write_, random_fields
+from leantrain.optim.rounding import field_generator, kahan_write_, random_fields
 
 BF16_ULP_1 = 2.0**-7  # bf16 spacing in [1, 2)
 
@@ -141,9 +141,11 @@ def test_stochastic_rounding_edge_values():
     assert torch.signbit(out[1])
 
 
-def test_random_fields_are_uniform_16_bit():
-    (r,) = random_fields(1 << 16, [torch.Generator().manual_seed(0)], "cpu")
-    assert r.dtype == torch.int32 and r.min() >= 0 and r.max() < (1 << 16)
+@pytest.mark.parametrize("make", [lambda: torch.Generator().manual_seed(0), lambda: field_generator(0, "cpu")],
+                         ids=["torch", "numpy"])
+def test_random_fields_are_uniform_16_bit(make):
+    (r,) = random_fields(1 << 16, [make()], "cpu")
+    assert r.dtype == torch.int16 and r.min() < -32000 and r.max() > 32000  # the whole int16 range
     bits = torch.stack([((r >> k) & 1).float().mean() for k in range(16)])
     assert torch.all((bits - 0.5).abs() < 0.02)
 

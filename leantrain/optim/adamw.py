@@ -24,7 +24,10 @@ State per parameter (all tensors in `self.state[p]`, on the parameter's device):
                                int8 moments: uint8 codes (param shape) + fp32 scale per 256
                                elements (~2.03 B/param); tensors under 4096 elements keep bf16
     kahan_comp                 bf16, param shape (2 B/param), only for compensation="kahan"
-The random bits come from one CPU torch.Generator seeded with `seed`; its state is saved in
+The random bits: one CPU torch.Generator seeded with `seed` draws, each step, one seed per
+parameter and random field; each field's bits then come from a generator seeded with it
+(numpy's PCG64DXSM on CPU, torch's Philox on accelerators: see rounding.py for why). Only the
+first generator has state across steps; it is saved in
 `state_dict()["param_groups"][0]["rng_state"]`, so a resumed run is bit-identical.
 
 Sharded parameters (FSDP2 DTensors): the math runs on each rank's local shard, and every state
@@ -61,7 +64,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 
 from . import quant
-from .rounding import kahan_write_, random_fields, round_to_bf16_
+from .rounding import field_generator, kahan_write_, random_fields, round_to_bf16_
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -406,8 +409,8 @@ def _local_scale(scale: torch.Tensor, numel: int) -> torch.Tensor:
     return scale.to_local()[0, :quant.num_blocks(numel)] if _is_dtensor(scale) else scale
 
 
-def _field_generators(seeds: list[int], n: int, device: torch.device) -> list[torch.Generator]:
-    return [torch.Generator(device=device).manual_seed(s) for s in seeds[:n]]
+def _field_generators(seeds: list[int], n: int, device: torch.device) -> list:
+    return [field_generator(s, device) for s in seeds[:n]]
 
 
 def _batches(idxs: list[int], sizes: list[int]):

@@ -13,46 +13,61 @@ update below 0.0039 is lost, every step, forever. Two fixes, both used by the op
 * Kahan compensation keeps a bf16 buffer with the part of each update the weight could not
   take, and adds it back into the next update (see `kahan_write_`).
 
-Random bits come in 16-bit *fields* (int32 tensors with values in [0, 2^16)), drawn by
-`random_fields` from a torch.Generator: one `random_` call per bf16 tensor the optimizer writes
-stochastically (weight or compensation buffer, exp_avg, exp_avg_sq).
+Random bits come in 16-bit *fields*: int16 tensors, uniform over [-2^15, 2^15), one per bf16
+tensor the optimizer writes stochastically (weight or compensation buffer, exp_avg, exp_avg_sq),
+drawn by `random_fields` from a *field generator* (`field_generator`):
+
+* on CPU, numpy's PCG64DXSM bit generator. Why not torch's: torch's CPU generator is mt19937,
+  serial, at about 1.6 ns per 32-bit draw on this project's CPUs, and `random_` keeps 31 bits of
+  each, so a field cost one draw per element; that made the random bits most of the step time of
+  the stochastic recipes. PCG64DXSM's `random_raw` gives 64 bits (4 fields) in about 1.6 ns: the
+  bits of a field cost a quarter as much (`benchmarks/optimizer_step.py`).
+* on accelerators, a torch.Generator of that device (Philox: counter-based, parallel).
+A torch.Generator is accepted on CPU too (tests, `stochastic_round`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-_LOW16 = 0xFFFF
-_HIGH16 = -65536  # 0xFFFF0000 as a signed int32
+def field_generator(seed: int, device) -> torch.Generator | np.random.BitGenerator:
+    """A generator of random fields for `device`, seeded with `seed` (a non-negative int)."""
+    if torch.device(device).type == "cpu":
+        return np.random.PCG64DXSM(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
-def random_fields(numel: int, generators: list[torch.Generator], device) -> list[torch.Tensor]:
-    """One uniform 16-bit random field of `numel` elements from each generator.
+def random_fields(numel: int, generators: list, device) -> list[torch.Tensor]:
+    """One uniform 16-bit random field (int16, [-2^15, 2^15)) of `numel` elements per generator.
 
-    One `random_` call per field: an int32 draw gives 31 random bits, of which we keep the low 16
-    (cheaper on CPU than a ranged draw or than cutting several fields out of one int64 draw).
-    A field has its own generator so that drawing a tensor chunk by chunk gives the same bits
-    as drawing it whole.
+    A field has its own generator, so drawing a tensor chunk by chunk gives the same bits as
+    drawing it whole (chunks of a multiple of 4 elements: a numpy draw is whole 64-bit words).
     """
     fields = []
     for gen in generators:
-        r = torch.empty(numel, dtype=torch.int32, device=device).random_(generator=gen)
-        fields.append(r.bitwise_and_(_LOW16))
+        if isinstance(gen, np.random.BitGenerator):
+            words = gen.random_raw(-(-numel // 4))  # 4 fields per 64-bit word
+            fields.append(torch.from_numpy(words).view(torch.int16)[:numel])
+        else:
+            r = torch.empty(numel, dtype=torch.int16, device=device)
+            fields.append(r.random_(-(1 << 15), 1 << 15, generator=gen))
     return fields
 
 
 def stochastic_round_(out: torch.Tensor, x: torch.Tensor, rand16: torch.Tensor) -> torch.Tensor:
     """Write `x` (fp32, **clobbered**) into the bf16 tensor `out`, rounded stochastically.
 
-    Unbiased for every finite value: E[out] == x. `rand16` holds uniform values in [0, 2^16).
-    Three passes: add the random bits, shift the top 16 bits down, narrow them into `out`.
+    Unbiased for every finite value: E[out] == x. `rand16` holds uniform values in [-2^15, 2^15)
+    (a field of `random_fields`); adding it and then 2^15 adds a uniform value in [0, 2^16).
+    Four passes: add the random bits, add 2^15, shift the top 16 bits down, narrow them into `out`.
     NaN stays NaN for the canonical NaNs (0x7FC00000 / 0xFFC00000 and any NaN that came from
     bf16) that torch arithmetic produces and propagates; only a hand-made NaN whose payload
     fills bits 16-22, or lives only in bits 0-15, would come out as +-0 or +-inf. We do not
     pay two more passes per tensor (isnan + masked_fill: 2/3 of this function's time) for that.
     """
     bits = x.view(torch.int32)
-    bits.add_(rand16.view(bits.shape))
+    bits.add_(rand16.view(bits.shape)).add_(1 << 15)
     bits >>= 16  # arithmetic shift: the result is the bf16 bit pattern, in int16 range
     out.view(torch.int16).copy_(bits)
     return out
@@ -70,10 +85,10 @@ def round_to_bf16_(out: torch.Tensor, x: torch.Tensor, rand16: torch.Tensor | No
     return out
 
 
-def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def stochastic_round(x: torch.Tensor, generator=None) -> torch.Tensor:
     """fp32 tensor -> new bf16 tensor, rounded stochastically (convenience for tests and users)."""
     x = x.detach().to(torch.float32, copy=True).contiguous()
-    gen = generator if generator is not None else torch.Generator(device=x.device).manual_seed(0)
+    gen = generator if generator is not None else field_generator(0, x.device)
     (r,) = random_fields(x.numel(), [gen], x.device)
     out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
     return stochastic_round_(out, x, r)
@@ -94,12 +109,12 @@ def kahan_write_(
         param = bf16_nearest(param + y)    # what the weight can take
         comp  = y - (param_new - param)    # what it could not take, carried to the next step
 
-    `param_f32` is the old weight in fp32; `delta` is clobbered (it becomes the new comp).
+    `param_f32` (the old weight in fp32) and `delta` are clobbered (delta becomes the new comp).
     `comp` is written stochastically when `comp_rand16` is given: the buffer's own rounding
     error is then unbiased too. With nearest rounding (optimi's choice) that error is
     systematic - adding 1e-4 ten thousand times to 1.0 ends at 2.03 instead of 2.0.
     """
-    y = delta.add_(comp.float())
-    param.copy_(param_f32 + y)
-    y.sub_(param.float().sub_(param_f32))  # new - old is exact in fp32 (two nearby bf16 values)
+    y = delta.add_(comp)  # the bf16 buffer is upcast on the fly: no fp32 copy of it
+    torch.add(param_f32, y, out=param)  # computed in fp32, rounded to nearest into the bf16 weight
+    y.add_(param_f32.sub_(param))  # old - new is exact in fp32 (two nearby bf16 values)
     round_to_bf16_(comp, y, comp_rand16)
