@@ -16,7 +16,8 @@ wd 0.01; warmup 50 then cosine to 10% of the peak):
 
 Besides leantrain's recipes, two anchors show what each part buys: ``sr-weights`` (stochastic
 rounding of the weights only, nearest-rounded bf16 moments: torchao's bf16_stochastic_round) and
-``kahan-nearest`` (Kahan weights, nearest-rounded bf16 moments: optimi's Kahan).
+``kahan-nearest`` (Kahan weights, nearest-rounded bf16 moments: optimi's Kahan). ``fp32-perturbed``
+(fp32 with the peak lr times 1 + 1e-6) measures the noise floor of a paired gap in each regime.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ RUNS = {  # name -> config overrides (recipes by name, anchors as explicit keys)
                              "optimizer.moments_rounding": "nearest"},
     "kahan-nearest (optimi)": {"training.dtype": "bfloat16", "optimizer.compensation": "kahan",
                                "optimizer.moments_rounding": "nearest"},
+    # The noise floor of a paired comparison: fp32 again, with every update scaled by 1 + 1e-6 (through the
+    # peak lr), a perturbation 16x fp32's own rounding and thousands of times smaller than bf16's. Whatever
+    # gap this run shows is how far two fp32 trajectories drift apart from a tiny difference, not precision.
+    "fp32-perturbed (lr x 1.000001)": {"recipe": "fp32", "lr_factor": 1.000001},
 }
 # Smaller than the issue's measurement (dim 256, seq 256) so the whole matrix runs in about 30 minutes.
 MODEL = {"model.flavor": "debug", "model.dim": "128", "model.n_layers": "4", "model.n_heads": "4",
@@ -63,7 +68,9 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
     from leantrain.train import evaluate, train
 
     steps = max(60, int(REGIMES[regime]["training.steps"] * steps_scale))
-    overrides = {**MODEL, **RUNS[name], "optimizer.lr": REGIMES[regime]["optimizer.lr"],
+    run = dict(RUNS[name])
+    lr = float(REGIMES[regime]["optimizer.lr"]) * run.pop("lr_factor", 1.0)
+    overrides = {**MODEL, **run, "optimizer.lr": repr(lr),
                  "training.steps": str(steps), "eval.interval": str(max(1, steps // 6)), "job.seed": str(seed),
                  "job.dump_folder": os.path.join(out, regime, f"seed{seed}", name.split()[0])}
     cfg = load_config(None, overrides)

@@ -1,8 +1,9 @@
 """Training throughput of leantrain vs a hand-written PyTorch loop vs Lightning Fabric, same model and data.
 
-    python benchmarks/throughput.py --repeats 3 --steps 20 --out benchmarks/results/throughput.json
+    python benchmarks/throughput.py --repeats 5 --steps 20 --recipes fp32,bf16-mixed,bf16,bf16-sr --out benchmarks/results/throughput.json
 
-For each precision (fp32, bf16-mixed, bf16) three implementations train the `small` Llama (seq 256,
+For each precision (fp32, bf16-mixed, bf16; and leantrain's default bf16-sr, whose hand and fabric
+counterparts are their plain bf16 runs) three implementations train the `small` Llama (seq 256,
 batch 8) on the same random token batches:
     leantrain   `leantrain.train.train` itself (data pipeline, logging, leantrain's AdamW);
     hand        a minimal loop: the same model, torch.optim.AdamW(foreach=True), loss on fp32 logits,
@@ -28,6 +29,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, BATCH, WARMUP = 256, 8, 3
 FABRIC_PRECISION = {"fp32": "32-true", "bf16-mixed": "bf16-mixed", "bf16": "bf16-true"}
+# leantrain-only recipes (compensated full bf16): hand and fabric have no equivalent, so their rows are
+# compared with the plain full-bf16 runs of hand and fabric (torch AdamW on bf16 parameters).
+PEER = {"bf16-sr": "bf16", "bf16-kahan": "bf16", "bf16-int8": "bf16"}
 
 
 def _batches(steps: int, vocab: int):
@@ -124,7 +128,8 @@ def main() -> None:
         sys.path.insert(0, ROOT)
         worker(*args.worker, args.steps)
         return
-    combos = [(i, r) for r in args.recipes.split(",") for i in args.impls.split(",")]
+    combos = [(i, r) for r in args.recipes.split(",") for i in args.impls.split(",")
+              if i == "leantrain" or r not in PEER]
     runs: dict[tuple[str, str], list[dict]] = {c: [] for c in combos}
     for rep in range(args.repeats):
         for impl, recipe in combos:
@@ -134,17 +139,22 @@ def main() -> None:
             print(f"repeat {rep}: {impl:9s} {recipe:10s} {runs[(impl, recipe)][-1]['tokens_per_sec']:.0f} tok/s",
                   file=sys.stderr, flush=True)
 
-    def med(impl, recipe, key="tokens_per_sec"):
-        return statistics.median(r[key] for r in runs[(impl, recipe)])
+    def key(impl, recipe):
+        return (impl, recipe if impl == "leantrain" else PEER.get(recipe, recipe))
+
+    def med(impl, recipe, k="tokens_per_sec"):
+        return statistics.median(r[k] for r in runs[key(impl, recipe)])
 
     def ratio(a, b):  # within-repeat ratios, then the median
-        return statistics.median(x["tokens_per_sec"] / y["tokens_per_sec"] for x, y in zip(runs[a], runs[b]))
+        return statistics.median(x["tokens_per_sec"] / y["tokens_per_sec"]
+                                 for x, y in zip(runs[key(*a)], runs[key(*b)]))
 
     recipes, impls = args.recipes.split(","), args.impls.split(",")
     lines = ["| precision | " + " | ".join(f"{i} tok/s" for i in impls) + " | leantrain / hand | leantrain / fabric | "
              "peak RSS MiB (" + ", ".join(impls) + ") |", "|---" * (len(impls) + 4) + "|"]
     for r in recipes:
-        lines.append(f"| {r} | " + " | ".join(f"{med(i, r):.0f}" for i in impls) +
+        name = f"{r} (hand, fabric: {PEER[r]})" if r in PEER else r
+        lines.append(f"| {name} | " + " | ".join(f"{med(i, r):.0f}" for i in impls) +
                      f" | {ratio(('leantrain', r), ('hand', r)):.3f} | {ratio(('leantrain', r), ('fabric', r)):.3f} | "
                      + ", ".join(f"{med(i, r, 'peak_rss_bytes') / 2**20:.0f}" for i in impls) + " |")
     if "fp32" in recipes and "bf16" in recipes:

@@ -504,21 +504,27 @@ def _update(t: _Tensors, kind: str, kahan: bool, fields: tuple, rand: list, h: d
             kahan_write_(t.p[i], t.comp[i], pf[i], delta[i], r)
         if stats is not None:
             for i in range(len(t.p)):
-                same = t.p[i] == old[i]
-                stats.add(nonzero[i], same, same & (t.comp[i] != comp_old[i]))
+                lost = nonzero[i] & (t.p[i] == old[i])
+                stats.add(nonzero[i].count_nonzero(), lost.count_nonzero(),
+                          (lost & (t.comp[i] != comp_old[i])).count_nonzero())
     else:
         pf = t.p if fp32_params else _f32(t.p)
-        old = [x.float() for x in t.p] if (stats is not None and not fp32_params) else None
+        old = [x.clone() for x in t.p] if (stats is not None and not fp32_params) else None
         torch._foreach_mul_(pf, 1 - h["lr"] * h["wd"])
         torch._foreach_addcdiv_(pf, m, denom, value=-h["step_size"])
         if not fp32_params:
-            nonzero = [x != o for x, o in zip(pf, old)] if old is not None else None
+            # Counted on bit patterns (integer differences: cheaper than float compares and bool sums). A weight
+            # whose fp32 result equals its old value keeps its bits under either rounding, so the changed
+            # weights are a subset of the updated ones and lost = updated - changed.
+            updated = ([(x.view(torch.int32) - o.float().view(torch.int32)).count_nonzero() for x, o in zip(pf, old)]
+                       if old is not None else None)  # before rounding, which clobbers pf
             for i in range(len(t.p)):
                 r = rand[i][w_field] if w_field >= 0 else None
                 round_to_bf16_(t.p[i], pf[i], r)
             if old is not None:
                 for i in range(len(t.p)):
-                    stats.add(nonzero[i], t.p[i].float() == old[i], None)
+                    changed = (t.p[i].view(torch.int16) - old[i].view(torch.int16)).count_nonzero()
+                    stats.add(updated[i], updated[i] - changed, None)
 
     # write the moments back
     if kind == "int8":
@@ -538,15 +544,14 @@ class _Stats:
         self.updated = self.lost = self.compensated = None
         self.kahan = False
 
-    def add(self, nonzero, same, compensated):
-        lost = (nonzero & same).sum()
-        upd = nonzero.sum()
-        self.updated = upd if self.updated is None else self.updated + upd
+    def add(self, updated, lost, compensated):
+        """Counts (0-dim tensors) of one tensor: elements with a nonzero update, those of them whose bf16
+        weight did not change, and (Kahan) those of the latter whose compensation buffer took the update."""
+        self.updated = updated if self.updated is None else self.updated + updated
         self.lost = lost if self.lost is None else self.lost + lost
         if compensated is not None:
             self.kahan = True
-            c = (nonzero & compensated).sum()
-            self.compensated = c if self.compensated is None else self.compensated + c
+            self.compensated = compensated if self.compensated is None else self.compensated + compensated
 
     def result(self) -> dict[str, float]:
         if self.updated is None:
