@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 
 import torch
 
@@ -32,6 +33,7 @@ def peak_flops() -> float | None:
 
 
 def main() -> None:
+    warnings.simplefilter("ignore")  # each run's config warnings were shown when it trained
     out, recipes = sys.argv[1], sys.argv[2:]
     peak = peak_flops()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

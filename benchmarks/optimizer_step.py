@@ -66,7 +66,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--only", default=None,
                     help="comma-separated variant names to run (the torch foreach baselines always run)")
+    ap.add_argument("--profile", default=None, metavar="VARIANT",
+                    help="instead of timing: the torch.profiler table of 3 steps of this variant (after 2 warm-up)")
     args = ap.parse_args()
+    if args.profile:
+        args.only = args.profile
     names = [n for n in VARIANTS if n.startswith("torch AdamW foreach")]
     names += [n for n in VARIANTS if n not in names and (args.only is None or n in args.only.split(","))]
     if args.threads:
@@ -85,6 +89,18 @@ def main() -> None:
         for p, g in zip(ps, grads):
             p.grad = g.to(device, dtype)
         runs[name] = (ps, make(ps), [])
+
+    if args.profile:
+        from torch.profiler import profile
+
+        ps, opt, _ = runs[args.profile]
+        for _ in range(2):
+            opt.step()
+        with profile() as prof:
+            for _ in range(3):
+                opt.step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        return
 
     def sync():
         if device.type == "cuda":
