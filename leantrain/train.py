@@ -233,6 +233,7 @@ def train(cfg: Config) -> tuple[dict[str, Any] | None, Transformer]:
     summary = {k: summary[k] for k in ("recipe", "num_params", "steps", "final_loss", "final_eval_loss",
                                        "tokens_per_sec", "peak_memory_bytes", "state_bytes",
                                        "state_bytes_per_param", "planned_state_bytes")}
+    summary["skipped_nonfinite_steps"] = nonfinite.total  # steps whose NaN/Inf loss or grad norm was skipped
     if dist.world_size > 1:  # state_bytes are then rank 0's own (its shards); bytes/param per local parameter
         summary["world_size"] = dist.world_size
     if dist.is_main:

@@ -148,7 +148,8 @@ def test_a_nonfinite_step_is_skipped_and_training_continues(tmp_path):
     assert len(kept) > 50 and any(k.endswith("exp_avg_sq") for k in kept)
     assert all(torch.equal(states[2][k], states[3][k]) for k in kept)
     assert not torch.equal(states[3]["model.output.weight"], states[4]["model.output.weight"])
-    assert json.loads((folder / "summary.json").read_text())["final_loss"] > 0
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["final_loss"] > 0 and summary["skipped_nonfinite_steps"] == 1
 
 
 def test_too_many_nonfinite_steps_in_a_row_stop_with_exit_3(tmp_path):
