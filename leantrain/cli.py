@@ -91,19 +91,14 @@ def _plan(args: list[str]) -> int:
     as_json = "--json" in args
     args = [a for a in args if a != "--json"]
     recipe, args = _take_option(args, "recipe")
-    shard, args = _take_option(args, "parallelism.dp_shard")
     memory, args = _take_option(args, "gpu-memory")
     config_path, args = _take_option(args, "config")
     recipes = list(RECIPES) if recipe in (None, "all") else recipe.split(",")
     for r in recipes:
         if r not in RECIPES:
             raise ConfigError(f"--recipe={r!r} is not a recipe; allowed: all, {', '.join(RECIPES)}.")
-    try:
-        dp_shard = int(shard or 1)
-        assert dp_shard >= 1
-    except (ValueError, AssertionError):
-        raise ConfigError(f"--parallelism.dp_shard={shard!r} must be a positive integer (the FSDP degree).") from None
-    cfg = load_config(config_path, parse_overrides(args))
+    cfg = load_config(config_path, parse_overrides(args))  # validates parallelism.dp_shard too
+    dp_shard = max(1, cfg.parallelism.dp_shard)  # -1 ("every rank") means one process here: no sharding
     result = plan(cfg, recipes, dp_shard, parse_bytes(memory or "80GiB"))
     print(to_json(result) if as_json else format_plan(result))
     return 0

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import TINY, run_leantrain
 from leantrain.metrics import read_metrics
 
@@ -41,6 +43,18 @@ def test_plan_70B_on_8_gpus_bf16_state_fits_fp32_does_not():
     assert bf16["fits_checkpointed"] and not fp32["fits_checkpointed"]
     assert bf16["activation_bytes_per_gpu_checkpointed"] < bf16["activation_bytes_per_gpu"]
     assert set(bf16) >= {"state_bytes_per_gpu", "activation_bytes_per_gpu", "total_bytes_per_gpu", "fits"}
+
+
+def test_plan_takes_dp_shard_from_the_config_file_and_the_command_line_overrides_it(tmp_path):
+    toml = tmp_path / "plan.toml"
+    toml.write_text('[model]\nflavor = "8B"\n[parallelism]\ndp_shard = 8\n')
+    state = {}
+    for extra in ([], ["--parallelism.dp_shard=2"]):
+        r = run_leantrain("plan", "--config", str(toml), "--recipe=bf16", "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        state[len(extra)] = sum(json.loads(r.stdout)["recipes"]["bf16"]["state_bytes_per_gpu"].values())
+    assert state[0] == pytest.approx(8_030_261_248, rel=1e-6)  # 8 B/param over 8 ranks (plus FSDP padding)
+    assert state[1] == pytest.approx(4 * 8_030_261_248, rel=1e-6)
 
 
 def test_plan_bad_memory_size():
