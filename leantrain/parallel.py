@@ -218,9 +218,16 @@ def mean_over_ranks(value: torch.Tensor, d: Distributed) -> torch.Tensor:
     """The mean of a scalar over all ranks (for logging: every rank's loss on its part of the batch)."""
     if d.world_size == 1:
         return value
+    return sum_over_ranks(value, d) / d.world_size  # SUM, then divide: gloo has no AVG
+
+
+def sum_over_ranks(value: torch.Tensor, d: Distributed) -> torch.Tensor:
+    """The sum of a tensor over all ranks (a new tensor; the value itself on one process)."""
+    if d.world_size == 1:
+        return value
     total = value.detach().clone()
-    dist.all_reduce(total)  # SUM: gloo has no AVG
-    return total / d.world_size
+    dist.all_reduce(total)
+    return total
 
 
 def same_on_all_ranks(obj: Any, d: Distributed) -> Any:

@@ -13,6 +13,7 @@ from torch import nn
 from . import checkpoint, guard, parallel, precision
 from .config import Config, resolve_dump_folder, to_toml, warn_once
 from .data import PackedDataset, build_datasets, build_tokenizer
+from .data.datasets import IGNORE_INDEX
 from .errors import ConfigError
 from .metrics import MetricsLogger, Progress, peak_memory_bytes, plot_losses, state_bytes, summarize, write_json
 from .model import Transformer, build_model, num_params
@@ -124,6 +125,21 @@ def evaluate(model: nn.Module, data: PackedDataset, cfg: Config, device: torch.d
     return (total / count).item()
 
 
+def token_weights(labels: list[torch.Tensor], dist: parallel.Distributed) -> list[torch.Tensor]:
+    """Per micro-batch factors that turn the mean of its loss into its share of the global batch's token mean.
+
+    The step's loss is the mean over every labelled token of the global batch (all micro-batches, all
+    ranks), so a micro-batch's mean loss counts with weight n * accum * world_size / N (n its labelled tokens,
+    N the global batch's), divided by accum below and averaged over ranks by DDP/FSDP. Packed data labels
+    every token, so each weight is exactly 1.0 there; SFT micro-batches differ in response tokens, and an
+    unweighted mean would give a short response's tokens more say than a long one's.
+    """
+    counts = torch.stack([(x != IGNORE_INDEX).sum() for x in labels])
+    total = parallel.sum_over_ranks(counts.sum(), dist)
+    scale = len(labels) * dist.world_size
+    return list(counts * scale / total)  # int64 / int64: fp32, and exactly 1.0 when the integers are equal
+
+
 def train(cfg: Config) -> tuple[dict[str, Any] | None, Transformer]:
     """Train as configured; returns summary.json's contents (None when a stop signal ended the run early, see
     leantrain.guard) and the trained model. Raises TrainingDiverged after too many NaN/Inf steps in a row."""
@@ -173,11 +189,12 @@ def train(cfg: Config) -> tuple[dict[str, Any] | None, Transformer]:
         if stopped_at is not None or nonfinite.diverged:  # a stop signal or too many NaN/Inf steps: stop here
             break
         loss_sum = torch.zeros((), device=device)
-        for _ in range(accum):
-            inputs, labels = train_data.next_batch()
+        batches = [[t.to(device, non_blocking=True) for t in train_data.next_batch()] for _ in range(accum)]
+        weights = token_weights([labels for _, labels in batches], dist)
+        for (inputs, labels), weight in zip(batches, weights):
             with precision.autocast(cfg, device, dist.sharded):
-                logits = model(inputs.to(device, non_blocking=True))
-            loss = precision.cross_entropy(logits, labels.to(device, non_blocking=True)) / accum
+                logits = model(inputs)
+            loss = precision.cross_entropy(logits, labels) * weight / accum
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = precision.clip_grad_norm_(params, cfg.training.max_norm)

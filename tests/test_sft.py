@@ -133,3 +133,24 @@ def test_train_and_eval_on_sft_data(tmp_path, capsys):
     result = json.loads((tmp_path / "eval.json").read_text())
     # held-out split: the last 2 of 40 samples (38, 39); labels are their response digits and EOS
     assert result["format"] == "sft" and result["tokens"] == len("76") + 1 + len("78") + 1
+
+
+def test_sft_loss_is_the_token_mean_of_the_global_batch_however_it_is_split(tmp_path, capsys):
+    """Two samples with very different response lengths: one micro-batch of 2, or 2 accumulated micro-batches
+    of 1, must train alike (the loss weighs every response token the same, not every micro-batch)."""
+    path = tmp_path / "sft.jsonl"
+    with open(path, "w") as f:
+        for i in range(16):
+            response = "7" if i % 2 else "the answer is a long sentence of many tokens"
+            f.write(json.dumps({"prompt": f"Q{i}: ", "response": response}) + "\n")
+    losses = {}
+    for batch, accum in ((2, 1), (1, 2)):
+        run = tmp_path / f"b{batch}"
+        args = ["--data.format=sft", f"--data.path={path}", "--model.flavor=debug", "--data.seq_len=64",
+                f"--data.local_batch_size={batch}", f"--training.gradient_accumulation_steps={accum}",
+                "--training.steps=3", "--recipe=fp32", "--optimizer.lr=1e-3", "--lr_scheduler.warmup_steps=0",
+                "--metrics.log_freq=1", "--eval.interval=0", "--eval.steps=1", "--metrics.progress=false",
+                f"--job.dump_folder={run}"]
+        assert main(["train", *args]) == 0
+        losses[accum] = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
+    assert losses[1] == pytest.approx(losses[2], rel=1e-5)
