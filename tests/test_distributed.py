@@ -277,7 +277,7 @@ def test_shards_draw_different_random_bits_and_replicas_the_same():
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from leantrain.optim.adamw import _mix_shard, _shard_index, _sharded_block_scales
+    from leantrain.optim.sharding import mix_shard, shard_index, sharded_block_scales
 
     indices = []
     for rank in range(4):
@@ -286,10 +286,10 @@ def test_shards_draw_different_random_bits_and_replicas_the_same():
             mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
             p = DTensor.from_local(torch.zeros(5, 64), mesh, [Replicate(), Shard(0)], shape=torch.Size((10, 64)),
                                    stride=(64, 1))
-            indices.append(_shard_index(p))
-            scales = _sharded_block_scales(p)  # one row of block scales per shard
+            indices.append(shard_index(p))
+            scales = sharded_block_scales(p)  # one row of block scales per shard
             assert tuple(scales.shape) == (2, 2) and tuple(scales.to_local().shape) == (1, 2)
         finally:
             dist.destroy_process_group()
     assert indices == [0, 1, 0, 1]
-    assert _mix_shard([7, 8, 9], 0) == [7, 8, 9] and _mix_shard([7, 8, 9], 1) != [7, 8, 9]
+    assert mix_shard([7, 8, 9], 0) == [7, 8, 9] and mix_shard([7, 8, 9], 1) != [7, 8, 9]

@@ -424,4 +424,4 @@ def test_the_package_unpickles_nothing_unrestricted():
             if name == "torch.load":
                 flags = {k.arg: ast.unparse(k.value) for k in node.keywords}
                 assert flags.get("weights_only") == "True", f"{path.name}: {ast.unparse(node)}"
-    assert unpicklers == ["checkpoint.py:_MetadataUnpickler"]
+    assert unpicklers == ["reading.py:_MetadataUnpickler"]

@@ -58,16 +58,12 @@ saving global state. The tests use torchao as a cross-check when it is installed
 from __future__ import annotations
 
 import math
-import sys
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 
-from . import quant
+from . import quant, sharding
 from .rounding import field_generator, kahan_write_, random_fields, round_to_bf16_
-
-if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
 
 STATE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 COMPENSATIONS = ("none", "stochastic", "kahan")
@@ -200,7 +196,7 @@ class AdamW(torch.optim.Optimizer):
                     p, quant.zero_code(signed), dtype=torch.uint8,
                     memory_format=torch.contiguous_format,
                 )
-                state[f"{name}_scale"] = (_sharded_block_scales(p) if _is_dtensor(p) else
+                state[f"{name}_scale"] = (sharding.sharded_block_scales(p) if sharding.is_dtensor(p) else
                                           torch.zeros(nb, dtype=torch.float32, device=p.device))
         else:
             dtype = getattr(torch, kind)
@@ -252,7 +248,7 @@ class AdamW(torch.optim.Optimizer):
             # One seed per parameter and random field, in parameter order, so the random bits a
             # parameter gets do not depend on how the paths group or chunk it.
             seeds = torch.randint(0, 2**62, (len(params), 3), generator=self._generator).tolist()
-            seeds = [_mix_shard(row, _shard_index(p)) for row, p in zip(seeds, params)]
+            seeds = [sharding.mix_shard(row, sharding.shard_index(p)) for row, p in zip(seeds, params)]
             states = [self._init_state(group, p) for p in params]
             for st in states:
                 st["step"] += 1
@@ -281,8 +277,8 @@ class AdamW(torch.optim.Optimizer):
             kahan = self._uses_kahan(group, p)
             fields = self._nfields(group, p)
             gens = _field_generators(seed, max(fields) + 1, p.device)
-            n = _local(p).numel()
-            chunk = _CPU_CHUNK if (p.device.type == "cpu" and _local(p).is_contiguous()) else n
+            n = sharding.local(p).numel()
+            chunk = _CPU_CHUNK if (p.device.type == "cpu" and sharding.local(p).is_contiguous()) else n
             for a in range(0, n, chunk):
                 b = min(n, a + chunk)
                 t = _Tensors.gather([p], [st], kind, kahan, a, b, chunk < n)
@@ -296,10 +292,10 @@ class AdamW(torch.optim.Optimizer):
             buckets.setdefault(key, []).append(i)
         for (_, device, kind, kahan, fields, step), idxs in buckets.items():
             h = self._hyper(group, step)
-            for batch in _batches(idxs, [_local(params[i]).numel() for i in idxs]):
+            for batch in _batches(idxs, [sharding.local(params[i]).numel() for i in idxs]):
                 ps = [params[i] for i in batch]
                 t = _Tensors.gather(ps, [states[i] for i in batch], kind, kahan, 0, None, False)
-                rand = [random_fields(_local(params[i]).numel(),
+                rand = [random_fields(sharding.local(params[i]).numel(),
                                       _field_generators(seeds[i], max(fields) + 1, device), device)
                         for i in batch]
                 _update(t, kind, kahan, fields, rand, h, stats)
@@ -362,53 +358,6 @@ def _expected_keys(opt: AdamW, group: dict, p: torch.Tensor) -> list[str]:
     return keys
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    # No DTensor exists before torch.distributed.tensor is imported (which costs a second).
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view: writes go to the DTensor), or the tensor itself."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _shard_index(p: torch.Tensor) -> int:
-    """Which shard of its parameter this rank holds: 0 for a plain tensor, the same for replicas."""
-    if not _is_dtensor(p):
-        return 0
-    mesh, coordinate, index = p.device_mesh, p.device_mesh.get_coordinate(), 0
-    for dim, placement in enumerate(p.placements):
-        if placement.is_shard():
-            index = index * mesh.size(dim) + coordinate[dim]
-    return index
-
-
-def _mix_shard(seeds: list[int], shard: int) -> list[int]:
-    """Per-shard seeds; shard 0 (and any unsharded tensor) keeps the seeds of a single-process run."""
-    return [(s ^ (shard * 0x9E3779B97F4A7C15)) & (2**62 - 1) for s in seeds] if shard else seeds
-
-
-def _sharded_block_scales(p: DTensor) -> DTensor:
-    """int8 scales of a sharded parameter: each rank cuts its own shard into blocks; row r of this
-    [shards, blocks] DTensor (sharded like p, padded to the largest shard's block count) holds shard r's."""
-    if any(pl.is_shard() and pl.dim != 0 for pl in p.placements):
-        raise ValueError(f"AdamW: int8 state needs parameters sharded on dim 0, got {p.placements}")
-    mesh = p.device_mesh
-    shards = math.prod(mesh.size(d) for d, pl in enumerate(p.placements) if pl.is_shard())
-    largest = -(-p.shape[0] // shards) * (p.numel() // max(p.shape[0], 1))
-    nb = quant.num_blocks(largest)
-    from torch.distributed.tensor import DTensor
-
-    local = torch.zeros(1, nb, dtype=torch.float32, device=p.device)
-    return DTensor.from_local(local, mesh, p.placements, shape=torch.Size((shards, nb)), stride=(nb, 1))
-
-
-def _local_scale(scale: torch.Tensor, numel: int) -> torch.Tensor:
-    """The flat scales of this rank's blocks (see _sharded_block_scales)."""
-    return scale.to_local()[0, :quant.num_blocks(numel)] if _is_dtensor(scale) else scale
-
-
 def _field_generators(seeds: list[int], n: int, device: torch.device) -> list:
     return [field_generator(s, device) for s in seeds[:n]]
 
@@ -435,15 +384,15 @@ class _Tensors:
     @staticmethod
     def gather(params, states, kind, kahan, a, b, chunked):
         flat = chunked or kind == "int8"  # int8 blocks run over the flattened tensor
-        if flat and not all(_local(x).is_contiguous() for x in params):
+        if flat and not all(sharding.local(x).is_contiguous() for x in params):
             raise ValueError("AdamW: int8 state needs contiguous parameters")
 
         def view(t):  # sharded tensors: the math runs on this rank's shard
-            t = _local(t)
+            t = sharding.local(t)
             return t.view(-1)[a:b] if flat else t
 
         def scale_view(t, p):
-            t = _local_scale(t, _local(p).numel())
+            t = sharding.local_scale(t, sharding.local(p).numel())
             return t[a // quant.BLOCK: quant.num_blocks(b)] if chunked else t
 
         p = [view(x) for x in params]

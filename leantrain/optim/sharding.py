@@ -1,0 +1,65 @@
+"""Sharded (FSDP2 DTensor) parameters in the optimizer: local shards, per-shard seeds, int8 block scales.
+
+The math runs on each rank's local shard. Ranks holding different shards must draw different random bits,
+while replicas of one shard (HSDP, DDP) must draw the same ones; int8 blocks are cut from the local shard.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import quant
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    # No DTensor exists before torch.distributed.tensor is imported (which costs a second).
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writes go to the DTensor), or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shard_index(p: torch.Tensor) -> int:
+    """Which shard of its parameter this rank holds: 0 for a plain tensor, the same for replicas."""
+    if not is_dtensor(p):
+        return 0
+    mesh, coordinate, index = p.device_mesh, p.device_mesh.get_coordinate(), 0
+    for dim, placement in enumerate(p.placements):
+        if placement.is_shard():
+            index = index * mesh.size(dim) + coordinate[dim]
+    return index
+
+
+def mix_shard(seeds: list[int], shard: int) -> list[int]:
+    """Per-shard seeds; shard 0 (and any unsharded tensor) keeps the seeds of a single-process run."""
+    return [(s ^ (shard * 0x9E3779B97F4A7C15)) & (2**62 - 1) for s in seeds] if shard else seeds
+
+
+def sharded_block_scales(p: DTensor) -> DTensor:
+    """int8 scales of a sharded parameter: each rank cuts its own shard into blocks; row r of this
+    [shards, blocks] DTensor (sharded like p, padded to the largest shard's block count) holds shard r's."""
+    if any(pl.is_shard() and pl.dim != 0 for pl in p.placements):
+        raise ValueError(f"AdamW: int8 state needs parameters sharded on dim 0, got {p.placements}")
+    mesh = p.device_mesh
+    shards = math.prod(mesh.size(d) for d, pl in enumerate(p.placements) if pl.is_shard())
+    largest = -(-p.shape[0] // shards) * (p.numel() // max(p.shape[0], 1))
+    nb = quant.num_blocks(largest)
+    from torch.distributed.tensor import DTensor
+
+    local = torch.zeros(1, nb, dtype=torch.float32, device=p.device)
+    return DTensor.from_local(local, mesh, p.placements, shape=torch.Size((shards, nb)), stride=(nb, 1))
+
+
+def local_scale(scale: torch.Tensor, numel: int) -> torch.Tensor:
+    """The flat scales of this rank's blocks (see sharded_block_scales)."""
+    return scale.to_local()[0, :quant.num_blocks(numel)] if is_dtensor(scale) else scale
