@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+
 def field_generator(seed: int, device) -> torch.Generator | np.random.BitGenerator:
     """A generator of random fields for `device`, seeded with `seed` (a non-negative int)."""
     if torch.device(device).type == "cpu":
