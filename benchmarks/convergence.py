@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -74,6 +75,9 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
                  "training.steps": str(steps), "eval.interval": str(max(1, steps // 6)), "job.seed": str(seed),
                  "job.dump_folder": os.path.join(out, regime, f"seed{seed}", name.split()[0])}
     cfg = load_config(None, overrides)
+    # A fresh folder: without checkpoints leantrain appends to an existing metrics.jsonl, which would mix an
+    # earlier run's curve into this one's.
+    shutil.rmtree(cfg.job.dump_folder, ignore_errors=True)
     start = time.perf_counter()
     summary, model = train(cfg)
     # The same weights, upcast, through an fp32 forward: what was learned, without inference rounding.
