@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -202,7 +203,7 @@ def main() -> None:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=1)
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(f"Command: `python benchmarks/convergence.py {' '.join(sys.argv[1:])}`\n\n{text}\n")
+        f.write(f"Command: `python benchmarks/convergence.py {shlex.join(sys.argv[1:])}`\n\n{text}\n")
     plot(results, regimes, os.path.join(args.out, "convergence.png"))
 
 

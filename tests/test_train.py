@@ -14,8 +14,10 @@ from leantrain.plan import plan
 from leantrain.train import build_model_from_config
 
 SPEC_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s", "peak_memory_bytes"}
-SPEC_SUMMARY = {"recipe", "num_params", "steps", "final_loss", "final_eval_loss", "tokens_per_sec",
-                "peak_memory_bytes", "state_bytes", "state_bytes_per_param", "planned_state_bytes"}
+# SPEC.md section 5, plus the planner's prediction and the count of skipped NaN/Inf steps
+SUMMARY_KEYS = {"recipe", "num_params", "steps", "final_loss", "final_eval_loss", "tokens_per_sec",
+                "peak_memory_bytes", "state_bytes", "state_bytes_per_param", "planned_state_bytes",
+                "skipped_nonfinite_steps"}
 
 
 def test_train_writes_the_run_files_and_learns(tmp_path):
@@ -29,8 +31,8 @@ def test_train_writes_the_run_files_and_learns(tmp_path):
     assert all(SPEC_METRICS <= set(r) for r in records)
     assert [r["step"] for r in records if "eval_loss" in r] == [30, 60]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == SPEC_SUMMARY
-    assert summary["recipe"] == "bf16-sr" and summary["steps"] == 60
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["recipe"] == "bf16-sr" and summary["steps"] == 60 and summary["skipped_nonfinite_steps"] == 0
     # It learns: from ln(259) = 5.56 nats at init to well below.
     assert records[0]["loss"] > 5.0
     assert summary["final_eval_loss"] < 0.75 * records[0]["loss"]
