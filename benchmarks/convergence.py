@@ -53,7 +53,8 @@ RUNS = {  # name -> config overrides (recipes by name, anchors as explicit keys)
     # gap this run shows is how far two fp32 trajectories drift apart from a tiny difference, not precision.
     "fp32-perturbed (lr x 1.000001)": {"recipe": "fp32", "lr_factor": 1.000001},
 }
-# Smaller than the measurement (dim 256, seq 256) so the whole matrix runs in about 30 minutes.
+# Smaller than the measurement (dim 256, seq 256) to keep the matrix near half an hour on 2 cores (48 runs
+# now take about 50 minutes, the noise-floor run included).
 MODEL = {"model.flavor": "debug", "model.dim": "128", "model.n_layers": "4", "model.n_heads": "4",
          "model.n_kv_heads": "2", "model.ffn_dim": "384", "data.seq_len": "128", "data.local_batch_size": "8",
          "optimizer.betas": "0.9,0.999", "optimizer.weight_decay": "0.01", "lr_scheduler.warmup_steps": "50",

@@ -64,15 +64,18 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    ap.add_argument("--only", default=None,
-                    help="comma-separated variant names to run (the torch foreach baselines always run)")
+    ap.add_argument("--only", action="append", default=None, metavar="VARIANT",
+                    help="run this variant (repeatable; the torch foreach baselines always run)")
     ap.add_argument("--profile", default=None, metavar="VARIANT",
                     help="instead of timing: the torch.profiler table of 3 steps of this variant (after 2 warm-up)")
     args = ap.parse_args()
+    unknown = set(args.only or []) | ({args.profile} if args.profile else set())
+    if unknown - set(VARIANTS):
+        ap.error(f"unknown variant(s) {sorted(unknown - set(VARIANTS))}; choose from {list(VARIANTS)}")
     if args.profile:
-        args.only = args.profile
+        args.only = [args.profile]
     names = [n for n in VARIANTS if n.startswith("torch AdamW foreach")]
-    names += [n for n in VARIANTS if n not in names and (args.only is None or n in args.only.split(","))]
+    names += [n for n in VARIANTS if n not in names and (args.only is None or n in args.only)]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
