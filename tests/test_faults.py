@@ -204,8 +204,9 @@ def test_sigterm_saves_exits_0_and_the_run_resumes_exactly(tmp_path, reference):
     proc.send_signal(signal.SIGTERM)  # delivered twice at once (process group + torchrun): one request
     stdout = Path(f"{folder}.stdout")
     wait_for(lambda: "stopped by SIGTERM" in stdout.read_text(), proc, "the stop message")
-    while proc.poll() is None:  # late copies, landing while Python shuts down: ignored too (this failed in CI)
-        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:  # late copies, landing while Python shuts down:
+        proc.send_signal(signal.SIGTERM)  # ignored too (this failed in CI)
         time.sleep(0.02)
     assert proc.wait(timeout=120) == 0, Path(f"{folder}.stderr").read_text()
     out = stdout.read_text()

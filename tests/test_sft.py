@@ -135,7 +135,7 @@ def test_train_and_eval_on_sft_data(tmp_path, capsys):
     assert result["format"] == "sft" and result["tokens"] == len("76") + 1 + len("78") + 1
 
 
-def test_sft_loss_is_the_token_mean_of_the_global_batch_however_it_is_split(tmp_path, capsys):
+def test_sft_loss_is_the_token_mean_of_the_global_batch_however_it_is_split(tmp_path):
     """Two samples with very different response lengths: one micro-batch of 2, or 2 accumulated micro-batches
     of 1, must train alike (the loss weighs every response token the same, not every micro-batch)."""
     path = tmp_path / "sft.jsonl"
