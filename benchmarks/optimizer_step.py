@@ -36,6 +36,11 @@ def llama_shapes(dim=384, n_layers=6, ffn_dim=1024, vocab=8192, n_kv_heads_dim=N
     return shapes
 
 
+def _tracked(opt: AdamW) -> AdamW:
+    opt.track_lost_updates = True
+    return opt
+
+
 # name -> (parameter dtype, factory); torch baselines first
 VARIANTS = {
     "torch AdamW foreach (fp32)": (torch.float32, lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
@@ -52,6 +57,10 @@ VARIANTS = {
     "bf16 int8 (stochastic)": (torch.bfloat16, lambda ps: AdamW(
         ps, lr=1e-3, state_dtype="int8", compensation="stochastic")),
     "bf16 fp32-state": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, state_dtype="float32")),
+    # A logged step: the trainer turns the lost-update meter on for it (metrics.log_freq).
+    "bf16 none, lost-update meter on": (torch.bfloat16, lambda ps: _tracked(AdamW(ps, lr=1e-3))),
+    "bf16 stochastic, lost-update meter on": (torch.bfloat16, lambda ps: _tracked(AdamW(
+        ps, lr=1e-3, compensation="stochastic"))),
     "bf16 none foreach": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, foreach=True)),
     "bf16 stochastic foreach": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compensation="stochastic", foreach=True)),
 }
