@@ -47,7 +47,12 @@ def compare(recipes: list[str], out: str, train_args: list[str], config_path: st
     # Validate every recipe's config before any run starts (a contradiction should not surface at run 3).
     overrides = parse_overrides(train_args)
     for r in recipes:
-        load_config(config_path, {**overrides, "recipe": r, "job.dump_folder": os.path.join(out, r)})
+        cfg = load_config(config_path, {**overrides, "recipe": r, "job.dump_folder": os.path.join(out, r)})
+        earlier = os.path.join(out, r, "metrics.jsonl")
+        if not cfg.checkpoint.enable and os.path.exists(earlier):  # without checkpoints a run appends to it
+            raise ConfigError(f"--out {out} already holds a run of recipe {r} ({earlier}); a new comparison there "
+                              f"would mix its curves with that run's. Choose another --out or remove {out} (or "
+                              f"pass --checkpoint.enable=true, which resumes runs from their checkpoints).")
     os.makedirs(out, exist_ok=True)
 
     summaries, curves = [], {}

@@ -25,6 +25,17 @@ def test_compare_writes_report_summary_and_plot(tmp_path):
     assert first[1] == first[2]  # bf16 and bf16-sr compute the same first forward bit for bit
 
 
+def test_compare_refuses_an_out_folder_that_holds_an_earlier_comparison(tmp_path):
+    out = tmp_path / "cmp"
+    (out / "bf16").mkdir(parents=True)
+    (out / "bf16" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    r = run_leantrain("compare", "--recipes", "fp32,bf16", "--out", str(out), *TINY, "--training.steps=2")
+    said = " ".join(r.stderr.split())  # the message is wrapped
+    assert r.returncode == 2 and "already holds a run of recipe bf16" in said and "Traceback" not in said
+    assert sorted(p.name for p in out.iterdir()) == ["bf16"]  # nothing ran, nothing was touched
+    assert (out / "bf16" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'
+
+
 def test_compare_rejects_unknown_recipe_before_running(tmp_path):
     r = run_leantrain("compare", "--recipes", "fp32,bf17", "--out", str(tmp_path / "x"), *TINY)
     assert r.returncode == 2 and "bf17" in r.stderr and "Traceback" not in r.stderr
