@@ -166,6 +166,21 @@ def plot(results: list[dict], regimes: list[str], path: str) -> None:
     plt.close(fig)
 
 
+def pooled(dirs: list[str], regimes: list[str]) -> str:
+    """Paired gaps (own precision) over every seed in the results.json of several --out folders."""
+    results = [r for d in dirs for r in json.load(open(os.path.join(d, "results.json")))["results"]]
+    own = gaps(results, "eval_loss")
+    lines = ["| recipe | regime | seeds | mean gap | sd | standard error | per seed |", "|---|---|---|---|---|---|---|"]
+    for name in RUNS:
+        for g in regimes:
+            o = own.get((name, g))
+            if o and name != "fp32":
+                sd = statistics.stdev(o) if len(o) > 1 else 0.0
+                lines.append(f"| {name} | {g} | {len(o)} | {statistics.mean(o):+.2f}% | {sd:.2f}% | "
+                             f"{sd / len(o) ** 0.5:.2f}% | " + ", ".join(f"{x:+.2f}" for x in o) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
@@ -174,7 +189,12 @@ def main() -> None:
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply each regime's steps (quick looks)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/convergence")
+    ap.add_argument("--pool", nargs="+", metavar="DIR", default=None,
+                    help="run nothing: print the gaps over all seeds of these --out folders together")
     args = ap.parse_args()
+    if args.pool:
+        print(pooled(args.pool, args.regimes.split(",")))
+        return
     seeds, regimes = [int(s) for s in args.seeds.split(",")], args.regimes.split(",")
     names = [n for n in RUNS if n in args.runs.split(",")]
     os.makedirs(args.out, exist_ok=True)

@@ -216,8 +216,6 @@ def reshard(model: nn.Module) -> None:
 
 def mean_over_ranks(value: torch.Tensor, d: Distributed) -> torch.Tensor:
     """The mean of a scalar over all ranks (for logging: every rank's loss on its part of the batch)."""
-    if d.world_size == 1:
-        return value
     return sum_over_ranks(value, d) / d.world_size  # SUM, then divide: gloo has no AVG
 
 
