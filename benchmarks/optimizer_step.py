@@ -61,6 +61,14 @@ VARIANTS = {
     "bf16 none, lost-update meter on": (torch.bfloat16, lambda ps: _tracked(AdamW(ps, lr=1e-3))),
     "bf16 stochastic, lost-update meter on": (torch.bfloat16, lambda ps: _tracked(AdamW(
         ps, lr=1e-3, compensation="stochastic"))),
+    # compile=True (the trainer's compile.enable): each tensor's step as one torch.compile'd kernel
+    "fp32 (auto), compiled": (torch.float32, lambda ps: AdamW(ps, lr=1e-3, compile=True)),
+    "bf16 none, compiled": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compile=True)),
+    "bf16 stochastic, compiled": (torch.bfloat16, lambda ps: AdamW(
+        ps, lr=1e-3, compensation="stochastic", compile=True)),
+    "bf16 kahan, compiled": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compensation="kahan", compile=True)),
+    "bf16 int8 (stochastic), compiled": (torch.bfloat16, lambda ps: AdamW(
+        ps, lr=1e-3, state_dtype="int8", compensation="stochastic", compile=True)),
     "bf16 none foreach": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, foreach=True)),
     "bf16 stochastic foreach": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compensation="stochastic", foreach=True)),
 }

@@ -191,8 +191,9 @@ class ActivationCheckpoint:
 @dataclass
 class Compile:
     enable: bool = False
-    """torch.compile each transformer block (with FSDP2, per block, inside the sharding). The first steps are
-    slower while it compiles."""
+    """torch.compile each transformer block (with FSDP2, per block, inside the sharding) and the optimizer's
+    per-tensor update (one fused kernel per tensor: `leantrain.optim.fused`). The first steps are slower while
+    it compiles."""
 
 
 @dataclass

@@ -163,7 +163,8 @@ def train(cfg: Config) -> tuple[dict[str, Any] | None, Transformer]:
     o = cfg.optimizer
     optimizer = build_optimizer(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                 state_dtype=o.state_dtype, compensation=o.compensation,
-                                moments_rounding=o.moments_rounding, seed=cfg.job.seed)
+                                moments_rounding=o.moments_rounding, seed=cfg.job.seed,
+                                compile=cfg.compile.enable)
     scheduler = build_lr_scheduler(optimizer, cfg)
     checkpointer = checkpoint.Checkpointer(cfg, model, optimizer, scheduler, train_data)
     start_step, resumed_elapsed = checkpointer.load(resume_from) if resume_from else (0, 0.0)

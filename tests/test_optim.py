@@ -482,3 +482,81 @@ def test_deepcopy_and_pickle_friendly_state_dict():
     sd = copy.deepcopy(opt.state_dict())
     assert isinstance(sd["param_groups"][0]["rng_state"], torch.Tensor)
     assert all(isinstance(v, torch.Tensor) for st in sd["state"].values() for v in st.values())
+
+
+# --------------------------------------------------------------------------- compiled path (compile=True)
+
+# One per state layout the fused kernel handles; _mixed adds an fp32 parameter (fp32 layout) to each.
+COMPILED_VARIANTS = [
+    dict(), dict(compensation="stochastic"), dict(compensation="kahan"),
+    dict(state_dtype="int8", compensation="stochastic"), dict(state_dtype="float32"),
+]
+
+
+@pytest.mark.parametrize("variant", COMPILED_VARIANTS, ids=_ids)
+def test_compiled_matches_eager(variant, monkeypatch):
+    """The fused kernel is the eager math: after 3 steps (chunked, with tails, an int8 tensor whose size
+    is no multiple of 256 left eager) at most a few elements differ, by one bf16 ulp (fp32 weights: fp32
+    last bits). Kahan compiled without emulate_precision_casts differed in half of its elements."""
+    monkeypatch.setattr(adamw_mod, "_CPU_CHUNK", 1024)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    runs = []
+    for compile in (False, True):
+        params = _params(_mixed)
+        opt = _make(params, variant)
+        opt.compile = compile
+        _steps(params, opt, 0, 1)
+        after_first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        opt.track_lost_updates = True
+        _steps(params, opt, 1, 3)
+        runs.append((params, opt))
+    # no recompiles after the first step, the meter's graph aside (lr and bias corrections come as a tensor)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - after_first <= 3
+    assert after_first > graphs or variant == {}  # it did compile (layouts may be cached by earlier tests)
+    (pa, oa), (pb, ob) = runs
+    for a, b in zip(pa, pb):
+        ulp = 2.0**-7 if a.dtype == torch.bfloat16 else 2.0**-20  # bf16: 1 ulp; fp32: a few, after 3 steps
+        diff = (a.float() - b.float()).abs().detach()
+        assert (diff <= ulp * a.detach().float().abs().clamp(min=1e-3)).all(), diff.max()
+        assert (diff > 0).float().mean() < (0.01 if a.dtype == torch.bfloat16 else 0.5)
+    sa, sb = oa.last_update_stats, ob.last_update_stats
+    assert abs(sa["tracked_elements"] - sb["tracked_elements"]) <= 1e-3 * sa["tracked_elements"]
+    assert abs(sa["lost_update_fraction"] - sb["lost_update_fraction"]) < 1e-3
+    assert abs(sa["compensated_fraction"] - sb["compensated_fraction"]) < 1e-3
+
+
+@pytest.mark.parametrize("compensation, lost, compensated", [("none", 1.0, 0.0), ("kahan", 1.0, 1.0)])
+def test_compiled_lost_updates_and_kahan_buffer(compensation, lost, compensated):
+    p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+    opt = AdamW([p], lr=1e-5, weight_decay=0.0, compensation=compensation, compile=True)
+    opt.track_lost_updates = True
+    for _ in range(300):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    s = opt.last_update_stats
+    assert (s["lost_update_fraction"], s["compensated_fraction"]) == (lost, compensated)
+    # 300 steps of 1e-5 = 3e-3, below half an ulp of 1.0 (3.9e-3): only the Kahan buffer carries them
+    total = p.float() + (opt.state[p]["kahan_comp"].float() if compensation == "kahan" else 0)
+    assert torch.allclose(total, torch.full_like(total, 1 - 3e-3), atol=2e-4) == (compensation == "kahan")
+
+
+def test_compiled_resume_is_bitwise():
+    variant = dict(state_dtype="int8", compensation="stochastic", compile=True)
+    params = _params(_mixed)
+    opt = _make(params, variant)
+    _steps(params, opt, 0, 2)
+    saved = copy.deepcopy(([p.detach().clone() for p in params], opt.state_dict()))
+    _steps(params, opt, 2, 4)
+    resumed = [torch.nn.Parameter(t) for t in saved[0]]
+    opt2 = _make(resumed, variant)
+    opt2.load_state_dict(saved[1])
+    _steps(resumed, opt2, 2, 4)
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+
+
+def test_build_optimizer_passes_compile():
+    model = torch.nn.Linear(4, 4)
+    assert build_optimizer(model, lr=1e-3, compile=True).compile
+    with pytest.raises(ValueError, match="compile"):
+        AdamW(model.parameters(), compile="yes")

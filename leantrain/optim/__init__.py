@@ -1,6 +1,7 @@
 """The precision-aware optimizer: AdamW with fp32 math and bf16 / fp32 / int8 state.
 
     adamw.py     the optimizer (one update function, foreach and per-tensor paths)
+    fused.py     the per-tensor update as one torch.compile'd kernel (compile=True)
     rounding.py  nearest, stochastic and Kahan-compensated rounding to bfloat16
     quant.py     block-wise int8 moments (dynamic code map, absmax per 256 elements)
 """
@@ -45,10 +46,11 @@ def build_optimizer(
     compensation: str = "none",
     seed: int = 0,
     moments_rounding: str = "auto",
+    compile: bool = False,
 ) -> AdamW:
     """The AdamW of a training run: weight decay on matrices only, the recipe's state and rounding."""
     return AdamW(
         param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
         weight_decay=weight_decay, state_dtype=state_dtype, compensation=compensation, seed=seed,
-        moments_rounding=moments_rounding,
+        moments_rounding=moments_rounding, compile=compile,
     )

@@ -46,10 +46,14 @@ bitwise identical results: each parameter draws its random bits from its own gen
 per field), seeded per step from the optimizer's generator, so neither grouping nor chunking
 changes the bits.
 
+`compile=True` (the trainer's `compile.enable`) replaces `_update` on the per-tensor path by one
+torch.compile'd kernel per tensor or CPU chunk (fused.py, which says why the math is written there a
+second time); the results agree with the eager path's to the last bit of the fp32 arithmetic.
+
 Why not torchao's optimizers (`torchao.optim._AdamW(bf16_stochastic_round=True)`,
 `AdamW8bit`)? They do run on CPU with torch 2.13 (torchao 0.18.0), and our int8 codes match
-theirs exactly, but: each step function goes through torch.compile (18.6 s for the first step
-on a 2-core CPU, one recompile per new shape), they round only the weights stochastically (the
+theirs exactly, but: their step always goes through torch.compile (no eager path, one recompile
+per new shape), they round only the weights stochastically (the
 bf16 moments are rounded to nearest), there is no Kahan variant and no lost-update diagnostic,
 and their random bits come from the global RNG, which makes an exactly-resumable run depend on
 saving global state. The tests use torchao as a cross-check when it is installed.
@@ -62,7 +66,7 @@ from typing import Any, Iterable
 
 import torch
 
-from . import quant, sharding
+from . import fused, quant, sharding
 from .rounding import field_generator, kahan_write_, random_fields, round_to_bf16_
 
 STATE_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -90,6 +94,8 @@ class AdamW(torch.optim.Optimizer):
             "stochastic"; how bf16 moments and the Kahan buffer are written.
         seed: seeds the optimizer's own generator (stochastic rounding).
         foreach: True/False, or None to pick (foreach on accelerators, chunked loop on CPU).
+        compile: run each tensor's (CPU: each chunk's) update as one torch.compile'd kernel
+            (fused.py); the first step compiles. Implies the per-tensor path.
 
     Set `opt.track_lost_updates = True` before a step to get `opt.last_update_stats`:
     `lost_update_fraction` (share of bf16 weight elements with a nonzero fp32 update whose
@@ -110,6 +116,7 @@ class AdamW(torch.optim.Optimizer):
         moments_rounding: str = "auto",
         seed: int = 0,
         foreach: bool | None = None,
+        compile: bool = False,
     ):
         if isinstance(lr, torch.Tensor) or not 0.0 <= float(lr):
             raise ValueError(f"AdamW: lr must be a float >= 0, got {lr!r}")
@@ -124,6 +131,8 @@ class AdamW(torch.optim.Optimizer):
         _check_choice("moments_rounding", moments_rounding, MOMENTS_ROUNDINGS)
         if foreach not in (None, True, False):
             raise ValueError(f"AdamW: foreach must be None, True or False, got {foreach!r}")
+        if compile not in (True, False):
+            raise ValueError(f"AdamW: compile must be True or False, got {compile!r}")
         defaults = dict(
             lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
             weight_decay=float(weight_decay), state_dtype=state_dtype,
@@ -138,6 +147,7 @@ class AdamW(torch.optim.Optimizer):
                         f"of shape {tuple(p.shape)}"
                     )
         self.seed = int(seed)
+        self.compile = bool(compile)
         self._generator = torch.Generator(device="cpu").manual_seed(self.seed)
         self.track_lost_updates = False
         self.last_update_stats: dict[str, float] = {}
@@ -221,6 +231,8 @@ class AdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
 
     def _use_foreach(self, group: dict, params: list[torch.Tensor]) -> bool:
+        if self.compile:  # one fused kernel per tensor (or CPU chunk) needs no foreach batching
+            return False
         if group["foreach"] is not None:
             return bool(group["foreach"])
         return all(p.device.type != "cpu" for p in params)
@@ -277,12 +289,23 @@ class AdamW(torch.optim.Optimizer):
             kahan = self._uses_kahan(group, p)
             fields = self._nfields(group, p)
             gens = _field_generators(seed, max(fields) + 1, p.device)
+            contiguous = sharding.local(p).is_contiguous()
             n = sharding.local(p).numel()
-            chunk = _CPU_CHUNK if (p.device.type == "cpu" and sharding.local(p).is_contiguous()) else n
+            chunk = _CPU_CHUNK if (p.device.type == "cpu" and contiguous) else n
+            compiled = self.compile and contiguous and fused.supports(kind, n)  # the kernel takes flat views
+            hp = fused.hyper_tensor(h, p.device) if compiled else None
             for a in range(0, n, chunk):
                 b = min(n, a + chunk)
-                t = _Tensors.gather([p], [st], kind, kahan, a, b, chunk < n)
-                _update(t, kind, kahan, fields, [random_fields(b - a, gens, p.device)], h, stats)
+                t = _Tensors.gather([p], [st], kind, kahan, a, b, chunk < n, flat=compiled)
+                rand = random_fields(b - a, gens, p.device)
+                if not compiled:
+                    _update(t, kind, kahan, fields, [rand], h, stats)
+                    continue
+                counts = fused.step(t.p[0], t.g[0], t.m[0], t.v[0], t.comp[0] if kahan else None,
+                                    t.m_scale[0] if t.m_scale else None, t.v_scale[0] if t.v_scale else None,
+                                    rand, fields, kind, hp, stats is not None)
+                if counts is not None:
+                    stats.add(*counts)
 
     def _step_foreach(self, group, params, states, seeds, stats):
         buckets: dict[tuple, list[int]] = {}
@@ -382,8 +405,8 @@ class _Tensors:
         self.m_scale, self.v_scale = m_scale, v_scale
 
     @staticmethod
-    def gather(params, states, kind, kahan, a, b, chunked):
-        flat = chunked or kind == "int8"  # int8 blocks run over the flattened tensor
+    def gather(params, states, kind, kahan, a, b, chunked, flat=False):
+        flat = flat or chunked or kind == "int8"  # int8 blocks run over the flattened tensor
         if flat and not all(sharding.local(x).is_contiguous() for x in params):
             raise ValueError("AdamW: int8 state needs contiguous parameters")
 

@@ -46,7 +46,9 @@ def dynamic_map(signed: bool) -> tuple[float, ...]:
     return tuple(sorted(values))
 
 
-@functools.lru_cache(maxsize=8)
+_TABLES: dict = {}
+
+
 def _tables(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(code map, candidate code per bf16 cell, next decision boundary per code) on `device`.
 
@@ -56,7 +58,14 @@ def _tables(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     spacing, >= 1.4%, is wider than a cell, 0.8%), so the code of x is
     `cell_code[h] + (x >= boundary[cell_code[h]])` - exactly torch.bucketize(x, boundaries,
     right=True), at the cost of two table look-ups.
+
+    Cached in a plain dict rather than functools.lru_cache: torch.compile traces through an lru_cache
+    wrapper (and cannot trace the tables' construction), while it reads a dict entry as a constant.
+    The optimizer builds the tables eagerly before a compiled step uses them.
     """
+    key = (signed, torch.device(device))
+    if key in _TABLES:
+        return _TABLES[key]
     qmap64 = torch.tensor(dynamic_map(signed), dtype=torch.float64)
     boundaries = (qmap64[1:] + qmap64[:-1]).float() / 2  # fp32, as torchao computes them
     patterns = torch.arange(1 << 16, dtype=torch.int32)
@@ -66,7 +75,14 @@ def _tables(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     cell_min = torch.where(torch.isnan(cell_min), torch.zeros_like(cell_min), cell_min)
     cell_code = torch.bucketize(cell_min, boundaries, right=True).to(torch.int32)
     next_boundary = torch.cat([boundaries, torch.tensor([float("inf")])])
-    return (qmap64.float().to(device), cell_code.to(device), next_boundary.to(device))
+    _TABLES[key] = (qmap64.float().to(device), cell_code.to(device), next_boundary.to(device))
+    return _TABLES[key]
+
+
+def build_tables(device: torch.device) -> None:
+    """Build (once) both code maps' tables on `device`, eagerly: see `_tables`."""
+    for signed in (True, False):
+        _tables(signed, device)
 
 
 def zero_code(signed: bool) -> int:
@@ -111,8 +127,8 @@ def quantize_(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, signed:
     cell = (x.view(torch.int32) >> 16).bitwise_and_(0xFFFF)
     code = cell_code.index_select(0, cell)
     up = x >= next_boundary.index_select(0, code)
-    codes.copy_(code)
-    codes.add_(up.view(torch.uint8))  # uint8 + uint8: int32 + bool takes a slow casting path
+    # int32 + int32, narrowed by the copy (torch.compile makes slow code of add_ on a bool viewed as uint8)
+    codes.copy_(code.add_(up.to(torch.int32)))
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.Tensor:

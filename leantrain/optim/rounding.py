@@ -81,7 +81,7 @@ def round_to_bf16_(out: torch.Tensor, x: torch.Tensor, rand16: torch.Tensor | No
     """
     if rand16 is not None and out.dtype == torch.bfloat16:
         return stochastic_round_(out, x, rand16)
-    if out.data_ptr() != x.data_ptr():
+    if out is not x:
         out.copy_(x)
     return out
 

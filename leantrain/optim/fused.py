@@ -1,0 +1,123 @@
+"""The AdamW step of one tensor as one torch.compile'd kernel (`AdamW(compile=True)`, `compile.enable`).
+
+Eager, each AdamW step is a chain of whole-tensor passes: upcast, moment updates, denominator,
+weight update, then 3-4 integer passes per stochastic rounding and six table gathers per int8 element.
+torch.compile (inductor) fuses the chain into one loop over the tensor, whose temporaries never leave
+registers. Measured per step in `benchmarks/optimizer_step.py`.
+
+This is the same math as `adamw._update`, written a second time because that function cannot be
+compiled as it is: it mirrors torch.optim.AdamW op for op (`addcdiv_`, `lerp_`, `_foreach_*` with
+Python-float scalars, so fp32 parameters match torch bitwise), and dynamo specializes the float
+scalars of exactly those ops - a recompile at every step, since lr, the bias corrections and the
+step size change every step. Here all scalars come in as one fp32 tensor (the same fp32 values the
+eager ops use) and the ops are out of place. The rounding and int8 code (rounding.py, quant.py) is shared. The results agree
+with the eager path to within the last bit of the fp32 arithmetic before each rounding
+(tests/test_optim_compile.py); they are not bitwise equal.
+
+Settings that matter (each found by measuring):
+- `emulate_precision_casts=True`: by default inductor reads a value it has just stored as bf16
+  back at fp32 precision within the fused kernel. That silently undoes Kahan's `new - old` (the
+  buffer stayed near 0 and 7% of the updates were lost again when tried without it).
+- one graph per state layout (moment kind, Kahan, random fields, dtypes, lost-update meter) for every
+  tensor size: the inputs come flat, or for int8 as [blocks, 256], with only their first dimension
+  marked dynamic. (`dynamic=True` makes the 256 symbolic too; the int8 kernel then loses its
+  vectorized loops and runs 2.5x slower.) `automatic_dynamic_shapes` is off for this function, as
+  dynamo's automatic dynamism, shared by all graphs of one function, would otherwise make every
+  dimension of the int8 graph dynamic once a 1-D layout has been seen (measured: 3x slower).
+  int8 tensors whose size is not a multiple of 256 stay eager.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import quant
+from .rounding import kahan_write_, round_to_bf16_
+
+_RECOMPILE_LIMIT = 64  # graphs per process: layouts x dtypes x meter on/off; dynamo's default is 8
+_compiled = None
+
+
+def hyper_tensor(h: dict, device) -> torch.Tensor:
+    """The scalars of a step as one fp32 tensor on `device`. Python floats would be baked into the graph
+    (a recompile at every step for lr and the bias corrections), and even constant ones made the int8
+    kernel 2.3x slower."""
+    # the very fp32 constants the eager path's ops get from its Python floats (computed in double)
+    values = [1 - h["lr"] * h["wd"], -h["lr"] * h["wd"], -h["step_size"], h["bc2_sqrt"],
+              1 - h["beta1"], h["beta2"], 1 - h["beta2"], h["eps"]]
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def supports(kind: str, numel: int) -> bool:
+    """Whether `step` takes a flat tensor of `numel` elements with this moment kind."""
+    return kind != "int8" or numel % quant.BLOCK == 0
+
+
+def step(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, hp, track):
+    """`fused_step` compiled (built on first use) on flat contiguous tensors; returns what it returns."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(fused_step, fullgraph=True, options={"emulate_precision_casts": True})
+    if kind == "int8":
+        quant.build_tables(p.device)  # eagerly: the compiled kernel reads them as constants
+    shape, n = ((-1, quant.BLOCK) if kind == "int8" else (-1,)), p.numel()
+
+    def dyn(t):  # int8 tensors as [blocks, 256]; every size dynamic in its first dimension only
+        if t is not None:
+            t = t.view(shape) if t.numel() == n else t
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return t
+
+    p, g, m, v, comp, m_scale, v_scale = map(dyn, (p, g, m, v, comp, m_scale, v_scale))
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, automatic_dynamic_shapes=False):
+        return _compiled(p, g, m, v, comp, m_scale, v_scale, [dyn(r) for r in rand], fields, kind, hp, track)
+
+
+def fused_step(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, hp, track):
+    """One AdamW step of one tensor, in place; see `adamw._update` for the meaning of the arguments.
+
+    `hp` is `hyper_tensor(...)`. Returns, when `track`, the lost-update counts (updated, lost,
+    compensated or None) as 0-dim tensors, else None.
+    """
+    p, g, m, v, comp = (None if t is None else t.view(-1) for t in (p, g, m, v, comp))
+    rand = [r.view(-1) for r in rand]
+    decay, neg_lr_wd, neg_step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps = hp.unbind()
+    w_field, m_field, v_field = fields
+    gf = g.float()
+    if kind == "int8":
+        mf, vf = quant.dequantize(m, m_scale, True), quant.dequantize(v, v_scale, False)
+    else:
+        mf, vf = m.float(), v.float()
+    # the eager ops' formulas: lerp, mul + addcmul, sqrt / bc2 + eps, then mul + addcdiv ((value * a) / b)
+    mf = torch.lerp(mf, gf, one_minus_beta1)
+    vf = vf * beta2 + one_minus_beta2 * gf * gf
+    denom = vf.sqrt() / bc2_sqrt + eps
+    step = neg_step_size * mf / denom
+    pf = p.float()
+    counts = None
+    if p.dtype == torch.float32:
+        p.copy_(pf * decay + step)
+    elif comp is not None:
+        delta = pf * neg_lr_wd + step
+        old, comp_old = (p.clone(), comp.clone()) if track else (None, None)
+        nonzero = delta != 0 if track else None
+        kahan_write_(p, comp, pf, delta, rand[w_field] if w_field >= 0 else None)
+        if track:
+            lost = nonzero & (p == old)
+            counts = (nonzero.count_nonzero(), lost.count_nonzero(), (lost & (comp != comp_old)).count_nonzero())
+    else:
+        old = p.clone() if track else None
+        new = pf * decay + step
+        # counted on bit patterns, as in adamw._update
+        updated = (new.view(torch.int32) - pf.view(torch.int32)).count_nonzero() if track else None
+        round_to_bf16_(p, new, rand[w_field] if w_field >= 0 else None)
+        if track:
+            changed = (p.view(torch.int16) - old.view(torch.int16)).count_nonzero()
+            counts = (updated, updated - changed, None)
+    if kind == "int8":
+        quant.quantize_(m, m_scale, mf, True)
+        quant.quantize_(v, v_scale, vf, False)
+    else:
+        round_to_bf16_(m, mf, rand[m_field] if m_field >= 0 else None)  # fp32 state: a copy
+        round_to_bf16_(v, vf, rand[v_field] if v_field >= 0 else None)
+    return counts
