@@ -3,8 +3,9 @@
 The parameters are shaped like a ~15M-parameter Llama (embedding, per-layer attention and
 SwiGLU matrices, RMSNorm weights, output head). Each variant gets its own copy of the same
 parameters and gradients; the variants run interleaved (one step each, round after round), so
-a slow phase of the machine hits all of them alike. Reported: median step time, and the ratio
-to torch.optim.AdamW(foreach=True) on parameters of the same dtype.
+a slow phase of the machine hits all of them alike. Reported: median step time, the ratio
+to torch.optim.AdamW(foreach=True) on parameters of the same dtype, and the first step's time (for the
+compiled variants: the compile, with inductor's caches off so that it is a cold compile).
 
     .venv/bin/python benchmarks/optimizer_step.py --out benchmarks/optimizer_step.json
 """
@@ -19,7 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import os
+
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # first step of a compiled variant = a cold compile
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leantrain.optim import AdamW  # noqa: E402
@@ -109,6 +113,7 @@ def main() -> None:
         for p, g in zip(ps, grads):
             p.grad = g.to(device, dtype)
         runs[name] = (ps, make(ps), [])
+    first = {}
 
     if args.profile:
         from torch.profiler import profile
@@ -132,8 +137,11 @@ def main() -> None:
             t0 = time.perf_counter()
             opt.step()
             sync()
+            dt = time.perf_counter() - t0
+            if r == 0:
+                first[name] = dt
             if r >= args.warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(dt)
 
     base = {torch.float32: statistics.median(runs["torch AdamW foreach (fp32)"][2]),
             torch.bfloat16: statistics.median(runs["torch AdamW foreach (bf16)"][2])}
@@ -145,17 +153,17 @@ def main() -> None:
         med = statistics.median(times)
         rows.append(dict(variant=name, param_dtype=str(dtype).replace("torch.", ""),
                          median_ms=med * 1e3, min_ms=min(times) * 1e3,
-                         ratio_to_torch_foreach=med / base[dtype],
+                         ratio_to_torch_foreach=med / base[dtype], first_step_s=first.get(name),
                          state_bytes_per_param=state_bytes / numel))
 
     print(f"{numel / 1e6:.1f}M parameters in {len(shapes)} tensors, {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"median of {args.repeats} interleaved steps\n")
-    print("| variant | params | median ms | ratio to torch foreach (same dtype) | state B/param |")
-    print("|---|---|---:|---:|---:|")
+    print("| variant | params | median ms | ratio to torch foreach (same dtype) | state B/param | first step s |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['variant']} | {r['param_dtype']} | {r['median_ms']:.1f} | "
-              f"{r['ratio_to_torch_foreach']:.2f} | {r['state_bytes_per_param']:.2f} |")
+              f"{r['ratio_to_torch_foreach']:.2f} | {r['state_bytes_per_param']:.2f} | {r['first_step_s']:.2f} |")
     if args.out:
         meta = dict(numel=numel, tensors=len(shapes), device=str(device),
                     threads=torch.get_num_threads(), torch=torch.__version__,

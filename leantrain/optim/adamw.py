@@ -283,8 +283,10 @@ class AdamW(torch.optim.Optimizer):
         )
 
     def _step_loop(self, group, params, states, seeds, stats):
+        hps = {}  # compiled: the scalars as a tensor, once per (step, device) - on a GPU each is a copy to it
         for p, st, seed in zip(params, states, seeds):
-            h = self._hyper(group, st["step"].item())
+            step = st["step"].item()
+            h = self._hyper(group, step)
             kind = self._moment_kind(group, p)
             kahan = self._uses_kahan(group, p)
             fields = self._nfields(group, p)
@@ -293,7 +295,8 @@ class AdamW(torch.optim.Optimizer):
             n = sharding.local(p).numel()
             chunk = _CPU_CHUNK if (p.device.type == "cpu" and contiguous) else n
             compiled = self.compile and contiguous and fused.supports(kind, n)  # the kernel takes flat views
-            hp = fused.hyper_tensor(h, p.device) if compiled else None
+            if compiled and (step, p.device) not in hps:
+                hps[step, p.device] = fused.hyper_tensor(h, p.device)
             for a in range(0, n, chunk):
                 b = min(n, a + chunk)
                 t = _Tensors.gather([p], [st], kind, kahan, a, b, chunk < n, flat=compiled)
@@ -303,7 +306,7 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 counts = fused.step(t.p[0], t.g[0], t.m[0], t.v[0], t.comp[0] if kahan else None,
                                     t.m_scale[0] if t.m_scale else None, t.v_scale[0] if t.v_scale else None,
-                                    rand, fields, kind, hp, stats is not None)
+                                    rand, fields, kind, hps[step, p.device], stats is not None)
                 if counts is not None:
                     stats.add(*counts)
 
