@@ -74,6 +74,7 @@ COMPENSATIONS = ("none", "stochastic", "kahan")
 MOMENTS_ROUNDINGS = ("auto", "nearest", "stochastic")
 _PARAM_DTYPES = (torch.float32, torch.bfloat16)
 _CPU_CHUNK = 1 << 18  # elements per chunk on CPU (a multiple of quant.BLOCK)
+_CPU_CHUNK_COMPILED = 1 << 20  # compile=True: no temporaries to keep in cache, fewer calls (BENCHMARKS.md)
 _FOREACH_BATCH = 1 << 26  # elements per foreach call: bounds the fp32 temporaries
 
 
@@ -293,8 +294,8 @@ class AdamW(torch.optim.Optimizer):
             gens = _field_generators(seed, max(fields) + 1, p.device)
             contiguous = sharding.local(p).is_contiguous()
             n = sharding.local(p).numel()
-            chunk = _CPU_CHUNK if (p.device.type == "cpu" and contiguous) else n
             compiled = self.compile and contiguous and fused.supports(kind, n)  # the kernel takes flat views
+            chunk = (_CPU_CHUNK_COMPILED if compiled else _CPU_CHUNK) if (p.device.type == "cpu" and contiguous) else n
             if compiled and (step, p.device) not in hps:
                 hps[step, p.device] = fused.hyper_tensor(h, p.device)
             for a in range(0, n, chunk):
