@@ -45,11 +45,14 @@ RECIPES = ["fp32", "bf16", "bf16-kahan", "bf16-int8"]
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-3, "bf16-kahan": 1e-3, "bf16-int8": 3e-3}
 MODES = {"fsdp": ["--parallelism.dp_shard=2", "--parallelism.dp_replicate=1"],
          "ddp": ["--parallelism.dp_shard=1", "--parallelism.dp_replicate=2"]}
-# Extra 2-rank runs of bf16: activation checkpointing under FSDP2, and compile with each checkpointing mode.
-VARIANTS = {"ac-full": [*MODES["fsdp"], "--activation_checkpoint.mode=full"],
-            "ac-selective": [*MODES["fsdp"], "--activation_checkpoint.mode=selective"],
-            "compile-fsdp": [*MODES["fsdp"], "--compile.enable=true", "--activation_checkpoint.mode=full"],
-            "compile-ddp": [*MODES["ddp"], "--compile.enable=true", "--activation_checkpoint.mode=selective"]}
+# Extra 2-rank runs: activation checkpointing under FSDP2, and compile (the blocks and the optimizer's update) with
+# each checkpointing mode; name -> (recipe, arguments).
+VARIANTS = {"ac-full": ("bf16", [*MODES["fsdp"], "--activation_checkpoint.mode=full"]),
+            "ac-selective": ("bf16", [*MODES["fsdp"], "--activation_checkpoint.mode=selective"]),
+            "compile-fsdp": ("bf16", [*MODES["fsdp"], "--compile.enable=true", "--activation_checkpoint.mode=full"]),
+            "compile-ddp": ("bf16", [*MODES["ddp"], "--compile.enable=true", "--activation_checkpoint.mode=selective"]),
+            # sharded int8 state through the compiled optimizer (shards whose size is no multiple of 256 stay eager)
+            "compile-fsdp-int8": ("bf16-int8", [*MODES["fsdp"], "--compile.enable=true"])}
 
 
 def _env() -> dict[str, str]:
@@ -82,8 +85,8 @@ def runs(tmp_path_factory):
         torch.set_num_threads(threads)
     jobs = [[*COMMON, f"--recipe={recipe}", "--data.local_batch_size=4", *MODES[mode],
              f"--job.dump_folder={root / f'{mode}-{recipe}'}"] for mode in MODES for recipe in RECIPES]
-    jobs += [[*COMMON, "--recipe=bf16", "--data.local_batch_size=4", *extra,
-              f"--job.dump_folder={root / name}"] for name, extra in VARIANTS.items()]
+    jobs += [[*COMMON, f"--recipe={recipe}", "--data.local_batch_size=4", *extra,
+              f"--job.dump_folder={root / name}"] for name, (recipe, extra) in VARIANTS.items()]
     (root / "jobs.json").write_text(json.dumps(jobs))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(ROOT, "tests", "distributed_jobs.py"), str(root / "jobs.json")],
@@ -136,10 +139,11 @@ def test_activation_checkpointing_leaves_the_loss_unchanged(runs, variant):
     assert _losses(runs / variant) == _losses(runs / "fsdp-bf16")
 
 
-@pytest.mark.parametrize("variant", ["compile-fsdp", "compile-ddp"])
-def test_compile_with_activation_checkpointing_matches_within_bf16_tolerance(runs, variant):
+@pytest.mark.parametrize("variant", ["compile-fsdp", "compile-ddp", "compile-fsdp-int8"])
+def test_compile_matches_one_process_within_the_recipe_tolerance(runs, variant):
     # Inductor fuses the elementwise ops, rounding some bf16 intermediates differently.
-    _assert_close(_losses(runs / variant), _losses(runs / "single-bf16"), TOLERANCE["bf16"])
+    recipe = VARIANTS[variant][0]
+    _assert_close(_losses(runs / variant), _losses(runs / f"single-{recipe}"), TOLERANCE[recipe])
 
 
 def _free_port() -> int:
