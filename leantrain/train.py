@@ -131,8 +131,8 @@ def token_weights(labels: list[torch.Tensor], dist: parallel.Distributed) -> lis
     The step's loss is the mean over every labelled token of the global batch (all micro-batches, all
     ranks), so a micro-batch's mean loss counts with weight n * accum * world_size / N (n its labelled tokens,
     N the global batch's), divided by accum below and averaged over ranks by DDP/FSDP. Packed data labels
-    every token, so each weight is exactly 1.0 there; SFT micro-batches differ in response tokens, and an
-    unweighted mean would give a short response's tokens more say than a long one's.
+    every token, so each weight would be exactly 1.0 there (the loop skips the call); SFT micro-batches differ
+    in response tokens, and an unweighted mean would give a short response's tokens more say than a long one's.
     """
     counts = torch.stack([(x != IGNORE_INDEX).sum() for x in labels])
     total = parallel.sum_over_ranks(counts.sum(), dist)
@@ -191,7 +191,9 @@ def train(cfg: Config) -> tuple[dict[str, Any] | None, Transformer]:
             break
         loss_sum = torch.zeros((), device=device)
         batches = [[t.to(device, non_blocking=True) for t in train_data.next_batch()] for _ in range(accum)]
-        weights = token_weights([labels for _, labels in batches], dist)
+        # Packed text labels every token, so its weights are all exactly 1: no counting, no collective.
+        weights = (token_weights([labels for _, labels in batches], dist) if cfg.data.format == "sft"
+                   else [1.0] * accum)
         for (inputs, labels), weight in zip(batches, weights):
             with precision.autocast(cfg, device, dist.sharded):
                 logits = model(inputs)

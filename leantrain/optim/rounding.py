@@ -18,10 +18,10 @@ tensor the optimizer writes stochastically (weight or compensation buffer, exp_a
 drawn by `random_fields` from a *field generator* (`field_generator`):
 
 * on CPU, numpy's PCG64DXSM bit generator. Why not torch's: torch's CPU generator is mt19937,
-  serial, at about 1.6 ns per 32-bit draw on this project's CPUs, and `random_` keeps 31 bits of
-  each, so a field cost one draw per element; that made the random bits most of the step time of
-  the stochastic recipes. PCG64DXSM's `random_raw` gives 64 bits (4 fields) in about 1.6 ns: the
-  bits of a field cost a quarter as much (`benchmarks/optimizer_step.py`).
+  serial, and `random_` keeps 31 bits of each 32-bit draw, so a field cost one draw per element;
+  that made the random bits most of the step time of the stochastic recipes. PCG64DXSM's
+  `random_raw` gives 64 bits (4 fields) per draw; switching took the `bf16-sr` optimizer step from
+  2.14x torch's foreach AdamW to 1.4-1.6x (`benchmarks/optimizer_step.py`, BENCHMARKS.md).
 * on accelerators, a torch.Generator of that device (Philox: counter-based, parallel).
 A torch.Generator is accepted on CPU too (tests, `stochastic_round`).
 """

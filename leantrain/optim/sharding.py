@@ -56,8 +56,8 @@ def sharded_block_scales(p: DTensor) -> DTensor:
     nb = quant.num_blocks(largest)
     from torch.distributed.tensor import DTensor
 
-    local = torch.zeros(1, nb, dtype=torch.float32, device=p.device)
-    return DTensor.from_local(local, mesh, p.placements, shape=torch.Size((shards, nb)), stride=(nb, 1))
+    row = torch.zeros(1, nb, dtype=torch.float32, device=p.device)  # this rank's row
+    return DTensor.from_local(row, mesh, p.placements, shape=torch.Size((shards, nb)), stride=(nb, 1))
 
 
 def local_scale(scale: torch.Tensor, numel: int) -> torch.Tensor:
