@@ -1,0 +1,52 @@
+"""The distributed facts, in one place: which rank this process is, how many there are, its device, and the
+local shard of a DTensor. Every other module asks here (it imports nothing of leantrain's)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def initialized() -> bool:
+    """A process group exists (torchrun, after parallel.init_distributed, or a caller's own)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's global rank: the process group's, else torchrun's RANK (also before the group starts, e.g.
+    in a signal handler), else 0."""
+    return dist.get_rank() if initialized() else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """Rank 0 writes the run's files and prints; the other ranks keep quiet."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if initialized():
+        dist.barrier()
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    """This rank's GPU when there are GPUs, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """A DTensor (an FSDP2 shard). None can exist before torch.distributed.tensor is imported, and importing it
+    costs a second, so commands that never shard do not."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writes go to the DTensor), or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
