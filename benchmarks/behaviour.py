@@ -26,10 +26,10 @@ TINY = ["--model.flavor=debug", "--data.seq_len=64", "--data.local_batch_size=4"
 KEYS = ("loss", "grad_norm", "lr", "eval_loss", "lost_update_fraction", "compensated_fraction")
 
 
-def _sft_file(folder: str) -> str:
-    path = os.path.join(folder, "sft.jsonl")
+def _sft_file(folder: str, n: int = 60) -> str:
+    path = os.path.join(folder, f"sft{n}.jsonl")
     with open(path, "w", encoding="utf-8") as f:
-        for i in range(60):
+        for i in range(n):
             f.write(json.dumps({"prompt": f"Q: what is {i} plus {i * 3}?\nA: ",
                                 "response": f"{i + 3 * i}" + " (checked)" * (i % 4)}) + "\n")
     return path
@@ -56,6 +56,10 @@ def record(tmp: str) -> dict[str, list[dict]]:
                                 os.path.join(tmp, "fsdp"), nproc=2)
     out["sft"] = _run(["--recipe=bf16-sr", "--training.steps=8", "--data.format=sft", f"--data.path={_sft_file(tmp)}",
                        "--data.seq_len=48", "--training.gradient_accumulation_steps=2"], os.path.join(tmp, "sft"))
+    # 10 eval samples of different lengths in batches of 4, 4 and 2: the token-weighted eval mean differs from
+    # the mean of the batch means here.
+    out["sft-eval"] = _run(["--recipe=bf16-sr", "--training.steps=4", "--data.format=sft", "--eval.steps=3",
+                            f"--data.path={_sft_file(tmp, 200)}", "--data.seq_len=48"], os.path.join(tmp, "sft-eval"))
     resumed = os.path.join(tmp, "resume")
     common = ["--recipe=bf16-int8", "--checkpoint.enable=true", "--checkpoint.interval=2"]
     _run([*common, "--training.steps=4"], resumed)

@@ -68,7 +68,9 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
     torch.set_num_threads(1)  # the workers share the cores; one thread each is fastest for a tiny model
     from leantrain.config import load_config
     from leantrain.data import PackedDataset, build_tokenizer, load_documents, split_documents
-    from leantrain.train import evaluate, train
+    from leantrain.evaluation import evaluate
+    from leantrain.runplan import precision_of, resolve
+    from leantrain.train import train
 
     steps = max(60, int(REGIMES[regime]["training.steps"] * steps_scale))
     run = dict(RUNS[name])
@@ -81,7 +83,7 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
     # earlier run's curve into this one's.
     shutil.rmtree(cfg.job.dump_folder, ignore_errors=True)
     start = time.perf_counter()
-    summary, model = train(cfg)
+    summary, model = train(resolve(cfg))
     # The same weights, upcast, through an fp32 forward: what was learned, without inference rounding.
     fp32_cfg = load_config(None, {**{k: v for k, v in overrides.items() if not k.startswith(("recipe", "optimizer.",
                                                                                             "training."))},
@@ -89,7 +91,8 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
     tok = build_tokenizer(cfg.tokenizer.path)
     _, eval_docs = split_documents(load_documents(cfg.data.path))
     eval_data = PackedDataset(eval_docs, tok, cfg.data.seq_len, cfg.data.local_batch_size, seed, shuffle=False)
-    fp32_eval = evaluate(copy.deepcopy(model).float(), eval_data, fp32_cfg, torch.device("cpu"))
+    fp32_eval = evaluate(copy.deepcopy(model).float(), eval_data.eval_batches(fp32_cfg.eval.steps),
+                         precision_of(fp32_cfg), torch.device("cpu")).loss
     from leantrain.metrics import read_metrics
 
     records = read_metrics(os.path.join(cfg.job.dump_folder, "metrics.jsonl"))

@@ -51,6 +51,7 @@ def measure(recipe: str, seed: int, regime: str, every: int) -> list[dict]:
     torch.set_num_threads(1)
     import leantrain.train as lt
     from leantrain.config import load_config
+    from leantrain.runplan import resolve
 
     rows: list[dict] = []
     build = lt.build_optimizer
@@ -104,7 +105,7 @@ def measure(recipe: str, seed: int, regime: str, every: int) -> list[dict]:
     overrides = {**MODEL, "recipe": recipe, "optimizer.lr": REGIMES[regime]["optimizer.lr"],
                  "training.steps": str(REGIMES[regime]["training.steps"]), "eval.interval": "0",
                  "job.seed": str(seed), "job.dump_folder": tempfile.mkdtemp()}
-    lt.train(load_config(None, overrides))
+    lt.train(resolve(load_config(None, overrides)))
     return rows
 
 

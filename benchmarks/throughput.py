@@ -92,6 +92,7 @@ def run_fabric(recipe: str, steps: int) -> list[float]:
 def run_leantrain(recipe: str, steps: int) -> list[float]:
     from leantrain.config import load_config
     from leantrain.metrics import read_metrics
+    from leantrain.runplan import resolve
     from leantrain.train import train
 
     folder = tempfile.mkdtemp()
@@ -100,7 +101,7 @@ def run_leantrain(recipe: str, steps: int) -> list[float]:
                              "metrics.log_freq": "5", "eval.interval": "0", "eval.steps": "1",
                              "metrics.progress": "false", "lr_scheduler.warmup_steps": "0",
                              "job.dump_folder": folder})
-    train(cfg)
+    train(resolve(cfg))
     # tokens_per_sec of a record covers the steps since the previous one (logging and the lost-update meter
     # included, as in a real run; the final eval runs after the last interval is timed). The first record
     # (step 1) is warm-up; each later one stands for its interval's 5 steps.

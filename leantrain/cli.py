@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import textwrap
 import warnings
+from typing import Any
 
+from . import distributed
 from .errors import LeantrainError, UserError
 
 USAGE = """usage: leantrain train [--config FILE.toml] [--recipe NAME] [--section.key=value ...]
 
 Train a Llama-style model. Every key below can come from the TOML file ([section] tables) or the
-command line (which wins). --recipe sets a named group of precision keys (see precision.py):
+command line (which wins). --recipe sets a named group of precision keys (config.RECIPES):
 fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8.
 """
 
@@ -38,17 +39,19 @@ def _take_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
     return value, rest
 
 
-def _train(args: list[str]) -> int:
+def _train(args: list[str], hooks: Any = None) -> int:
     from .config import load_config, parse_overrides
+    from .runplan import resolve
 
     config_path, args = _take_option(args, "config")
-    cfg = load_config(config_path, parse_overrides(args))
+    plan = resolve(load_config(config_path, parse_overrides(args)))
 
     from .guard import stop_on_signals
+    from .hooks import Hooks
     from .train import train
 
     with stop_on_signals():  # SIGTERM/SIGINT: finish the step, save, exit 0; a second one: exit at once
-        train(cfg)
+        train(plan, hooks or Hooks())
     return 0
 
 
@@ -85,8 +88,8 @@ explained in leantrain/plan.py and the README.
 def _plan(args: list[str]) -> int:
     from .config import load_config, parse_overrides
     from .errors import ConfigError
+    from .config import RECIPES
     from .plan import format_plan, parse_bytes, plan, to_json
-    from .precision import RECIPES
 
     as_json = "--json" in args
     args = [a for a in args if a != "--json"]
@@ -98,7 +101,9 @@ def _plan(args: list[str]) -> int:
         if r not in RECIPES:
             raise ConfigError(f"--recipe={r!r} is not a recipe; allowed: all, {', '.join(RECIPES)}.")
     cfg = load_config(config_path, parse_overrides(args))  # validates parallelism.dp_shard too
-    dp_shard = max(1, cfg.parallelism.dp_shard)  # -1 ("every rank") means one process here: no sharding
+    # The degree of the GPUs being planned for, not of this process (which runplan.resolve would decide):
+    # -1 ("every rank") means one process here, so no sharding.
+    dp_shard = max(1, cfg.parallelism.dp_shard)
     result = plan(cfg, recipes, dp_shard, parse_bytes(memory or "80GiB"))
     print(to_json(result) if as_json else format_plan(result))
     return 0
@@ -174,10 +179,11 @@ def _usage(command: str) -> str:
     return {"compare": COMPARE_USAGE, "plan": PLAN_USAGE, "eval": EVAL_USAGE, "export": EXPORT_USAGE}[command]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: Any = None) -> int:
+    """The command line; ``hooks`` (a leantrain.hooks.Hooks) reaches the trainer of ``train``, for fault tests."""
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _format_warning
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all (same config, same warnings)
+    if not distributed.is_main():  # under torchrun, rank 0 speaks for all (same config, same warnings)
         warnings.filterwarnings("ignore", category=UserWarning)
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: leantrain {{{','.join(COMMANDS)}}} [options]   (leantrain COMMAND --help for its options)")
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage(command))
         return 0
     try:
-        return COMMANDS[command](rest)
+        return COMMANDS[command](rest, hooks) if command == "train" else COMMANDS[command](rest)
     except LeantrainError as e:  # bad input (2), training diverged (3): the message, no traceback
         print("leantrain: error: " + textwrap.fill(str(e), 100, subsequent_indent="  "), file=sys.stderr)
         return e.exit_code

@@ -14,10 +14,9 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from .config import load_config, parse_overrides
+from .config import RECIPES, load_config, parse_overrides
 from .errors import ConfigError
 from .metrics import plot_losses, read_metrics, write_json
-from .precision import RECIPES
 
 
 def _gap(value: float | None, base: float | None) -> float | None:

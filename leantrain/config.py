@@ -2,13 +2,14 @@
 
 Every field has a type (``Literal[...]`` for choices) and a docstring right under it; ``--help`` is
 generated from those docstrings, so this file is the documentation of every key. Values come from,
-in increasing priority: the defaults below, ``--recipe`` (a named set of values, see precision.py),
+in increasing priority: the defaults below, ``--recipe`` (a named set of values, :data:`RECIPES`),
 the TOML file, and ``--section.key=value`` on the command line. A key set both by the recipe and
 explicitly to another value is a contradiction, not a silent override.
 
 All validation happens in :func:`validate` before any work: unknown keys (with a "did you mean"),
 wrong types, out-of-range values and contradictions raise :class:`ConfigError`; legal but
-suspicious combinations warn once.
+suspicious combinations warn once. The result is frozen: leantrain.runplan resolves it once into the
+values the layers below take, and nothing changes it after loading.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import tomllib
 import typing
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .optim import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
     dump_folder: str = ""
     """Where the run writes config.toml, metrics.jsonl, summary.json and loss.png. Empty: runs/<timestamp>."""
@@ -36,7 +37,7 @@ class Job:
     """One seed for weight init, data order and stochastic rounding."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Model:
     name: Literal["llama3"] = "llama3"
     """Architecture. Only the Llama 3 family (RMSNorm, RoPE, grouped-query attention, SwiGLU)."""
@@ -64,13 +65,13 @@ class Model:
     Ignored when the run resumes from its own checkpoint."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tokenizer:
     path: str = "byte"
     """'byte' (256 byte ids plus BOS, EOS, PAD) or the path of a local Hugging Face tokenizer.json."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Data:
     path: str = "builtin"
     """'builtin' (the pydoc texts shipped with CPython), a .txt file, a .jsonl file (field 'text') or a folder of them."""
@@ -83,7 +84,7 @@ class Data:
     """Samples per micro-batch (per rank)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Training:
     steps: int = 300
     """Optimizer steps to train."""
@@ -106,7 +107,7 @@ class Training:
     at the first one."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Optimizer:
     name: Literal["AdamW"] = "AdamW"
     """The optimizer: leantrain's precision-aware AdamW (same update as torch.optim.AdamW)."""
@@ -118,18 +119,18 @@ class Optimizer:
     """Adam's epsilon, added to sqrt of the second moment."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to matrices only (not norms)."""
-    state_dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"
+    state_dtype: Literal[STATE_DTYPES] = "auto"
     """Dtype of the Adam moments: auto (= training.dtype), float32, bfloat16, or int8 (block-wise quantized)."""
-    compensation: Literal["none", "stochastic", "kahan"] = "stochastic"
+    compensation: Literal[COMPENSATIONS] = "stochastic"
     """How a bf16 weight update keeps steps smaller than half a bf16 ulp: none (nearest rounding, they are lost),
     stochastic (unbiased stochastic rounding of weights and bf16 moments), kahan (a bf16 compensation buffer).
     No effect when training.dtype is float32."""
-    moments_rounding: Literal["auto", "nearest", "stochastic"] = "auto"
+    moments_rounding: Literal[MOMENTS_ROUNDINGS] = "auto"
     """How bf16 Adam moments (and the Kahan buffer) are written: auto (stochastically unless compensation is none),
     nearest, or stochastic. 'nearest' reproduces torchao's / optimi's variants for comparison."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class LRScheduler:
     warmup_steps: int = 30
     """Steps of linear warmup from 0 to optimizer.lr."""
@@ -139,7 +140,7 @@ class LRScheduler:
     """Final learning rate as a fraction of the peak."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Eval:
     interval: int = 100
     """Evaluate on the held-out split every this many steps (and at the end). 0: only at the end."""
@@ -147,7 +148,7 @@ class Eval:
     """Batches per evaluation."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Checkpoint:
     enable: bool = False
     """Save checkpoints (torch.distributed.checkpoint) and resume from the latest one when the run starts on a
@@ -160,7 +161,7 @@ class Checkpoint:
     """Keep only the k most recent checkpoints (older ones are deleted after a save). 0: keep all."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Metrics:
     log_freq: int = 10
     """Log a line to metrics.jsonl every this many steps (and at the first and last step)."""
@@ -168,7 +169,7 @@ class Metrics:
     """Show a progress bar with loss, tokens/s and memory."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Parallelism:
     dp_shard: int = -1
     """FSDP2 degree: parameters, gradients and optimizer state are split over this many ranks (fully_shard per
@@ -180,7 +181,7 @@ class Parallelism:
     dp_shard leaves. dp_replicate * dp_shard must equal the number of processes (the world size)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ActivationCheckpoint:
     mode: Literal["none", "full", "selective"] = "none"
     """Recompute activations in the backward instead of keeping them: none; full (each transformer block keeps
@@ -188,7 +189,7 @@ class ActivationCheckpoint:
     of attention, and recomputes the cheap rest: norms, RoPE, SwiGLU's activation, casts)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Compile:
     enable: bool = False
     """torch.compile each transformer block (with FSDP2, per block, inside the sharding) and the optimizer's
@@ -196,7 +197,7 @@ class Compile:
     it compiles."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -213,6 +214,54 @@ class Config:
     compile: Compile = field(default_factory=Compile)
     recipe: str = ""
     """A named precision recipe (fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8): a set of the keys above."""
+
+
+# A recipe is only a named set of config values; `--recipe NAME` and these keys give the same run (SPEC.md section 4).
+RECIPES: dict[str, dict[str, object]] = {
+    "fp32": {"training.dtype": "float32", "training.mixed_precision_param": "float32",
+             "optimizer.state_dtype": "auto", "optimizer.compensation": "none", "optimizer.moments_rounding": "auto"},
+    "bf16-mixed": {"training.dtype": "float32", "training.mixed_precision_param": "bfloat16",
+                   "optimizer.state_dtype": "auto", "optimizer.compensation": "none", "optimizer.moments_rounding": "auto"},
+    "bf16": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
+             "optimizer.state_dtype": "auto", "optimizer.compensation": "none", "optimizer.moments_rounding": "auto"},
+    "bf16-fp32state": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
+                       "optimizer.state_dtype": "float32", "optimizer.compensation": "none", "optimizer.moments_rounding": "auto"},
+    "bf16-sr": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
+                "optimizer.state_dtype": "auto", "optimizer.compensation": "stochastic", "optimizer.moments_rounding": "auto"},
+    "bf16-kahan": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
+                   "optimizer.state_dtype": "auto", "optimizer.compensation": "kahan", "optimizer.moments_rounding": "auto"},
+    "bf16-int8": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
+                  "optimizer.state_dtype": "int8", "optimizer.compensation": "stochastic", "optimizer.moments_rounding": "auto"},
+}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def recipe_of(cfg: Config) -> str | None:
+    """The recipe whose keys the config matches (a run is named by its values, not by how they were set)."""
+    for name, keys in RECIPES.items():
+        if all(_get(cfg, k) == v for k, v in keys.items()):
+            return name
+    return None
+
+
+def _replace(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of the (frozen) config with {'section.key': value} replaced; not validated."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **v) for s, v in sections.items()})
+
+
+def with_recipe(cfg: Config, name: str) -> Config:
+    """The config with recipe ``name``'s keys (as leantrain plan compares recipes for one model), validated."""
+    out = dataclasses.replace(_replace(cfg, RECIPES[name]), recipe=name)
+    validate(out, warn=False)
+    return out
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "recipe"}
@@ -337,10 +386,10 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def load_config(toml_path: str | None = None, overrides: dict[str, str] | None = None) -> Config:
-    """Defaults <- recipe <- TOML file <- command-line overrides, type-checked and validated."""
-    from .precision import RECIPES
-
+def load_config(toml_path: str | None = None, overrides: dict[str, Any] | None = None, *,
+                warn: bool = True) -> Config:
+    """Defaults <- recipe <- TOML file <- command-line overrides, type-checked and validated, frozen.
+    ``warn=False``: no warnings for legal but suspicious settings (a checkpoint's config, warned about when it ran)."""
     flat: dict[str, tuple[Any, bool]] = {}  # key -> (value, from_cli)
     if toml_path:
         try:
@@ -356,22 +405,18 @@ def load_config(toml_path: str | None = None, overrides: dict[str, str] | None =
         flat.update({k: (v, False) for k, v in _flatten(raw, toml_path).items()})
     flat.update({k: (v, True) for k, v in (overrides or {}).items()})
 
-    cfg = Config()
     recipe_value, _ = flat.pop("recipe", ("", False))
+    values: dict[str, Any] = {}
     if recipe_value:
         if not isinstance(recipe_value, str) or recipe_value not in RECIPES:  # TOML may give any type
             raise _unknown("recipe", str(recipe_value), list(RECIPES))
-        cfg.recipe = recipe_value
-        for key, value in RECIPES[recipe_value].items():
-            section, name = key.split(".")
-            setattr(getattr(cfg, section), name, value)
+        values.update(RECIPES[recipe_value])
 
     for key, (value, from_cli) in flat.items():
         section, dot, name = key.partition(".")
         if not dot or section not in SECTIONS:
             raise _unknown("section", section, list(SECTIONS) + ["recipe"])
-        cls = _section_class(section)
-        hints = _hints(cls)
+        hints = _hints(_section_class(section))
         if name not in hints:
             raise _unknown("key", key, [f"{section}.{k}" for k in hints])
         value = _coerce(key, value, hints[name], from_cli)
@@ -379,8 +424,9 @@ def load_config(toml_path: str | None = None, overrides: dict[str, str] | None =
             raise ConfigError(f"The recipe '{recipe_value}' sets {key} = {RECIPES[recipe_value][key]!r}, but "
                               f"{key} = {value!r} was also given. A recipe is a fixed set of keys: drop --recipe "
                               f"and set the keys yourself, or drop {key}.")
-        setattr(getattr(cfg, section), name, value)
-    validate(cfg)
+        values[key] = value
+    cfg = dataclasses.replace(_replace(Config(), values), recipe=recipe_value or "")
+    validate(cfg, warn=warn)
     return cfg
 
 
@@ -389,10 +435,8 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"Config key '{key}' has the value {value!r}, but it must be {allowed}.")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, warn: bool = True) -> None:
     """Every range check, contradiction and warning, in one place, before any work."""
-    from .precision import suspicious_precision_settings
-
     t, o, d, m, s = cfg.training, cfg.optimizer, cfg.data, cfg.model, cfg.lr_scheduler
     _require(t.steps >= 1, "training.steps", t.steps, "at least 1")
     _require(t.max_norm >= 0, "training.max_norm", t.max_norm, "0 (no clipping) or positive")
@@ -435,8 +479,38 @@ def validate(cfg: Config) -> None:
     if s.warmup_steps > t.steps:
         messages.append(f"lr_scheduler.warmup_steps = {s.warmup_steps} is longer than training.steps = {t.steps}: "
                         f"the learning rate never reaches optimizer.lr = {o.lr}.")
-    for message in messages:
+    for message in messages if warn else []:
         warn_once(message)
+
+
+def suspicious_precision_settings(cfg: Config, dp_shard: int | None = None) -> list[str]:
+    """Legal settings that are probably not meant, in words a user understands (validate warns once).
+
+    ``dp_shard``: the FSDP degree once the world size is known (runplan.resolve asks again then); None before.
+    """
+    t, o = cfg.training, cfg.optimizer
+    out = []
+    if dp_shard is None and cfg.parallelism.dp_shard != -1:
+        dp_shard = cfg.parallelism.dp_shard
+    if t.mixed_precision_reduce == "bfloat16" and t.dtype == "bfloat16":
+        out.append("training.mixed_precision_reduce=bfloat16 has no effect with training.dtype=bfloat16: full "
+                   "bfloat16 gradients are reduced in bfloat16 anyway. It only chooses the reduce dtype of "
+                   "fp32 parameters under FSDP2.")
+    elif t.mixed_precision_reduce == "bfloat16" and dp_shard == 1:
+        out.append("training.mixed_precision_reduce=bfloat16 has no effect without FSDP2 (parallelism.dp_shard "
+                   "is 1): one device does not reduce gradients, and DDP reduces them in their own dtype.")
+    if t.dtype == "bfloat16" and t.mixed_precision_param == "float32":
+        out.append("training.dtype=bfloat16 with training.mixed_precision_param=float32: parameters are stored in "
+                   "bfloat16, so the forward and backward run in bfloat16 anyway; mixed_precision_param only "
+                   "chooses the compute dtype when training.dtype=float32. Set training.dtype=float32 for fp32 "
+                   "compute, or leave mixed_precision_param at bfloat16.")
+    if t.dtype == "float32" and o.compensation != "none":
+        out.append(f"optimizer.compensation={o.compensation} has no effect with training.dtype=float32: "
+                   "compensation only protects bfloat16 weights from rounding. Set it to 'none'.")
+    if t.dtype == "float32" and o.state_dtype == "bfloat16":
+        out.append("optimizer.state_dtype=bfloat16 with training.dtype=float32 stores the Adam moments in less "
+                   "precision than the weights; this saves 4 bytes/param but is not a recipe we measure.")
+    return out
 
 
 def data_parallel_degrees(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -463,12 +537,6 @@ def warn_once(message: str, key: str | None = None) -> None:
     if (key or message) not in _warned:
         _warned.add(key or message)
         warnings.warn(message, UserWarning, stacklevel=2)
-
-
-def resolve_dump_folder(cfg: Config) -> str:
-    if not cfg.job.dump_folder:
-        cfg.job.dump_folder = f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    return cfg.job.dump_folder
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -1,28 +1,34 @@
 """The distributed facts, in one place: which rank this process is, how many there are, its device, and the
-local shard of a DTensor. Every other module asks here (it imports nothing of leantrain's)."""
+local shard of a DTensor. Every other module asks here. It imports nothing of leantrain's, and not torch
+either until asked (the command line asks for the rank before it knows whether it needs torch)."""
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 
 def initialized() -> bool:
-    """A process group exists (torchrun, after parallel.init_distributed, or a caller's own)."""
-    return dist.is_available() and dist.is_initialized()
+    """A process group exists (torchrun, after parallel.init_distributed, or a caller's own). None can before
+    torch.distributed is imported."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
     """This process's global rank: the process group's, else torchrun's RANK (also before the group starts, e.g.
     in a signal handler), else 0."""
-    return dist.get_rank() if initialized() else int(os.environ.get("RANK", "0"))
+    return sys.modules["torch.distributed"].get_rank() if initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
-    return dist.get_world_size() if initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if initialized():
+        return sys.modules["torch.distributed"].get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:
@@ -32,11 +38,13 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if initialized():
-        dist.barrier()
+        sys.modules["torch.distributed"].barrier()
 
 
 def default_device(local_rank: int = 0) -> torch.device:
     """This rank's GPU when there are GPUs, else the CPU."""
+    import torch
+
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 

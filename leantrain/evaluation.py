@@ -14,35 +14,65 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from . import checkpoint, precision
-from .config import Config, load_config, resolve_dump_folder
+from . import checkpoint, parallel
+from .config import Config, load_config
 from .data import PackedDataset, SftDataset, build_datasets, build_tokenizer, load_documents, load_sft_samples
 from .errors import ConfigError
 from .metrics import write_json
+from .precision import IGNORE_INDEX, Precision, cross_entropy
+from .runplan import resolve
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # the mean over every labelled token of the batches
+    tokens: int
+    batches: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.tokens else float("nan")
 
 
 @torch.no_grad()
-def loss_over(model: nn.Module, data: PackedDataset | SftDataset, cfg: Config, device: torch.device,
-              max_batches: int | None = None) -> dict[str, float]:
-    """Token-weighted mean loss (fp32 loss, fp64 sums) and perplexity over ``data.eval_batches``."""
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], precision: Precision,
+             device: torch.device, sharded: bool = False) -> EvalResult:
+    """The token-weighted mean loss over ``batches`` (the one evaluation of training and of ``leantrain eval``).
+
+    Each batch's mean loss (fp32) is weighted by its labelled tokens relative to the first batch's, summed in
+    fp32 on the device and divided by the summed weights; one host sync at the end. That is the mean over every
+    labelled token, and where every batch has the same count (packed text, whose windows are all labelled) each
+    weight is exactly 1, so it is bitwise the plain mean of the batch means. ``sharded``: the model is under FSDP2
+    (every rank must evaluate the same batches)."""
     model.eval()
-    total, tokens, batches = 0.0, 0, 0
-    for inputs, labels in data.eval_batches(max_batches):
-        with precision.autocast(cfg, device):
+    total, weights = torch.zeros((), device=device), torch.zeros((), device=device)
+    tokens, reference, n = torch.zeros((), dtype=torch.int64, device=device), None, 0
+    for inputs, labels in batches:
+        with precision.autocast(device, sharded):
             logits = model(inputs.to(device))
         labels = labels.to(device)
-        total += precision.cross_entropy(logits, labels, reduction="sum").double().item()
-        tokens += int((labels != -100).sum())
-        batches += 1
-    loss = total / tokens if tokens else float("nan")
-    return {"loss": loss, "perplexity": math.exp(loss) if tokens else float("nan"), "tokens": tokens,
-            "batches": batches}
+        count = (labels != IGNORE_INDEX).sum()
+        reference = count.clamp(min=1) if reference is None else reference
+        tokens += count
+        weight = count / reference  # int64 / int64: fp32, exactly 1.0 for equal counts
+        loss = cross_entropy(logits, labels)
+        total += torch.where(count > 0, loss * weight, 0.0)  # a batch without labels is NaN (0/0) and weighs 0
+        weights += weight
+        n += 1
+    if sharded:
+        parallel.reshard(model)
+    model.train()
+    if not n:
+        return EvalResult(float("nan"), 0, 0)
+    loss, tokens = (total / weights).item(), int(tokens)
+    return EvalResult(loss if tokens else float("nan"), tokens, n)
 
 
 def _dataset(cfg: Config, tokenizer: Any, whole_path: bool) -> tuple[PackedDataset | SftDataset, str]:
@@ -60,28 +90,26 @@ def _dataset(cfg: Config, tokenizer: Any, whole_path: bool) -> tuple[PackedDatas
 
 def run_eval(checkpoint_path: str | None, overrides: dict[str, str], out: str | None = None) -> dict[str, Any]:
     """What ``leantrain eval`` does; returns the JSON it writes."""
-    from .train import default_device
-
-    device = default_device()
     hf_path = overrides.get("model.hf_checkpoint")
     if bool(checkpoint_path) == bool(hf_path):
         raise ConfigError("leantrain eval needs exactly one model: --checkpoint DIR (a leantrain checkpoint) or "
                           "--model.hf_checkpoint=DIR (a Hugging Face Llama folder).")
     if checkpoint_path:
-        model, info = checkpoint.load_model(checkpoint_path, device)
-        cfg = checkpoint.saved_config(info, overrides)
+        model, info = checkpoint.load_model(checkpoint_path)
+        run_folder = _run_folder_of(info)
+        cfg = checkpoint.saved_config(info, {"job.dump_folder": run_folder, **overrides})
         source = {"checkpoint": info["path"], "step": info["step"]}
-        if "job.dump_folder" not in overrides:  # the run that holds the checkpoint
-            cfg.job.dump_folder = str(Path(info["path"]).parent.joinpath(*[".."] * len(
-                Path(cfg.checkpoint.folder).parts)).resolve())
         default_name = f"eval-step-{info['step']}.json"
     else:
         from .hf import load_hf
 
         cfg = load_config(None, overrides)
-        model = load_hf(hf_path, precision.storage_dtype(cfg), device, max_seq_len=cfg.data.seq_len)
         source = {"hf_checkpoint": hf_path}
         default_name = "eval.json"
+    plan = resolve(cfg)
+    device = plan.parallel.device
+    model = model.to(device) if checkpoint_path else load_hf(hf_path, plan.precision.storage, device,
+                                                              max_seq_len=cfg.data.seq_len)
     if cfg.data.seq_len > model.args.max_seq_len:  # RoPE tables for longer sequences than trained on
         model.args.max_seq_len = cfg.data.seq_len
         model.init_rope()
@@ -92,13 +120,20 @@ def run_eval(checkpoint_path: str | None, overrides: dict[str, str], out: str | 
                           f"tokenizer.path to the tokenizer the model was trained with.")
     data, split = _dataset(cfg, tokenizer, whole_path="data.path" in overrides)
     max_batches = cfg.eval.steps if "eval.steps" in overrides else None
-    result = {**source, **loss_over(model, data, cfg, device, max_batches), "data": cfg.data.path,
-              "format": cfg.data.format, "split": split, "seq_len": cfg.data.seq_len,
-              "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
-    path = out or os.path.join(resolve_dump_folder(cfg), default_name)
+    measured = evaluate(model, data.eval_batches(max_batches), plan.precision, device)
+    result = {**source, "loss": measured.loss, "perplexity": measured.perplexity, "tokens": measured.tokens,
+              "batches": measured.batches, "data": cfg.data.path, "format": cfg.data.format, "split": split,
+              "seq_len": cfg.data.seq_len, "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    path = out or str(plan.paths.folder / default_name)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_json(path, result)
     print(f"leantrain: eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} over "
           f"{result['tokens']:,} tokens ({result['batches']} batches; data {cfg.data.path}, {split}). "
           f"Written to {path}", flush=True)
     return result
+
+
+def _run_folder_of(info: dict[str, Any]) -> str:
+    """The run folder that holds a checkpoint (checkpoint.folder may be nested: checkpoints/a/step-N)."""
+    folder = info.get("config", {}).get("checkpoint", {}).get("folder", "checkpoints")
+    return str(Path(info["path"]).parent.joinpath(*[".."] * len(Path(folder).parts)).resolve())

@@ -52,27 +52,11 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from . import distributed
 from .errors import TrainingDiverged
 
-# Test hook: LEANTRAIN_TEST_NONFINITE_STEPS="3,5-7" makes the gradient norm of those steps Inf, as if a
-# gradient had overflowed (the gradients stay finite, so an update that was not skipped would show).
-NONFINITE_ENV = "LEANTRAIN_TEST_NONFINITE_STEPS"
-
-
-def _parse_steps(spec: str) -> set[int]:
-    steps: set[int] = set()
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        first, _, last = part.partition("-")
-        steps.update(range(int(first), int(last or first) + 1))
-    return steps
-
-
-def _is_main() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _warn(message: str) -> None:
-    if _is_main():
+    if distributed.is_main():
         print(f"leantrain: warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -88,12 +72,9 @@ class NonFiniteGuard:
         self.total = max((r.get("skipped_nonfinite", 0) for r in records), default=0)
         self.last_skipped = False
         self.step = 0  # the last checked step
-        self._test_steps = _parse_steps(os.environ.get(NONFINITE_ENV, ""))
 
     def check(self, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
         """(take the update?, stop after this step?): one host sync, the same answer on every rank."""
-        if step in self._test_steps:
-            grad_norm.fill_(math.inf)  # test hook: the caller's norm too, so the step is logged as it would be
         bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
         flags = torch.stack((bad, torch.full_like(bad, stop_requested() is not None))).int()
         if self.world_size > 1:
@@ -157,12 +138,12 @@ def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """No NaN/Inf in any of the tensors (each rank's own shards; agreed over all ranks when a process group
     exists). Uses each tensor's max-abs (NaN propagates), so it allocates nothing the size of a tensor."""
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-    local = [t.detach() for t in local if t.numel()]
-    if not local:
+    shards = [distributed.local(t).detach() for t in tensors]
+    shards = [t for t in shards if t.numel()]
+    if not shards:
         return True
-    ok = torch.stack(torch._foreach_norm(local, math.inf)).isfinite().all().int()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    ok = torch.stack(torch._foreach_norm(shards, math.inf)).isfinite().all().int()
+    if distributed.world_size() > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
 
@@ -188,11 +169,11 @@ def _on_signal(signum: int, frame: Any) -> None:
     if _received is not None and time.monotonic() - _received_at < SAME_REQUEST_S:
         return  # a duplicate delivery of the first request
     if _received is not None:  # the second one: leave now; saved files stay consistent (module docstring)
-        if _is_main():
+        if distributed.is_main():
             os.write(2, f"\nleantrain: {name} again: exiting now without saving.\n".encode())
         os._exit(128 + signum)
     _received, _received_at = signum, time.monotonic()
-    if _is_main():  # os.write, not print: the signal may arrive in the middle of a print
+    if distributed.is_main():  # os.write, not print: the signal may arrive in the middle of a print
         os.write(2, f"\nleantrain: {name} received: finishing the current step, then saving a checkpoint and "
                     f"stopping (send it again to stop at once).\n".encode())
 

@@ -12,6 +12,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .distributed import local
+
 
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated accelerator memory, or the process's peak resident set size on CPU."""
@@ -23,8 +25,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 def _storage_bytes(tensors: Iterable[torch.Tensor], seen: set[int]) -> int:
     total = 0
     for t in tensors:
-        local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
-        storage = local.untyped_storage()
+        storage = local(t).untyped_storage()  # a DTensor's: this rank's shard
         if storage.data_ptr() in seen:
             continue
         seen.add(storage.data_ptr())

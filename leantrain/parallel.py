@@ -3,9 +3,9 @@
 All of it is applied *to* the model by the functions below; model.py knows nothing of it. The trainer
 calls, in this order:
 
-    dist = init_distributed(cfg)                 # rank, world size, device, mesh; one process: no process group
+    dist = init_distributed(plan.parallel)       # the process group and mesh; one process: none
     model = ...built on the meta device...       # under FSDP2: shapes only, in the storage dtype
-    parallelize(model, cfg, dist)                # per block: activation checkpointing, compile, fully_shard;
+    parallelize(model, dist, precision, ac_mode, compile)  # per block: activation checkpointing, compile, fully_shard;
                                                  # then the root (FSDP2 / HSDP), or DDP for a built model
     materialize(model, dist.device, seed)        # FSDP2: to_empty + init_weights, each rank fills its shards
 
@@ -23,13 +23,13 @@ Every rank is a data-parallel rank: it takes its own ``local_batch_size`` sample
 the equal-sized packed batches is the gradient of the mean loss over the global batch.
 
 Precision (the decisions are leantrain.precision's): full bf16 shards bf16 parameters with no
-MixedPrecisionPolicy; ``bf16-mixed`` under FSDP2 uses ``precision.fsdp_policy`` instead of autocast.
+MixedPrecisionPolicy; ``bf16-mixed`` under FSDP2 uses ``Precision.fsdp_policy`` instead of autocast.
+Which ranks, devices and degrees: decided by leantrain.runplan (``ParallelPlan``); this module only acts on them.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -40,37 +40,34 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from . import precision
-from .config import Config, data_parallel_degrees, warn_once
-from .errors import ConfigError
+from . import distributed
+from .precision import Precision
+from .runplan import ParallelPlan
 
 
-@dataclass
+@dataclass(frozen=True)
 class Distributed:
-    """Where this process stands: its rank, the world, its device and the data-parallel mesh."""
+    """The plan of this process (rank, world, device, degrees) and what was started for it: the mesh."""
 
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    dp_replicate: int
-    dp_shard: int
+    plan: ParallelPlan
     mesh: DeviceMesh | None = None  # ("dp_replicate", "dp_shard"); None in a single process
     owns_process_group: bool = False  # started here (torchrun), so shutdown() ends it
 
     @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+    @property
+    def world_size(self) -> int:
+        return self.plan.world_size
+
+    @property
     def is_main(self) -> bool:
-        """Rank 0 writes the run's files and prints."""
-        return self.rank == 0
+        return self.plan.is_main
 
     @property
     def sharded(self) -> bool:
-        """Parameters are FSDP2 DTensors (dp_shard > 1)."""
-        return self.dp_shard > 1
-
-
-def default_device(local_rank: int = 0) -> torch.device:
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return self.plan.sharded
 
 
 def backend(device: torch.device) -> str:
@@ -78,31 +75,21 @@ def backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_distributed(cfg: Config) -> Distributed:
-    """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE), check the degrees against the world
-    size, and start the process group and mesh. A plain `leantrain train` is world size 1: no process
-    group, and every parallelism function below leaves the model alone."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    replicate, shard = data_parallel_degrees(cfg, world_size)  # ConfigError before any process group
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if shard > 1 and cfg.model.hf_checkpoint:
-        raise ConfigError(f"model.hf_checkpoint='{cfg.model.hf_checkpoint}' cannot be loaded into a sharded model yet "
-                          f"(parallelism.dp_shard = {shard}). Use parallelism.dp_shard=1 with "
-                          f"parallelism.dp_replicate=-1 (DDP), or convert it with one process first.")
-    if rank != 0:  # every rank would print the same warnings; rank 0 speaks for all
+def init_distributed(plan: ParallelPlan) -> Distributed:
+    """Start the process group (unless a caller did) and the mesh for the plan's degrees. A plain
+    `leantrain train` is world size 1: no process group, and every function below leaves the model alone."""
+    if plan.rank != 0:  # every rank would print the same warnings; rank 0 speaks for all
         warnings.filterwarnings("ignore", category=UserWarning)
-    for message in precision.suspicious_precision_settings(cfg, dp_shard=shard):
-        warn_once(message)
-    device = default_device(local_rank)
-    if world_size == 1:
-        return Distributed(0, 0, 1, device, 1, 1)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if plan.world_size == 1:
+        return Distributed(plan)
+    if plan.device.type == "cuda":
+        torch.cuda.set_device(plan.device)
     owns = not dist.is_initialized()  # a caller (e.g. a test running several trainings) may have started it
     if owns:
-        dist.init_process_group(backend(device), device_id=device if device.type == "cuda" else None)
-    mesh = init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
-    return Distributed(rank, local_rank, world_size, device, replicate, shard, mesh, owns)
+        dist.init_process_group(backend(plan.device), device_id=plan.device if plan.device.type == "cuda" else None)
+    mesh = init_device_mesh(plan.device.type, (plan.dp_replicate, plan.dp_shard),
+                            mesh_dim_names=("dp_replicate", "dp_shard"))
+    return Distributed(plan, mesh, owns)
 
 
 def shutdown(d: Distributed) -> None:
@@ -114,15 +101,17 @@ def shutdown(d: Distributed) -> None:
 # ---- the model ------------------------------------------------------------------------------------
 
 
-def parallelize(model: nn.Module, cfg: Config, d: Distributed) -> nn.Module:
-    """Activation checkpointing and compile per block; then FSDP2 / HSDP per block and root (on a meta
-    model, before :func:`materialize`), or DDP (on a materialized model). In place; returns the model."""
-    apply_activation_checkpointing(model, cfg.activation_checkpoint.mode)
-    if cfg.compile.enable:
+def parallelize(model: nn.Module, d: Distributed, precision: Precision, activation_checkpoint: str,
+                compile: bool) -> nn.Module:
+    """Activation checkpointing (``none``, ``full``, ``selective``) and compile per block; then FSDP2 / HSDP per
+    block and root (on a meta model, before :func:`materialize`), or DDP (on a materialized model). In place;
+    returns the model."""
+    apply_activation_checkpointing(model, activation_checkpoint)
+    if compile:
         apply_compile(model)
     if d.sharded:
-        apply_fsdp(model, d.mesh if d.dp_replicate > 1 else d.mesh["dp_shard"], precision.fsdp_policy(cfg))
-    elif d.dp_replicate > 1:
+        apply_fsdp(model, d.mesh if d.plan.dp_replicate > 1 else d.mesh["dp_shard"], precision.fsdp_policy())
+    elif d.plan.dp_replicate > 1:
         apply_ddp(model, d.mesh["dp_replicate"])
     return model
 
@@ -239,4 +228,4 @@ def same_on_all_ranks(obj: Any, d: Distributed) -> Any:
 
 def local_numel(model: nn.Module) -> int:
     """Parameters held by this rank (its shards under FSDP2)."""
-    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+    return sum(distributed.local(p).numel() for p in model.parameters())

@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
-from .config import Config
+from .config import Config, with_recipe
 from .model import Transformer, build_model, num_params
 from .optim import AdamW
-from .precision import RECIPES, compute_dtype, storage_dtype
+from .precision import Precision
+from .runplan import OptimizerSpec, optimizer_spec, precision_of
 from .utils import set_default_dtype
 
 
@@ -36,28 +37,28 @@ def _storage_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def state_bytes(model: torch.nn.Module, cfg: Config) -> dict[str, int]:
+def state_bytes(model: torch.nn.Module, spec: OptimizerSpec) -> dict[str, int]:
     """Params, grads and optimizer state of one unsharded replica, laid out on meta tensors."""
     params = list(model.parameters())
-    o = cfg.optimizer
-    opt = AdamW(params, lr=o.lr, state_dtype=o.state_dtype, compensation=o.compensation)
+    opt = AdamW(params, lr=spec.lr, state_dtype=spec.state_dtype, compensation=spec.compensation)
     states = [opt.init_state(p) for p in params]
     return {"params": _storage_bytes(params), "grads": _storage_bytes(params),
             "optimizer": _storage_bytes(v for s in states for v in s.values())}
 
 
-def planned_state_bytes(model: torch.nn.Module, cfg: Config, dp_shard: int = 1) -> dict[str, int]:
+def planned_state_bytes(model: torch.nn.Module, precision: Precision, spec: OptimizerSpec,
+                        dp_shard: int = 1) -> dict[str, int]:
     """What the planner predicts for this run's model (its meta twin) on one of dp_shard FSDP ranks, to set
     beside the measured bytes."""
-    with torch.device("meta"), set_default_dtype(storage_dtype(cfg)):
+    with torch.device("meta"), set_default_dtype(precision.storage):
         twin = Transformer(model.args)
-    return {k: -(-v // dp_shard) for k, v in state_bytes(twin, cfg).items()}
+    return {k: -(-v // dp_shard) for k, v in state_bytes(twin, spec).items()}
 
 
-def activation_bytes(cfg: Config, model: torch.nn.Module, checkpointing: bool) -> int:
+def activation_bytes(compute_dtype: torch.dtype, tokens: int, model: torch.nn.Module, checkpointing: bool) -> int:
+    """Activation bytes of ``tokens`` tokens per micro-batch (formula in the module docstring)."""
     a = model.args
-    c = torch.finfo(compute_dtype(cfg)).bits // 8
-    tokens = cfg.data.seq_len * cfg.data.local_batch_size
+    c = torch.finfo(compute_dtype).bits // 8
     h_kv = a.n_kv_heads * a.head_dim
     block = c * (9 * a.dim + 4 * a.ffn_dim) + 4 * (3 * a.dim + h_kv)
     logits = (c + 8) * a.vocab_size
@@ -88,14 +89,16 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
     out: dict[str, Any] = {"flavor": cfg.model.flavor, "dp_shard": dp_shard, "gpu_memory_bytes": gpu_memory,
                            "seq_len": cfg.data.seq_len, "local_batch_size": cfg.data.local_batch_size,
                            "recipes": {}}
+    tokens = cfg.data.seq_len * cfg.data.local_batch_size
     for name in recipes:
-        rcfg = _with_recipe(cfg, name)
-        model = build_model(cfg.model.flavor, storage_dtype(rcfg), "meta", vocab_size=vocab,
+        rcfg = with_recipe(cfg, name)
+        precision = precision_of(rcfg)
+        model = build_model(cfg.model.flavor, precision.storage, "meta", vocab_size=vocab,
                             max_seq_len=cfg.data.seq_len, **dims)
         out["num_params"] = num_params(model)
-        state = {k: -(-v // dp_shard) for k, v in state_bytes(model, rcfg).items()}
-        act = activation_bytes(rcfg, model, checkpointing=False)
-        act_ckpt = activation_bytes(rcfg, model, checkpointing=True)
+        state = {k: -(-v // dp_shard) for k, v in state_bytes(model, optimizer_spec(rcfg)).items()}
+        act = activation_bytes(precision.compute, tokens, model, checkpointing=False)
+        act_ckpt = activation_bytes(precision.compute, tokens, model, checkpointing=True)
         total = sum(state.values()) + act
         out["recipes"][name] = {
             "state_bytes_per_gpu": state, "state_bytes_per_param": sum(state.values()) * dp_shard / out["num_params"],
@@ -104,17 +107,6 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
             "state_fits": sum(state.values()) <= gpu_memory, "fits": total <= gpu_memory, "fits_checkpointed": sum(state.values()) + act_ckpt <= gpu_memory,
         }
     return out
-
-
-def _with_recipe(cfg: Config, name: str) -> Config:
-    import copy
-
-    rcfg = copy.deepcopy(cfg)
-    for key, value in RECIPES[name].items():
-        section, field = key.split(".")
-        setattr(getattr(rcfg, section), field, value)
-    rcfg.recipe = name
-    return rcfg
 
 
 def format_plan(p: dict[str, Any]) -> str:

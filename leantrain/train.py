@@ -1,78 +1,83 @@
-"""The training loop, readable in one sitting: build everything from the config, then step."""
+"""The trainer: :func:`build_run` assembles everything from the run plan, :func:`train` loops over
+``train_step``, guard, log, eval and checkpoint, and writes the summary."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from . import checkpoint, guard, parallel, precision
-from .config import Config, resolve_dump_folder, to_toml, warn_once
-from .data import PackedDataset, build_datasets, build_tokenizer
-from .data.datasets import IGNORE_INDEX
+from . import checkpoint, guard, parallel
+from .config import LRScheduler, Model, to_toml, warn_once
+from .data import build_datasets, build_tokenizer
 from .errors import ConfigError
+from .evaluation import evaluate
+from .hooks import Hooks
 from .metrics import MetricsLogger, Progress, peak_memory_bytes, plot_losses, state_bytes, summarize, write_json
 from .model import Transformer, build_model, num_params
 from .optim import build_optimizer
 from .plan import planned_state_bytes
+from .precision import Precision
+from .runplan import OptimizerSpec, RunPlan
+from .state import TrainState
+from .step import StepContext, StepStats, train_step
 
 # Share of bf16 weight elements whose update was rounded away above which plain bf16 warns.
 LOST_UPDATE_WARN_FRACTION = 0.1
+_DIMS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "rope_theta", "norm_eps")
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+# ---- building blocks ------------------------------------------------------------------------------------
 
 
-def build_model_from_config(cfg: Config, vocab_size: int, device: torch.device | str,
-                            hf_weights: bool = True) -> Transformer:
-    """The configured flavor and overrides, in the run's storage dtype, sized to the tokenizer for debug/small.
+def build_model_for(spec: Model, precision: Precision, seq_len: int, seed: int, vocab_size: int,
+                    device: torch.device | str, tokenizer_name: str = "", hf_weights: bool = True) -> Transformer:
+    """The model.* section's flavor and overrides in the storage dtype, sized to the tokenizer for debug/small.
     With model.hf_checkpoint: the HF folder's model (its weights unless hf_weights=False, e.g. when resuming)."""
-    m = cfg.model
-    dims = {k: getattr(m, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
-                                      "rope_theta", "norm_eps")}
-    if m.hf_checkpoint:
-        return _hf_model(cfg, dims, vocab_size, device, hf_weights)
-    if not dims["vocab_size"] and m.flavor in ("debug", "small"):
+    dims = {k: getattr(spec, k) for k in _DIMS}
+    if spec.hf_checkpoint:
+        return _hf_model(spec, dims, precision, seq_len, vocab_size, device, tokenizer_name, hf_weights)
+    if not dims["vocab_size"] and spec.flavor in ("debug", "small"):
         dims["vocab_size"] = vocab_size
     try:
-        model = build_model(m.flavor, precision.storage_dtype(cfg), device, seed=cfg.job.seed,
-                            max_seq_len=cfg.data.seq_len, **dims)
+        model = build_model(spec.flavor, precision.storage, device, seed=seed, max_seq_len=seq_len, **dims)
     except ValueError as e:
         raise ConfigError(f"The model dimensions are inconsistent: {e}. Fix the model.* keys.") from None
-    _check_vocab(cfg, model, vocab_size)
+    _check_vocab(tokenizer_name, model, vocab_size)
     return model
 
 
-def _hf_model(cfg: Config, dims: dict[str, Any], vocab_size: int, device: torch.device | str,
-              weights: bool) -> Transformer:
+def _hf_model(spec: Model, dims: dict[str, Any], precision: Precision, seq_len: int, vocab_size: int,
+              device: torch.device | str, tokenizer_name: str, weights: bool) -> Transformer:
     from .hf import load_hf
 
-    model = load_hf(cfg.model.hf_checkpoint, precision.storage_dtype(cfg), device, max_seq_len=cfg.data.seq_len,
-                    weights=weights)
+    model = load_hf(spec.hf_checkpoint, precision.storage, device, max_seq_len=seq_len, weights=weights)
     for key, value in dims.items():
         if value and getattr(model.args, key) != value:
             raise ConfigError(f"model.{key} = {value!r}, but the model in model.hf_checkpoint="
-                              f"'{cfg.model.hf_checkpoint}' has {key} = {getattr(model.args, key)!r} (from its "
+                              f"'{spec.hf_checkpoint}' has {key} = {getattr(model.args, key)!r} (from its "
                               f"config.json). Leave model.{key} unset when loading a Hugging Face model.")
-    _check_vocab(cfg, model, vocab_size)
+    _check_vocab(tokenizer_name, model, vocab_size)
     return model
 
 
-def _check_vocab(cfg: Config, model: Transformer, vocab_size: int) -> None:
+def _check_vocab(tokenizer_name: str, model: Transformer, vocab_size: int) -> None:
     if model.args.vocab_size < vocab_size:
-        raise ConfigError(f"The tokenizer '{cfg.tokenizer.path}' has {vocab_size} tokens but the model's "
+        raise ConfigError(f"The tokenizer '{tokenizer_name}' has {vocab_size} tokens but the model's "
                           f"vocabulary (model.vocab_size) has only {model.args.vocab_size}. Set model.vocab_size "
                           f"to at least {vocab_size}, or use a smaller tokenizer.")
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: LRScheduler,
+                       steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to the peak, then cosine / linear decay to min_lr_factor * peak at the last step."""
-    s, steps = cfg.lr_scheduler, cfg.training.steps
+    s = schedule
 
     def factor(step: int) -> float:  # step = optimizer steps already taken
         if step < s.warmup_steps:
@@ -86,189 +91,185 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def prepare_run_folder(cfg: Config) -> str:
-    """Create job.dump_folder and check that it can be written; nothing is written in it yet."""
-    folder = resolve_dump_folder(cfg)
+def build_optimizer_for(model: torch.nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    return build_optimizer(model, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay,
+                           state_dtype=spec.state_dtype, compensation=spec.compensation,
+                           moments_rounding=spec.moments_rounding, seed=spec.seed, compile=spec.compile)
+
+
+def prepare_run_folder(folder: Path) -> None:
+    """Create the run folder and check that it can be written; nothing is written in it yet."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".write-test")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.touch()
+        probe.unlink()
     except OSError as e:
         raise ConfigError(f"job.dump_folder '{folder}' cannot be written ({e.strerror}). Choose a folder you can "
                           f"write to with --job.dump_folder=PATH.") from None
-    return folder
 
 
-def write_run_config(folder: str, cfg: Config) -> None:
-    """config.toml, once every input has loaded: a run stopped by bad input leaves the folder as it was."""
-    with open(os.path.join(folder, "config.toml"), "w", encoding="utf-8") as f:
-        f.write(to_toml(cfg))
+# ---- the run ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: PackedDataset, cfg: Config, device: torch.device,
-             sharded: bool = False) -> float:
-    """Mean loss over the first eval.steps batches of the held-out split (the same batches every time, on
-    every rank). ``sharded``: the model is under FSDP2."""
-    model.eval()
-    total, count = torch.zeros((), device=device), 0
-    for inputs, labels in data.eval_batches(cfg.eval.steps):
-        with precision.autocast(cfg, device, sharded):
-            logits = model(inputs.to(device))
-        total += precision.cross_entropy(logits, labels.to(device))
-        count += 1
-    if sharded:
-        parallel.reshard(model)
-    model.train()
-    return (total / count).item()
+@dataclass
+class Run:
+    """A built run: the plan it follows and every object the loop uses."""
+
+    plan: RunPlan
+    dist: parallel.Distributed
+    state: TrainState
+    eval_data: Any
+    checkpointer: checkpoint.Checkpointer
+    logger: MetricsLogger
+    ctx: StepContext
+    started: float  # perf_counter of the run's start (a resumed run's: earlier, by the elapsed time it had)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
 
-def token_weights(labels: list[torch.Tensor], dist: parallel.Distributed) -> list[torch.Tensor]:
-    """Per micro-batch factors that turn the mean of its loss into its share of the global batch's token mean.
-
-    The step's loss is the mean over every labelled token of the global batch (all micro-batches, all
-    ranks), so a micro-batch's mean loss counts with weight n * accum * world_size / N (n its labelled tokens,
-    N the global batch's), divided by accum below and averaged over ranks by DDP/FSDP. Packed data labels
-    every token, so each weight would be exactly 1.0 there (the loop skips the call); SFT micro-batches differ
-    in response tokens, and an unweighted mean would give a short response's tokens more say than a long one's.
-    """
-    counts = torch.stack([(x != IGNORE_INDEX).sum() for x in labels])
-    total = parallel.sum_over_ranks(counts.sum(), dist)
-    scale = len(labels) * dist.world_size
-    return list(counts * scale / total)  # int64 / int64: fp32, and exactly 1.0 when the integers are equal
-
-
-def train(cfg: Config) -> tuple[dict[str, Any] | None, Transformer]:
-    """Train as configured; returns summary.json's contents (None when a stop signal ended the run early, see
-    leantrain.guard) and the trained model. Raises TrainingDiverged after too many NaN/Inf steps in a row."""
-    dist = parallel.init_distributed(cfg)  # torchrun's ranks (or one process), this rank's device, the mesh
-    device = dist.device
-    torch.manual_seed(cfg.job.seed)
-    cfg.job.dump_folder = parallel.same_on_all_ranks(resolve_dump_folder(cfg), dist)
-    resume_from = checkpoint.find_resume(cfg)  # checked against this config before any file is written
-    folder = prepare_run_folder(cfg) if dist.is_main else cfg.job.dump_folder
-
-    tokenizer = build_tokenizer(cfg.tokenizer.path)
-    train_data, eval_data = build_datasets(cfg.data, tokenizer, cfg.job.seed, rank=dist.rank,
-                                           world_size=dist.world_size)  # each rank: its slice of a global batch
-    d = cfg.data
-    model = build_model_from_config(cfg, tokenizer.vocab_size, "meta" if dist.sharded else device,
-                                    hf_weights=resume_from is None)
-    parallel.parallelize(model, cfg, dist)  # activation checkpointing, compile; FSDP2 / HSDP, or DDP
+def build_state(plan: RunPlan, dist: parallel.Distributed, train_data: Any, vocab_size: int,
+                hf_weights: bool = True) -> TrainState:
+    """Model (parallelized: activation checkpointing, compile, FSDP2 / DDP), optimizer, schedule and training
+    data, at step 0. ``hf_weights=False``: the HF model's shapes only (a resume loads its own weights)."""
+    cfg, device = plan.config, dist.device
+    model = build_model_for(cfg.model, plan.precision, cfg.data.seq_len, cfg.job.seed, vocab_size,
+                            "meta" if dist.sharded else device, cfg.tokenizer.path, hf_weights=hf_weights)
+    parallel.parallelize(model, dist, plan.precision, cfg.activation_checkpoint.mode, cfg.compile.enable)
     if dist.sharded:  # FSDP2: shapes only until now; each rank allocates and initialises only its shards
         parallel.materialize(model, device, cfg.job.seed)
-    params = list(model.parameters())
-    o = cfg.optimizer
-    optimizer = build_optimizer(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                                state_dtype=o.state_dtype, compensation=o.compensation,
-                                moments_rounding=o.moments_rounding, seed=cfg.job.seed,
-                                compile=cfg.compile.enable)
-    scheduler = build_lr_scheduler(optimizer, cfg)
-    checkpointer = checkpoint.Checkpointer(cfg, model, optimizer, scheduler, train_data)
-    start_step, resumed_elapsed = checkpointer.load(resume_from) if resume_from else (0, 0.0)
-    recipe = precision.recipe_of(cfg)
-    n_params = num_params(model)
-    model_name = cfg.model.hf_checkpoint or cfg.model.flavor
-    if dist.is_main:
-        print(f"leantrain: training llama3 {model_name} ({n_params / 1e6:.1f}M parameters), recipe "
-              f"{recipe or 'custom'}, on {dist.world_size} x {device.type}, {train_data.num_tokens:,} training "
-              f"tokens; writing {folder}", flush=True)
+    optimizer = build_optimizer_for(model, plan.optimizer)
+    return TrainState(model, optimizer, build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps),
+                      train_data)
 
+
+def build_checkpointer(plan: RunPlan, hooks: Hooks = Hooks()) -> checkpoint.Checkpointer:
+    cfg = plan.config
+    return checkpoint.Checkpointer(plan.paths.checkpoints, cfg.checkpoint, cfg.training.steps, plan.config_record,
+                                   plan.recipe, hooks)
+
+
+def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
+    """Everything the loop needs, in the order that keeps bad input harmless: every input is loaded and checked
+    (data, model, the checkpoint to resume from) before the first file of the run is written."""
+    dist = parallel.init_distributed(plan.parallel)  # torchrun's ranks (or one process), the mesh
+    plan = dataclasses.replace(plan, paths=parallel.same_on_all_ranks(plan.paths, dist))  # rank 0's clock names it
+    cfg, device = plan.config, dist.device
+    torch.manual_seed(cfg.job.seed)
+    resume_from = checkpoint.find_resume(plan)  # checked against this run before any file is written
     if dist.is_main:
-        write_run_config(folder, cfg)
-    logger = MetricsLogger(folder, enabled=dist.is_main, resume_step=start_step if cfg.checkpoint.enable else None)
+        prepare_run_folder(plan.paths.folder)
+    tokenizer = build_tokenizer(cfg.tokenizer.path)
+    train_data, eval_data = build_datasets(cfg.data, tokenizer, cfg.job.seed, rank=dist.plan.rank,
+                                           world_size=dist.world_size)  # each rank: its slice of a global batch
+    state = build_state(plan, dist, train_data, tokenizer.vocab_size, hf_weights=resume_from is None)
+    model, checkpointer = state.model, build_checkpointer(plan, hooks)
+    resumed_elapsed = checkpointer.load(state, resume_from) if resume_from else 0.0
+    if dist.is_main:
+        print(f"leantrain: training llama3 {cfg.model.hf_checkpoint or cfg.model.flavor} "
+              f"({num_params(model) / 1e6:.1f}M parameters), recipe {plan.recipe or 'custom'}, on "
+              f"{dist.world_size} x {device.type}, {train_data.num_tokens:,} training tokens; writing "
+              f"{plan.paths.folder}", flush=True)
+        (plan.paths.folder / "config.toml").write_text(to_toml(cfg), encoding="utf-8")  # once inputs loaded
+    logger = MetricsLogger(str(plan.paths.folder), enabled=dist.is_main,
+                           resume_step=state.step if cfg.checkpoint.enable else None)
     nonfinite = guard.NonFiniteGuard(cfg.training.max_nonfinite_steps, dist.world_size, logger.records)
-    progress = Progress(cfg.training.steps, cfg.metrics.progress and dist.is_main)
+    ctx = StepContext(plan.precision, dist, cfg.training.max_norm, weigh_tokens=cfg.data.format == "sft",
+                      nonfinite=nonfinite, hooks=hooks)
+    return Run(plan, dist, state, eval_data, checkpointer, logger, ctx,
+               started=time.perf_counter() - resumed_elapsed)  # a resumed run continues the interrupted clock
+
+
+def train(plan: RunPlan, hooks: Hooks = Hooks()) -> tuple[dict[str, Any] | None, Transformer]:
+    """Train as planned; returns summary.json's contents (None when a stop signal ended the run early, see
+    leantrain.guard) and the trained model. Raises TrainingDiverged after too many NaN/Inf steps in a row."""
+    run = build_run(plan, hooks)
+    cfg, state, dist = run.plan.config, run.state, run.dist
     steps, accum = cfg.training.steps, cfg.training.gradient_accumulation_steps
-    tokens_per_step = d.seq_len * d.local_batch_size * accum * dist.world_size  # the global batch
-    start = last_log_time = time.perf_counter()
-    start -= resumed_elapsed  # a resumed run continues the interrupted run's clock
-    last_log_step, measured_state, stopped_at, stop_checkpoint = start_step, None, None, None
-    for step in range(start_step + 1, steps + 1):
-        if stopped_at is not None or nonfinite.diverged:  # a stop signal or too many NaN/Inf steps: stop here
-            break
-        loss_sum = torch.zeros((), device=device)
-        batches = [[t.to(device, non_blocking=True) for t in train_data.next_batch()] for _ in range(accum)]
-        # Packed text labels every token, so its weights are all exactly 1: no counting, no collective.
-        weights = (token_weights([labels for _, labels in batches], dist) if cfg.data.format == "sft"
-                   else [1.0] * accum)
-        for (inputs, labels), weight in zip(batches, weights):
-            with precision.autocast(cfg, device, dist.sharded):
-                logits = model(inputs)
-            loss = precision.cross_entropy(logits, labels) * weight / accum
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = precision.clip_grad_norm_(params, cfg.training.max_norm)
-        finite, stop = nonfinite.check(step, loss_sum, grad_norm)  # one host sync; the same on every rank
-        log_now = not finite or step == 1 or step % cfg.metrics.log_freq == 0 or step == steps
-        optimizer.track_lost_updates = log_now
-        lr = scheduler.get_last_lr()[0]
-        if finite:  # a NaN/Inf step changes neither the weights nor the optimizer state
-            optimizer.step()
-        guard.advance_schedule(scheduler)  # skipped steps count too: the schedule follows the step number
-        if measured_state is None and finite:  # after the first step every state buffer exists; it never grows
-            measured_state = state_bytes(model, optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        saved = checkpointer.save_if_due(step, elapsed_s=time.perf_counter() - start, force=stop)
-        if stop:  # SIGTERM/SIGINT: this step is done and saved (checkpoint.enable); the loop ends after it
-            stopped_at, stop_checkpoint = step, saved
-
-        eval_now = step == steps or (cfg.eval.interval and step % cfg.eval.interval == 0)
-        if not (log_now or eval_now):
-            continue
-        now = time.perf_counter()
-        loss_sum = parallel.mean_over_ranks(loss_sum, dist)  # each rank's loss on its part of the global batch
-        record = {"step": step, "loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens_per_sec": (step - last_log_step) * tokens_per_step / (now - last_log_time),
-                  "elapsed_s": now - start, "peak_memory_bytes": peak_memory_bytes(device)}
-        stats = optimizer.last_update_stats if finite else {}  # a skipped step updated nothing
-        if stats.get("tracked_elements"):  # bf16 weights only: fp32 weights lose nothing to rounding
-            record["lost_update_fraction"] = float(stats["lost_update_fraction"])
-            if cfg.optimizer.compensation == "kahan":
-                record["compensated_fraction"] = float(stats["compensated_fraction"])
-        if eval_now:
-            record["eval_loss"] = evaluate(model, eval_data, cfg, device, dist.sharded)
-        _warn_if_updates_lost(cfg, record)
-        logger.log(nonfinite.annotate(record))
-        progress.update(step, record)
-        last_log_time, last_log_step = time.perf_counter(), step
+    progress = Progress(steps, cfg.metrics.progress and dist.is_main)
+    measured_state, stopped_at, last_log = None, None, (state.step, time.perf_counter())
+    while state.step < steps and stopped_at is None and not run.ctx.nonfinite.diverged:
+        batches = [[t.to(dist.device, non_blocking=True) for t in state.data.next_batch()] for _ in range(accum)]
+        stats = train_step(state, batches, run.ctx, count_lost_updates=_log_due(state.step + 1, cfg))
+        if measured_state is None and stats.finite:  # after the first update every state buffer exists
+            measured_state = state_bytes(state.model, state.optimizer)
+        saved = run.checkpointer.save_if_due(state, run.elapsed, force=stats.stop)
+        if stats.stop:  # SIGTERM/SIGINT: this step is done and saved (checkpoint.enable); the loop ends after it
+            stopped_at = (state.step, saved)
+        eval_now = state.step == steps or (cfg.eval.interval and state.step % cfg.eval.interval == 0)
+        if eval_now or not stats.finite or _log_due(state.step, cfg):
+            record = _record(run, stats, last_log, eval_now)
+            run.logger.log(run.ctx.nonfinite.annotate(record))
+            progress.update(state.step, record)
+            last_log = (state.step, time.perf_counter())
     progress.close()
-    logger.close()
-    if nonfinite.diverged:  # exit code 3
-        nonfinite.raise_diverged(checkpointer.latest() if cfg.checkpoint.enable else None, cfg.checkpoint.enable)
-    if stopped_at is not None and stopped_at < steps:
-        _say_stopped(stopped_at, stop_checkpoint, cfg, dist.is_main)
+    run.logger.close()
+    if run.ctx.nonfinite.diverged:  # exit code 3
+        run.ctx.nonfinite.raise_diverged(run.checkpointer.latest() if cfg.checkpoint.enable else None,
+                                         cfg.checkpoint.enable)
+    if stopped_at is not None and stopped_at[0] < steps:
+        _say_stopped(*stopped_at, run)
         parallel.shutdown(dist)
-        return None, model
-    if measured_state is None:  # resumed at or past training.steps: nothing was trained in this process
-        measured_state = state_bytes(model, optimizer)
+        return None, state.model
+    summary = _summary(run, measured_state or state_bytes(state.model, state.optimizer))
+    parallel.shutdown(dist)
+    return summary, state.model
 
-    summary = summarize(logger.records, recipe=recipe, num_params=n_params, steps=steps,
-                        peak_memory_bytes=peak_memory_bytes(device), state_bytes=measured_state,
+
+def _log_due(step: int, cfg: Any) -> bool:
+    return step == 1 or step % cfg.metrics.log_freq == 0 or step == cfg.training.steps
+
+
+def _record(run: Run, stats: StepStats, last_log: tuple[int, float], eval_now: bool) -> dict[str, Any]:
+    """The metrics.jsonl line of a step (the loss averaged over ranks: one collective, on logged steps only)."""
+    now, (last_step, last_time) = time.perf_counter(), last_log
+    loss = parallel.mean_over_ranks(stats.loss, run.dist)  # each rank's loss on its part of the global batch
+    record = {"step": stats.step, "loss": loss.item(), "lr": stats.lr, "grad_norm": stats.grad_norm.item(),
+              "tokens_per_sec": (stats.step - last_step) * stats.tokens / (now - last_time),
+              "elapsed_s": now - run.started, "peak_memory_bytes": peak_memory_bytes(run.dist.device)}
+    if stats.updates is not None and stats.updates.tracked_elements:  # bf16 weights only: fp32 ones lose nothing
+        record["lost_update_fraction"] = float(stats.updates.lost_update_fraction)
+        if stats.updates.compensated_fraction is not None:
+            record["compensated_fraction"] = float(stats.updates.compensated_fraction)
+    if eval_now:
+        batches = run.eval_data.eval_batches(run.plan.config.eval.steps)
+        record["eval_loss"] = evaluate(run.state.model, batches, run.plan.precision, run.dist.device,
+                                       run.dist.sharded).loss
+    _warn_if_updates_lost(run.plan.optimizer, record)
+    return record
+
+
+def _summary(run: Run, measured_state: dict[str, int]) -> dict[str, Any]:
+    """summary.json (key order of SPEC.md section 5, then the planner's prediction beside the measurement),
+    loss.png and the closing line, written by rank 0."""
+    plan, model = run.plan, run.state.model
+    summary = summarize(run.logger.records, recipe=plan.recipe, num_params=num_params(model),
+                        steps=plan.config.training.steps, peak_memory_bytes=peak_memory_bytes(run.dist.device),
+                        state_bytes=measured_state,
                         state_bytes_per_param=sum(measured_state.values()) / parallel.local_numel(model),
-                        planned_state_bytes=planned_state_bytes(model, cfg, dist.dp_shard))
-    # Key order of SPEC.md section 5, then the planner's prediction beside the measurement.
+                        planned_state_bytes=planned_state_bytes(model, plan.precision, plan.optimizer,
+                                                                run.dist.plan.dp_shard))
     summary = {k: summary[k] for k in ("recipe", "num_params", "steps", "final_loss", "final_eval_loss",
                                        "tokens_per_sec", "peak_memory_bytes", "state_bytes",
                                        "state_bytes_per_param", "planned_state_bytes")}
-    summary["skipped_nonfinite_steps"] = nonfinite.total  # steps whose NaN/Inf loss or grad norm was skipped
-    if dist.world_size > 1:  # state_bytes are then rank 0's own (its shards); bytes/param per local parameter
-        summary["world_size"] = dist.world_size
-    if dist.is_main:
+    summary["skipped_nonfinite_steps"] = run.ctx.nonfinite.total  # steps whose NaN/Inf loss or norm was skipped
+    if run.dist.world_size > 1:  # state_bytes are then rank 0's own (its shards); bytes/param per local parameter
+        summary["world_size"] = run.dist.world_size
+    if run.dist.is_main:
+        folder = plan.paths.folder
         write_json(os.path.join(folder, "summary.json"), summary)
-        plot_losses({recipe or "run": logger.records}, os.path.join(folder, "loss.png"),
-                    title=f"llama3 {cfg.model.flavor}, recipe {recipe or 'custom'}")
+        plot_losses({plan.recipe or "run": run.logger.records}, os.path.join(folder, "loss.png"),
+                    title=f"llama3 {plan.config.model.flavor}, recipe {plan.recipe or 'custom'}")
         print(f"leantrain: done. final loss {summary['final_loss']:.4f}, eval loss "
               f"{summary['final_eval_loss']:.4f}, {summary['state_bytes_per_param']:.2f} bytes/param of training "
               f"state. Files in {folder}", flush=True)
-    parallel.shutdown(dist)
-    return summary, model
+    return summary
 
 
-def _say_stopped(step: int, saved: Any, cfg: Config, is_main: bool) -> None:
-    if not is_main:
+def _say_stopped(step: int, saved: Path | None, run: Run) -> None:
+    if not run.dist.is_main:
         return
     signal_name = guard.signal_name(guard.stop_requested())
     if saved:
@@ -276,12 +277,13 @@ def _say_stopped(step: int, saved: Any, cfg: Config, is_main: bool) -> None:
     else:
         where = ("checkpoint.enable is false, so nothing was saved and the run cannot resume (set "
                  "checkpoint.enable=true to make runs resumable).")
-    print(f"leantrain: stopped by {signal_name} after step {step} of {cfg.training.steps}; {where}", flush=True)
+    print(f"leantrain: stopped by {signal_name} after step {step} of {run.plan.config.training.steps}; {where}",
+          flush=True)
 
 
-def _warn_if_updates_lost(cfg: Config, record: dict[str, Any]) -> None:
+def _warn_if_updates_lost(spec: OptimizerSpec, record: dict[str, Any]) -> None:
     lost = record.get("lost_update_fraction")
-    if lost is None or cfg.optimizer.compensation != "none" or lost < LOST_UPDATE_WARN_FRACTION:
+    if lost is None or spec.compensation != "none" or lost < LOST_UPDATE_WARN_FRACTION:
         return
     warn_once(f"At step {record['step']}, {lost:.0%} of the bfloat16 weights did not change although their update "
               f"was not zero: the update was smaller than half a bfloat16 step and nearest rounding threw it away. "

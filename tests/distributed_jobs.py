@@ -18,6 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from leantrain.config import load_config, parse_overrides  # noqa: E402
+from leantrain.runplan import resolve  # noqa: E402
 from leantrain.train import train  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def main() -> None:
     rank = dist.get_rank()
     for args in jobs:
         cfg = load_config(None, parse_overrides(args))
-        summary, model = train(cfg)
+        summary, model = train(resolve(cfg))
         with open(os.path.join(cfg.job.dump_folder, f"rank{rank}.json"), "w") as f:
             json.dump({"state_bytes": summary["state_bytes"], "checksum": local_checksum(model)}, f)
     dist.destroy_process_group()

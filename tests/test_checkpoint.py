@@ -16,39 +16,42 @@ from leantrain.config import load_config
 from leantrain.data import ByteTokenizer, PackedDataset, load_documents
 from leantrain.errors import CheckpointError
 from leantrain.metrics import read_metrics
-from leantrain.optim import build_optimizer
-from leantrain.precision import RECIPES, cross_entropy
-from leantrain.train import build_lr_scheduler, build_model_from_config
+from leantrain import parallel
+from leantrain.config import RECIPES
+from leantrain.precision import cross_entropy
+from leantrain.runplan import resolve
+from leantrain.train import build_checkpointer, build_state
 
 DOCS = load_documents("builtin")[:40]
 
 
-def make_objects(cfg, rank=0, world_size=1):
-    """What train() builds: model, optimizer, scheduler, training data (a small corpus)."""
-    model = build_model_from_config(cfg, 259, "cpu")
-    o = cfg.optimizer
-    optimizer = build_optimizer(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                                state_dtype=o.state_dtype, compensation=o.compensation,
-                                moments_rounding=o.moments_rounding, seed=cfg.job.seed)
-    scheduler = build_lr_scheduler(optimizer, cfg)
+def make_state(cfg, rank=0, world_size=1):
+    """What train() builds (leantrain.train.build_state), on one device, with the training data of a small corpus
+    (this rank's part of each global batch)."""
+    plan = resolve(cfg, env={})
     data = PackedDataset(DOCS, ByteTokenizer(), cfg.data.seq_len, cfg.data.local_batch_size, cfg.job.seed,
                          rank=rank, world_size=world_size)
-    return model, optimizer, scheduler, data
+    return build_state(plan, parallel.Distributed(plan.parallel), data, 259)
 
 
-def train_steps(model, optimizer, scheduler, data, n, all_reduce=False):
+def checkpointer(cfg):
+    return build_checkpointer(resolve(cfg, env={}))
+
+
+def train_steps(state, n, all_reduce=False):
     for _ in range(n):
-        inputs, labels = data.next_batch()
-        cross_entropy(model(inputs), labels).backward()
+        inputs, labels = state.data.next_batch()
+        cross_entropy(state.model(inputs), labels).backward()
         if all_reduce:  # what DDP does: every rank steps with the mean gradient
             import torch.distributed as dist
-            for p in model.parameters():
+            for p in state.model.parameters():
                 g = p.grad.float()
                 dist.all_reduce(g)
                 p.grad.copy_(g / dist.get_world_size())
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
 
 
 def tiny_config(folder, recipe=None, **extra):
@@ -63,8 +66,9 @@ KAHAN_INT8 = {"training.dtype": "bfloat16", "optimizer.compensation": "kahan", "
 
 
 def assert_same_state(a, b):
-    """Two (model, optimizer, scheduler, data) tuples hold bitwise the same training state."""
-    (ma, oa, sa, da), (mb, ob, sb, db) = a, b
+    """Two TrainStates hold bitwise the same training state."""
+    (ma, oa, sa, da), (mb, ob, sb, db) = [(x.model, x.optimizer, x.scheduler, x.data) for x in (a, b)]
+    assert a.step == b.step
     for (name, x), (_, y) in zip(ma.state_dict().items(), mb.state_dict().items()):
         assert x.dtype == y.dtype and torch.equal(x, y), name
     sda, sdb = oa.state_dict(), ob.state_dict()
@@ -84,16 +88,17 @@ def assert_same_state(a, b):
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_save_and_load_round_trip_every_buffer_of_every_recipe(tmp_path, recipe):
     cfg = tiny_config(tmp_path, recipe)
-    a = make_objects(cfg)
-    train_steps(*a, 2)
-    path = checkpoint.Checkpointer(cfg, *a).save(2)
+    a = make_state(cfg)
+    train_steps(a, 2)
+    path = checkpointer(cfg).save(a)
     assert path.name == "step-2" and not (tmp_path / "checkpoints" / "step-2.tmp").exists()
-    b = make_objects(cfg)
-    assert checkpoint.Checkpointer(cfg, *b).load(path)[0] == 2
+    b = make_state(cfg)
+    checkpointer(cfg).load(b, path)
+    assert b.step == 2
     assert_same_state(a, b)
     # and they keep training identically (stochastic rounding draws from the restored generator)
-    train_steps(*a, 2)
-    train_steps(*b, 2)
+    train_steps(a, 2)
+    train_steps(b, 2)
     assert_same_state(a, b)
 
 
@@ -110,9 +115,9 @@ def test_crash_mid_save_then_resume_is_bit_identical(tmp_path, recipe):
     r = run_leantrain("train", *args, f"--job.dump_folder={whole}")
     assert r.returncode == 0, r.stderr
     # The process dies in the middle of saving step 4: DCP's files are written, the rename is not.
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-           checkpoint.CRASH_ENV: "4"}  # the thread count of run_leantrain: same bits
-    crashed = subprocess.run([sys.executable, "-m", "leantrain", "train", *args, f"--job.dump_folder={cut}"],
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    crashed = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "faults_runner.py"), "--crash-in-save=4",
+                              "train", *args, f"--job.dump_folder={cut}"],  # the thread count of run_leantrain
                              capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert crashed.returncode == 1, crashed.stderr
     assert sorted(os.listdir(cut / "checkpoints")) == ["step-2", "step-4.tmp"]
@@ -142,14 +147,13 @@ import torch.distributed as dist
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=rank, world_size=2)
 import torch
-from test_checkpoint import KAHAN_INT8, make_objects, tiny_config, train_steps
-from leantrain import checkpoint
+from test_checkpoint import KAHAN_INT8, checkpointer, make_state, tiny_config, train_steps
 cfg = tiny_config({folder!r}, **KAHAN_INT8)
-objs = make_objects(cfg, rank=rank, world_size=2)
-train_steps(*objs, 2, all_reduce=True)
-checkpoint.Checkpointer(cfg, *objs).save(2)
+state = make_state(cfg, rank=rank, world_size=2)
+train_steps(state, 2, all_reduce=True)
+checkpointer(cfg).save(state)
 if rank == 0:
-    model, optimizer, scheduler, data = objs
+    model, optimizer, scheduler, data = state.model, state.optimizer, state.scheduler, state.data
     torch.save({{"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr": scheduler.get_last_lr(),
                 "data": data.state_dict()}}, {folder!r} + "/reference.pt")
 dist.destroy_process_group()
@@ -169,8 +173,9 @@ def test_two_rank_save_loads_on_one_rank(tmp_path):
     assert json.loads((path / "leantrain.json").read_text())["world_size"] == 2
     assert {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(path))  # both ranks wrote
     cfg = tiny_config(tmp_path, **KAHAN_INT8)
-    model, optimizer, scheduler, data = make_objects(cfg)  # one rank
-    checkpoint.Checkpointer(cfg, model, optimizer, scheduler, data).load(path)
+    state = make_state(cfg)  # one rank
+    checkpointer(cfg).load(state, path)
+    model, optimizer, scheduler, data = state.model, state.optimizer, state.scheduler, state.data
     ref = torch.load(tmp_path / "reference.pt", weights_only=False)
     for name, x in ref["model"].items():
         assert torch.equal(model.state_dict()[name], x), name
@@ -239,14 +244,13 @@ def test_mismatched_or_damaged_checkpoint_stops_with_exit_2(saved_run, tmp_path,
 def test_another_recipes_optimizer_state_is_refused_tensor_by_tensor(saved_run):
     """Even past the config check (the Python API), the tensors themselves are compared before loading."""
     cfg = tiny_config(saved_run[0], "bf16-int8", **{"data.seq_len": "64", "data.local_batch_size": "4"})
-    objs = make_objects(cfg)
     with pytest.raises(CheckpointError) as e:
-        checkpoint.Checkpointer(cfg, *objs).load(saved_run[0] / "checkpoints" / "step-5")
+        checkpointer(cfg).load(make_state(cfg), saved_run[0] / "checkpoints" / "step-5")
     message = str(e.value)
     assert "exp_avg_codes" in message and "not in it" in message and "recipe bf16-sr" in message
     fp32 = tiny_config(saved_run[0], "fp32", **{"data.seq_len": "64", "data.local_batch_size": "4"})
     with pytest.raises(CheckpointError, match=r"bfloat16\[259, 64\] there and float32\[259, 64\] here"):
-        checkpoint.Checkpointer(fp32, *make_objects(fp32)).load(saved_run[0] / "checkpoints" / "step-5")
+        checkpointer(fp32).load(make_state(fp32), saved_run[0] / "checkpoints" / "step-5")
 
 
 def test_finished_run_rerun_resumes_at_its_end_and_eval_reads_it(saved_run, tmp_path, capsys):

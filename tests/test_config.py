@@ -7,7 +7,7 @@ import pytest
 
 from leantrain import config as C
 from leantrain.config import ConfigError, load_config
-from leantrain.precision import RECIPES, recipe_of
+from leantrain.config import RECIPES, recipe_of
 
 
 def test_defaults_are_valid_and_are_the_best_8_byte_recipe():

@@ -32,8 +32,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from leantrain import parallel, precision
-from leantrain.config import data_parallel_degrees, load_config, parse_overrides
+from leantrain.config import data_parallel_degrees, load_config, parse_overrides, suspicious_precision_settings
+from leantrain.runplan import parallel_plan, precision_of, resolve
 from leantrain.errors import ConfigError
 from leantrain.metrics import read_metrics
 
@@ -79,8 +79,8 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)  # as torchrun's workers
     try:
         for recipe in RECIPES:
-            train(load_config(None, parse_overrides([*COMMON, f"--recipe={recipe}", "--data.local_batch_size=8",
-                                                     f"--job.dump_folder={root / f'single-{recipe}'}"])))
+            train(resolve(load_config(None, parse_overrides([*COMMON, f"--recipe={recipe}", "--data.local_batch_size=8",
+                                                             f"--job.dump_folder={root / f'single-{recipe}'}"]))))
     finally:
         torch.set_num_threads(threads)
     jobs = [[*COMMON, f"--recipe={recipe}", "--data.local_batch_size=4", *MODES[mode],
@@ -197,7 +197,7 @@ def test_degrees_that_do_not_fit_the_world_size_are_a_config_error(overrides, wo
 def test_a_single_process_with_dp_shard_2_stops_before_any_work(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ConfigError, match="parallelism.dp_shard = 2"):
-        parallel.init_distributed(load_config(None, {"parallelism.dp_shard": "2"}))
+        parallel_plan(load_config(None, {"parallelism.dp_shard": "2"}))
 
 
 @pytest.mark.parametrize("bad", [{"parallelism.dp_shard": "0"}, {"parallelism.dp_replicate": "-2"},
@@ -210,7 +210,7 @@ def test_bad_parallelism_keys_are_rejected(bad):
 
 def test_fsdp_mixed_precision_policy_per_recipe():
     def policy(recipe, **extra):
-        return precision.fsdp_policy(load_config(None, {"recipe": recipe, **extra}))
+        return precision_of(load_config(None, {"recipe": recipe, **extra})).fsdp_policy()
 
     mixed = policy("bf16-mixed")
     assert (mixed.param_dtype, mixed.reduce_dtype) == (torch.bfloat16, torch.float32)
@@ -222,10 +222,10 @@ def test_fsdp_mixed_precision_policy_per_recipe():
 
 def test_reduce_dtype_without_effect_warns():
     cfg = load_config(None, {"recipe": "bf16-mixed", "training.mixed_precision_reduce": "bfloat16"})
-    assert not precision.suspicious_precision_settings(cfg, dp_shard=2)
-    assert any("without FSDP2" in m for m in precision.suspicious_precision_settings(cfg, dp_shard=1))
+    assert not suspicious_precision_settings(cfg, dp_shard=2)
+    assert any("without FSDP2" in m for m in suspicious_precision_settings(cfg, dp_shard=1))
     cfg = load_config(None, {"recipe": "bf16", "training.mixed_precision_reduce": "bfloat16"})
-    assert any("has no effect with training.dtype=bfloat16" in m for m in precision.suspicious_precision_settings(cfg))
+    assert any("has no effect with training.dtype=bfloat16" in m for m in suspicious_precision_settings(cfg))
 
 
 @pytest.fixture
@@ -248,7 +248,7 @@ def test_adamw_on_sharded_parameters_equals_adamw_on_plain_ones(one_rank_group, 
     from leantrain.optim import AdamW
 
     cfg = load_config(None, {"recipe": recipe})
-    dtype, o = precision.storage_dtype(cfg), cfg.optimizer
+    dtype, o = precision_of(cfg).storage, cfg.optimizer
     mesh = init_device_mesh("cpu", (1,))
     gen = torch.Generator().manual_seed(0)
     values = [torch.randn(96, 64, generator=gen).to(dtype), torch.randn(64, generator=gen).to(dtype)]

@@ -117,8 +117,9 @@ def test_init_draws_in_fp32_so_recipes_share_weights():
 
 def test_autocast_only_for_bf16_mixed():
     from leantrain.config import load_config
+    from leantrain.runplan import precision_of
 
     dev = torch.device("cpu")
-    assert isinstance(precision.autocast(load_config(None, {"recipe": "bf16-mixed"}), dev), torch.autocast)
+    assert isinstance(precision_of(load_config(None, {"recipe": "bf16-mixed"})).autocast(dev), torch.autocast)
     for r in ("fp32", "bf16", "bf16-sr"):
-        assert not isinstance(precision.autocast(load_config(None, {"recipe": r}), dev), torch.autocast)
+        assert not isinstance(precision_of(load_config(None, {"recipe": r})).autocast(dev), torch.autocast)

@@ -11,7 +11,10 @@ from leantrain.config import load_config
 from leantrain.metrics import read_metrics
 from leantrain.optim import build_optimizer
 from leantrain.plan import plan
-from leantrain.train import build_model_from_config
+from leantrain import parallel
+from leantrain.data import ByteTokenizer, PackedDataset
+from leantrain.runplan import resolve
+from leantrain.train import build_state
 
 SPEC_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s", "peak_memory_bytes"}
 # SPEC.md section 5, plus the planner's prediction and the count of skipped NaN/Inf steps
@@ -68,10 +71,10 @@ def test_measured_state_bytes_match_spec_and_plan(tmp_path, recipe):
 
 def test_full_bf16_keeps_every_tensor_of_the_training_state_in_bf16():
     cfg = load_config(None, {"recipe": "bf16", "model.flavor": "debug"})
-    model = build_model_from_config(cfg, 259, "cpu")
-    o = cfg.optimizer
-    opt = build_optimizer(model, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                          state_dtype=o.state_dtype, compensation=o.compensation, seed=0)
+    plan = resolve(cfg, env={})
+    data = PackedDataset(["some text " * 20], ByteTokenizer(), 16, 2, 0)
+    state = build_state(plan, parallel.Distributed(plan.parallel), data, 259)
+    model, opt = state.model, state.optimizer
     model(torch.randint(0, 259, (2, 16))).float().mean().backward()
     opt.step()
     for p in model.parameters():

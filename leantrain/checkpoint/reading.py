@@ -103,6 +103,14 @@ class _SafeLoadPlanner(dcp.DefaultLoadPlanner):
         super().load_bytes(read_item, io.BytesIO(raw))
 
 
+def _flatten(state: dict[str, Any]) -> dict[str, Any]:
+    """The state dict under the keys DCP stores ('optimizer.state.<name>.exp_avg', 'optimizer.param_groups.0.lr'),
+    flattened by DCP's own rule (dicts, and lists that hold tensors or dicts) so the checks see what DCP writes."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict  # the flattening DCP's planners use
+
+    return flatten_state_dict(state)[0]
+
+
 def _check_tensors(path: Path, expected: dict[str, Any], info: dict[str, Any],
                    optional: tuple[str, ...] = ("rng.cuda",)) -> None:
     """Every key the load asks for is in the checkpoint with the same shape and dtype, and nothing is left over

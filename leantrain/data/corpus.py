@@ -158,7 +158,15 @@ def _split_txt(text: str) -> list[str]:
     return docs
 
 
-def split_documents(docs: list[str], eval_fraction: float = 0.05) -> tuple[list[str], list[str]]:
+EVAL_FRACTION = 0.05  # the last 5% of documents (text) or samples (SFT) are the held-out eval split
+
+
+def eval_count(n: int, eval_fraction: float = EVAL_FRACTION) -> int:
+    """How many of n documents or samples (n >= 2) the eval split takes: at least one, never all."""
+    return min(max(1, round(n * eval_fraction)), n - 1)
+
+
+def split_documents(docs: list[str], eval_fraction: float = EVAL_FRACTION) -> tuple[list[str], list[str]]:
     """(train, eval): the last ``eval_fraction`` of documents, at least one, are the eval split.
 
     The count is ``max(1, round(len(docs) * eval_fraction))``, never all of them; training never
@@ -178,5 +186,5 @@ def split_documents(docs: list[str], eval_fraction: float = 0.05) -> tuple[list[
                             "cannot be split into train and eval. Add more text.")
         cut = min(max(int(len(text) * (1.0 - eval_fraction)), 1), len(text) - 1)
         return [text[:cut]], [text[cut:]]
-    n_eval = min(max(1, round(len(docs) * eval_fraction)), len(docs) - 1)
+    n_eval = eval_count(len(docs), eval_fraction)
     return list(docs[:-n_eval]), list(docs[-n_eval:])

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from leantrain.errors import DataError
+from leantrain.precision import IGNORE_INDEX
 
-from .corpus import _read_jsonl, load_documents, split_documents
+from .corpus import _read_jsonl, eval_count, load_documents, split_documents
 from .tokenizer import Tokenizer, _encode_many
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +208,6 @@ class PackedDataset(_Batches):
 # Supervised fine-tuning data
 # --------------------------------------------------------------------------------------------
 
-IGNORE_INDEX = -100  # label of a token the loss skips (precision.cross_entropy's ignore_index)
 _ALLOWED_SFT = ('data.format=sft needs data.path to be a .jsonl file (one JSON object per line with '
                 '"prompt" and "response" strings) or a folder of such files')
 
@@ -255,7 +255,7 @@ class SftDataset(_Batches):
     A sample is ``[BOS] + prompt + response + [EOS]`` (BOS when the tokenizer has one; prompt and
     response are tokenized separately and used as they are, so apply a chat template before writing
     the jsonl). Row ``i`` holds sample ``i``'s first ``seq_len + 1`` tokens, then ``pad_id``;
-    inputs = row[:-1], labels = row[1:], with labels set to -100 (skipped by the loss) where the
+    inputs = row[:-1], labels = row[1:], with labels set to IGNORE_INDEX (skipped by the loss) where the
     label is a prompt token or padding: the loss is on the response and its EOS only.
 
     No sample attends to another: each is alone in its row, and its padding comes after it, where
@@ -339,7 +339,7 @@ def build_datasets(data: Any, tokenizer: Tokenizer, seed: int, *, rank: int = 0,
         if len(samples) < 2:
             raise DataError(f"data.path={data.path!r} holds {len(samples)} SFT sample; at least 2 are needed "
                             "(the last 5%, at least one, are the held-out eval split).")
-        n_eval = min(max(1, round(len(samples) * 0.05)), len(samples) - 1)
+        n_eval = eval_count(len(samples))
         train_samples, eval_samples = samples[:-n_eval], samples[-n_eval:]
         return (SftDataset(train_samples, tokenizer, data.seq_len, data.local_batch_size, seed, **common),
                 SftDataset(eval_samples, tokenizer, data.seq_len, data.local_batch_size, seed, shuffle=False,

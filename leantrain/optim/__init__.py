@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .adamw import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES, AdamW
+from .adamw import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES, AdamW, UpdateStats
 from .rounding import stochastic_round
 
 __all__ = [

@@ -83,6 +83,16 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"AdamW: {name}={value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    tracked_elements: int
+    lost_update_fraction: float
+    compensated_fraction: float | None
+
+
 class AdamW(torch.optim.Optimizer):
     """AdamW with fp32 math and bf16 / fp32 / int8 state; see the module docstring.
 
@@ -239,12 +249,12 @@ class AdamW(torch.optim.Optimizer):
         return all(p.device.type != "cpu" for p in params)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, count_lost_updates: bool = False):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        track = bool(self.track_lost_updates)
+        track = count_lost_updates
         stats = _Stats() if track else None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -270,7 +280,9 @@ class AdamW(torch.optim.Optimizer):
             else:
                 self._step_loop(group, params, states, seeds, stats)
         if track:
-            self.last_update_stats = stats.result()
+            r = stats.result()
+            return UpdateStats(int(r["tracked_elements"]), r["lost_update_fraction"],
+                               r["compensated_fraction"] if stats.kahan else None)
         return loss
 
     def _hyper(self, group: dict, step: float) -> dict:

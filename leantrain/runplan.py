@@ -1,0 +1,130 @@
+"""A validated config resolved once into the frozen values the layers below take: the run plan.
+
+Every command calls :func:`resolve` once, at its top. It is the only place where the run folder, the
+devices and the parallel degrees are decided; the trainer, the checkpointer, evaluation and the planner
+take the values (``Precision``, ``ParallelPlan``, ``RunPaths``, ``OptimizerSpec``, the config's own frozen
+sections), never the whole config, the way torchtitan's ``parallelize_llama`` takes the sections it needs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from . import distributed
+from .config import Config, data_parallel_degrees, recipe_of, suspicious_precision_settings, to_dict, warn_once
+from .errors import ConfigError
+from .precision import DTYPES, Precision
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run writes (job.dump_folder) and its checkpoints."""
+
+    folder: Path
+    checkpoints: Path
+    named: bool  # job.dump_folder was given, so the same command finds this folder (and its checkpoints) again
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """This process in the run: torchrun's rank and world, its device, and the data-parallel degrees."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dp_replicate: int
+    dp_shard: int
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the run's files and prints."""
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are FSDP2 DTensors (dp_shard > 1)."""
+        return self.dp_shard > 1
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The AdamW of the run: hyperparameters, the recipe's state and rounding, its seed, compiled or not."""
+
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    state_dtype: str
+    compensation: str
+    moments_rounding: str
+    seed: int
+    compile: bool
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a command needs to know before it builds anything."""
+
+    config: Config  # frozen; written to config.toml and compared with a checkpoint's
+    recipe: str | None  # the recipe whose keys the config matches, None for a custom set
+    precision: Precision
+    parallel: ParallelPlan
+    paths: RunPaths
+    optimizer: OptimizerSpec
+
+    @property
+    def config_record(self) -> dict:
+        """The config as plain values (what a checkpoint stores and a resume compares)."""
+        return to_dict(self.config)
+
+
+def precision_of(cfg: Config) -> Precision:
+    """Storage, compute and reduce dtypes from training.dtype and the mixed-precision keys."""
+    t = cfg.training
+    storage = DTYPES[t.dtype]
+    compute = torch.bfloat16 if t.dtype == "bfloat16" else DTYPES[t.mixed_precision_param]
+    return Precision(storage=storage, compute=compute, reduce=DTYPES[t.mixed_precision_reduce])
+
+
+def optimizer_spec(cfg: Config) -> OptimizerSpec:
+    o = cfg.optimizer
+    return OptimizerSpec(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                         state_dtype=o.state_dtype, compensation=o.compensation,
+                         moments_rounding=o.moments_rounding, seed=cfg.job.seed, compile=cfg.compile.enable)
+
+
+def run_paths(cfg: Config, now: datetime | None = None) -> RunPaths:
+    """job.dump_folder, or runs/<timestamp> when it is empty (decided here and nowhere else)."""
+    named = bool(cfg.job.dump_folder)
+    folder = Path(cfg.job.dump_folder or f"runs/{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}")
+    return RunPaths(folder=folder, checkpoints=folder / cfg.checkpoint.folder, named=named)
+
+
+def parallel_plan(cfg: Config, env: Mapping[str, str] = os.environ) -> ParallelPlan:
+    """torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE; one process without it), the degrees checked against
+    the world size (ConfigError before any process group), and this rank's device."""
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    replicate, shard = data_parallel_degrees(cfg, world_size)
+    if shard > 1 and cfg.model.hf_checkpoint:
+        raise ConfigError(f"model.hf_checkpoint='{cfg.model.hf_checkpoint}' cannot be loaded into a sharded model yet "
+                          f"(parallelism.dp_shard = {shard}). Use parallelism.dp_shard=1 with "
+                          f"parallelism.dp_replicate=-1 (DDP), or convert it with one process first.")
+    rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
+    return ParallelPlan(rank=rank, local_rank=local_rank, world_size=world_size,
+                        device=distributed.default_device(local_rank), dp_replicate=replicate, dp_shard=shard)
+
+
+def resolve(cfg: Config, env: Mapping[str, str] = os.environ) -> RunPlan:
+    """The run plan of a validated config; warns about precision settings that only the world size reveals."""
+    parallel = parallel_plan(cfg, env)
+    for message in suspicious_precision_settings(cfg, dp_shard=parallel.dp_shard):  # validate() did not know it
+        warn_once(message)
+    return RunPlan(config=cfg, recipe=recipe_of(cfg), precision=precision_of(cfg), parallel=parallel,
+                   paths=run_paths(cfg), optimizer=optimizer_spec(cfg))

@@ -1,0 +1,86 @@
+"""One optimizer step: ``train_step(state, batches, ctx) -> StepStats``.
+
+Forward and backward over the step's micro-batches (gradients summed), the fp32 gradient norm and clipping,
+the non-finite guard's decision (agreed over ranks), then the update, unless that decision skips it, and the
+learning-rate schedule, which advances in either case. Tests call it in process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import guard, parallel
+from .hooks import Hooks
+from .optim import UpdateStats
+from .precision import IGNORE_INDEX, Precision, clip_grad_norm_, cross_entropy
+from .state import TrainState
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step needs besides the state: the run's dtypes and ranks, clipping, and who decides on NaN/Inf."""
+
+    precision: Precision
+    dist: parallel.Distributed
+    max_norm: float  # 0: no clipping
+    weigh_tokens: bool  # SFT: micro-batches differ in labelled tokens, so their losses are weighted by them
+    nonfinite: guard.NonFiniteGuard
+    hooks: Hooks = Hooks()
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step: int
+    loss: torch.Tensor  # this rank's loss on its part of the global batch (0-dim, on the device)
+    grad_norm: torch.Tensor  # the global gradient norm before clipping (fp32)
+    lr: float  # the learning rate the update used
+    finite: bool  # False: NaN/Inf loss or norm on some rank, so the update was skipped
+    stop: bool  # a stop signal arrived (on any rank): the run ends after this step
+    updates: UpdateStats | None  # the lost-update counts, when asked for and the update was taken
+    tokens: int  # tokens of the global batch
+
+
+def token_weights(labels: list[torch.Tensor], dist: parallel.Distributed) -> list[torch.Tensor]:
+    """Per micro-batch factors that turn the mean of its loss into its share of the global batch's token mean.
+
+    The step's loss is the mean over every labelled token of the global batch (all micro-batches, all
+    ranks), so a micro-batch's mean loss counts with weight n * accum * world_size / N (n its labelled tokens,
+    N the global batch's), divided by accum below and averaged over ranks by DDP/FSDP. Packed data labels
+    every token, so each weight would be exactly 1.0 there (the step skips the call); SFT micro-batches differ
+    in response tokens, and an unweighted mean would give a short response's tokens more say than a long one's.
+    """
+    counts = torch.stack([(x != IGNORE_INDEX).sum() for x in labels])
+    total = parallel.sum_over_ranks(counts.sum(), dist)
+    scale = len(labels) * dist.world_size
+    return list(counts * scale / total)  # int64 / int64: fp32, and exactly 1.0 when the integers are equal
+
+
+def train_step(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor]], ctx: StepContext,
+               count_lost_updates: bool = False) -> StepStats:
+    """Advance ``state`` by one optimizer step over ``batches`` (this rank's micro-batches, on its device)."""
+    step, device, accum = state.step + 1, ctx.dist.device, len(batches)
+    # Dropped here rather than after the update: the gradients of the last step stay measurable (summary.json's
+    # state_bytes), and no step starts with another's (a skipped step's) gradients.
+    state.optimizer.zero_grad(set_to_none=True)
+    # Packed text labels every token, so its weights are all exactly 1: no counting, no collective.
+    weights = token_weights([labels for _, labels in batches], ctx.dist) if ctx.weigh_tokens else [1.0] * accum
+    loss_sum = torch.zeros((), device=device)
+    for (inputs, labels), weight in zip(batches, weights):
+        with ctx.precision.autocast(device, ctx.dist.sharded):
+            logits = state.model(inputs)
+        loss = cross_entropy(logits, labels) * weight / accum
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = ctx.hooks.grad_norm(step, clip_grad_norm_(state.model.parameters(), ctx.max_norm))
+    finite, stop = ctx.nonfinite.check(step, loss_sum, grad_norm)  # one host sync; the same on every rank
+    lr = state.scheduler.get_last_lr()[0]
+    updates = None
+    if finite:  # a NaN/Inf step changes neither the weights nor the optimizer state
+        updates = state.optimizer.step(count_lost_updates=count_lost_updates)
+    guard.advance_schedule(state.scheduler)  # skipped steps count too: the schedule follows the step number
+    state.step = step
+    tokens = sum(inputs.numel() for inputs, _ in batches) * ctx.dist.world_size
+    return StepStats(step=step, loss=loss_sum, grad_norm=grad_norm, lr=lr, finite=finite, stop=stop,
+                     updates=updates, tokens=tokens)

@@ -1,0 +1,59 @@
+"""`leantrain` with faults injected through leantrain.hooks, for the fault tests (a real process to kill or signal).
+
+    python tests/faults_runner.py [--crash-in-save=N] [--pause-in-save=N] [--nonfinite-steps=3,5-7] train ARGS...
+
+--crash-in-save=N   the process exits (code 1) in the middle of saving step N: DCP's files written, not the rest
+--pause-in-save=N   it sleeps there (an hour), for a test to signal or kill it mid-save
+--nonfinite-steps   the gradient norm of those steps is Inf, as if a gradient had overflowed (the gradients stay
+                    finite, so an update that was not skipped would show)
+Everything else is `leantrain`'s command line, and the exit code is leantrain's.
+"""
+
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from leantrain.cli import main  # noqa: E402
+from leantrain.hooks import Hooks  # noqa: E402
+
+
+def parse_steps(spec: str) -> set[int]:
+    steps: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        first, _, last = part.partition("-")
+        steps.update(range(int(first), int(last or first) + 1))
+    return steps
+
+
+class InjectedFaults(Hooks):
+    def __init__(self, crash_in_save: int | None, pause_in_save: int | None, nonfinite_steps: set[int]):
+        self.crash_in_save, self.pause_in_save, self.nonfinite_steps = crash_in_save, pause_in_save, nonfinite_steps
+
+    def checkpoint_written(self, step: int) -> None:
+        if step == self.crash_in_save:
+            os._exit(1)
+        if step == self.pause_in_save:
+            time.sleep(3600)
+
+    def grad_norm(self, step: int, norm: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(norm, math.inf) if step in self.nonfinite_steps else norm
+
+
+def run(argv: list[str]) -> int:
+    options = {"crash-in-save": None, "pause-in-save": None, "nonfinite-steps": ""}
+    while argv and argv[0].startswith("--") and argv[0][2:].split("=")[0] in options:
+        name, _, value = argv.pop(0)[2:].partition("=")
+        options[name] = value
+    hooks = InjectedFaults(int(options["crash-in-save"]) if options["crash-in-save"] else None,
+                           int(options["pause-in-save"]) if options["pause-in-save"] else None,
+                           parse_steps(options["nonfinite-steps"]))
+    return main(argv, hooks=hooks)
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
