@@ -6,10 +6,23 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 if TYPE_CHECKING:
     import torch
+
+
+class Launch(NamedTuple):
+    """What torchrun told this process: its global rank, its rank on the node, and the number of processes."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def launch(env: Mapping[str, str] = os.environ) -> Launch:
+    """torchrun's RANK, LOCAL_RANK and WORLD_SIZE; a plain process is rank 0 of 1."""
+    return Launch(int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1")))
 
 
 def initialized() -> bool:
@@ -22,13 +35,13 @@ def initialized() -> bool:
 def rank() -> int:
     """This process's global rank: the process group's, else torchrun's RANK (also before the group starts, e.g.
     in a signal handler), else 0."""
-    return sys.modules["torch.distributed"].get_rank() if initialized() else int(os.environ.get("RANK", "0"))
+    return sys.modules["torch.distributed"].get_rank() if initialized() else launch().rank
 
 
 def world_size() -> int:
     if initialized():
         return sys.modules["torch.distributed"].get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launch().world_size
 
 
 def is_main() -> bool:

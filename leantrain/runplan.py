@@ -44,7 +44,8 @@ class ParallelPlan:
 
     @property
     def is_main(self) -> bool:
-        """Rank 0 writes the run's files and prints."""
+        """Rank 0 writes the run's files and prints (distributed.is_main() says the same where no plan is at hand:
+        the signal handler, the checkpointer's messages, the command line's warnings)."""
         return self.rank == 0
 
     @property
@@ -110,13 +111,12 @@ def run_paths(cfg: Config, now: datetime | None = None) -> RunPaths:
 def parallel_plan(cfg: Config, env: Mapping[str, str] = os.environ) -> ParallelPlan:
     """torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE; one process without it), the degrees checked against
     the world size (ConfigError before any process group), and this rank's device."""
-    world_size = int(env.get("WORLD_SIZE", "1"))
+    rank, local_rank, world_size = distributed.launch(env)
     replicate, shard = data_parallel_degrees(cfg, world_size)
     if shard > 1 and cfg.model.hf_checkpoint:
         raise ConfigError(f"model.hf_checkpoint='{cfg.model.hf_checkpoint}' cannot be loaded into a sharded model yet "
                           f"(parallelism.dp_shard = {shard}). Use parallelism.dp_shard=1 with "
                           f"parallelism.dp_replicate=-1 (DDP), or convert it with one process first.")
-    rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
     return ParallelPlan(rank=rank, local_rank=local_rank, world_size=world_size,
                         device=distributed.default_device(local_rank), dp_replicate=replicate, dp_shard=shard)
 

@@ -154,3 +154,47 @@ def test_sft_loss_is_the_token_mean_of_the_global_batch_however_it_is_split(tmp_
         assert main(["train", *args]) == 0
         losses[accum] = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
     assert losses[1] == pytest.approx(losses[2], rel=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["sft", "text"])
+def test_eval_loss_in_metrics_equals_leantrain_eval_on_the_same_checkpoint_and_split(tmp_path, capsys, fmt):
+    """One evaluation function: training's eval_loss and `leantrain eval` agree to the last bit. The SFT split
+    (10 samples of different lengths, in batches of 4, 4 and 2) is where a mean of batch means would differ."""
+    path = tmp_path / "sft.jsonl"
+    with open(path, "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"prompt": f"Q: what is {i} times {i}? ", "response": f"{i * i}" + " ok" * (i % 5)})
+                    + "\n")
+    data = [f"--data.path={path}", "--data.format=sft", "--data.seq_len=48"] if fmt == "sft" else ["--data.seq_len=32"]
+    run = tmp_path / "run"
+    assert main(["train", *data, "--model.flavor=debug", "--data.local_batch_size=4", "--training.steps=2",
+                 "--lr_scheduler.warmup_steps=1", "--eval.steps=3", "--metrics.progress=false",
+                 "--checkpoint.enable=true", f"--job.dump_folder={run}"]) == 0
+    eval_loss = read_metrics(run / "metrics.jsonl")[-1]["eval_loss"]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--eval.steps=3", "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["batches"] == 3 and result["loss"] == eval_loss
+
+
+def test_evaluate_is_the_token_mean_and_the_plain_mean_for_equal_counts():
+    from leantrain.evaluation import evaluate
+    from leantrain.precision import IGNORE_INDEX, Precision
+
+    model = build_model("debug", torch.float32, seed=1, max_seq_len=16)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(0, 256, (2, 16), generator=gen) for _ in range(3)]
+    labels = [torch.randint(0, 256, (2, 16), generator=gen) for _ in range(3)]
+    for lab, n in zip(labels, (3, 20, 9)):  # 29, 12 and 23 labelled tokens
+        lab.view(-1)[:n] = IGNORE_INDEX
+    fp32 = Precision(torch.float32, torch.float32, torch.float32)
+    got = evaluate(model, zip(inputs, labels), fp32, torch.device("cpu"))
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x in inputs])
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), torch.cat(labels).flatten(),
+                                                 ignore_index=IGNORE_INDEX)
+    assert got.tokens == 29 + 12 + 23 and got.batches == 3
+    assert got.loss == pytest.approx(expected.item(), rel=1e-6)
+    plain = evaluate(model, zip(inputs, [torch.randint(0, 256, (2, 16), generator=gen) for _ in range(3)]), fp32,
+                     torch.device("cpu"))
+    assert plain.tokens == 3 * 32  # equal counts: every weight is exactly 1, the mean of the batch means

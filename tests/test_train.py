@@ -139,3 +139,32 @@ def test_plain_bf16_at_low_lr_reports_and_warns_about_lost_updates(tmp_path):
     records = read_metrics(tmp_path / "kahan" / "metrics.jsonl")
     assert all("compensated_fraction" in rec for rec in records)
     assert records[-1]["compensated_fraction"] > 0.5  # most of what nearest rounding loses, Kahan carries
+
+
+def test_train_step_in_process_and_a_skipped_step_changes_only_the_step_and_the_schedule():
+    from leantrain import guard
+    from leantrain.hooks import Hooks
+    from leantrain.step import StepContext, train_step
+
+    class InfOnStep2(Hooks):
+        def grad_norm(self, step, norm):
+            return torch.full_like(norm, float("inf")) if step == 2 else norm
+
+    plan = resolve(load_config(None, {"recipe": "bf16-sr", "model.flavor": "debug", "lr_scheduler.warmup_steps": "1"}),
+                   env={})
+    data = PackedDataset(["some text to train on, " * 40], ByteTokenizer(), 16, 2, 0)
+    state = build_state(plan, parallel.Distributed(plan.parallel), data, 259)
+    ctx = StepContext(plan.precision, parallel.Distributed(plan.parallel), max_norm=1.0, weigh_tokens=False,
+                      nonfinite=guard.NonFiniteGuard(3), hooks=InfOnStep2())
+    first = train_step(state, [data.next_batch()], ctx, count_lost_updates=True)
+    assert (first.step, first.finite, state.step) == (1, True, 1) and first.tokens == 2 * 16
+    assert first.updates is not None and first.updates.tracked_elements > 0
+    weights = {k: v.clone() for k, v in state.model.state_dict().items()}
+    moments = {i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(state.optimizer.state.values())}
+    second = train_step(state, [data.next_batch()], ctx, count_lost_updates=True)
+    assert (second.step, second.finite, second.updates, state.step) == (2, False, None, 2)
+    assert all(torch.equal(v, weights[k]) for k, v in state.model.state_dict().items())
+    assert all(torch.equal(v, moments[i][k]) for i, s in enumerate(state.optimizer.state.values()) for k, v in s.items())
+    third = train_step(state, [data.next_batch()], ctx)
+    assert third.finite and third.lr < second.lr  # the schedule moved on through the skipped step
+    assert not all(torch.equal(v, weights[k]) for k, v in state.model.state_dict().items())
