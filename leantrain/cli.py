@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import warnings
@@ -149,6 +150,9 @@ def _export(args: list[str]) -> int:
     if not checkpoint_path or not out or args:
         raise ConfigError(f"leantrain export needs --checkpoint DIR and --out HF_DIR"
                           f"{' and nothing else (got ' + ' '.join(args) + ')' if args else ''}.")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} is an existing file; export writes a folder (config.json, safetensors, "
+                          f"tokenizer.json). Name a new or empty folder.")
     from .checkpoint import load_model, saved_config
     from .data import build_tokenizer
     from .errors import DataError

@@ -41,6 +41,10 @@ def compare(recipes: list[str], out: str, train_args: list[str], config_path: st
     if unknown or not recipes:
         raise ConfigError(f"--recipes has {', '.join(unknown) or 'no recipe'}; allowed: {', '.join(RECIPES)} "
                           f"(comma-separated, the first is the baseline of the gaps).")
+    repeated = sorted({r for r in recipes if recipes.count(r) > 1})
+    if repeated:
+        raise ConfigError(f"--recipes names {', '.join(repeated)} more than once; each recipe trains once, into its "
+                          f"own folder under --out. List each recipe once.")
     if any(a.startswith("--recipe") for a in train_args):
         raise ConfigError("compare runs the recipes of --recipes; leave --recipe out of its train options.")
     # Validate every recipe's config before any run starts (a contradiction should not surface at run 3).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import difflib
 import inspect
 import textwrap
@@ -439,7 +440,7 @@ def validate(cfg: Config, warn: bool = True) -> None:
     """Every range check, contradiction and warning, in one place, before any work."""
     t, o, d, m, s = cfg.training, cfg.optimizer, cfg.data, cfg.model, cfg.lr_scheduler
     _require(t.steps >= 1, "training.steps", t.steps, "at least 1")
-    _require(t.max_norm >= 0, "training.max_norm", t.max_norm, "0 (no clipping) or positive")
+    _require(0 <= t.max_norm < math.inf, "training.max_norm", t.max_norm, "0 (no clipping) or a positive number")
     _require(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps",
              t.gradient_accumulation_steps, "at least 1")
     _require(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", t.max_nonfinite_steps,
@@ -448,8 +449,8 @@ def validate(cfg: Config, warn: bool = True) -> None:
     _require(d.local_batch_size >= 1, "data.local_batch_size", d.local_batch_size, "at least 1")
     _require(0 < o.lr < 3e38, "optimizer.lr", o.lr, "a positive number (below 3e38: the update is float32)")
     _require(all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas), "two numbers in [0, 1)")
-    _require(o.eps > 0, "optimizer.eps", o.eps, "a positive number")
-    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "0 or positive")
+    _require(0 < o.eps < math.inf, "optimizer.eps", o.eps, "a positive number")
+    _require(0 <= o.weight_decay < math.inf, "optimizer.weight_decay", o.weight_decay, "0 or a positive number")
     _require(s.warmup_steps >= 0, "lr_scheduler.warmup_steps", s.warmup_steps, "0 or positive")
     _require(0 <= s.min_lr_factor <= 1, "lr_scheduler.min_lr_factor", s.min_lr_factor, "between 0 and 1")
     _require(cfg.eval.interval >= 0, "eval.interval", cfg.eval.interval, "0 (only at the end) or positive")
@@ -473,8 +474,11 @@ def validate(cfg: Config, warn: bool = True) -> None:
                           f"or use data.format='text'.")
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         _require(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "0 (the flavor's) or positive")
-    _require(m.rope_theta >= 0, "model.rope_theta", m.rope_theta, "0 (the flavor's) or positive")
-    _require(m.norm_eps >= 0, "model.norm_eps", m.norm_eps, "0 (the flavor's) or positive")
+    _require(0 <= m.rope_theta < math.inf, "model.rope_theta", m.rope_theta, "0 (the flavor's) or a positive number")
+    _require(0 <= m.norm_eps < math.inf, "model.norm_eps", m.norm_eps, "0 (the flavor's) or a positive number")
+    _require(0 <= cfg.job.seed < 2**63, "job.seed", cfg.job.seed, "an integer from 0 to 2**63 - 1")
+    _require(bool(d.path.strip()), "data.path", d.path, "'builtin', or the path of a .txt / .jsonl file or a folder "
+             "of them (an empty path would read every such file under the current directory)")
     messages = suspicious_precision_settings(cfg)
     if s.warmup_steps > t.steps:
         messages.append(f"lr_scheduler.warmup_steps = {s.warmup_steps} is longer than training.steps = {t.steps}: "
@@ -504,6 +508,10 @@ def suspicious_precision_settings(cfg: Config, dp_shard: int | None = None) -> l
                    "bfloat16, so the forward and backward run in bfloat16 anyway; mixed_precision_param only "
                    "chooses the compute dtype when training.dtype=float32. Set training.dtype=float32 for fp32 "
                    "compute, or leave mixed_precision_param at bfloat16.")
+    if t.dtype == "float32" and t.mixed_precision_param == "bfloat16" and recipe_of(cfg) != "bf16-mixed":
+        out.append("training.dtype=float32 stores fp32 weights, but training.mixed_precision_param=bfloat16 (its "
+                   "default) makes the forward and backward compute in bfloat16 (as recipe bf16-mixed does). For "
+                   "fp32 compute set training.mixed_precision_param=float32, or use --recipe fp32.")
     if t.dtype == "float32" and o.compensation != "none":
         out.append(f"optimizer.compensation={o.compensation} has no effect with training.dtype=float32: "
                    "compensation only protects bfloat16 weights from rounding. Set it to 'none'.")

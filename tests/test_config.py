@@ -96,3 +96,44 @@ def test_every_field_is_documented_in_help():
         for f in dataclasses.fields(cls):
             assert docs.get(f.name), f"{section}.{f.name} has no docstring"
             assert f"--{section}.{f.name}" in text
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("data.path", "", "current directory"),
+    ("data.path", "  ", "current directory"),
+    ("job.seed", "100000000000000000000000", "2**63"),
+    ("job.seed", "-1", "2**63"),
+    ("optimizer.weight_decay", "inf", "optimizer.weight_decay"),
+    ("optimizer.eps", "inf", "optimizer.eps"),
+    ("training.max_norm", "inf", "training.max_norm"),
+    ("model.rope_theta", "nan", "model.rope_theta"),
+])
+def test_values_that_would_fail_later_or_silently_are_refused_up_front(key, value, says, capsys):
+    from leantrain.cli import main
+
+    with pytest.raises(ConfigError, match=says.replace("*", r"\*")):
+        load_config(None, {key: value})
+    assert main(["train", f"--{key}={value}"]) == 2  # before any work: the message, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("leantrain: error:") and key in err and "Traceback" not in err
+
+
+def test_fp32_storage_with_bf16_compute_outside_the_recipe_warns():
+    C._warned.clear()
+    with pytest.warns(UserWarning, match="compute in bfloat16"):
+        load_config(None, {"training.dtype": "float32", "optimizer.state_dtype": "float32"})  # not bf16-mixed
+    C._warned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the recipe asks for exactly that: no warning
+        load_config(None, {"recipe": "bf16-mixed", "lr_scheduler.warmup_steps": "0", "training.steps": "10"})
+
+
+def test_compare_refuses_a_recipe_named_twice_and_export_an_existing_file(tmp_path, capsys):
+    from leantrain.cli import main
+
+    assert main(["compare", "--recipes", "bf16,bf16", "--out", str(tmp_path / "c")]) == 2
+    assert "bf16 more than once" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    target = tmp_path / "model.bin"
+    target.write_text("keep me")
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(target)]) == 2
+    assert "existing file" in capsys.readouterr().err and target.read_text() == "keep me"
