@@ -96,7 +96,7 @@ def run_eval(checkpoint_path: str | None, overrides: dict[str, str], out: str | 
                           "--model.hf_checkpoint=DIR (a Hugging Face Llama folder).")
     if checkpoint_path:
         model, info = checkpoint.load_model(checkpoint_path)
-        run_folder = _run_folder_of(info)
+        run_folder = str(checkpoint.run_folder_of(Path(info["path"]), info))
         cfg = checkpoint.saved_config(info, {"job.dump_folder": run_folder, **overrides})
         source = {"checkpoint": info["path"], "step": info["step"]}
         default_name = f"eval-step-{info['step']}.json"
@@ -131,9 +131,3 @@ def run_eval(checkpoint_path: str | None, overrides: dict[str, str], out: str | 
           f"{result['tokens']:,} tokens ({result['batches']} batches; data {cfg.data.path}, {split}). "
           f"Written to {path}", flush=True)
     return result
-
-
-def _run_folder_of(info: dict[str, Any]) -> str:
-    """The run folder that holds a checkpoint (checkpoint.folder may be nested: checkpoints/a/step-N)."""
-    folder = info.get("config", {}).get("checkpoint", {}).get("folder", "checkpoints")
-    return str(Path(info["path"]).parent.joinpath(*[".."] * len(Path(folder).parts)).resolve())

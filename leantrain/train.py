@@ -97,6 +97,34 @@ def build_optimizer_for(model: torch.nn.Module, spec: OptimizerSpec) -> torch.op
                            moments_rounding=spec.moments_rounding, seed=spec.seed, compile=spec.compile)
 
 
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.toml")  # a folder holding any of these holds a run
+
+
+def check_run_folder(plan: RunPlan, resume_from: Path | None) -> None:
+    """Refuse (exit 2, nothing written) a train that would mix two runs in one folder or rewrite a finished one.
+
+    With checkpoints, an earlier run of the same settings resumes (find_resume has checked them); a checkpoint
+    at or past training.steps means there is nothing left to train. Without checkpoints nothing can resume, so
+    a folder that already holds a run's files belongs to that run."""
+    folder, steps = plan.paths.folder, plan.config.training.steps
+    if resume_from is not None:
+        done = int(checkpoint.read_info(resume_from)["step"])
+        if done >= steps:
+            raise ConfigError(f"job.dump_folder '{folder}' holds a run that has trained {done} steps (checkpoint "
+                              f"{resume_from}), and training.steps = {steps}: there is nothing left to train, and "
+                              f"a finished run is not rewritten. To train it further, raise training.steps (it "
+                              f"resumes from step {done}); to use the model, `leantrain export` / `eval` / "
+                              f"`generate --checkpoint {folder}`; for a new run, choose another job.dump_folder.")
+        return
+    found = [name for name in RUN_FILES if (folder / name).exists()]
+    checkpoints = plan.config.checkpoint.enable and not (folder / "summary.json").exists()
+    if found and not checkpoints:  # (checkpoints on and no summary: an attempt stopped before its first save)
+        raise ConfigError(f"job.dump_folder '{folder}' already holds a run ({', '.join(found)}), which this run "
+                          f"would mix with its own. Without a checkpoint in it there is nothing to resume: choose "
+                          f"another job.dump_folder (or delete that folder). Runs with checkpoint.enable=true "
+                          f"resume from their latest checkpoint when started again on their folder.")
+
+
 def prepare_run_folder(folder: Path) -> None:
     """Create the run folder and check that it can be written; nothing is written in it yet."""
     try:
@@ -159,6 +187,7 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
     cfg, device = plan.config, dist.device
     torch.manual_seed(cfg.job.seed)
     resume_from = checkpoint.find_resume(plan)  # checked against this run before any file is written
+    check_run_folder(plan, resume_from)
     if dist.is_main:
         prepare_run_folder(plan.paths.folder)
     tokenizer = build_tokenizer(cfg.tokenizer.path)
@@ -209,11 +238,14 @@ def train(plan: RunPlan, hooks: Hooks = Hooks()) -> tuple[dict[str, Any] | None,
     if run.ctx.nonfinite.diverged:  # exit code 3
         run.ctx.nonfinite.raise_diverged(run.checkpointer.latest() if cfg.checkpoint.enable else None,
                                          cfg.checkpoint.enable)
+    weights = stopped_at[1] if stopped_at else run.checkpointer.latest() if cfg.checkpoint.enable else None
+    if weights is None:  # no checkpoint holds the final weights: keep them on their own
+        weights = run.checkpointer.save_final_model(run.plan.paths.folder, state)
     if stopped_at is not None and stopped_at[0] < steps:
-        _say_stopped(*stopped_at, run)
+        _say_stopped(stopped_at[0], weights, run)
         parallel.shutdown(dist)
         return None, state.model
-    summary = _summary(run, measured_state or state_bytes(state.model, state.optimizer))
+    summary = _summary(run, measured_state or state_bytes(state.model, state.optimizer), weights)
     parallel.shutdown(dist)
     return summary, state.model
 
@@ -241,7 +273,7 @@ def _record(run: Run, stats: StepStats, last_log: tuple[int, float], eval_now: b
     return record
 
 
-def _summary(run: Run, measured_state: dict[str, int]) -> dict[str, Any]:
+def _summary(run: Run, measured_state: dict[str, int], weights: Path) -> dict[str, Any]:
     """summary.json (key order of SPEC.md section 5, then the planner's prediction beside the measurement),
     loss.png and the closing line, written by rank 0."""
     plan, model = run.plan, run.state.model
@@ -264,19 +296,24 @@ def _summary(run: Run, measured_state: dict[str, int]) -> dict[str, Any]:
                     title=f"llama3 {plan.config.model.flavor}, recipe {plan.recipe or 'custom'}")
         print(f"leantrain: done. final loss {summary['final_loss']:.4f}, eval loss "
               f"{summary['final_eval_loss']:.4f}, {summary['state_bytes_per_param']:.2f} bytes/param of training "
-              f"state. Files in {folder}", flush=True)
+              f"state. Files in {folder}; the final weights in {weights} (`leantrain export|eval|generate "
+              f"--checkpoint {folder}`)", flush=True)
     return summary
 
 
-def _say_stopped(step: int, saved: Path | None, run: Run) -> None:
+def _say_stopped(step: int, weights: Path, run: Run) -> None:
     if not run.dist.is_main:
         return
     signal_name = guard.signal_name(guard.stop_requested())
-    if saved:
-        where = f"saved checkpoint {saved}. Run the same command again to resume from it."
-    else:
-        where = ("checkpoint.enable is false, so nothing was saved and the run cannot resume (set "
-                 "checkpoint.enable=true to make runs resumable).")
+    folder = run.plan.paths.folder
+    if not run.plan.config.checkpoint.enable:
+        where = (f"checkpoint.enable is false, so the run cannot resume (set checkpoint.enable=true to make runs "
+                 f"resumable); its weights are kept in {weights}.")
+    elif run.plan.paths.named:
+        where = f"saved checkpoint {weights}. Run the same command again to resume from it."
+    else:  # the same command would pick a new runs/<timestamp> folder
+        where = (f"saved checkpoint {weights}. To resume from it, run the same command with "
+                 f"--job.dump_folder={folder}.")
     print(f"leantrain: stopped by {signal_name} after step {step} of {run.plan.config.training.steps}; {where}",
           flush=True)
 

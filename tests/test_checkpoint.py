@@ -253,17 +253,19 @@ def test_another_recipes_optimizer_state_is_refused_tensor_by_tensor(saved_run):
         checkpointer(fp32).load(make_state(fp32), saved_run[0] / "checkpoints" / "step-5")
 
 
-def test_finished_run_rerun_resumes_at_its_end_and_eval_reads_it(saved_run, tmp_path, capsys):
+@pytest.mark.parametrize("steps", [5, 3])
+def test_a_finished_run_is_not_rewritten_and_eval_reads_it(saved_run, tmp_path, capsys, steps):
+    """Rerun as it was, or asked for fewer steps than it has: nothing to train, so exit 2 and every file kept."""
     import shutil
 
     folder = tmp_path / "run"
     shutil.copytree(saved_run[0], folder)
-    args = [a for a in saved_run[1] if not a.startswith("--job.dump_folder")] + [f"--job.dump_folder={folder}"]
-    records = read_metrics(folder / "metrics.jsonl")
-    assert main(["train", *args]) == 0
-    assert "resuming from checkpoint" in capsys.readouterr().out
-    assert read_metrics(folder / "metrics.jsonl") == records  # nothing trained, nothing duplicated
-    assert sorted(os.listdir(folder / "checkpoints")) == ["step-4", "step-5"]
+    args = [a for a in saved_run[1] if not a.startswith(("--job.dump_folder", "--training.steps"))]
+    before = _snapshot(folder)
+    assert main(["train", *args, f"--training.steps={steps}", f"--job.dump_folder={folder}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has trained 5 steps" in err and f"training.steps = {steps}" in err and "raise training.steps" in err
+    assert _snapshot(folder) == before  # summary.json, metrics.jsonl, config.toml and checkpoints as they were
     # leantrain eval on the run folder: its latest checkpoint, the held-out split, JSON in the run folder
     assert main(["eval", "--checkpoint", str(folder), "--eval.steps=3"]) == 0
     result = json.loads((folder / "eval-step-5.json").read_text())

@@ -168,3 +168,26 @@ def test_train_step_in_process_and_a_skipped_step_changes_only_the_step_and_the_
     third = train_step(state, [data.next_batch()], ctx)
     assert third.finite and third.lr < second.lr  # the schedule moved on through the skipped step
     assert not all(torch.equal(v, weights[k]) for k, v in state.model.state_dict().items())
+
+
+def test_a_run_without_checkpoints_keeps_its_final_weights_and_is_never_mixed_with_another(tmp_path, capsys):
+    from leantrain.checkpoint import load_model
+    from leantrain.cli import main
+
+    run = tmp_path / "run"
+    args = [*TINY, "--training.steps=3", "--eval.interval=0", f"--job.dump_folder={run}"]
+    assert main(["train", *args]) == 0
+    assert f"the final weights in {run / 'model'}" in capsys.readouterr().out
+    model, info = load_model(run)  # the run folder: its final model/ (no checkpoints)
+    assert info["step"] == 3 and info["model_only"] and info["path"] == str(run / "model")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for again in (args, [*args, "--training.steps=5"]):  # the same run again, or a longer one: nothing resumes
+        assert main(["train", *again]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "already holds a run" in err and "another job.dump_folder" in err and "checkpoint.enable=true" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # export and eval take the run folder as it is
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").exists()
+    assert main(["eval", "--checkpoint", str(run), "--eval.steps=1"]) == 0
+    assert json.loads((run / "eval-step-3.json").read_text())["step"] == 3

@@ -59,10 +59,11 @@ from ..hooks import Hooks
 from ..model import ModelArgs, Transformer, build_model_from_args
 from ..precision import DTYPES
 from ..runplan import RunPlan
-from ..state import TrainState
+from ..state import TrainState, get_model_state_dict
 from .reading import _check_model_args, _check_tensors, _dcp_load, _flatten, _quiet_dcp, _SafeReader
 
 INFO_FILE = "leantrain.json"
+FINAL_MODEL = "model"  # <job.dump_folder>/model/: the final weights of a run without checkpoints (model only)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Config keys that may differ between a checkpoint and the run resuming from it (prefixes end with ".").
 MAY_CHANGE = ("job.dump_folder", "training.steps", "eval.", "metrics.", "checkpoint.", "model.hf_checkpoint",
@@ -99,10 +100,21 @@ def resolve(path: str | Path) -> Path:
     if not candidates and (p / "config.toml").exists():
         folder = load_config(str(p / "config.toml"), warn=False).checkpoint.folder
         candidates = list_checkpoints(p / folder)
+    if not candidates and (p / FINAL_MODEL / INFO_FILE).exists():
+        return p / FINAL_MODEL
     if not candidates:
-        raise CheckpointError(f"'{path}' holds no checkpoint (no step-N folder with a {INFO_FILE}). Pass a "
-                              f"step-N folder, the folder that holds them, or a run's job.dump_folder.")
+        raise CheckpointError(f"'{path}' holds no checkpoint (no step-N folder with a {INFO_FILE}, and no final "
+                              f"'{FINAL_MODEL}' folder: the run did not finish). Pass a step-N folder, the folder "
+                              f"that holds them, or a run's job.dump_folder.")
     return candidates[-1][1]
+
+
+def run_folder_of(path: Path, info: dict[str, Any]) -> Path:
+    """The run folder (job.dump_folder) that holds a checkpoint or a final model."""
+    if info.get("model_only"):
+        return path.resolve().parent
+    folder = info.get("config", {}).get("checkpoint", {}).get("folder", "checkpoints")
+    return path.parent.joinpath(*[".."] * len(Path(folder).parts)).resolve()
 
 
 def read_info(path: str | Path) -> dict[str, Any]:
@@ -213,15 +225,34 @@ class Checkpointer:
         return found[-1][1] if found else None
 
     def save(self, state: TrainState, elapsed_s: float = 0.0) -> Path:
-        began, step = time.perf_counter(), state.step
-        final, tmp = self.root / f"step-{step}", self.root / f"step-{step}.tmp"
+        """The full training state as checkpoint step-N (after checking that the weights are finite)."""
+        self._refuse_nonfinite(state)
+        saved = self._write(self.root / f"step-{state.step}", state.state_dict(), state, elapsed_s,
+                            model_only=False)
+        if distributed.is_main():
+            self._prune()
+        return saved
+
+    def save_final_model(self, folder: Path, state: TrainState) -> Path:
+        """The weights alone, as ``folder``/model (what export, eval and generate read when a run kept no
+        checkpoint); atomic like a checkpoint."""
+        self._refuse_nonfinite(state)
+        return self._write(folder / FINAL_MODEL, {"model": get_model_state_dict(state.model)}, state,
+                           elapsed_s=0.0, model_only=True)
+
+    def _refuse_nonfinite(self, state: TrainState) -> None:
         if not guard.all_finite(state.model.parameters()):
             latest = self.latest()
-            raise TrainingDiverged(f"The weights hold NaN/Inf after step {step}, so no checkpoint is written from "
+            raise TrainingDiverged(f"The weights hold NaN/Inf after step {state.step}, so nothing is saved from "
                                    f"them; training diverged. The latest complete checkpoint is "
                                    f"{latest or 'none'}. Lower optimizer.lr or raise lr_scheduler.warmup_steps "
                                    f"(and use a new job.dump_folder, or the same settings resume into the same "
                                    f"divergence).")
+
+    def _write(self, final: Path, sd: dict[str, Any], state: TrainState, elapsed_s: float, model_only: bool) -> Path:
+        """DCP's files into final.tmp, then leantrain.json (written last: it lists the files and their sizes),
+        then the rename that makes it complete; every rank writes its shards."""
+        began, step, tmp = time.perf_counter(), state.step, final.with_name(final.name + ".tmp")
         if final.exists():
             raise CheckpointError(f"A checkpoint {final} already exists; leantrain never overwrites one. Move it "
                                   f"away, or use another job.dump_folder.")
@@ -231,11 +262,11 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         distributed.barrier()
         with _quiet_dcp():
-            dcp.save(state.state_dict(), checkpoint_id=str(tmp))
+            dcp.save(sd, checkpoint_id=str(tmp))
         self.hooks.checkpoint_written(step)  # the data is written; leantrain.json and the rename are not
         if distributed.is_main():
             files = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
-            info = {"step": step, "elapsed_s": elapsed_s, "recipe": self.recipe,
+            info = {"step": step, "elapsed_s": elapsed_s, "recipe": self.recipe, "model_only": model_only,
                     "world_size": distributed.world_size(),
                     "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "torch_version": torch.__version__, "model_args": dataclasses.asdict(state.model.args),
@@ -245,10 +276,10 @@ class Checkpointer:
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, final)
-            _fsync_dir(self.root)
-            self._prune()
+            _fsync_dir(final.parent)
             size = sum(files.values())
-            _say(f"saved checkpoint {final} ({size / 2**20:.1f} MiB in {time.perf_counter() - began:.1f}s)")
+            _say(f"saved {'the final weights' if model_only else 'checkpoint'} {final} ({size / 2**20:.1f} MiB in "
+                 f"{time.perf_counter() - began:.1f}s)")
         distributed.barrier()
         return final
 
