@@ -68,8 +68,10 @@ class Model:
 
 @dataclass(frozen=True)
 class Tokenizer:
-    path: str = "byte"
-    """'byte' (256 byte ids plus BOS, EOS, PAD) or the path of a local Hugging Face tokenizer.json."""
+    path: str = "auto"
+    """'auto': the tokenizer.json of model.hf_checkpoint when that is set, else 'byte'. 'byte': 256 byte ids plus
+    BOS, EOS, PAD. Or the path of a local Hugging Face tokenizer.json (or a folder holding one). config.toml
+    records the tokenizer the run used."""
 
 
 @dataclass(frozen=True)

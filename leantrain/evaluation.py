@@ -24,6 +24,7 @@ from torch import nn
 from . import checkpoint, parallel
 from .config import Config, load_config
 from .data import PackedDataset, SftDataset, build_datasets, build_tokenizer, load_documents, load_sft_samples
+from .data.tokenizer import check_vocab
 from .errors import ConfigError
 from .metrics import write_json
 from .precision import IGNORE_INDEX, Precision, cross_entropy
@@ -114,10 +115,7 @@ def run_eval(checkpoint_path: str | None, overrides: dict[str, str], out: str | 
         model.args.max_seq_len = cfg.data.seq_len
         model.init_rope()
     tokenizer = build_tokenizer(cfg.tokenizer.path)
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise ConfigError(f"The tokenizer '{cfg.tokenizer.path}' has {tokenizer.vocab_size} tokens, more than the "
-                          f"model's vocabulary of {model.args.vocab_size}: it is not the model's tokenizer. Set "
-                          f"tokenizer.path to the tokenizer the model was trained with.")
+    check_vocab(tokenizer.vocab_size, cfg.tokenizer.path, model.args.vocab_size, hf_folder=hf_path or "")
     data, split = _dataset(cfg, tokenizer, whole_path="data.path" in overrides)
     max_batches = cfg.eval.steps if "eval.steps" in overrides else None
     measured = evaluate(model, data.eval_batches(max_batches), plan.precision, device)

@@ -8,6 +8,7 @@ sections), never the whole config, the way torchtitan's ``parallelize_llama`` ta
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -121,8 +122,25 @@ def parallel_plan(cfg: Config, env: Mapping[str, str] = os.environ) -> ParallelP
                         device=distributed.default_device(local_rank), dp_replicate=replicate, dp_shard=shard)
 
 
+def tokenizer_path(cfg: Config) -> str:
+    """tokenizer.path with 'auto' decided: the HF folder's own tokenizer.json for an HF model (training its
+    weights on byte ids would ruin them without a word), the byte tokenizer otherwise."""
+    path, hf = cfg.tokenizer.path, cfg.model.hf_checkpoint
+    if path != "auto":
+        return path
+    if not hf:
+        return "byte"
+    if not (Path(hf).expanduser() / "tokenizer.json").exists():
+        raise ConfigError(f"model.hf_checkpoint='{hf}' has no tokenizer.json, so the model's tokenizer is unknown "
+                          f"(tokenizer.path=auto takes the HF folder's). Set tokenizer.path to the model's "
+                          f"tokenizer.json, or copy it into that folder.")
+    return str(Path(hf).expanduser() / "tokenizer.json")
+
+
 def resolve(cfg: Config, env: Mapping[str, str] = os.environ) -> RunPlan:
-    """The run plan of a validated config; warns about precision settings that only the world size reveals."""
+    """The run plan of a validated config; warns about precision settings that only the world size reveals.
+    The plan's config has tokenizer.path decided (what config.toml and a checkpoint record)."""
+    cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=tokenizer_path(cfg)))
     parallel = parallel_plan(cfg, env)
     for message in suspicious_precision_settings(cfg, dp_shard=parallel.dp_shard):  # validate() did not know it
         warn_once(message)

@@ -16,6 +16,7 @@ import torch
 from . import checkpoint, guard, parallel
 from .config import LRScheduler, Model, to_toml, warn_once
 from .data import build_datasets, build_tokenizer
+from .data.tokenizer import check_vocab
 from .errors import ConfigError
 from .evaluation import evaluate
 from .hooks import Hooks
@@ -49,7 +50,7 @@ def build_model_for(spec: Model, precision: Precision, seq_len: int, seed: int, 
         model = build_model(spec.flavor, precision.storage, device, seed=seed, max_seq_len=seq_len, **dims)
     except ValueError as e:
         raise ConfigError(f"The model dimensions are inconsistent: {e}. Fix the model.* keys.") from None
-    _check_vocab(tokenizer_name, model, vocab_size)
+    check_vocab(vocab_size, tokenizer_name, model.args.vocab_size)
     return model
 
 
@@ -63,15 +64,8 @@ def _hf_model(spec: Model, dims: dict[str, Any], precision: Precision, seq_len: 
             raise ConfigError(f"model.{key} = {value!r}, but the model in model.hf_checkpoint="
                               f"'{spec.hf_checkpoint}' has {key} = {getattr(model.args, key)!r} (from its "
                               f"config.json). Leave model.{key} unset when loading a Hugging Face model.")
-    _check_vocab(tokenizer_name, model, vocab_size)
+    check_vocab(vocab_size, tokenizer_name, model.args.vocab_size, hf_folder=spec.hf_checkpoint)
     return model
-
-
-def _check_vocab(tokenizer_name: str, model: Transformer, vocab_size: int) -> None:
-    if model.args.vocab_size < vocab_size:
-        raise ConfigError(f"The tokenizer '{tokenizer_name}' has {vocab_size} tokens but the model's "
-                          f"vocabulary (model.vocab_size) has only {model.args.vocab_size}. Set model.vocab_size "
-                          f"to at least {vocab_size}, or use a smaller tokenizer.")
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: LRScheduler,

@@ -27,9 +27,10 @@ LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 def tiny_hf_model(**overrides):
     """A random LlamaForCausalLM small enough for a unit test, with weights large enough to give varied logits."""
-    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      rms_norm_eps=1e-5, rope_theta=10000.0, **overrides)
+    config = transformers.LlamaConfig(**{**dict(vocab_size=300, hidden_size=64, intermediate_size=160,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0),
+                                         **overrides})
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -111,10 +112,10 @@ def test_save_hf_round_trips_through_transformers(tmp_path):
 
 
 def test_train_from_hf_then_export_loads_back_in_transformers(tmp_path, capsys):
-    hf = tiny_hf_model()
+    hf = tiny_hf_model(vocab_size=259)  # the byte tokenizer's size: this test trains it on bytes, by name
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     run = tmp_path / "run"
-    args = ["--recipe=fp32", f"--model.hf_checkpoint={tmp_path / 'hf'}", "--data.seq_len=32",
+    args = ["--recipe=fp32", f"--model.hf_checkpoint={tmp_path / 'hf'}", "--tokenizer.path=byte", "--data.seq_len=32",
             "--data.local_batch_size=2", "--training.steps=2", "--lr_scheduler.warmup_steps=1", "--eval.steps=1",
             "--metrics.log_freq=1", "--metrics.progress=false", "--checkpoint.enable=true", f"--job.dump_folder={run}"]
     assert main(["train", *args]) == 0
@@ -127,7 +128,7 @@ def test_train_from_hf_then_export_loads_back_in_transformers(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "exported")]) == 0
     exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").eval()
     model, _ = leantrain.checkpoint.load_model(run)
-    tokens = torch.randint(0, 300, (2, 32))
+    tokens = torch.randint(0, 259, (2, 32))
     with torch.no_grad():
         assert (model(tokens) - hf_logits(exported, tokens)).abs().max() <= ATOL
     config = json.loads((tmp_path / "exported" / "config.json").read_text())
@@ -138,9 +139,31 @@ def test_train_from_hf_then_export_loads_back_in_transformers(tmp_path, capsys):
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     out = tmp_path / "eval.json"
     assert main(["eval", f"--model.hf_checkpoint={tmp_path / 'hf'}", f"--data.path={text}", "--data.seq_len=32",
-                 "--recipe=fp32", "--out", str(out)]) == 0
+                 "--tokenizer.path=byte", "--recipe=fp32", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     n_windows = (len(text.read_text()) + 2 - 1) // 32  # BOS + bytes + EOS, windows of 33 sharing one token
     assert result["split"] == "all" and result["tokens"] == n_windows * 32 and result["dtype"] == "float32"
     assert "perplexity" in capsys.readouterr().out
     assert os.path.exists(out)
+
+
+def test_an_hf_model_trains_with_its_own_tokenizer_and_a_foreign_one_is_refused(tmp_path, capsys):
+    from test_data import _make_hf_tokenizer
+
+    folder = tmp_path / "hf"
+    _make_hf_tokenizer(tmp_path / "tokenizer.json")
+    size = len(json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"])
+    rows = size + 300  # a padded embedding, as many checkpoints have: the folder's own tokenizer is smaller
+    tiny_hf_model(vocab_size=rows).save_pretrained(folder, safe_serialization=True)
+    args = ["--recipe=fp32", f"--model.hf_checkpoint={folder}", "--data.seq_len=16", "--data.local_batch_size=2",
+            "--training.steps=1", "--eval.steps=1", "--metrics.progress=false"]
+    # no tokenizer.json in the folder: nothing to guess from, so no silent byte ids
+    assert main(["train", *args, f"--job.dump_folder={tmp_path / 'a'}"]) == 2
+    assert "has no tokenizer.json" in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "a").exists()
+    (tmp_path / "tokenizer.json").rename(folder / "tokenizer.json")
+    assert main(["train", *args, f"--job.dump_folder={tmp_path / 'b'}"]) == 0
+    assert f'path = "{folder / "tokenizer.json"}"' in (tmp_path / "b" / "config.toml").read_text()
+    capsys.readouterr()
+    assert main(["train", *args, "--tokenizer.path=byte", f"--job.dump_folder={tmp_path / 'c'}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has 259 tokens" in err and f"has {rows} embedding rows" in err and "not the model's tokenizer" in err

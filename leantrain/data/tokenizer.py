@@ -208,3 +208,23 @@ def _encode_many(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
             out.extend(np.asarray(ids, dtype=np.int64) for ids in batch(texts[i:i + step]))
         return out
     return [np.asarray(tokenizer.encode(t), dtype=np.int64) for t in texts]
+
+
+def check_vocab(tokenizer_size: int, tokenizer_path: str, embedding_rows: int, hf_folder: str = "") -> None:
+    """The tokenizer fits the model: never more ids than embedding rows; for a Hugging Face model (``hf_folder``)
+    a tokenizer other than the folder's own must have exactly as many (another size means another tokenizer;
+    the folder's own may be smaller, as checkpoints pad their embeddings)."""
+    from leantrain.errors import ConfigError
+
+    if tokenizer_size > embedding_rows:
+        raise ConfigError(f"The tokenizer '{tokenizer_path}' has {tokenizer_size} tokens but the model's vocabulary "
+                          f"(its embedding) has only {embedding_rows}. Set model.vocab_size to at least "
+                          f"{tokenizer_size} (a model trained here), or use the model's own tokenizer.")
+    own = Path(hf_folder).expanduser() / "tokenizer.json" if hf_folder else None
+    given = Path(tokenizer_path).expanduser()
+    given = given / "tokenizer.json" if given.is_dir() else given
+    if own is not None and tokenizer_size != embedding_rows and given.resolve() != own.resolve():
+        raise ConfigError(f"The tokenizer '{tokenizer_path}' has {tokenizer_size} tokens, but the model in "
+                          f"model.hf_checkpoint='{hf_folder}' has {embedding_rows} embedding rows: it is not the "
+                          f"model's tokenizer. Leave tokenizer.path at 'auto' (the folder's tokenizer.json) or "
+                          f"name the tokenizer the model was trained with.")
