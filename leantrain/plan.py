@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .config import Config, with_recipe
-from .model import Transformer, build_model, num_params
+from .model import Transformer, build_model, build_model_from_args, num_params
 from .optim import AdamW
 from .precision import Precision
 from .runplan import OptimizerSpec, optimizer_spec, precision_of
@@ -86,15 +86,18 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
     vocab = 259 if cfg.model.flavor in ("debug", "small") and not cfg.model.vocab_size else cfg.model.vocab_size
     dims = {k: getattr(cfg.model, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
                                                "rope_theta", "norm_eps")}
-    out: dict[str, Any] = {"flavor": cfg.model.flavor, "dp_shard": dp_shard, "gpu_memory_bytes": gpu_memory,
+    hf = cfg.model.hf_checkpoint
+    out: dict[str, Any] = {"model": f"Hugging Face model {hf}" if hf else f"llama3 {cfg.model.flavor}",
+                           "flavor": None if hf else cfg.model.flavor, "hf_checkpoint": hf or None, "dp_shard": dp_shard, "gpu_memory_bytes": gpu_memory,
                            "seq_len": cfg.data.seq_len, "local_batch_size": cfg.data.local_batch_size,
                            "recipes": {}}
     tokens = cfg.data.seq_len * cfg.data.local_batch_size
     for name in recipes:
         rcfg = with_recipe(cfg, name)
         precision = precision_of(rcfg)
-        model = build_model(cfg.model.flavor, precision.storage, "meta", vocab_size=vocab,
-                            max_seq_len=cfg.data.seq_len, **dims)
+        model = (_hf_model_shape(cfg.model.hf_checkpoint, precision.storage) if cfg.model.hf_checkpoint else
+                 build_model(cfg.model.flavor, precision.storage, "meta", vocab_size=vocab,
+                             max_seq_len=cfg.data.seq_len, **dims))
         out["num_params"] = num_params(model)
         state = {k: -(-v // dp_shard) for k, v in state_bytes(model, optimizer_spec(rcfg)).items()}
         act = activation_bytes(precision.compute, tokens, model, checkpointing=False)
@@ -109,9 +112,16 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
     return out
 
 
+def _hf_model_shape(folder: str, dtype: torch.dtype) -> Transformer:
+    """The model of a Hugging Face folder (its config.json), on the meta device: shapes only, no weights read."""
+    from .hf import model_args_from_hf, read_config
+
+    return build_model_from_args(model_args_from_hf(read_config(folder), where=f"{folder}/config.json"), dtype, "meta")
+
+
 def format_plan(p: dict[str, Any]) -> str:
     gib = 2**30
-    lines = [f"llama3 {p['flavor']}: {p['num_params']:,} parameters; dp_shard={p['dp_shard']}, "
+    lines = [f"{p['model']}: {p['num_params']:,} parameters; dp_shard={p['dp_shard']}, "
              f"seq_len={p['seq_len']}, local_batch_size={p['local_batch_size']}, "
              f"GPU memory {p['gpu_memory_bytes'] / gib:.1f} GiB",
              "", "| recipe | bytes/param | params | grads | optimizer | activations (AC none / full) | "

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import TINY, run_leantrain
 from leantrain.metrics import read_metrics
@@ -71,3 +72,18 @@ def test_plan_takes_dp_shard_from_the_config_file_and_the_command_line_overrides
 def test_plan_bad_memory_size():
     r = run_leantrain("plan", "--gpu-memory=lots")
     assert r.returncode == 2 and "--gpu-memory" in r.stderr
+
+
+def test_plan_of_a_hugging_face_folder_plans_that_model(tmp_path):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=320, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    (tmp_path / "hf").mkdir()
+    config.save_pretrained(tmp_path / "hf")  # config.json only: the planner reads no weights
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in transformers.LlamaForCausalLM(config).parameters())
+    r = run_leantrain("plan", f"--model.hf_checkpoint={tmp_path / 'hf'}", "--recipe=bf16", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["num_params"] == expected and out["hf_checkpoint"] == str(tmp_path / "hf")
