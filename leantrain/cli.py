@@ -174,6 +174,19 @@ def _export(args: list[str]) -> int:
 COMMANDS = {"train": _train, "compare": _compare, "plan": _plan, "eval": _eval, "export": _export}
 
 
+SUMMARIES = {
+    "train": "train a model (one process, or every rank under torchrun); resumes from its checkpoints",
+    "compare": "train the same model under several precision recipes, same init and batches; a report",
+    "plan": "will this model and recipe fit in GPU memory? bytes per GPU, counted on the meta device",
+    "eval": "loss and perplexity of a run's model or a Hugging Face model on held-out or given data",
+    "export": "write a run's model as a Hugging Face Llama folder (config.json, safetensors, tokenizer)",
+}
+TOP_USAGE = ("usage: leantrain COMMAND [options]   (leantrain COMMAND --help for its options)\n\n"
+             "Memory-lean precision training for Llama-style models: full bfloat16 that converges like fp32.\n\n"
+             "commands:\n" + "\n".join(f"  {name:<9} {text}" for name, text in SUMMARIES.items()) +
+             "\n\n  --version  the installed version")
+
+
 def _usage(command: str) -> str:
     """``leantrain COMMAND --help``: train's lists every config key from the dataclasses' docstrings."""
     if command == "train":
@@ -189,8 +202,13 @@ def main(argv: list[str] | None = None, hooks: Any = None) -> int:
     warnings.formatwarning = _format_warning
     if not distributed.is_main():  # under torchrun, rank 0 speaks for all (same config, same warnings)
         warnings.filterwarnings("ignore", category=UserWarning)
+    if argv and argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"leantrain {version('leantrain')}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: leantrain {{{','.join(COMMANDS)}}} [options]   (leantrain COMMAND --help for its options)")
+        print(TOP_USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
