@@ -67,6 +67,13 @@ def _hf_model(spec: Model, dims: dict[str, Any], precision: Precision, seq_len: 
     return model
 
 
+def _model_name(spec: Model, model: Transformer) -> str:
+    """'llama3 small', or for a Hugging Face folder its model_type and path ('qwen2 path/to/Qwen2.5-0.5B')."""
+    if spec.hf_checkpoint:
+        return f"{model.args.family} {spec.hf_checkpoint}"
+    return f"llama3 {spec.flavor}"
+
+
 def _check_vocab(tokenizer_name: str, model: Transformer, vocab_size: int) -> None:
     if model.args.vocab_size < vocab_size:
         raise ConfigError(f"The tokenizer '{tokenizer_name}' has {vocab_size} tokens but the model's "
@@ -168,7 +175,7 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
     model, checkpointer = state.model, build_checkpointer(plan, hooks)
     resumed_elapsed = checkpointer.load(state, resume_from) if resume_from else 0.0
     if dist.is_main:
-        print(f"leantrain: training llama3 {cfg.model.hf_checkpoint or cfg.model.flavor} "
+        print(f"leantrain: training {_model_name(cfg.model, model)} "
               f"({num_params(model) / 1e6:.1f}M parameters), recipe {plan.recipe or 'custom'}, on "
               f"{dist.world_size} x {device.type}, {train_data.num_tokens:,} training tokens; writing "
               f"{plan.paths.folder}", flush=True)
@@ -261,7 +268,7 @@ def _summary(run: Run, measured_state: dict[str, int]) -> dict[str, Any]:
         folder = plan.paths.folder
         write_json(os.path.join(folder, "summary.json"), summary)
         plot_losses({plan.recipe or "run": run.logger.records}, os.path.join(folder, "loss.png"),
-                    title=f"llama3 {plan.config.model.flavor}, recipe {plan.recipe or 'custom'}")
+                    title=f"{_model_name(plan.config.model, run.state.model)}, recipe {plan.recipe or 'custom'}")
         print(f"leantrain: done. final loss {summary['final_loss']:.4f}, eval loss "
               f"{summary['final_eval_loss']:.4f}, {summary['state_bytes_per_param']:.2f} bytes/param of training "
               f"state. Files in {folder}", flush=True)
