@@ -75,13 +75,15 @@ def _compare(args: list[str]) -> int:
     return 0
 
 
-PLAN_USAGE = """usage: leantrain plan [--model.flavor=70B] [--recipe=NAME|all] [--parallelism.dp_shard=N]
+PLAN_USAGE = """usage: leantrain plan [--model.flavor=70B | --model.hf_checkpoint=DIR] [--recipe=NAME|all]
+                      [--parallelism.dp_shard=N]
                       [--gpu-memory=80GiB] [--data.seq_len=S] [--data.local_batch_size=B] [--json]
 
 Counts the model's parameters exactly (built on the meta device) and prints, per GPU and recipe, the
 bytes of weights, gradients and optimizer state (laid out by the optimizer itself, divided by the FSDP
 degree dp_shard), an activation estimate with and without activation checkpointing, the total, and
-whether it fits in --gpu-memory. Any train option (model.*, data.*) applies. The activation formula is
+whether it fits in --gpu-memory. Any train option (model.*, data.*) applies; with model.hf_checkpoint,
+only the folder's config.json is read (no weights are needed). The activation formula is
 explained in leantrain/plan.py and the README.
 """
 
@@ -115,10 +117,10 @@ EVAL_USAGE = """usage: leantrain eval (--checkpoint DIR | --model.hf_checkpoint=
 
 Prints the mean loss (over every predicted token; SFT: every response token) and the perplexity of a
 leantrain checkpoint (a step-N folder, or a run folder: its latest checkpoint) or of a local Hugging Face
-Llama folder, and writes them as JSON to --out, or to eval-step-N.json in the checkpoint's run folder
-(eval.json in job.dump_folder for an HF model). With --data.path, all of that data is evaluated;
-without it, the held-out split (last 5%) of the checkpoint run's data. --eval.steps=N stops after N
-batches. A checkpoint brings its run's settings (tokenizer, seq_len, dtype); options override them.
+folder (llama, mistral, qwen2, qwen3), and writes them as JSON to --out, or to eval-step-N.json in the
+checkpoint's run folder (eval.json in job.dump_folder for an HF model). With --data.path, all of that
+data is evaluated; without it, the held-out split (last 5%) of the checkpoint run's data. --eval.steps=N
+stops after N batches. A checkpoint brings its run's settings (tokenizer, seq_len, dtype); options override them.
 """
 
 
@@ -136,9 +138,10 @@ def _eval(args: list[str]) -> int:
 EXPORT_USAGE = """usage: leantrain export --checkpoint DIR --out HF_DIR
 
 Writes the model of a leantrain checkpoint (a step-N folder, or a run folder: its latest checkpoint) as a
-Hugging Face Llama folder: config.json and safetensors (in the dtype it was trained in; sharded above
-5 GiB), plus tokenizer.json when the run used one. transformers.LlamaForCausalLM.from_pretrained(HF_DIR)
-loads it.
+Hugging Face folder of the model_type it was loaded as (llama for the flavors; mistral, qwen2 or qwen3
+for a run started from such a folder): config.json and safetensors (in the dtype it was trained in;
+sharded above 5 GiB), plus tokenizer.json when the run used one.
+transformers.AutoModelForCausalLM.from_pretrained(HF_DIR) loads it.
 """
 
 
@@ -166,8 +169,8 @@ def _export(args: list[str]) -> int:
         warnings.warn(f"The run's tokenizer could not be loaded ({e}); exporting the weights without it.")
         tokenizer = None
     save_hf(model, out, tokenizer=tokenizer)
-    print(f"leantrain: exported {info['path']} (step {info['step']}) to {out} as a Hugging Face Llama folder.",
-          flush=True)
+    print(f"leantrain: exported {info['path']} (step {info['step']}) to {out} as a Hugging Face "
+          f"{model.args.family} folder.", flush=True)
     return 0
 
 

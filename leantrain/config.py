@@ -41,7 +41,8 @@ class Job:
 @dataclass(frozen=True)
 class Model:
     name: Literal["llama3"] = "llama3"
-    """Architecture. Only the Llama 3 family (RMSNorm, RoPE, grouped-query attention, SwiGLU)."""
+    """Architecture. Only the Llama 3 family (RMSNorm, RoPE, grouped-query attention, SwiGLU); model.hf_checkpoint
+    also loads its Mistral and Qwen2/Qwen3 relatives."""
     flavor: Literal["debug", "small", "1B", "8B", "70B"] = "small"
     """Size preset: debug (tests), small (about 13M params, CPU), 1B/8B/70B (Llama 3.2-1B, 3.1-8B, 3.1-70B)."""
     dim: int = 0
@@ -61,8 +62,10 @@ class Model:
     norm_eps: float = 0.0
     """RMSNorm epsilon. 0: the flavor's (1e-5)."""
     hf_checkpoint: str = ""
-    """A local Hugging Face Llama folder (config.json + safetensors) to start from: its config.json sets the
-    dimensions (model.flavor is then ignored) and its weights replace the initial ones, cast to training.dtype.
+    """A local Hugging Face folder (config.json + safetensors) to start from, of model_type llama, mistral, qwen2
+    or qwen3 (leantrain.hf.FAMILIES; any other is refused): its config.json sets the dimensions, the head size,
+    Qwen's q/k/v bias or q/k norms and Mistral's sliding window (model.flavor is then ignored), and its weights
+    replace the initial ones, cast to training.dtype.
     Ignored when the run resumes from its own checkpoint."""
 
 

@@ -94,7 +94,7 @@ def run_eval(checkpoint_path: str | None, overrides: dict[str, str], out: str | 
     hf_path = overrides.get("model.hf_checkpoint")
     if bool(checkpoint_path) == bool(hf_path):
         raise ConfigError("leantrain eval needs exactly one model: --checkpoint DIR (a leantrain checkpoint) or "
-                          "--model.hf_checkpoint=DIR (a Hugging Face Llama folder).")
+                          "--model.hf_checkpoint=DIR (a Hugging Face llama, mistral, qwen2 or qwen3 folder).")
     if checkpoint_path:
         model, info = checkpoint.load_model(checkpoint_path)
         run_folder = str(checkpoint.run_folder_of(Path(info["path"]), info))

@@ -1,4 +1,9 @@
-"""Hugging Face Llama weights in and out: local folders of ``config.json`` + safetensors.
+"""Hugging Face weights in and out: local folders of ``config.json`` + safetensors.
+
+**Families.** The Llama-shaped ``model_type``s of :data:`FAMILIES`: ``llama``; ``mistral`` (a head size
+independent of hidden_size / num_attention_heads, Mistral 7B v0.1's sliding window); ``qwen2`` (Qwen2 and
+Qwen2.5: a bias on q/k/v); ``qwen3`` (an RMSNorm of each q and k head, an explicit head_dim). Anything else
+(mixture-of-experts, Gemma's norms, another activation, another RoPE) is refused, named, before a tensor is read.
 
     HF tensor                                   leantrain parameter
     model.embed_tokens.weight                   tok_embeddings.weight
@@ -7,6 +12,8 @@
     model.layers.{i}.self_attn.k_proj.weight    layers.{i}.attention.wk.weight   (rows reordered, below)
     model.layers.{i}.self_attn.v_proj.weight    layers.{i}.attention.wv.weight
     model.layers.{i}.self_attn.o_proj.weight    layers.{i}.attention.wo.weight
+    model.layers.{i}.self_attn.q_proj.bias      layers.{i}.attention.wq.bias     (qwen2; k, v alike; reordered)
+    model.layers.{i}.self_attn.q_norm.weight    layers.{i}.attention.q_norm.weight   (qwen3; k alike; reordered)
     model.layers.{i}.post_attention_layernorm   layers.{i}.ffn_norm.weight
     model.layers.{i}.mlp.gate_proj / up_proj / down_proj    layers.{i}.feed_forward.w1 / w3 / w2
     model.norm.weight                           norm.weight
@@ -17,6 +24,9 @@ with j + head_dim/2); Meta's reference code, and :func:`leantrain.precision.appl
 interleaved pairs (2j, 2j+1). The same network in the two layouts differs only in the order of the
 rows of wq and wk inside each head, so loading reorders them (:func:`_hf_to_meta`) and saving puts
 them back (:func:`_meta_to_hf`), the permutation of transformers' ``convert_llama_weights_to_hf.py``.
+Whatever is indexed by those rows moves with them: the q and k biases (Qwen2), and the q/k norm weights
+(Qwen3, one weight per head dimension, applied before RoPE: the same reordering, as for a single head).
+The norm's statistic (the mean of squares over a head) does not depend on the order.
 
 **Dtypes.** The model is built on the meta device in the run's storage dtype and each tensor is read
 from its safetensors file and cast on its own, so loading a bf16 model never holds an fp32 copy.
@@ -35,6 +45,12 @@ import torch
 from .errors import CheckpointError
 from .model import ModelArgs, Transformer, build_model_from_args
 
+# model_type -> the transformers class that config.json names in "architectures".
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
+# Where config.json has no head_dim, the head size transformers uses (None: hidden_size / num_attention_heads).
+_DEFAULT_HEAD_DIM = {"qwen3": 128}
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -45,7 +61,7 @@ _CONVERT_HINT = ("Convert it to safetensors first, e.g. python -c \"from transfo
 
 
 def _hf_names(args: ModelArgs) -> dict[str, str]:
-    """leantrain parameter name -> HF tensor name."""
+    """leantrain parameter name -> HF tensor name (the same names in every family)."""
     names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     if not args.tie_embeddings:
         names["output.weight"] = "lm_head.weight"
@@ -55,30 +71,40 @@ def _hf_names(args: ModelArgs) -> dict[str, str]:
                  "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
                  "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
                  "feed_forward.w2.weight": "mlp.down_proj.weight"}
+    if args.qkv_bias:
+        per_layer.update({f"attention.w{x}.bias": f"self_attn.{x}_proj.bias" for x in "qkv"})
+    if args.qk_norm:
+        per_layer.update({f"attention.{x}_norm.weight": f"self_attn.{x}_norm.weight" for x in "qk"})
     for i in range(args.n_layers):
         names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{theirs}" for ours, theirs in per_layer.items()})
     return names
 
 
 def _heads_of(name: str, args: ModelArgs) -> int | None:
-    """How many heads a projection's rows hold, for the two that RoPE rotates (wq, wk); None otherwise."""
-    if name.endswith("attention.wq.weight"):
+    """How many heads the rows (or entries) of a tensor hold, for those indexed by the dimensions RoPE rotates:
+    wq and wk with their biases, and the q/k norm weights (one head's worth); None for every other tensor."""
+    if name.endswith(("attention.wq.weight", "attention.wq.bias")):
         return args.n_heads
-    if name.endswith("attention.wk.weight"):
+    if name.endswith(("attention.wk.weight", "attention.wk.bias")):
         return args.n_kv_heads
+    if name.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+        return 1
     return None
 
 
 def _hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of each head from HF's half-split order (j, j + d/2) to Meta's interleaved pairs (2j, 2j+1)."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    """Rows of each head from HF's half-split order (j, j + d/2) to Meta's interleaved pairs (2j, 2j+1).
+    A 1-d tensor (bias, norm weight) is reordered as a matrix of one column."""
+    rows = w.shape[0]
+    m = w.reshape(rows, -1)
+    return m.view(n_heads, 2, rows // n_heads // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def _meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The inverse of :func:`_hf_to_meta`."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    rows = w.shape[0]
+    m = w.reshape(rows, -1)
+    return m.view(n_heads, rows // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 # ---- config.json ------------------------------------------------------------------------------------
@@ -88,7 +114,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"model.hf_checkpoint={str(path)!r} is not a folder. It must be a local Hugging Face "
-                              f"Llama folder with config.json and *.safetensors (what save_pretrained writes).")
+                              f"model folder ({', '.join(FAMILIES)}) with config.json and *.safetensors (what "
+                              f"save_pretrained writes).")
     config_file = folder / "config.json"
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -102,40 +129,109 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def _refuse_model_type(model_type: Any, where: str) -> None:
+    """Stop at a model_type outside FAMILIES, saying what differs where it is a known relative."""
+    name = str(model_type).lower()
+    if "moe" in name or name in ("mixtral", "dbrx", "deepseek_v2", "deepseek_v3", "jamba", "llama4", "olmoe"):
+        why = "a mixture-of-experts model; leantrain's blocks have one dense SwiGLU feed-forward"
+    elif name.startswith("gemma"):
+        why = ("Gemma's norms (RMSNorm scaled by 1 + weight, and Gemma 2/3's extra norms around each block), "
+               "its scaled embeddings and GELU feed-forward differ from the Llama's")
+    else:
+        why = "not one of the Llama-shaped families leantrain has"
+    raise CheckpointError(f"{where} has model_type={model_type!r}: {why}. leantrain loads model_type "
+                          f"{', '.join(map(repr, FAMILIES))} only.")
+
+
+def _rope(config: dict[str, Any], unsupported: list[str]) -> tuple[float, dict[str, Any] | None]:
+    """RoPE's theta and Llama 3.1 scaling (transformers 4.x rope_theta/rope_scaling or 5.x rope_parameters)."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        unsupported.append(f"partial_rotary_factor={partial!r} (leantrain rotates the whole head)")
+    if rope_type == "llama3":
+        scaling = {k: float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor")}
+        scaling["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+        return theta, scaling
+    if rope_type != "default":
+        unsupported.append(f"RoPE type {rope_type!r} (leantrain has 'default' and Llama 3.1's 'llama3')")
+    return theta, None
+
+
+def _sliding_window(config: dict[str, Any], family: str, n_layers: int, max_seq_len: int,
+                    unsupported: list[str]) -> int:
+    """The attention window of every layer (0: none). Mistral's ``sliding_window`` applies to all layers; Qwen's
+    only with ``use_sliding_window``, and then to the layers ``layer_types`` (or ``max_window_layers``) names.
+    leantrain has one window for all layers: a window on some layers only is refused where it would matter
+    (shorter than max_seq_len, the trained seq_len) and dropped where it changes nothing."""
+    window = int(config.get("sliding_window") or 0)
+    if family == "mistral" or not window:
+        return window
+    if family not in ("qwen2", "qwen3") or not config.get("use_sliding_window"):
+        return 0
+    types = config.get("layer_types") or ["sliding_attention" if i >= int(config.get("max_window_layers", 0))
+                                          else "full_attention" for i in range(n_layers)]
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if len(sliding) == n_layers:
+        return window
+    if sliding and window < max_seq_len:
+        unsupported.append(f"a sliding window of {window} tokens on {len(sliding)} of the {n_layers} layers only "
+                           f"(leantrain has one window for every layer; with seq_len <= {window} it changes nothing)")
+    return 0
+
+
 def model_args_from_hf(config: dict[str, Any], max_seq_len: int | None = None, where: str = "config.json") -> ModelArgs:
-    """ModelArgs from a Llama config.json (transformers 4.x rope_theta/rope_scaling or 5.x rope_parameters)."""
-    model_type = config.get("model_type")
-    if model_type != "llama":
-        raise CheckpointError(f"{where} has model_type={model_type!r}; leantrain loads Llama models "
-                              f"(model_type 'llama', LlamaForCausalLM) only.")
-    unsupported = [f"{k}={config[k]!r}" for k, ok in (("hidden_act", "silu"), ("attention_bias", False),
-                                                       ("mlp_bias", False)) if k in config and config[k] != ok]
+    """ModelArgs from the config.json of a model_type in FAMILIES; anything else it cannot represent is refused."""
+    family = config.get("model_type")
+    if family not in FAMILIES:
+        _refuse_model_type(family, where)
+    # What the family's config.json may say that leantrain's model cannot represent, named.
+    unsupported = [f"{k}={config[k]!r}" for k, ok in (("hidden_act", "silu"), ("mlp_bias", False))
+                   if k in config and config[k] != ok]
+    if family in ("llama", "qwen3") and config.get("attention_bias"):
+        unsupported.append("attention_bias=true (a bias on o_proj too; leantrain has Qwen2's q/k/v bias only)")
+    unsupported += [f"{k}={config[k]!r} (mixture-of-experts)" for k in _MOE_KEYS if config.get(k)]
+    if config.get("quantization_config"):
+        unsupported.append("quantization_config (quantized weights; load the full-precision model instead)")
     try:
         dim, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        head_dim = config.get("head_dim") or dim // n_heads
-        if head_dim * n_heads != dim:
-            unsupported.append(f"head_dim={head_dim} (leantrain needs hidden_size / num_attention_heads = "
-                               f"{dim // n_heads})")
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-        theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None
-        if rope_type == "llama3":
-            scaling = {k: float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor")}
-            scaling["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
-        elif rope_type != "default":
-            unsupported.append(f"RoPE type {rope_type!r} (leantrain has 'default' and Llama 3.1's 'llama3')")
+        n_kv_heads, n_layers = int(config.get("num_key_value_heads") or n_heads), int(config["num_hidden_layers"])
+        head_dim = int(config.get("head_dim") or _DEFAULT_HEAD_DIM.get(family) or dim // n_heads)
+        if head_dim % 2 or n_heads % n_kv_heads:
+            unsupported.append(f"head_dim={head_dim}, num_attention_heads={n_heads}, num_key_value_heads="
+                               f"{n_kv_heads} (RoPE needs an even head_dim; the key/value heads must divide the heads)")
+        theta, scaling = _rope(config, unsupported)
+        seq = int(max_seq_len or config.get("max_position_embeddings", 2048))
+        window = _sliding_window(config, family, n_layers, seq, unsupported)
         if unsupported:
-            raise CheckpointError(f"{where} describes a model leantrain's Llama cannot represent: "
+            raise CheckpointError(f"{where} (model_type {family!r}) describes a model leantrain cannot represent: "
                                   f"{'; '.join(unsupported)}.")
-        return ModelArgs(dim=dim, n_layers=int(config["num_hidden_layers"]), n_heads=n_heads,
-                         n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
+        return ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                          ffn_dim=int(config["intermediate_size"]), vocab_size=int(config["vocab_size"]),
                          rope_theta=theta, rope_scaling=scaling, norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                         max_seq_len=int(max_seq_len or config.get("max_position_embeddings", 2048)),
-                         tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+                         max_seq_len=seq, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                         head_dim=head_dim, qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+                         sliding_window=window, family=family)
     except KeyError as e:
-        raise CheckpointError(f"{where} lacks {e.args[0]!r}, which a Llama config.json has.") from None
+        raise CheckpointError(f"{where} lacks {e.args[0]!r}, which a {family} config.json has.") from None
+
+
+def _check_family(args: ModelArgs) -> None:
+    """save_hf writes args.family: refuse a model that this model_type would not rebuild as it is."""
+    wrong = []
+    if args.family not in FAMILIES:
+        wrong.append(f"family={args.family!r} is not a model_type leantrain writes ({', '.join(FAMILIES)})")
+    if args.qkv_bias != (args.family == "qwen2"):
+        wrong.append(f"qkv_bias={args.qkv_bias} (qwen2, and only qwen2, has a q/k/v bias)")
+    if args.qk_norm != (args.family == "qwen3"):
+        wrong.append(f"qk_norm={args.qk_norm} (qwen3, and only qwen3, has q/k norms)")
+    if args.sliding_window and args.family == "llama":
+        wrong.append(f"sliding_window={args.sliding_window} (a llama has no window; use family='mistral')")
+    if wrong:
+        raise CheckpointError(f"This model cannot be written as a Hugging Face {args.family!r}: {'; '.join(wrong)}. "
+                              f"Set ModelArgs.family to the model_type that matches it.")
 
 
 def _config_from_args(args: ModelArgs, dtype: torch.dtype, tokenizer: Any = None) -> dict[str, Any]:
@@ -145,14 +241,23 @@ def _config_from_args(args: ModelArgs, dtype: torch.dtype, tokenizer: Any = None
         scaling = {"rope_type": "llama3", **args.rope_scaling}
         max_positions = max(max_positions, int(args.rope_scaling["original_max_position_embeddings"]))
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [FAMILIES[args.family]], "model_type": args.family,
         "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "max_position_embeddings": max_positions, "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta, "rope_scaling": scaling, "tie_word_embeddings": args.tie_embeddings,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "hidden_act": "silu", "attention_dropout": 0.0,
         "initializer_range": 0.02, "use_cache": True, "torch_dtype": str(dtype).replace("torch.", ""),
     }
+    if args.family in ("llama", "qwen3"):
+        config.update(attention_bias=False)
+    if args.family == "llama":
+        config.update(mlp_bias=False)
+    if args.family == "mistral":
+        config.update(sliding_window=args.sliding_window or None)
+    if args.family in ("qwen2", "qwen3"):  # the window on every layer (max_window_layers=0), or on none
+        config.update(use_sliding_window=bool(args.sliding_window), sliding_window=args.sliding_window or None,
+                      max_window_layers=0 if args.sliding_window else args.n_layers)
     if tokenizer is not None:
         config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     return config
@@ -191,7 +296,7 @@ def _weight_map(folder: Path) -> dict[str, Path]:
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
             max_seq_len: int | None = None, weights: bool = True) -> Transformer:
-    """A local HF Llama folder -> leantrain model in ``dtype`` (each tensor cast on its own).
+    """A local HF folder (a model_type of FAMILIES) -> leantrain model in ``dtype`` (each tensor cast on its own).
 
     ``max_seq_len`` sizes the RoPE tables (default: config.json's max_position_embeddings).
     ``weights=False`` builds the model from config.json only, leaving the weights uninitialised.
@@ -215,7 +320,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str |
             parts.append(f"missing {', '.join(missing[:4])}" + (f" and {len(missing) - 4} more" if len(missing) > 4
                                                                  else ""))
         if unexpected:
-            parts.append(f"tensors a Llama of this config does not have: {', '.join(unexpected[:4])}"
+            parts.append(f"tensors a {args.family} of this config does not have: {', '.join(unexpected[:4])}"
                          + (f" and {len(unexpected) - 4} more" if len(unexpected) > 4 else ""))
         raise CheckpointError(f"The weights in {folder} do not match its config.json ({args.n_layers} layers, "
                               f"tie_word_embeddings={args.tie_embeddings}): {'; '.join(parts)}.")
@@ -252,14 +357,16 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str |
 
 def save_hf(model: Transformer, out_dir: str | Path, tokenizer: Any = None,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write ``model`` as an HF Llama folder (config.json + safetensors, sharded with an index above
-    ``max_shard_bytes``) that ``transformers.LlamaForCausalLM.from_pretrained`` loads, in the model's dtype.
+    """Write ``model`` as an HF folder of its ``args.family`` (config.json + safetensors, sharded with an index
+    above ``max_shard_bytes``) that transformers' ``AutoModelForCausalLM.from_pretrained`` (e.g.
+    ``LlamaForCausalLM``, ``Qwen3ForCausalLM``) loads, in the model's dtype.
 
     With a ``tokenizer`` (leantrain.data), its BOS/EOS/PAD ids go into config.json, and a Hugging Face
     tokenizer's tokenizer.json (and tokenizer_config.json beside it) is copied.
     """
     from safetensors.torch import save_file
 
+    _check_family(model.args)
     out = Path(out_dir).expanduser()
     if (out / "config.json").exists() or any(out.glob("*.safetensors")):
         raise CheckpointError(f"{out} already holds a model (config.json or *.safetensors); choose another --out "

@@ -1,5 +1,9 @@
 """The Llama 3 model: RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
+Also the few things by which the Llama-shaped families of Hugging Face differ from it, each off for a Llama:
+a head size independent of dim / n_heads (Mistral-Nemo, Qwen3), a bias on the q/k/v projections (Qwen2),
+an RMSNorm of each query and key head before RoPE (Qwen3), and a sliding attention window (Mistral 7B v0.1).
+
 Model code only: precision and parallelism are applied to it by other modules. The fp32 islands it
 touches (RoPE, RMSNorm statistics) are functions of leantrain.precision, called here.
 """
@@ -34,10 +38,22 @@ class ModelArgs:
     norm_eps: float = 1e-5
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    # The Llama-shaped families (off, or derived, for a Llama: an older checkpoint, which lacks these
+    # fields, still describes the same model).
+    head_dim: int = 0
+    """Size of one attention head. 0: dim // n_heads (Llama), filled in when the ModelArgs is made."""
+    qkv_bias: bool = False
+    """A bias on the q, k and v projections (Qwen2, Qwen2.5)."""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head, before RoPE (Qwen3)."""
+    sliding_window: int = 0
+    """Each token attends to itself and the sliding_window - 1 tokens before it (Mistral 7B v0.1). 0: all."""
+    family: str = "llama"
+    """The Hugging Face model_type these weights came from and export writes: llama, mistral, qwen2, qwen3."""
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.dim // self.n_heads
 
 
 # 1B / 8B / 70B are the published Llama 3.2-1B, 3.1-8B and 3.1-70B (their config.json).
@@ -64,27 +80,46 @@ class RMSNorm(nn.Module):
         return precision.rms_norm(x, self.weight, self.eps)
 
 
+def sliding_window_mask(seq: int, window: int, device: torch.device) -> torch.Tensor | None:
+    """The attention mask [seq, seq] (True: attend) of a causal sliding window, or None where plain causal
+    attention is the same thing (no window, or one at least as long as the sequence), so that SDPA keeps its
+    ``is_causal`` fast path: a mask costs seq x seq memory and rules out the flash kernels."""
+    if not window or seq <= window:
+        return None
+    pos = torch.arange(seq, device=device)
+    behind = pos[:, None] - pos[None, :]  # query position minus key position
+    return (behind >= 0) & (behind < window)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        # Qwen3 normalizes each head of q and k (one weight per head_dim, shared by the heads) in place of
+        # Qwen2's q/k/v bias: q . k can then not grow with the weights, which steadies training.
+        self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         q = self.wq(x).view(bsz, seq, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = precision.apply_rotary(q, cos, sin), precision.apply_rotary(k, cos, sin)
         # Grouped-query attention: each key/value head serves n_heads // n_kv_heads query heads.
         repeat = self.n_heads // self.n_kv_heads
         k, v = (t.repeat_interleave(repeat, dim=2) if repeat > 1 else t for t in (k, v))
-        # SDPA's kernels accumulate the softmax in fp32 for bf16 inputs (fp32 island 3).
+        # SDPA's kernels accumulate the softmax in fp32 for bf16 inputs (fp32 island 3). ``mask``: a sliding
+        # window (sliding_window_mask), which already holds the causal part.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True)
+                                             attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
@@ -107,8 +142,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -136,8 +172,9 @@ class Transformer(nn.Module):
         if tokens.shape[1] > self.args.max_seq_len:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than max_seq_len={self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)
+        mask = sliding_window_mask(tokens.shape[1], self.args.sliding_window, tokens.device)  # one for all layers
         for layer in self.layers:
-            h = layer(h, self.rope_cos, self.rope_sin)
+            h = layer(h, self.rope_cos, self.rope_sin, mask)
         return self.output(self.norm(h))
 
     @torch.no_grad()
@@ -145,7 +182,7 @@ class Transformer(nn.Module):
         """Initialise every parameter (in its own dtype, via fp32 draws) and recompute the RoPE tables.
 
         nanoGPT's scheme: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers) so
-        the residual stream's variance does not grow with depth; norms start at 1.
+        the residual stream's variance does not grow with depth; norms start at 1, biases (Qwen2's q/k/v) at 0.
         """
         device = self.tok_embeddings.weight.device
         generator = torch.Generator(device).manual_seed(seed)
@@ -153,6 +190,8 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
             else:
                 std = residual_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
                 precision.init_normal_(param, std, generator)
@@ -172,7 +211,8 @@ def model_args(flavor: str, **overrides) -> ModelArgs:
     if flavor not in FLAVORS:
         raise ValueError(f"unknown flavor {flavor!r}; known: {', '.join(FLAVORS)}")
     given = {k: v for k, v in overrides.items() if v}
-    args = dataclasses.replace(FLAVORS[flavor], **given)
+    # The flavors are Llamas, whose head size follows dim / n_heads: derived again after the overrides.
+    args = dataclasses.replace(FLAVORS[flavor], **{"head_dim": 0, **given})
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads or args.head_dim % 2:
         raise ValueError(f"dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}: dim must be a "
                          "multiple of n_heads with an even head size, and n_kv_heads must divide n_heads")

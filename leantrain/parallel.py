@@ -148,6 +148,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
 # and recomputes the rest (norms, RoPE, SwiGLU's activation and product, casts, residual adds).
 _SAVE_OPS = {
     torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,  # a projection with a bias (Qwen2's q/k/v)
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,

@@ -6,11 +6,14 @@ bytes a real run allocates (tested against measured runs). FSDP (dp_shard = N) d
 gradients and optimizer state by N.
 
 Activation estimate, per transformer block and token, for compute dtype width c bytes (2 for bf16),
-hidden size h, key/value width h_kv = n_kv_heads * head_dim and feed-forward width f: the tensors
-autograd saves in leantrain's block are
+hidden size h, query width h_q = n_heads * head_dim (h for a Llama; not for Qwen3 or Mistral-Nemo, whose
+head_dim is set apart from h), key/value width h_kv = n_kv_heads * head_dim and feed-forward width f: the
+tensors autograd saves in leantrain's block are
 
-    c * (9h + 4f)          linear inputs, q/k/v and attention output, SwiGLU's three products
-    4 * (2h + h + h_kv)    the fp32 islands: both RMSNorms' fp32 inputs, RoPE's fp32 q and k
+    c * (4h + 5h_q + 4f)   both RMSNorms' outputs before and after the weight; SDPA's q, k and v (k, v
+                           repeated to n_heads) and output; wo's input; SwiGLU's three products and w2's input
+    4 * (2h + h_q + h_kv)  the fp32 islands: both RMSNorms' fp32 inputs, RoPE's fp32 q and k
+    (c + 4) * (h_q + h_kv) with Qwen3's q/k norms: their fp32 inputs and outputs
 
 plus, once, the logits (c + 8 bytes per vocab entry per token: the compute-dtype logits, their fp32
 copy in the loss and its gradient). With activation checkpointing (`full`) only each block's input
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 
 from .config import Config, with_recipe
-from .model import Transformer, build_model, build_model_from_args, num_params
+from .model import Transformer, build_model, num_params
 from .optim import AdamW
 from .precision import Precision
 from .runplan import OptimizerSpec, optimizer_spec, precision_of
@@ -59,8 +62,10 @@ def activation_bytes(compute_dtype: torch.dtype, tokens: int, model: torch.nn.Mo
     """Activation bytes of ``tokens`` tokens per micro-batch (formula in the module docstring)."""
     a = model.args
     c = torch.finfo(compute_dtype).bits // 8
-    h_kv = a.n_kv_heads * a.head_dim
-    block = c * (9 * a.dim + 4 * a.ffn_dim) + 4 * (3 * a.dim + h_kv)
+    h_q, h_kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    block = c * (4 * a.dim + 5 * h_q + 4 * a.ffn_dim) + 4 * (2 * a.dim + h_q + h_kv)
+    if a.qk_norm:
+        block += (c + 4) * (h_q + h_kv)
     logits = (c + 8) * a.vocab_size
     if checkpointing:
         layers = a.n_layers * c * a.dim + block
@@ -82,22 +87,30 @@ def parse_bytes(text: str) -> int:
         raise ConfigError(f"--gpu-memory={text!r} is not a size; write e.g. 80GiB, 80GB or 85899345920.") from None
 
 
-def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dict[str, Any]:
+def _meta_model(cfg: Config, storage: torch.dtype) -> Transformer:
+    """The run's model on the meta device: the flavor with its overrides, or a Hugging Face folder's config.json."""
+    if cfg.model.hf_checkpoint:
+        from .hf import load_hf
+
+        return load_hf(cfg.model.hf_checkpoint, storage, "meta", max_seq_len=cfg.data.seq_len, weights=False)
     vocab = 259 if cfg.model.flavor in ("debug", "small") and not cfg.model.vocab_size else cfg.model.vocab_size
     dims = {k: getattr(cfg.model, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
                                                "rope_theta", "norm_eps")}
-    hf = cfg.model.hf_checkpoint
-    out: dict[str, Any] = {"model": f"Hugging Face model {hf}" if hf else f"llama3 {cfg.model.flavor}",
-                           "flavor": None if hf else cfg.model.flavor, "hf_checkpoint": hf or None, "dp_shard": dp_shard, "gpu_memory_bytes": gpu_memory,
+    return build_model(cfg.model.flavor, storage, "meta", vocab_size=vocab, max_seq_len=cfg.data.seq_len, **dims)
+
+
+def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"flavor": cfg.model.flavor, "dp_shard": dp_shard, "gpu_memory_bytes": gpu_memory,
                            "seq_len": cfg.data.seq_len, "local_batch_size": cfg.data.local_batch_size,
                            "recipes": {}}
     tokens = cfg.data.seq_len * cfg.data.local_batch_size
     for name in recipes:
         rcfg = with_recipe(cfg, name)
         precision = precision_of(rcfg)
-        model = (_hf_model_shape(cfg.model.hf_checkpoint, precision.storage) if cfg.model.hf_checkpoint else
-                 build_model(cfg.model.flavor, precision.storage, "meta", vocab_size=vocab,
-                             max_seq_len=cfg.data.seq_len, **dims))
+        model = _meta_model(cfg, precision.storage)
+        # What is planned: 'llama3 8B', or a Hugging Face folder's model_type and path.
+        out["model"] = (f"{model.args.family} {cfg.model.hf_checkpoint}" if cfg.model.hf_checkpoint
+                        else f"llama3 {cfg.model.flavor}")
         out["num_params"] = num_params(model)
         state = {k: -(-v // dp_shard) for k, v in state_bytes(model, optimizer_spec(rcfg)).items()}
         act = activation_bytes(precision.compute, tokens, model, checkpointing=False)
@@ -110,13 +123,6 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
             "state_fits": sum(state.values()) <= gpu_memory, "fits": total <= gpu_memory, "fits_checkpointed": sum(state.values()) + act_ckpt <= gpu_memory,
         }
     return out
-
-
-def _hf_model_shape(folder: str, dtype: torch.dtype) -> Transformer:
-    """The model of a Hugging Face folder (its config.json), on the meta device: shapes only, no weights read."""
-    from .hf import model_args_from_hf, read_config
-
-    return build_model_from_args(model_args_from_hf(read_config(folder), where=f"{folder}/config.json"), dtype, "meta")
 
 
 def format_plan(p: dict[str, Any]) -> str:

@@ -11,7 +11,9 @@ the loss and the trainer call (and nowhere else casts):
 1. RoPE: frequencies computed and stored in fp32 (:func:`rope_cos_sin`), the rotation applied in
    fp32 and cast back (:func:`apply_rotary`). In bf16, angles of positions in the thousands lose
    all their fractional part.
-2. RMSNorm statistics: mean of squares and rsqrt in fp32 (:func:`rms_norm`).
+2. RMSNorm statistics: mean of squares and rsqrt in fp32 (:func:`rms_norm`), for every RMSNorm: the two
+   of each block, the final one, and Qwen3's per-head q and k norms (before RoPE), whose bf16 statistic
+   would otherwise set the scale of every attention logit.
 3. Attention softmax accumulation: done in fp32 by ``scaled_dot_product_attention``'s kernels for
    bf16 inputs (their accumulate type is fp32); tested in tests/test_precision.py.
 4. The logits fed to the loss and the loss itself: cast in the loss (:func:`cross_entropy`), not in

@@ -122,6 +122,15 @@ def parallel_plan(cfg: Config, env: Mapping[str, str] = os.environ) -> ParallelP
                         device=distributed.default_device(local_rank), dp_replicate=replicate, dp_shard=shard)
 
 
+def check_hf_model(cfg: Config) -> None:
+    """A Hugging Face folder's config.json describes a model leantrain can represent (CheckpointError, exit 2,
+    naming what is not supported); checked before anything else reads the folder."""
+    if cfg.model.hf_checkpoint:
+        from .hf import model_args_from_hf, read_config
+
+        model_args_from_hf(read_config(cfg.model.hf_checkpoint), where=f"{cfg.model.hf_checkpoint}/config.json")
+
+
 def tokenizer_path(cfg: Config) -> str:
     """tokenizer.path with 'auto' decided: the HF folder's own tokenizer.json for an HF model (training its
     weights on byte ids would ruin them without a word), the byte tokenizer otherwise."""
@@ -140,6 +149,7 @@ def tokenizer_path(cfg: Config) -> str:
 def resolve(cfg: Config, env: Mapping[str, str] = os.environ) -> RunPlan:
     """The run plan of a validated config; warns about precision settings that only the world size reveals.
     The plan's config has tokenizer.path decided (what config.toml and a checkpoint record)."""
+    check_hf_model(cfg)
     cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, path=tokenizer_path(cfg)))
     parallel = parallel_plan(cfg, env)
     for message in suspicious_precision_settings(cfg, dp_shard=parallel.dp_shard):  # validate() did not know it

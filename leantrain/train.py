@@ -68,6 +68,13 @@ def _hf_model(spec: Model, dims: dict[str, Any], precision: Precision, seq_len: 
     return model
 
 
+def _model_name(spec: Model, model: Transformer) -> str:
+    """'llama3 small', or for a Hugging Face folder its model_type and path ('qwen2 path/to/Qwen2.5-0.5B')."""
+    if spec.hf_checkpoint:
+        return f"{model.args.family} {spec.hf_checkpoint}"
+    return f"llama3 {spec.flavor}"
+
+
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: LRScheduler,
                        steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to the peak, then cosine / linear decay to min_lr_factor * peak at the last step."""
@@ -191,7 +198,7 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
     model, checkpointer = state.model, build_checkpointer(plan, hooks)
     resumed_elapsed = checkpointer.load(state, resume_from) if resume_from else 0.0
     if dist.is_main:
-        print(f"leantrain: training {_model_name(cfg.model)} "
+        print(f"leantrain: training {_model_name(cfg.model, model)} "
               f"({num_params(model) / 1e6:.1f}M parameters), recipe {plan.recipe or 'custom'}, on "
               f"{dist.world_size} x {device.type}, {train_data.num_tokens:,} training tokens; writing "
               f"{plan.paths.folder}", flush=True)
@@ -244,11 +251,6 @@ def train(plan: RunPlan, hooks: Hooks = Hooks()) -> tuple[dict[str, Any] | None,
     return summary, state.model
 
 
-def _model_name(spec: Model) -> str:
-    """'llama3 small', or the Hugging Face folder's name."""
-    return f"{Path(spec.hf_checkpoint).name} (Hugging Face)" if spec.hf_checkpoint else f"llama3 {spec.flavor}"
-
-
 def _log_due(step: int, cfg: Any) -> bool:
     return step == 1 or step % cfg.metrics.log_freq == 0 or step == cfg.training.steps
 
@@ -292,7 +294,7 @@ def _summary(run: Run, measured_state: dict[str, int], weights: Path) -> dict[st
         folder = plan.paths.folder
         write_json(os.path.join(folder, "summary.json"), summary)
         plot_losses({plan.recipe or "run": run.logger.records}, os.path.join(folder, "loss.png"),
-                    title=f"{_model_name(plan.config.model)}, recipe {plan.recipe or 'custom'}")
+                    title=f"{_model_name(plan.config.model, run.state.model)}, recipe {plan.recipe or 'custom'}")
         print(f"leantrain: done. final loss {summary['final_loss']:.4f}, eval loss "
               f"{summary['final_eval_loss']:.4f}, {summary['state_bytes_per_param']:.2f} bytes/param of training "
               f"state. Files in {folder}; the final weights in {weights} (`leantrain export|eval|generate "

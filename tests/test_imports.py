@@ -68,7 +68,8 @@ def test_every_module_is_in_a_layer_and_imports():
     unplaced = sorted({component(m) for m in GRAPH} - set(LAYER))
     assert not unplaced, f"place these modules in tests/test_imports.py's LAYERS: {unplaced}"
     for name in GRAPH:
-        importlib.import_module(name)
+        if name != "leantrain.__main__":  # importing it runs the command line
+            importlib.import_module(name)
 
 
 def test_no_import_cycle():

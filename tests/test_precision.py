@@ -123,3 +123,25 @@ def test_autocast_only_for_bf16_mixed():
     assert isinstance(precision_of(load_config(None, {"recipe": "bf16-mixed"})).autocast(dev), torch.autocast)
     for r in ("fp32", "bf16", "bf16-sr"):
         assert not isinstance(precision_of(load_config(None, {"recipe": r})).autocast(dev), torch.autocast)
+
+
+def test_qwen3_qk_norms_are_fp32_islands_in_a_bf16_model():
+    """Qwen3's per-head q/k RMSNorms are the same island as the block norms: statistics in fp32, one rounding."""
+    from leantrain.model import ModelArgs, build_model_from_args
+
+    args = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=256, vocab_size=50, head_dim=128,
+                     qk_norm=True)
+    model = build_model_from_args(args, torch.bfloat16, seed=0)
+    attn = model.layers[0].attention
+    with torch.no_grad():
+        attn.q_norm.weight.copy_(torch.ones(128))
+    seen = {}
+    attn.q_norm.register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0], out=out))
+    model(torch.randint(0, 50, (2, 64)))
+    x, out = seen["x"], seen["out"]
+    assert x.dtype == out.dtype == torch.bfloat16 and x.shape[-1] == 128  # per head
+    xd = x.double()
+    ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + args.norm_eps)
+    assert ((out.double() - ref).abs() <= _ulp_bf16(ref) + 1e-30).all()
+    naive = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + args.norm_eps)  # the island removed
+    assert ((naive.double() - ref).abs() > _ulp_bf16(ref)).any()
