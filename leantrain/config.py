@@ -173,6 +173,9 @@ class Metrics:
     """Log a line to metrics.jsonl every this many steps (and at the first and last step)."""
     progress: bool = True
     """Show a progress bar with loss, tokens/s and memory."""
+    tensorboard: bool = False
+    """Also write each logged line as TensorBoard scalars (event files beside metrics.jsonl; `tensorboard --logdir
+    runs`). Needs the tensorboard package: pip install 'leantrain[tensorboard]'."""
 
 
 @dataclass(frozen=True)

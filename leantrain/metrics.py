@@ -48,12 +48,14 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
 class MetricsLogger:
     """Appends one JSON object per logged step to metrics.jsonl (flushed, so a crash loses at most a line)."""
 
-    def __init__(self, folder: str, enabled: bool = True, resume_step: int | None = None):
+    def __init__(self, folder: str, enabled: bool = True, resume_step: int | None = None, tensorboard: bool = False):
         """``resume_step``: the run continues from its checkpoint of that step (0: from scratch, no checkpoint
         yet). The records up to that step are kept (and count in summary.json); those after it, logged by an
         interrupted attempt after its last checkpoint, are removed from the file, because this run logs those
-        steps again. ``None`` (checkpointing off): the file is appended to as it is."""
+        steps again. ``None`` (checkpointing off): the file is appended to as it is. ``tensorboard``: every
+        record's numbers also go to TensorBoard event files in ``folder`` (those after resume_step purged)."""
         self.enabled = enabled
+        self._tensorboard = _summary_writer(folder, resume_step) if enabled and tensorboard else None
         self.records: list[dict[str, Any]] = []
         self.path = os.path.join(folder, "metrics.jsonl")
         if enabled and resume_step is not None and os.path.exists(self.path):
@@ -71,11 +73,33 @@ class MetricsLogger:
         if self._file:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self._tensorboard:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(key, value, record["step"])
+            self._tensorboard.flush()
 
     def close(self) -> None:
         if self._file:
             self._file.close()
             self._file = None
+        if self._tensorboard:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _summary_writer(folder: str, resume_step: int | None) -> Any:
+    """torch's TensorBoard SummaryWriter on the run folder; a resumed run purges the events an interrupted attempt
+    logged after its checkpoint, as metrics.jsonl drops those lines."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=folder, purge_step=None if resume_step is None else resume_step + 1)
 
 
 def _drop_torn_last_line(path: str) -> None:

@@ -20,7 +20,8 @@ from .data.tokenizer import check_vocab
 from .errors import ConfigError
 from .evaluation import evaluate
 from .hooks import Hooks
-from .metrics import MetricsLogger, Progress, peak_memory_bytes, plot_losses, state_bytes, summarize, write_json
+from .metrics import (MetricsLogger, Progress, peak_memory_bytes, plot_losses, state_bytes, summarize,
+                      tensorboard_available, write_json)
 from .model import Transformer, build_model, num_params
 from .optim import build_optimizer
 from .plan import planned_state_bytes
@@ -189,6 +190,9 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
     torch.manual_seed(cfg.job.seed)
     resume_from = checkpoint.find_resume(plan)  # checked against this run before any file is written
     check_run_folder(plan, resume_from)
+    if cfg.metrics.tensorboard and not tensorboard_available():
+        raise ConfigError("metrics.tensorboard=true needs the tensorboard package, which is not installed: pip "
+                          "install 'leantrain[tensorboard]' (or tensorboard), or leave metrics.tensorboard false.")
     if dist.is_main:
         prepare_run_folder(plan.paths.folder)
     tokenizer = build_tokenizer(cfg.tokenizer.path)
@@ -204,7 +208,8 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
               f"{plan.paths.folder}", flush=True)
         (plan.paths.folder / "config.toml").write_text(to_toml(cfg), encoding="utf-8")  # once inputs loaded
     logger = MetricsLogger(str(plan.paths.folder), enabled=dist.is_main,
-                           resume_step=state.step if cfg.checkpoint.enable else None)
+                           resume_step=state.step if cfg.checkpoint.enable else None,
+                           tensorboard=cfg.metrics.tensorboard)
     nonfinite = guard.NonFiniteGuard(cfg.training.max_nonfinite_steps, dist.world_size, logger.records)
     ctx = StepContext(plan.precision, dist, cfg.training.max_norm, weigh_tokens=cfg.data.format == "sft",
                       nonfinite=nonfinite, hooks=hooks)

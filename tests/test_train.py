@@ -191,3 +191,18 @@ def test_a_run_without_checkpoints_keeps_its_final_weights_and_is_never_mixed_wi
     assert (tmp_path / "hf" / "config.json").exists()
     assert main(["eval", "--checkpoint", str(run), "--eval.steps=1"]) == 0
     assert json.loads((run / "eval-step-3.json").read_text())["step"] == 3
+
+
+def test_tensorboard_events_hold_the_logged_numbers(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from leantrain.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--training.steps=3", "--metrics.log_freq=1", "--eval.interval=3",
+                 "--metrics.tensorboard=true", f"--job.dump_folder={run}"]) == 0
+    events = EventAccumulator(str(run))
+    events.Reload()
+    records = read_metrics(run / "metrics.jsonl")
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == [(r["step"], r["loss"]) for r in records]
+    assert [e.step for e in events.Scalars("eval_loss")] == [3]
