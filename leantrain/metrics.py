@@ -186,16 +186,24 @@ def plot_losses(curves: dict[str, list[dict[str, Any]]], path: str, title: str =
 
 
 class Progress:
-    """A one-line progress bar on stderr (tqdm), updated only on logging steps."""
+    """A one-line progress bar on stderr (tqdm) that moves every step and shows loss, tokens/s and memory from the
+    logged steps. While it is up, whatever the run prints (warnings, checkpoint messages) goes through tqdm,
+    above the bar, instead of breaking its line."""
 
-    def __init__(self, total: int, enabled: bool, desc: str = "train"):
+    def __init__(self, total: int, enabled: bool, desc: str = "train", initial: int = 0):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
-                        unit="step")
+        self.enabled = enabled
+        self._streams = sys.stdout, sys.stderr
+        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, file=sys.stderr,
+                        dynamic_ncols=True, unit="step")
+        if enabled:
+            sys.stdout, sys.stderr = (_AboveBar(stream, self.bar) for stream in self._streams)
 
-    def update(self, step: int, record: dict[str, Any]) -> None:
-        self.bar.n = step
+    def advance(self, step: int) -> None:
+        self.bar.update(step - self.bar.n)
+
+    def show(self, record: dict[str, Any]) -> None:
         loss = record["loss"]
         postfix = {"loss": "skipped" if loss is None else f"{loss:.3f}", "tok/s": f"{record['tokens_per_sec']:.0f}",
                    "mem": f"{record['peak_memory_bytes'] / 2**30:.2f}GiB"}
@@ -205,4 +213,38 @@ class Progress:
         self.bar.refresh()
 
     def close(self) -> None:
+        if self.enabled:
+            for stream in (sys.stdout, sys.stderr):
+                if isinstance(stream, _AboveBar):
+                    stream.flush_line()
+            sys.stdout, sys.stderr = self._streams
         self.bar.close()
+
+
+class _AboveBar:
+    """A stream whose whole lines are written above the progress bar (cleared, the line, the bar drawn again).
+
+    tqdm's own DummyTqdmFile clears only bars on the stream it writes to once sys.stdout and sys.stderr are
+    replaced, so a print to stdout under a bar on stderr would still break the bar's line."""
+
+    def __init__(self, stream: Any, bar: Any):
+        self._stream, self._bar, self._pending = stream, bar, ""
+
+    def write(self, text: str) -> int:
+        head, newline, self._pending = (self._pending + text).rpartition("\n")
+        if newline:
+            self._bar.clear()
+            self._stream.write(head + newline)
+            self._stream.flush()
+            self._bar.refresh()
+        return len(text)
+
+    def flush_line(self) -> None:
+        if self._pending:
+            self.write("\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding...: the real stream's
+        return getattr(self._stream, name)

@@ -222,25 +222,13 @@ def train(plan: RunPlan, hooks: Hooks = Hooks()) -> tuple[dict[str, Any] | None,
     leantrain.guard) and the trained model. Raises TrainingDiverged after too many NaN/Inf steps in a row."""
     run = build_run(plan, hooks)
     cfg, state, dist = run.plan.config, run.state, run.dist
-    steps, accum = cfg.training.steps, cfg.training.gradient_accumulation_steps
-    progress = Progress(steps, cfg.metrics.progress and dist.is_main)
-    measured_state, stopped_at, last_log = None, None, (state.step, time.perf_counter())
-    while state.step < steps and stopped_at is None and not run.ctx.nonfinite.diverged:
-        batches = [[t.to(dist.device, non_blocking=True) for t in state.data.next_batch()] for _ in range(accum)]
-        stats = train_step(state, batches, run.ctx, count_lost_updates=_log_due(state.step + 1, cfg))
-        if measured_state is None and stats.finite:  # after the first update every state buffer exists
-            measured_state = state_bytes(state.model, state.optimizer)
-        saved = run.checkpointer.save_if_due(state, run.elapsed, force=stats.stop)
-        if stats.stop:  # SIGTERM/SIGINT: this step is done and saved (checkpoint.enable); the loop ends after it
-            stopped_at = (state.step, saved)
-        eval_now = state.step == steps or (cfg.eval.interval and state.step % cfg.eval.interval == 0)
-        if eval_now or not stats.finite or _log_due(state.step, cfg):
-            record = _record(run, stats, last_log, eval_now)
-            run.logger.log(run.ctx.nonfinite.annotate(record))
-            progress.update(state.step, record)
-            last_log = (state.step, time.perf_counter())
-    progress.close()
-    run.logger.close()
+    progress = Progress(cfg.training.steps, cfg.metrics.progress and dist.is_main, initial=state.step)
+    try:
+        measured_state, stopped_at = _loop(run, progress)
+    finally:  # the bar gives the terminal back, metrics.jsonl is closed, whatever ended the loop
+        progress.close()
+        run.logger.close()
+    steps = cfg.training.steps
     if run.ctx.nonfinite.diverged:  # exit code 3
         run.ctx.nonfinite.raise_diverged(run.checkpointer.latest() if cfg.checkpoint.enable else None,
                                          cfg.checkpoint.enable)
@@ -254,6 +242,30 @@ def train(plan: RunPlan, hooks: Hooks = Hooks()) -> tuple[dict[str, Any] | None,
     summary = _summary(run, measured_state or state_bytes(state.model, state.optimizer), weights)
     parallel.shutdown(dist)
     return summary, state.model
+
+
+def _loop(run: Run, progress: Progress) -> tuple[dict[str, int] | None, tuple[int, Path | None] | None]:
+    """Step, guard, checkpoint, log and eval until training.steps, a stop signal or divergence. Returns the state
+    bytes measured after the first update and, if a stop signal ended it, (step, checkpoint saved or None)."""
+    cfg, state, dist = run.plan.config, run.state, run.dist
+    steps, accum = cfg.training.steps, cfg.training.gradient_accumulation_steps
+    measured_state, stopped_at, last_log = None, None, (state.step, time.perf_counter())
+    while state.step < steps and stopped_at is None and not run.ctx.nonfinite.diverged:
+        batches = [[t.to(dist.device, non_blocking=True) for t in state.data.next_batch()] for _ in range(accum)]
+        stats = train_step(state, batches, run.ctx, count_lost_updates=_log_due(state.step + 1, cfg))
+        progress.advance(state.step)
+        if measured_state is None and stats.finite:  # after the first update every state buffer exists
+            measured_state = state_bytes(state.model, state.optimizer)
+        saved = run.checkpointer.save_if_due(state, run.elapsed, force=stats.stop)
+        if stats.stop:  # SIGTERM/SIGINT: this step is done and saved (checkpoint.enable); the loop ends after it
+            stopped_at = (state.step, saved)
+        eval_now = state.step == steps or (cfg.eval.interval and state.step % cfg.eval.interval == 0)
+        if eval_now or not stats.finite or _log_due(state.step, cfg):
+            record = _record(run, stats, last_log, eval_now)
+            run.logger.log(run.ctx.nonfinite.annotate(record))
+            progress.show(record)
+            last_log = (state.step, time.perf_counter())
+    return measured_state, stopped_at
 
 
 def _log_due(step: int, cfg: Any) -> bool:

@@ -206,3 +206,27 @@ def test_tensorboard_events_hold_the_logged_numbers(tmp_path):
     records = read_metrics(run / "metrics.jsonl")
     assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == [(r["step"], r["loss"]) for r in records]
     assert [e.step for e in events.Scalars("eval_loss")] == [3]
+
+
+def test_the_progress_bar_moves_every_step_and_messages_print_above_it(monkeypatch):
+    import io
+    import sys
+
+    from leantrain.metrics import Progress
+
+    err, out = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(sys, "stdout", out)
+    progress = Progress(10, enabled=True)
+    progress.bar.mininterval = 0  # draw on every update, as a slow real step would
+    for step in (1, 2, 3):
+        progress.advance(step)
+    assert progress.bar.n == 3 and "3/10" in err.getvalue()
+    print("leantrain: saved checkpoint x")
+    print("leantrain: warning: y", file=sys.stderr)
+    progress.close()
+    assert sys.stdout is out and sys.stderr is err  # the streams are given back
+    assert "leantrain: saved checkpoint x\n" in out.getvalue()
+    # every message line starts at the left margin: the bar was cleared first (carriage return, no bar text)
+    line = err.getvalue().split("leantrain: warning: y")[0].rsplit("\r", 1)[-1]
+    assert line.strip() == ""
