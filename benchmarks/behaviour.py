@@ -24,6 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model.flavor=debug", "--data.seq_len=64", "--data.local_batch_size=4", "--eval.steps=2",
         "--metrics.progress=false", "--lr_scheduler.warmup_steps=2", "--metrics.log_freq=1", "--eval.interval=4"]
 KEYS = ("loss", "grad_norm", "lr", "eval_loss", "lost_update_fraction", "compensated_fraction")
+# The same count, named by what the recipe does with it (stochastic rounding and Kahan lose nothing): compared
+# as lost_update_fraction, so records from before the rename still match.
+RENAMED = {"unchanged_update_fraction": "lost_update_fraction"}
 
 
 def _sft_file(folder: str, n: int = 60) -> str:
@@ -45,6 +48,7 @@ def _run(args: list[str], folder: str, nproc: int = 1) -> list[dict]:
         sys.exit(f"run {args} failed:\n{proc.stderr[-3000:]}")
     with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
+    records = [{RENAMED.get(k, k): v for k, v in r.items()} for r in records]
     return [{k: r[k] for k in ("step", *KEYS) if k in r} for r in records]
 
 

@@ -96,7 +96,8 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
     from leantrain.metrics import read_metrics
 
     records = read_metrics(os.path.join(cfg.job.dump_folder, "metrics.jsonl"))
-    lost = [r["lost_update_fraction"] for r in records if "lost_update_fraction" in r]
+    lost = [r.get("lost_update_fraction", r.get("unchanged_update_fraction")) for r in records
+            if "lost_update_fraction" in r or "unchanged_update_fraction" in r]
     return {"name": name, "seed": seed, "regime": regime, "steps": steps, "eval_loss": summary["final_eval_loss"],
             "eval_loss_fp32_forward": fp32_eval, "final_loss": summary["final_loss"],
             "state_bytes_per_param": summary["state_bytes_per_param"],

@@ -280,7 +280,7 @@ def _record(run: Run, stats: StepStats, last_log: tuple[int, float], eval_now: b
               "tokens_per_sec": (stats.step - last_step) * stats.tokens / (now - last_time),
               "elapsed_s": now - run.started, "peak_memory_bytes": peak_memory_bytes(run.dist.device)}
     if stats.updates is not None and stats.updates.tracked_elements:  # bf16 weights only: fp32 ones lose nothing
-        record["lost_update_fraction"] = float(stats.updates.lost_update_fraction)
+        record[unchanged_update_key(run.plan.optimizer)] = float(stats.updates.lost_update_fraction)
         if stats.updates.compensated_fraction is not None:
             record["compensated_fraction"] = float(stats.updates.compensated_fraction)
     if eval_now:
@@ -305,6 +305,8 @@ def _summary(run: Run, measured_state: dict[str, int], weights: Path) -> dict[st
                                        "tokens_per_sec", "peak_memory_bytes", "state_bytes",
                                        "state_bytes_per_param", "planned_state_bytes")}
     summary["skipped_nonfinite_steps"] = run.ctx.nonfinite.total  # steps whose NaN/Inf loss or norm was skipped
+    summary["small_updates"] = (SMALL_UPDATES[plan.optimizer.compensation] if plan.precision.storage == torch.bfloat16
+                                else "applied: fp32 weights take every update")
     if run.dist.world_size > 1:  # state_bytes are then rank 0's own (its shards); bytes/param per local parameter
         summary["world_size"] = run.dist.world_size
     if run.dist.is_main:
@@ -334,6 +336,21 @@ def _say_stopped(step: int, weights: Path, run: Run) -> None:
                  f"--job.dump_folder={folder}.")
     print(f"leantrain: stopped by {signal_name} after step {step} of {run.plan.config.training.steps}; {where}",
           flush=True)
+
+
+def unchanged_update_key(spec: OptimizerSpec) -> str:
+    """What metrics.jsonl calls the share of bf16 weights whose nonzero update left them unchanged this step: lost
+    under nearest rounding; under stochastic rounding (and Kahan's buffer) such an update is not lost, it is
+    applied in expectation (or carried), so the name says only that the weight did not move."""
+    return "lost_update_fraction" if spec.compensation == "none" else "unchanged_update_fraction"
+
+
+SMALL_UPDATES = {  # summary.json's small_updates: what the recipe does with an update below half a bf16 ulp
+    "none": "lost: nearest rounding gives the weight back unchanged (lost_update_fraction counts them)",
+    "stochastic": "applied in expectation: stochastic rounding moves the weight one ulp with probability "
+                  "|update| / ulp (unchanged_update_fraction counts the steps it stayed)",
+    "kahan": "carried: the Kahan buffer accumulates it until the weight moves (compensated_fraction counts them)",
+}
 
 
 def _warn_if_updates_lost(spec: OptimizerSpec, record: dict[str, Any]) -> None:

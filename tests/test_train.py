@@ -20,7 +20,7 @@ SPEC_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s"
 # SPEC.md section 5, plus the planner's prediction and the count of skipped NaN/Inf steps
 SUMMARY_KEYS = {"recipe", "num_params", "steps", "final_loss", "final_eval_loss", "tokens_per_sec",
                 "peak_memory_bytes", "state_bytes", "state_bytes_per_param", "planned_state_bytes",
-                "skipped_nonfinite_steps"}
+                "skipped_nonfinite_steps", "small_updates"}
 
 
 def test_train_writes_the_run_files_and_learns(tmp_path):
@@ -139,6 +139,10 @@ def test_plain_bf16_at_low_lr_reports_and_warns_about_lost_updates(tmp_path):
     records = read_metrics(tmp_path / "kahan" / "metrics.jsonl")
     assert all("compensated_fraction" in rec for rec in records)
     assert records[-1]["compensated_fraction"] > 0.5  # most of what nearest rounding loses, Kahan carries
+    # Neither is called lost where nothing is lost, and summary.json says what each recipe does with them.
+    assert not any("lost_update_fraction" in rec for rec in records) and "unchanged_update_fraction" in records[0]
+    assert json.loads((tmp_path / "kahan" / "summary.json").read_text())["small_updates"].startswith("carried")
+    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["small_updates"].startswith("lost")
 
 
 def test_train_step_in_process_and_a_skipped_step_changes_only_the_step_and_the_schedule():
