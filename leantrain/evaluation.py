@@ -27,6 +27,7 @@ from .data import PackedDataset, SftDataset, build_datasets, build_tokenizer, lo
 from .data.tokenizer import check_vocab
 from .errors import ConfigError
 from .metrics import write_json
+from .model import check_seq_len
 from .precision import IGNORE_INDEX, Precision, cross_entropy
 from .runplan import resolve
 
@@ -111,9 +112,7 @@ def run_eval(checkpoint_path: str | None, overrides: dict[str, str], out: str | 
     device = plan.parallel.device
     model = model.to(device) if checkpoint_path else load_hf(hf_path, plan.precision.storage, device,
                                                               max_seq_len=cfg.data.seq_len)
-    if cfg.data.seq_len > model.args.max_seq_len:  # RoPE tables for longer sequences than trained on
-        model.args.max_seq_len = cfg.data.seq_len
-        model.init_rope()
+    check_seq_len(cfg.data.seq_len, model.args, source.get("checkpoint") or hf_path)
     tokenizer = build_tokenizer(cfg.tokenizer.path)
     check_vocab(tokenizer.vocab_size, cfg.tokenizer.path, model.args.vocab_size, hf_folder=hf_path or "")
     data, split = _dataset(cfg, tokenizer, whole_path="data.path" in overrides)

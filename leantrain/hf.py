@@ -203,15 +203,15 @@ def model_args_from_hf(config: dict[str, Any], max_seq_len: int | None = None, w
             unsupported.append(f"head_dim={head_dim}, num_attention_heads={n_heads}, num_key_value_heads="
                                f"{n_kv_heads} (RoPE needs an even head_dim; the key/value heads must divide the heads)")
         theta, scaling = _rope(config, unsupported)
-        seq = int(max_seq_len or config.get("max_position_embeddings", 2048))
-        window = _sliding_window(config, family, n_layers, seq, unsupported)
+        positions = int(config.get("max_position_embeddings", 2048))  # the model's own, whatever a run trains on
+        window = _sliding_window(config, family, n_layers, int(max_seq_len or positions), unsupported)
         if unsupported:
             raise CheckpointError(f"{where} (model_type {family!r}) describes a model leantrain cannot represent: "
                                   f"{'; '.join(unsupported)}.")
         return ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                          ffn_dim=int(config["intermediate_size"]), vocab_size=int(config["vocab_size"]),
                          rope_theta=theta, rope_scaling=scaling, norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                         max_seq_len=seq, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                         max_seq_len=positions, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
                          head_dim=head_dim, qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
                          sliding_window=window, family=family)
     except KeyError as e:
@@ -298,7 +298,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str |
             max_seq_len: int | None = None, weights: bool = True) -> Transformer:
     """A local HF folder (a model_type of FAMILIES) -> leantrain model in ``dtype`` (each tensor cast on its own).
 
-    ``max_seq_len`` sizes the RoPE tables (default: config.json's max_position_embeddings).
+    ``max_seq_len``: the longest sequence the caller will run (a window on some layers only is refused only where
+    it is shorter). The model keeps config.json's max_position_embeddings as its positions (and RoPE tables).
     ``weights=False`` builds the model from config.json only, leaving the weights uninitialised.
     """
     from safetensors import safe_open

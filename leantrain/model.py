@@ -80,6 +80,17 @@ class RMSNorm(nn.Module):
         return precision.rms_norm(x, self.weight, self.eps)
 
 
+def check_seq_len(seq_len: int, args: ModelArgs, model: str) -> None:
+    """data.seq_len fits the model's positions (max_seq_len: a flavor's, or an HF config's max_position_embeddings,
+    which includes its RoPE scaling); ConfigError naming both otherwise."""
+    from .errors import ConfigError
+
+    if seq_len > args.max_seq_len:
+        raise ConfigError(f"data.seq_len = {seq_len} is longer than the {args.max_seq_len} positions of {model} (its "
+                          f"max_position_embeddings, RoPE scaling included): positions past them were never trained "
+                          f"and would not be exported. Use data.seq_len <= {args.max_seq_len}.")
+
+
 def sliding_window_mask(seq: int, window: int, device: torch.device) -> torch.Tensor | None:
     """The attention mask [seq, seq] (True: attend) of a causal sliding window, or None where plain causal
     attention is the same thing (no window, or one at least as long as the sequence), so that SDPA keeps its

@@ -22,7 +22,7 @@ from .evaluation import evaluate
 from .hooks import Hooks
 from .metrics import (MetricsLogger, Progress, peak_memory_bytes, plot_losses, state_bytes, summarize,
                       tensorboard_available, write_json)
-from .model import Transformer, build_model, num_params
+from .model import Transformer, build_model, check_seq_len, num_params
 from .optim import build_optimizer
 from .plan import planned_state_bytes
 from .precision import Precision
@@ -48,9 +48,10 @@ def build_model_for(spec: Model, precision: Precision, seq_len: int, seed: int, 
     if not dims["vocab_size"] and spec.flavor in ("debug", "small"):
         dims["vocab_size"] = vocab_size
     try:
-        model = build_model(spec.flavor, precision.storage, device, seed=seed, max_seq_len=seq_len, **dims)
+        model = build_model(spec.flavor, precision.storage, device, seed=seed, **dims)
     except ValueError as e:
         raise ConfigError(f"The model dimensions are inconsistent: {e}. Fix the model.* keys.") from None
+    check_seq_len(seq_len, model.args, f"model.flavor={spec.flavor}")
     check_vocab(vocab_size, tokenizer_name, model.args.vocab_size)
     return model
 
@@ -60,6 +61,7 @@ def _hf_model(spec: Model, dims: dict[str, Any], precision: Precision, seq_len: 
     from .hf import load_hf
 
     model = load_hf(spec.hf_checkpoint, precision.storage, device, max_seq_len=seq_len, weights=weights)
+    check_seq_len(seq_len, model.args, f"the model in model.hf_checkpoint='{spec.hf_checkpoint}'")
     for key, value in dims.items():
         if value and getattr(model.args, key) != value:
             raise ConfigError(f"model.{key} = {value!r}, but the model in model.hf_checkpoint="

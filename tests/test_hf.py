@@ -434,3 +434,24 @@ def test_save_hf_refuses_a_model_its_family_cannot_hold(tmp_path):
     with pytest.raises(CheckpointError, match="cannot be written as a Hugging Face 'llama'.*qkv_bias"):
         leantrain.save_hf(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_keeps_the_models_own_positions_and_a_longer_seq_len_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--model.flavor=debug", "--data.local_batch_size=2", "--training.steps=1", "--eval.steps=1",
+              "--lr_scheduler.warmup_steps=1", "--metrics.progress=false"]
+    assert main(["train", *common, "--data.seq_len=32", f"--job.dump_folder={run}"]) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 256  # the debug flavor's, not the 32 it was trained on
+    capsys.readouterr()
+    assert main(["train", *common, "--data.seq_len=300", f"--job.dump_folder={tmp_path / 'long'}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "data.seq_len = 300" in err and "256 positions" in err and not any((tmp_path / "long").rglob("*"))
+    # an HF model's own max_position_embeddings (128 here) is its limit too, in train and in eval
+    tiny_hf_model(vocab_size=259).save_pretrained(tmp_path / "tiny", safe_serialization=True)
+    hf = [f"--model.hf_checkpoint={tmp_path / 'tiny'}", "--tokenizer.path=byte", "--data.seq_len=200"]
+    assert main(["train", *hf, "--training.steps=1", f"--job.dump_folder={tmp_path / 'hf-run'}"]) == 2
+    assert "128 positions" in " ".join(capsys.readouterr().err.split())
+    assert main(["eval", *hf]) == 2
+    assert "128 positions" in " ".join(capsys.readouterr().err.split())
