@@ -40,3 +40,17 @@ class TrainingDiverged(LeantrainError):
     NaN/Inf when a checkpoint is due (none is written from them). Exit code 3."""
 
     exit_code = 3
+
+
+class StorageError(UserError):
+    """A file of the run could not be written (disk full, a file too large, permission lost). Exit code 2: what was
+    saved before (earlier checkpoints, metrics.jsonl up to its last line) is complete and loadable."""
+
+
+def storage_error(what: str, path: object, error: BaseException) -> StorageError:
+    """One paragraph for a failed write: what, where, the system's reason, and what was kept."""
+    reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return StorageError(f"Writing {what} ({path}) failed: {reason}. The run stopped here; what it saved before "
+                        f"(earlier checkpoints, metrics.jsonl up to its last complete line) is intact. Free space or "
+                        f"fix the folder's permissions, then run the same command again (with checkpoint.enable it "
+                        f"resumes from the latest complete checkpoint).")

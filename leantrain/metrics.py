@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .distributed import local
+from .errors import storage_error
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -71,13 +72,26 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if self._file:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            end = self._file.tell()
+            try:
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
+            except OSError as e:
+                self._drop_partial_line(end)
+                raise storage_error("a line of metrics.jsonl", self.path, e) from None
         if self._tensorboard:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tensorboard.add_scalar(key, value, record["step"])
             self._tensorboard.flush()
+
+    def _drop_partial_line(self, end: int) -> None:
+        """After a failed write, cut what part of the line reached the file: it holds whole lines only."""
+        self._file = None  # its buffer holds the unwritten rest; closing would try to write it again
+        try:
+            os.truncate(self.path, end)
+        except OSError:
+            pass  # the next start drops a torn last line (_drop_torn_last_line) or rewrites the file on resume
 
     def close(self) -> None:
         if self._file:
@@ -151,6 +165,13 @@ def summarize(records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
 
 
 def write_json(path: str, obj: Any) -> None:
+    try:
+        _write_json(path, obj)
+    except OSError as e:
+        raise storage_error(os.path.basename(path), path, e) from None
+
+
+def _write_json(path: str, obj: Any) -> None:
     """Write to a temporary name, then rename: readers never see half a file."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -181,7 +202,11 @@ def plot_losses(curves: dict[str, list[dict[str, Any]]], path: str, title: str =
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2 if len(curves) > 3 else 1)
     fig.tight_layout()
-    fig.savefig(path)
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        plt.close(fig)
+        raise storage_error("loss.png", path, e) from None
     plt.close(fig)
 
 

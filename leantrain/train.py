@@ -17,7 +17,7 @@ from . import checkpoint, guard, parallel
 from .config import LRScheduler, Model, to_toml, warn_once
 from .data import build_datasets, build_tokenizer
 from .data.tokenizer import check_vocab
-from .errors import ConfigError
+from .errors import ConfigError, storage_error
 from .evaluation import evaluate
 from .hooks import Hooks
 from .metrics import (MetricsLogger, Progress, peak_memory_bytes, plot_losses, state_bytes, summarize,
@@ -129,6 +129,13 @@ def check_run_folder(plan: RunPlan, resume_from: Path | None) -> None:
                           f"resume from their latest checkpoint when started again on their folder.")
 
 
+def _write_config(path: Path, cfg: Any) -> None:
+    try:
+        path.write_text(to_toml(cfg), encoding="utf-8")
+    except OSError as e:
+        raise storage_error("config.toml", path, e) from None
+
+
 def prepare_run_folder(folder: Path) -> None:
     """Create the run folder and check that it can be written; nothing is written in it yet."""
     try:
@@ -208,7 +215,7 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
               f"({num_params(model) / 1e6:.1f}M parameters), recipe {plan.recipe or 'custom'}, on "
               f"{dist.world_size} x {device.type}, {train_data.num_tokens:,} training tokens; writing "
               f"{plan.paths.folder}", flush=True)
-        (plan.paths.folder / "config.toml").write_text(to_toml(cfg), encoding="utf-8")  # once inputs loaded
+        _write_config(plan.paths.folder / "config.toml", cfg)  # once every input has loaded
     logger = MetricsLogger(str(plan.paths.folder), enabled=dist.is_main,
                            resume_step=state.step if cfg.checkpoint.enable else None,
                            tensorboard=cfg.metrics.tensorboard)

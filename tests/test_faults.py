@@ -431,3 +431,32 @@ def test_the_package_unpickles_nothing_unrestricted():
                 flags = {k.arg: ast.unparse(k.value) for k in node.keywords}
                 assert flags.get("weights_only") == "True", f"{path.name}: {ast.unparse(node)}"
     assert unpicklers == ["reading.py:_MetadataUnpickler"]
+
+
+# ---- failed writes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("what, limit, first_missing", [
+    ("checkpoint", "6:100000", 8),  # from step 6 no file may pass 100 kB: the 1 MiB step-8 checkpoint cannot
+    ("metrics", "6:1500", None),  # ... or 1.5 kB: metrics.jsonl cannot take its next line
+])
+def test_a_failed_write_stops_with_exit_2_and_the_previous_checkpoint_resumes(tmp_path, reference, what, limit,
+                                                                             first_missing):
+    folder = tmp_path / "run"
+    r = subprocess.run([sys.executable, FAULTS_RUNNER, f"--file-size-limit={limit}", "train", *BASE,
+                        f"--job.dump_folder={folder}"], capture_output=True, text=True, env=_env(), cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    message = " ".join(r.stderr.split())
+    assert "leantrain: error: Writing" in message and "File too large" in message and "Traceback" not in r.stderr
+    assert "intact" in message and "run the same command again" in message
+    checkpoints = sorted(os.listdir(folder / "checkpoints"))
+    assert "step-4" in checkpoints and not any(name.endswith(".tmp") for name in checkpoints)
+    if first_missing:
+        assert f"step-{first_missing}" not in checkpoints
+    strict_jsonl(folder / "metrics.jsonl")  # whole lines only
+    assert checkpoint.load_model(folder / "checkpoints" / "step-4")[1]["step"] == 4
+    # Space again: the same command resumes from the latest complete checkpoint and ends as if nothing happened.
+    r = run_leantrain("train", *BASE, f"--job.dump_folder={folder}")
+    assert r.returncode == 0, r.stderr
+    assert per_step(folder) == per_step(reference)

@@ -54,7 +54,7 @@ import torch.distributed.checkpoint as dcp
 
 from .. import distributed, guard
 from ..config import Checkpoint, Config, load_config, warn_once
-from ..errors import CheckpointError, TrainingDiverged
+from ..errors import CheckpointError, TrainingDiverged, storage_error
 from ..hooks import Hooks
 from ..model import ModelArgs, Transformer, build_model_from_args
 from ..precision import DTYPES
@@ -250,12 +250,28 @@ class Checkpointer:
                                    f"divergence).")
 
     def _write(self, final: Path, sd: dict[str, Any], state: TrainState, elapsed_s: float, model_only: bool) -> Path:
-        """DCP's files into final.tmp, then leantrain.json (written last: it lists the files and their sizes),
-        then the rename that makes it complete; every rank writes its shards."""
-        began, step, tmp = time.perf_counter(), state.step, final.with_name(final.name + ".tmp")
+        """:meth:`_write_atomically`; a failed write (disk full, permissions) leaves no .tmp folder behind and
+        stops the run with a StorageError (exit 2), every earlier checkpoint complete."""
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
         if final.exists():
             raise CheckpointError(f"A checkpoint {final} already exists; leantrain never overwrites one. Move it "
                                   f"away, or use another job.dump_folder.")
+        tmp = final.with_name(final.name + ".tmp")
+        try:
+            return self._write_atomically(final, tmp, sd, state, elapsed_s, model_only)
+        except (OSError, CheckpointException) as e:
+            if isinstance(e, CheckpointException) and e.failures:  # {rank: (exception, traceback)}
+                e = next(iter(e.failures.values()))[0]
+            if distributed.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise storage_error(f"the checkpoint {final}", tmp, e) from None
+
+    def _write_atomically(self, final: Path, tmp: Path, sd: dict[str, Any], state: TrainState, elapsed_s: float,
+                          model_only: bool) -> Path:
+        """DCP's files into final.tmp, then leantrain.json (written last: it lists the files and their sizes),
+        then the rename that makes it complete; every rank writes its shards."""
+        began, step = time.perf_counter(), state.step
         if distributed.is_main():
             if tmp.exists():
                 shutil.rmtree(tmp)  # an earlier save of this step that did not finish
