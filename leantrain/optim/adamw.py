@@ -54,8 +54,8 @@ changes the bits.
 
 `compile=True` (the trainer's `compile.enable`) replaces `_update` on the per-tensor path by one
 torch.compile'd kernel per tensor or CPU chunk (fused.py, which says why the math is written there a
-second time); the results agree with the eager path's up to the last bits of the fp32 arithmetic
-(a stored bf16 value rarely differs, by one ulp).
+second time, and what running it eagerly instead measured); the results agree with the eager path's
+up to the last bits of the fp32 arithmetic (a stored bf16 value rarely differs, by one ulp).
 
 Why not torchao's optimizers (`torchao.optim._AdamW(bf16_stochastic_round=True)`,
 `AdamW8bit`)? They do run on CPU with torch 2.13 (torchao 0.18.0), and our int8 codes match
