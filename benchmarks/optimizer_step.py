@@ -13,6 +13,7 @@ compiled variants: the compile, with inductor's caches off so that it is a cold 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -40,8 +41,9 @@ def llama_shapes(dim=384, n_layers=6, ffn_dim=1024, vocab=8192, n_kv_heads_dim=N
     return shapes
 
 
-def _tracked(opt: AdamW) -> AdamW:
-    opt.track_lost_updates = True
+def _counting(opt: AdamW) -> AdamW:
+    """Every step counts lost updates, as the trainer's logged steps do."""
+    opt.step = functools.partial(opt.step, count_lost_updates=True)
     return opt
 
 
@@ -61,9 +63,9 @@ VARIANTS = {
     "bf16 int8 (stochastic)": (torch.bfloat16, lambda ps: AdamW(
         ps, lr=1e-3, state_dtype="int8", compensation="stochastic")),
     "bf16 fp32-state": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, state_dtype="float32")),
-    # A logged step: the trainer turns the lost-update meter on for it (metrics.log_freq).
-    "bf16 none, lost-update meter on": (torch.bfloat16, lambda ps: _tracked(AdamW(ps, lr=1e-3))),
-    "bf16 stochastic, lost-update meter on": (torch.bfloat16, lambda ps: _tracked(AdamW(
+    # A logged step: the trainer counts lost updates in it (metrics.log_freq).
+    "bf16 none, lost-update meter on": (torch.bfloat16, lambda ps: _counting(AdamW(ps, lr=1e-3))),
+    "bf16 stochastic, lost-update meter on": (torch.bfloat16, lambda ps: _counting(AdamW(
         ps, lr=1e-3, compensation="stochastic"))),
     # compile=True (the trainer's compile.enable): each tensor's step as one torch.compile'd kernel
     "fp32 (auto), compiled": (torch.float32, lambda ps: AdamW(ps, lr=1e-3, compile=True)),

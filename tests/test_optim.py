@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from leantrain.optim import AdamW, build_optimizer, stochastic_round
+from leantrain.optim import AdamW, ParamLayout, UpdateStats, build_optimizer, stochastic_round
 from leantrain.optim import adamw as adamw_mod
 from leantrain.optim import fused, quant
 from leantrain.optim.rounding import field_generator, kahan_write_, random_fields
@@ -291,11 +291,13 @@ def _make(params, variant, foreach=None, seed=3):
     return AdamW(groups, lr=1e-2, weight_decay=0.1, seed=seed, foreach=foreach, **variant)
 
 
-def _steps(params, opt, start, stop):
+def _steps(params, opt, start, stop, count_lost_updates=False):
+    """Steps start..stop-1; returns the last step's result."""
     for s in range(start, stop):
         for p, g in zip(params, _grads(params, s)):
             p.grad = g
-        opt.step()
+        result = opt.step(count_lost_updates=count_lost_updates)
+    return result
 
 
 def _mixed(i):  # mostly bf16 with one fp32 parameter
@@ -349,6 +351,50 @@ def test_load_state_dict_rejects_another_recipe():
         other.load_state_dict(opt.state_dict())
 
 
+RECIPE = dict(state_dtype="auto", compensation="none", moments_rounding="auto")
+
+
+@pytest.mark.parametrize("recipe, dtype, numel, moments, kahan, fields", [
+    (dict(), torch.bfloat16, 4096, "bfloat16", False, (-1, -1, -1)),
+    (dict(compensation="stochastic"), torch.bfloat16, 4096, "bfloat16", False, (0, 1, 2)),
+    (dict(compensation="stochastic", moments_rounding="nearest"), torch.bfloat16, 4096, "bfloat16", False,
+     (0, -1, -1)),
+    (dict(compensation="kahan"), torch.bfloat16, 4096, "bfloat16", True, (0, 1, 2)),  # field 0: kahan_comp
+    (dict(compensation="kahan", moments_rounding="nearest"), torch.bfloat16, 4096, "bfloat16", True, (-1, -1, -1)),
+    (dict(moments_rounding="stochastic"), torch.bfloat16, 4096, "bfloat16", False, (-1, 0, 1)),
+    (dict(state_dtype="int8", compensation="stochastic"), torch.bfloat16, 4096, "int8", False, (0, -1, -1)),
+    (dict(state_dtype="int8", compensation="stochastic"), torch.bfloat16, 4095, "bfloat16", False, (0, 1, 2)),
+    (dict(state_dtype="float32", compensation="kahan"), torch.bfloat16, 4096, "float32", True, (0, -1, -1)),
+    (dict(compensation="kahan"), torch.float32, 4096, "float32", False, (-1, -1, -1)),
+    (dict(state_dtype="bfloat16", compensation="stochastic"), torch.float32, 4096, "bfloat16", False, (-1, 0, 1)),
+])
+def test_layout_decides_storage_and_random_fields(recipe, dtype, numel, moments, kahan, fields):
+    layout = ParamLayout.decide(**{**RECIPE, **recipe}, param_dtype=dtype, numel=numel)
+    assert (layout.moments, layout.kahan, layout.fields) == (moments, kahan, fields)
+    assert layout.num_fields == sum(f >= 0 for f in fields)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_layout_names_the_state_buffers_and_stays_out_of_the_state_dict(variant):
+    params = _params(_mixed)
+    opt = _make(params, variant)
+    _steps(params, opt, 0, 1)
+    saved = opt.state_dict()["state"]
+    for i, p in enumerate(params):
+        assert tuple(opt.state[p]) == tuple(saved[i]) == opt.layout(p).buffers
+        assert all(isinstance(v, torch.Tensor) for v in saved[i].values())
+
+
+def test_load_state_dict_checks_the_buffers_against_the_layout():
+    params = _params(_mixed)
+    opt = _make(params, dict(compensation="kahan"))
+    _steps(params, opt, 0, 1)
+    sd = opt.state_dict()
+    del sd["state"][0]["kahan_comp"]
+    with pytest.raises(ValueError, match="kahan_comp"):
+        _make(_params(_mixed), dict(compensation="kahan")).load_state_dict(sd)
+
+
 def test_lr_scheduler_drives_lr():
     p = torch.nn.Parameter(torch.zeros(8))
     opt = AdamW([p], lr=1.0, weight_decay=0.0)
@@ -400,38 +446,53 @@ def test_small_tensors_keep_bf16_moments_under_int8():
 # --------------------------------------------------------------------------- diagnostics
 
 @pytest.mark.parametrize("compensation, lost, compensated", [
-    ("none", 1.0, 0.0), ("kahan", 1.0, 1.0),
+    ("none", 1.0, None), ("kahan", 1.0, 1.0),
 ])
 def test_lost_update_fraction(compensation, lost, compensated):
     p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
     f = torch.nn.Parameter(torch.ones(16))  # fp32: not counted
     opt = AdamW([p, f], lr=1e-5, weight_decay=0.0, compensation=compensation)
     p.grad, f.grad = torch.ones_like(p), torch.ones_like(f)
-    opt.step()
-    assert opt.last_update_stats == {}  # computed only when tracked
-    opt.track_lost_updates = True
-    opt.step()
-    s = opt.last_update_stats
-    assert s["lost_update_fraction"] == lost
-    assert s["compensated_fraction"] == compensated
-    assert s["tracked_elements"] == 4096
+    assert opt.step() is None  # counted only when asked
+    s = opt.step(count_lost_updates=True)
+    assert s == UpdateStats(tracked_elements=4096, lost_update_fraction=lost, compensated_fraction=compensated)
 
     big = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
     opt = AdamW([big], lr=0.1, weight_decay=0.0, compensation=compensation)
-    opt.track_lost_updates = True
     big.grad = torch.ones_like(big)
-    opt.step()
-    assert opt.last_update_stats["lost_update_fraction"] == 0.0
+    assert opt.step(count_lost_updates=True).lost_update_fraction == 0.0
 
 
 def test_lost_update_fraction_stochastic_is_probability():
     p = torch.nn.Parameter(torch.ones(100_000, dtype=torch.bfloat16))
     opt = AdamW([p], lr=1e-4, weight_decay=0.0, compensation="stochastic")
-    opt.track_lost_updates = True
     p.grad = torch.ones_like(p)
-    opt.step()
+    s = opt.step(count_lost_updates=True)
     # 1.0 - 1e-4 rounds down to 1 - 2^-8 with probability 1e-4 / 2^-8 = 0.0256
-    assert opt.last_update_stats["lost_update_fraction"] == pytest.approx(1 - 0.0256, abs=0.005)
+    assert s.lost_update_fraction == pytest.approx(1 - 0.0256, abs=0.005)
+    assert s.compensated_fraction is None
+
+
+def test_fp32_weights_are_not_counted():
+    p = torch.nn.Parameter(torch.ones(64))
+    opt = AdamW([p], lr=1e-5, compensation="kahan")  # Kahan acts on bf16 weights only
+    p.grad = torch.ones_like(p)
+    assert opt.step(count_lost_updates=True) == UpdateStats(0, 0.0, None)
+
+
+def test_step_returns_the_closures_loss_and_refuses_one_when_counting():
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt = AdamW([p])
+
+    def closure():
+        opt.zero_grad()
+        loss = (p.float() ** 2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 8.0
+    with pytest.raises(ValueError, match="closure"):
+        opt.step(closure, count_lost_updates=True)
 
 
 # --------------------------------------------------------------------------- API
@@ -510,34 +571,32 @@ def test_compiled_matches_eager(variant, monkeypatch):
         opt.compile = compile
         _steps(params, opt, 0, 1)
         after_first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        opt.track_lost_updates = True
-        _steps(params, opt, 1, 3)
-        runs.append((params, opt))
+        runs.append((params, opt, _steps(params, opt, 1, 3, count_lost_updates=True)))
     # no recompiles after the first step, the meter's graph aside (lr and bias corrections come as a tensor)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - after_first <= 3
     assert calls  # the compiled kernel ran (fullgraph=True: it raises rather than fall back to eager)
-    (pa, oa), (pb, ob) = runs
+    (pa, oa, sa), (pb, ob, sb) = runs
     for a, b in zip(pa, pb):
         ulp = 2.0**-7 if a.dtype == torch.bfloat16 else 2.0**-20  # bf16: 1 ulp; fp32: a few, after 3 steps
         diff = (a.float() - b.float()).abs().detach()
         assert (diff <= ulp * a.detach().float().abs().clamp(min=1e-3)).all(), diff.max()
         assert (diff > 0).float().mean() < (0.01 if a.dtype == torch.bfloat16 else 0.5)
-    sa, sb = oa.last_update_stats, ob.last_update_stats
-    assert abs(sa["tracked_elements"] - sb["tracked_elements"]) <= 1e-3 * sa["tracked_elements"]
-    assert abs(sa["lost_update_fraction"] - sb["lost_update_fraction"]) < 1e-3
-    assert abs(sa["compensated_fraction"] - sb["compensated_fraction"]) < 1e-3
+    assert abs(sa.tracked_elements - sb.tracked_elements) <= 1e-3 * sa.tracked_elements
+    assert abs(sa.lost_update_fraction - sb.lost_update_fraction) < 1e-3
+    if variant.get("compensation") == "kahan":
+        assert abs(sa.compensated_fraction - sb.compensated_fraction) < 1e-3
+    else:
+        assert sa.compensated_fraction is None and sb.compensated_fraction is None
 
 
-@pytest.mark.parametrize("compensation, lost, compensated", [("none", 1.0, 0.0), ("kahan", 1.0, 1.0)])
+@pytest.mark.parametrize("compensation, lost, compensated", [("none", 1.0, None), ("kahan", 1.0, 1.0)])
 def test_compiled_lost_updates_and_kahan_buffer(compensation, lost, compensated):
     p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
     opt = AdamW([p], lr=1e-5, weight_decay=0.0, compensation=compensation, compile=True)
-    opt.track_lost_updates = True
     for _ in range(300):
         p.grad = torch.ones_like(p)
-        opt.step()
-    s = opt.last_update_stats
-    assert (s["lost_update_fraction"], s["compensated_fraction"]) == (lost, compensated)
+        s = opt.step(count_lost_updates=True)
+    assert (s.lost_update_fraction, s.compensated_fraction) == (lost, compensated)
     # 300 steps of 1e-5 = 3e-3, below half an ulp of 1.0 (3.9e-3): only the Kahan buffer carries them
     total = p.float() + (opt.state[p]["kahan_comp"].float() if compensation == "kahan" else 0)
     assert torch.allclose(total, torch.full_like(total, 1 - 3e-3), atol=2e-4) == (compensation == "kahan")

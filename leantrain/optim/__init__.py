@@ -1,20 +1,25 @@
 """The precision-aware optimizer: AdamW with fp32 math and bf16 / fp32 / int8 state.
 
     adamw.py     the optimizer (one update function, foreach and per-tensor paths)
+    layout.py    the recipe's choices, each parameter's state layout, each step's scalars
     fused.py     the per-tensor update as one torch.compile'd kernel (compile=True)
     rounding.py  nearest, stochastic and Kahan-compensated rounding to bfloat16
     quant.py     block-wise int8 moments (dynamic code map, absmax per 256 elements)
+    sharding.py  FSDP2 (DTensor) parameters: per-shard seeds, int8 block scales per shard
 """
 
 from __future__ import annotations
 
 import torch
 
-from .adamw import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES, AdamW, UpdateStats
+from .adamw import AdamW, UpdateStats
+from .layout import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES, ParamLayout
 from .rounding import stochastic_round
 
 __all__ = [
     "AdamW",
+    "ParamLayout",
+    "UpdateStats",
     "build_optimizer",
     "param_groups",
     "stochastic_round",

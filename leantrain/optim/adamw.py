@@ -5,7 +5,7 @@ Every step upcasts weight, gradient and moments to fp32, computes the torch.opti
 once. What "rounds" means is the precision recipe:
 
     compensation="none"        nearest rounding. Updates smaller than half a bf16 ulp of the
-                               weight are lost (see `last_update_stats`).
+                               weight are lost (`step(count_lost_updates=True)` counts them).
     compensation="stochastic"  the weight is rounded stochastically (unbiased), and so are the
                                bf16 moments unless moments_rounding="nearest" (torchao's variant).
     compensation="kahan"       the weight is rounded to nearest and what it loses is carried in a
@@ -24,6 +24,12 @@ State per parameter (all tensors in `self.state[p]`, on the parameter's device):
                                int8 moments: uint8 codes (param shape) + fp32 scale per 256
                                elements (~2.03 B/param); tensors under 4096 elements keep bf16
     kahan_comp                 bf16, param shape (2 B/param), only for compensation="kahan"
+Which of these a parameter has, and which random field rounds each of its bf16 buffers, is its
+`ParamLayout` (layout.py, `AdamW.layout(p)`): decided once, from its group's recipe and its dtype
+and size, when its state is initialised; the step, the foreach grouping, `load_state_dict`'s check
+and `init_state` (which the memory planner calls on meta parameters) read it. It is not saved: the
+recipe is, in the param groups, and the layout follows from it.
+
 The random bits: one CPU torch.Generator seeded with `seed` draws, each step, one seed per
 parameter and random field; each field's bits then come from a generator seeded with it
 (numpy's PCG64DXSM on CPU, torch's Philox on accelerators: see rounding.py for why). Only the
@@ -38,7 +44,7 @@ different bits, while replicas of one shard (HSDP, DDP) draw the same bits and s
 The lost-update statistics are this rank's (its shards').
 
 Two code paths share one update function (`_update`, written over lists of tensors):
-`foreach=True` calls it with all tensors of a (dtype, state kind, step) group at once through
+`foreach=True` calls it with all tensors of a (dtype, layout, step) group at once through
 torch._foreach_* ops - few kernel launches on a GPU; `foreach=False` calls it per tensor, and
 on CPU per chunk of 2^18 elements so the fp32 temporaries stay in cache (on CPU that is faster
 than foreach, hence the default: foreach on accelerators, chunked loop on CPU). Both give
@@ -48,7 +54,8 @@ changes the bits.
 
 `compile=True` (the trainer's `compile.enable`) replaces `_update` on the per-tensor path by one
 torch.compile'd kernel per tensor or CPU chunk (fused.py, which says why the math is written there a
-second time); the results agree with the eager path's to the last bit of the fp32 arithmetic.
+second time, and what running it eagerly instead measured); the results agree with the eager path's
+up to the last bits of the fp32 arithmetic (a stored bf16 value rarely differs, by one ulp).
 
 Why not torchao's optimizers (`torchao.optim._AdamW(bf16_stochastic_round=True)`,
 `AdamW8bit`)? They do run on CPU with torch 2.13 (torchao 0.18.0), and our int8 codes match
@@ -61,33 +68,37 @@ saving global state. The tests use torchao as a cross-check when it is installed
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
+from ..distributed import is_dtensor, local
 from . import fused, quant, sharding
+from .layout import COMPENSATIONS, MOMENTS_ROUNDINGS, NO_FIELD, STATE_DTYPES, ParamLayout, StepScalars
 from .rounding import field_generator, kahan_write_, random_fields, round_to_bf16_
 
-STATE_DTYPES = ("auto", "float32", "bfloat16", "int8")
-COMPENSATIONS = ("none", "stochastic", "kahan")
-MOMENTS_ROUNDINGS = ("auto", "nearest", "stochastic")
 _PARAM_DTYPES = (torch.float32, torch.bfloat16)
 _CPU_CHUNK = 1 << 18  # elements per chunk on CPU (a multiple of quant.BLOCK)
 _CPU_CHUNK_COMPILED = 1 << 20  # compile=True: no temporaries to keep in cache, fewer calls (BENCHMARKS.md)
 _FOREACH_BATCH = 1 << 26  # elements per foreach call: bounds the fp32 temporaries
 
 
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"AdamW: {name}={value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
-from dataclasses import dataclass
-
-
 @dataclass(frozen=True)
 class UpdateStats:
+    """What the rounding of one step did to the bf16 weights (this rank's shards), from `step(count_lost_updates=True)`.
+
+    tracked_elements: bf16 weight elements whose fp32 update was nonzero (fp32 weights lose nothing: not counted).
+    lost_update_fraction: the share of those whose stored bf16 value did not change (0.0 when none was tracked).
+    compensated_fraction: Kahan only (None unless some stepped parameter has a Kahan buffer): the share of the
+        tracked elements whose update went into the compensation buffer instead.
+    """
+
     tracked_elements: int
     lost_update_fraction: float
     compensated_fraction: float | None
@@ -108,10 +119,8 @@ class AdamW(torch.optim.Optimizer):
         compile: run each tensor's (CPU: each chunk's) update as one torch.compile'd kernel
             (fused.py); the first step compiles. Implies the per-tensor path.
 
-    Set `opt.track_lost_updates = True` before a step to get `opt.last_update_stats`:
-    `lost_update_fraction` (share of bf16 weight elements with a nonzero fp32 update whose
-    stored bf16 value did not change), `compensated_fraction` (Kahan only: the share of those
-    whose update went into the compensation buffer instead) and `tracked_elements`.
+    `step(count_lost_updates=True)` returns the step's `UpdateStats` (how many bf16 weight updates the
+    rounding lost); `layout(p)` says how parameter p's state is stored.
     """
 
     def __init__(
@@ -160,8 +169,9 @@ class AdamW(torch.optim.Optimizer):
         self.seed = int(seed)
         self.compile = bool(compile)
         self._generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        self.track_lost_updates = False
-        self.last_update_stats: dict[str, float] = {}
+        # Decided once per parameter. Not in self.state: state_dict() and checkpoints hold the buffers only (the
+        # layout follows from the recipe, which the param groups save).
+        self._layouts: dict[torch.Tensor, ParamLayout] = {}
 
     def add_param_group(self, param_group: dict) -> None:
         for key, allowed in (("state_dtype", STATE_DTYPES), ("compensation", COMPENSATIONS),
@@ -172,72 +182,54 @@ class AdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ per-parameter layout
 
-    @staticmethod
-    def _moment_kind(group: dict, p: torch.Tensor) -> str:
-        """'float32', 'bfloat16' or 'int8': how this parameter's moments are stored."""
-        sd = group["state_dtype"]
-        if sd == "auto":
-            return "float32" if p.dtype == torch.float32 else "bfloat16"
-        if sd == "int8":
-            return "int8" if p.numel() >= quant.MIN_NUMEL else "bfloat16"
-        return sd
-
-    @staticmethod
-    def _uses_kahan(group: dict, p: torch.Tensor) -> bool:
-        return group["compensation"] == "kahan" and p.dtype == torch.bfloat16
-
-    @staticmethod
-    def _stochastic(group: dict, p: torch.Tensor) -> tuple[bool, bool]:
-        """(weights rounded stochastically, moments/Kahan buffer rounded stochastically)."""
-        comp, mr = group["compensation"], group["moments_rounding"]
-        weights = comp == "stochastic" and p.dtype == torch.bfloat16
-        moments = mr == "stochastic" or (mr == "auto" and comp != "none")
-        return weights, moments
+    def layout(self, p: torch.Tensor) -> ParamLayout:
+        """How parameter `p`'s state is stored and rounded: decided when its state is initialised (or now)."""
+        return self._layout(self._group_of(p), p)
 
     def init_state(self, p: torch.Tensor) -> dict:
         """Allocate (if needed) and return the state of parameter `p` without stepping.
 
         Works on meta parameters, so a memory planner can measure the state layout for free.
         """
+        return self._init_state(self._group_of(p), p)
+
+    def _group_of(self, p: torch.Tensor) -> dict:
         for group in self.param_groups:
             if any(q is p for q in group["params"]):
-                return self._init_state(group, p)
-        raise ValueError("AdamW.init_state: this tensor is not one of the optimizer's parameters")
+                return group
+        raise ValueError("AdamW: this tensor is not one of the optimizer's parameters")
+
+    def _layout(self, group: dict, p: torch.Tensor) -> ParamLayout:
+        layout = self._layouts.get(p)
+        if layout is None:
+            layout = self._layouts[p] = ParamLayout.decide(
+                state_dtype=group["state_dtype"], compensation=group["compensation"],
+                moments_rounding=group["moments_rounding"], param_dtype=p.dtype, numel=p.numel(),
+            )
+        return layout
 
     def _init_state(self, group: dict, p: torch.Tensor) -> dict:
         state = self.state[p]
         if state:
             return state
+        layout = self._layout(group, p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        kind = self._moment_kind(group, p)
-        if kind == "int8":
+        if layout.moments == "int8":
             nb = quant.num_blocks(p.numel())
             for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
                 state[f"{name}_codes"] = torch.full_like(
                     p, quant.zero_code(signed), dtype=torch.uint8,
                     memory_format=torch.contiguous_format,
                 )
-                state[f"{name}_scale"] = (sharding.sharded_block_scales(p) if sharding.is_dtensor(p) else
+                state[f"{name}_scale"] = (sharding.sharded_block_scales(p) if is_dtensor(p) else
                                           torch.zeros(nb, dtype=torch.float32, device=p.device))
         else:
-            dtype = getattr(torch, kind)
+            dtype = getattr(torch, layout.moments)
             for name in ("exp_avg", "exp_avg_sq"):
                 state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-        if self._uses_kahan(group, p):
+        if layout.kahan:
             state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return state
-
-    def _nfields(self, group: dict, p: torch.Tensor) -> tuple[int, int, int]:
-        """Which random field (or -1: none) rounds (weight or kahan_comp, exp_avg, exp_avg_sq)."""
-        sr_w, sr_m = self._stochastic(group, p)
-        kahan = self._uses_kahan(group, p)
-        bf16_moments = self._moment_kind(group, p) == "bfloat16"
-        wants = [sr_w or (kahan and sr_m), sr_m and bf16_moments, sr_m and bf16_moments]
-        idx, n = [], 0
-        for w in wants:
-            idx.append(n if w else -1)
-            n += int(w)
-        return tuple(idx)
 
     # ------------------------------------------------------------------ step
 
@@ -250,94 +242,78 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, *, count_lost_updates: bool = False):
+        """One AdamW step of every parameter with a gradient.
+
+        Returns the closure's loss (or None), as torch's optimizers do; with `count_lost_updates=True`, the
+        step's `UpdateStats` instead (counting costs a few passes over the bf16 weights), so a closure is then
+        refused: call it before the step.
+        """
+        if closure is not None and count_lost_updates:
+            raise ValueError("AdamW.step: count_lost_updates=True returns the step's UpdateStats, not a loss; "
+                             "call the closure before the step")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        track = count_lost_updates
-        stats = _Stats() if track else None
+        counter = _LostUpdateCounter() if count_lost_updates else None
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                if p.grad.is_sparse:
-                    raise ValueError("AdamW: sparse gradients are not supported")
-                if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
-                    raise ValueError(
-                        f"AdamW: gradient {p.grad.dtype}{tuple(p.grad.shape)} does not match its "
-                        f"parameter {p.dtype}{tuple(p.shape)}"
-                    )
-            # One seed per parameter and random field, in parameter order, so the random bits a
-            # parameter gets do not depend on how the paths group or chunk it.
-            seeds = torch.randint(0, 2**62, (len(params), 3), generator=self._generator).tolist()
-            seeds = [sharding.mix_shard(row, sharding.shard_index(p)) for row, p in zip(seeds, params)]
-            states = [self._init_state(group, p) for p in params]
-            for st in states:
-                st["step"] += 1
-            if self._use_foreach(group, params):
-                self._step_foreach(group, params, states, seeds, stats)
-            else:
-                self._step_loop(group, params, states, seeds, stats)
-        if track:
-            r = stats.result()
-            return UpdateStats(int(r["tracked_elements"]), r["lost_update_fraction"],
-                               r["compensated_fraction"] if stats.kahan else None)
-        return loss
+            self._step_group(group, counter)
+        return counter.result() if counter is not None else loss
 
-    def _hyper(self, group: dict, step: float) -> dict:
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            raise ValueError("AdamW: a tensor lr is not supported; use a float")
-        return dict(
-            lr=float(lr), wd=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            step_size=float(lr) / (1 - beta1**step), bc2_sqrt=math.sqrt(1 - beta2**step),
-        )
+    def _step_group(self, group: dict, counter: _LostUpdateCounter | None) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            _check_grad(p)
+        # One seed per parameter and random field, in parameter order, so the random bits a
+        # parameter gets do not depend on how the paths group or chunk it.
+        seeds = torch.randint(0, 2**62, (len(params), 3), generator=self._generator).tolist()
+        seeds = [sharding.mix_shard(row, sharding.shard_index(p)) for row, p in zip(seeds, params)]
+        states = [self._init_state(group, p) for p in params]
+        layouts = [self._layout(group, p) for p in params]
+        for st in states:
+            st["step"] += 1
+        path = self._step_foreach if self._use_foreach(group, params) else self._step_loop
+        path(group, params, states, layouts, seeds, counter)
 
-    def _step_loop(self, group, params, states, seeds, stats):
-        hps = {}  # compiled: the scalars as a tensor, once per (step, device) - on a GPU each is a copy to it
-        for p, st, seed in zip(params, states, seeds):
+    def _step_loop(self, group, params, states, layouts, seeds, counter):
+        scalar_tensors = {}  # compiled: once per (step, device) - on a GPU each is a copy to it
+        for p, st, layout, seed in zip(params, states, layouts, seeds):
             step = st["step"].item()
-            h = self._hyper(group, step)
-            kind = self._moment_kind(group, p)
-            kahan = self._uses_kahan(group, p)
-            fields = self._nfields(group, p)
-            gens = _field_generators(seed, max(fields) + 1, p.device)
-            contiguous = sharding.local(p).is_contiguous()
-            n = sharding.local(p).numel()
-            compiled = self.compile and contiguous and fused.supports(kind, n)  # the kernel takes flat views
+            scalars = StepScalars.of(group, step)
+            gens = _field_generators(seed, layout.num_fields, p.device)
+            contiguous, n = local(p).is_contiguous(), local(p).numel()
+            compiled = self.compile and contiguous and fused.supports(layout.moments, n)  # the kernel takes flat views
             chunk = (_CPU_CHUNK_COMPILED if compiled else _CPU_CHUNK) if (p.device.type == "cpu" and contiguous) else n
-            if compiled and (step, p.device) not in hps:
-                hps[step, p.device] = fused.hyper_tensor(h, p.device)
+            if compiled and (step, p.device) not in scalar_tensors:
+                scalar_tensors[step, p.device] = scalars.as_tensor(p.device)
             for a in range(0, n, chunk):
                 b = min(n, a + chunk)
-                t = _Tensors.gather([p], [st], kind, kahan, a, b, chunk < n, flat=compiled)
+                t = _Tensors.gather([p], [st], layout, a, b, chunk < n, flat=compiled)
                 rand = random_fields(b - a, gens, p.device)
                 if not compiled:
-                    _update(t, kind, kahan, fields, [rand], h, stats)
+                    _update(t, layout, [rand], scalars, counter)
                     continue
-                counts = fused.step(t.p[0], t.g[0], t.m[0], t.v[0], t.comp[0] if kahan else None,
+                counts = fused.step(t.p[0], t.g[0], t.m[0], t.v[0], t.comp[0] if t.comp else None,
                                     t.m_scale[0] if t.m_scale else None, t.v_scale[0] if t.v_scale else None,
-                                    rand, fields, kind, hps[step, p.device], stats is not None)
+                                    rand, layout.fields, layout.moments, scalar_tensors[step, p.device],
+                                    counter is not None)
                 if counts is not None:
-                    stats.add(*counts)
+                    counter.add(*counts)
 
-    def _step_foreach(self, group, params, states, seeds, stats):
+    def _step_foreach(self, group, params, states, layouts, seeds, counter):
         buckets: dict[tuple, list[int]] = {}
-        for i, (p, st) in enumerate(zip(params, states)):
-            key = (p.dtype, p.device, self._moment_kind(group, p), self._uses_kahan(group, p),
-                   self._nfields(group, p), st["step"].item())
-            buckets.setdefault(key, []).append(i)
-        for (_, device, kind, kahan, fields, step), idxs in buckets.items():
-            h = self._hyper(group, step)
-            for batch in _batches(idxs, [sharding.local(params[i]).numel() for i in idxs]):
-                ps = [params[i] for i in batch]
-                t = _Tensors.gather(ps, [states[i] for i in batch], kind, kahan, 0, None, False)
-                rand = [random_fields(sharding.local(params[i]).numel(),
-                                      _field_generators(seeds[i], max(fields) + 1, device), device)
+        for i, (p, st, layout) in enumerate(zip(params, states, layouts)):
+            buckets.setdefault((p.dtype, p.device, layout, st["step"].item()), []).append(i)
+        for (_, device, layout, step), idxs in buckets.items():
+            scalars = StepScalars.of(group, step)
+            for batch in _batches(idxs, [local(params[i]).numel() for i in idxs]):
+                t = _Tensors.gather([params[i] for i in batch], [states[i] for i in batch], layout, 0, None, False)
+                rand = [random_fields(local(params[i]).numel(),
+                                      _field_generators(seeds[i], layout.num_fields, device), device)
                         for i in batch]
-                _update(t, kind, kahan, fields, rand, h, stats)
+                _update(t, layout, rand, scalars, counter)
 
     # ------------------------------------------------------------------ state_dict
 
@@ -370,7 +346,7 @@ class AdamW(torch.optim.Optimizer):
             for pid, p in zip(saved["params"], group["params"]):
                 if pid not in saved_state:
                     continue
-                expected = {k for k in _expected_keys(self, group, p)}
+                expected = set(self._layout(group, p).buffers)
                 got = set(saved_state[pid])
                 if got != expected:
                     raise ValueError(
@@ -386,15 +362,14 @@ class AdamW(torch.optim.Optimizer):
                                       else torch.as_tensor(rng_state, dtype=torch.uint8))
 
 
-def _expected_keys(opt: AdamW, group: dict, p: torch.Tensor) -> list[str]:
-    keys = ["step"]
-    if opt._moment_kind(group, p) == "int8":
-        keys += ["exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes", "exp_avg_sq_scale"]
-    else:
-        keys += ["exp_avg", "exp_avg_sq"]
-    if opt._uses_kahan(group, p):
-        keys.append("kahan_comp")
-    return keys
+def _check_grad(p: torch.Tensor) -> None:
+    if p.grad.is_sparse:
+        raise ValueError("AdamW: sparse gradients are not supported")
+    if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
+        raise ValueError(
+            f"AdamW: gradient {p.grad.dtype}{tuple(p.grad.shape)} does not match its "
+            f"parameter {p.dtype}{tuple(p.shape)}"
+        )
 
 
 def _field_generators(seeds: list[int], n: int, device: torch.device) -> list:
@@ -421,22 +396,23 @@ class _Tensors:
         self.m_scale, self.v_scale = m_scale, v_scale
 
     @staticmethod
-    def gather(params, states, kind, kahan, a, b, chunked, flat=False):
-        flat = flat or chunked or kind == "int8"  # int8 blocks run over the flattened tensor
-        if flat and not all(sharding.local(x).is_contiguous() for x in params):
+    def gather(params, states, layout: ParamLayout, a, b, chunked, flat=False):
+        int8 = layout.moments == "int8"
+        flat = flat or chunked or int8  # int8 blocks run over the flattened tensor
+        if flat and not all(local(x).is_contiguous() for x in params):
             raise ValueError("AdamW: int8 state needs contiguous parameters")
 
         def view(t):  # sharded tensors: the math runs on this rank's shard
-            t = sharding.local(t)
+            t = local(t)
             return t.view(-1)[a:b] if flat else t
 
         def scale_view(t, p):
-            t = sharding.local_scale(t, sharding.local(p).numel())
+            t = sharding.local_scale(t, local(p).numel())
             return t[a // quant.BLOCK: quant.num_blocks(b)] if chunked else t
 
         p = [view(x) for x in params]
         g = [view(x.grad) for x in params]
-        if kind == "int8":
+        if int8:
             m = [view(s["exp_avg_codes"]) for s in states]
             v = [view(s["exp_avg_sq_codes"]) for s in states]
             ms = [scale_view(s["exp_avg_scale"], x) for s, x in zip(states, params)]
@@ -445,7 +421,7 @@ class _Tensors:
             m = [view(s["exp_avg"]) for s in states]
             v = [view(s["exp_avg_sq"]) for s in states]
             ms = vs = None
-        comp = [view(s["kahan_comp"]) for s in states] if kahan else None
+        comp = [view(s["kahan_comp"]) for s in states] if layout.kahan else None
         return _Tensors(p, g, m, v, comp, ms, vs)
 
 
@@ -454,79 +430,94 @@ def _f32(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to(torch.float32, copy=True) for t in ts]
 
 
-def _update(t: _Tensors, kind: str, kahan: bool, fields: tuple, rand: list, h: dict, stats) -> None:
-    """One AdamW step for lists of same-kind tensors, in fp32; the only copy of the math.
+def _field(rand: list[torch.Tensor], index: int) -> torch.Tensor | None:
+    """Random field `index` of one tensor, or None (round to nearest)."""
+    return rand[index] if index != NO_FIELD else None
+
+
+def _update(t: _Tensors, layout: ParamLayout, rand: list, s: StepScalars, counter) -> None:
+    """One AdamW step for lists of tensors of one layout, in fp32; the eager copy of the math.
 
     Mirrors torch.optim.AdamW's single-tensor path op for op, so fp32 parameters with fp32
     state get bitwise the same result. `rand[i]` are the random fields of tensor i.
     """
-    w_field, m_field, v_field = fields
     g = [x.float() for x in t.g]  # read only: fp32 gradients are used as they are
-    if kind == "int8":
-        m = [quant.dequantize(c, s, True) for c, s in zip(t.m, t.m_scale)]
-        v = [quant.dequantize(c, s, False) for c, s in zip(t.v, t.v_scale)]
-    elif kind == "float32":
+    if layout.moments == "int8":
+        m = [quant.dequantize(c, sc, True) for c, sc in zip(t.m, t.m_scale)]
+        v = [quant.dequantize(c, sc, False) for c, sc in zip(t.v, t.v_scale)]
+    elif layout.moments == "float32":
         m, v = t.m, t.v  # update the fp32 state in place
     else:
         m, v = _f32(t.m), _f32(t.v)
 
-    torch._foreach_lerp_(m, g, 1 - h["beta1"])
-    torch._foreach_mul_(v, h["beta2"])
-    torch._foreach_addcmul_(v, g, g, value=1 - h["beta2"])
+    torch._foreach_lerp_(m, g, s.one_minus_beta1)
+    torch._foreach_mul_(v, s.beta2)
+    torch._foreach_addcmul_(v, g, g, value=s.one_minus_beta2)
     denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, h["bc2_sqrt"])
-    torch._foreach_add_(denom, h["eps"])
+    torch._foreach_div_(denom, s.bc2_sqrt)
+    torch._foreach_add_(denom, s.eps)
 
-    fp32_params = t.p[0].dtype == torch.float32
-    if kahan:
-        # delta = -lr*wd*p - step_size*m/denom, applied through the compensation buffer
-        pf = _f32(t.p)
-        delta = torch._foreach_mul(pf, -h["lr"] * h["wd"])
-        torch._foreach_addcdiv_(delta, m, denom, value=-h["step_size"])
-        old = [x.clone() for x in t.p] if stats is not None else None
-        if stats is not None:
-            comp_old = [x.clone() for x in t.comp]
-            nonzero = [d != 0 for d in delta]
-        for i in range(len(t.p)):
-            r = rand[i][w_field] if w_field >= 0 else None
-            kahan_write_(t.p[i], t.comp[i], pf[i], delta[i], r)
-        if stats is not None:
-            for i in range(len(t.p)):
-                lost = nonzero[i] & (t.p[i] == old[i])
-                stats.add(nonzero[i].count_nonzero(), lost.count_nonzero(),
-                          (lost & (t.comp[i] != comp_old[i])).count_nonzero())
+    if layout.kahan:
+        _write_weights_kahan(t, m, denom, layout, rand, s, counter)
     else:
-        pf = t.p if fp32_params else _f32(t.p)
-        old = [x.clone() for x in t.p] if (stats is not None and not fp32_params) else None
-        torch._foreach_mul_(pf, 1 - h["lr"] * h["wd"])
-        torch._foreach_addcdiv_(pf, m, denom, value=-h["step_size"])
-        if not fp32_params:
-            # Counted on bit patterns (integer differences: cheaper than float compares and bool sums). A weight
-            # whose fp32 result equals its old value keeps its bits under either rounding, so the changed
-            # weights are a subset of the updated ones and lost = updated - changed.
-            updated = ([(x.view(torch.int32) - o.float().view(torch.int32)).count_nonzero() for x, o in zip(pf, old)]
-                       if old is not None else None)  # before rounding, which clobbers pf
-            for i in range(len(t.p)):
-                r = rand[i][w_field] if w_field >= 0 else None
-                round_to_bf16_(t.p[i], pf[i], r)
-            if old is not None:
-                for i in range(len(t.p)):
-                    changed = (t.p[i].view(torch.int16) - old[i].view(torch.int16)).count_nonzero()
-                    stats.add(updated[i], updated[i] - changed, None)
+        _write_weights(t, m, denom, layout, rand, s, counter)
+    _write_moments(t, m, v, layout, rand)
 
-    # write the moments back
-    if kind == "int8":
+
+def _write_weights_kahan(t, m, denom, layout, rand, s, counter) -> None:
+    """delta = -lr*wd*p - step_size*m/denom, applied to the bf16 weights through the compensation buffer."""
+    pf = _f32(t.p)
+    delta = torch._foreach_mul(pf, s.neg_lr_wd)
+    torch._foreach_addcdiv_(delta, m, denom, value=s.neg_step_size)
+    if counter is not None:
+        old, comp_old = [x.clone() for x in t.p], [x.clone() for x in t.comp]
+        nonzero = [d != 0 for d in delta]  # before kahan_write_, which clobbers delta
+    for i in range(len(t.p)):
+        kahan_write_(t.p[i], t.comp[i], pf[i], delta[i], _field(rand[i], layout.weight_field))
+    if counter is not None:
+        for i in range(len(t.p)):
+            lost = nonzero[i] & (t.p[i] == old[i])
+            counter.add(nonzero[i].count_nonzero(), lost.count_nonzero(),
+                        (lost & (t.comp[i] != comp_old[i])).count_nonzero())
+
+
+def _write_weights(t, m, denom, layout, rand, s, counter) -> None:
+    """p = p * (1 - lr*wd) - step_size*m/denom, rounded into bf16 weights (fp32 weights: updated in place)."""
+    if t.p[0].dtype == torch.float32:
+        torch._foreach_mul_(t.p, s.decay)
+        torch._foreach_addcdiv_(t.p, m, denom, value=s.neg_step_size)
+        return
+    pf = _f32(t.p)
+    old = [x.clone() for x in t.p] if counter is not None else None
+    torch._foreach_mul_(pf, s.decay)
+    torch._foreach_addcdiv_(pf, m, denom, value=s.neg_step_size)
+    # Counted on bit patterns (integer differences: cheaper than float compares and bool sums). A weight
+    # whose fp32 result equals its old value keeps its bits under either rounding, so the changed
+    # weights are a subset of the updated ones and lost = updated - changed.
+    updated = ([(x.view(torch.int32) - o.float().view(torch.int32)).count_nonzero() for x, o in zip(pf, old)]
+               if old is not None else None)  # before rounding, which clobbers pf
+    for i in range(len(t.p)):
+        round_to_bf16_(t.p[i], pf[i], _field(rand[i], layout.weight_field))
+    if old is not None:
+        for i in range(len(t.p)):
+            changed = (t.p[i].view(torch.int16) - old[i].view(torch.int16)).count_nonzero()
+            counter.add(updated[i], updated[i] - changed, None)
+
+
+def _write_moments(t, m, v, layout, rand) -> None:
+    """Store the fp32 moments (fp32 state was updated in place)."""
+    if layout.moments == "int8":
         for i in range(len(t.p)):
             quant.quantize_(t.m[i], t.m_scale[i], m[i], True)
             quant.quantize_(t.v[i], t.v_scale[i], v[i], False)
-    elif kind == "bfloat16":
+    elif layout.moments == "bfloat16":
         for i in range(len(t.p)):
-            round_to_bf16_(t.m[i], m[i], rand[i][m_field] if m_field >= 0 else None)
-            round_to_bf16_(t.v[i], v[i], rand[i][v_field] if v_field >= 0 else None)
+            round_to_bf16_(t.m[i], m[i], _field(rand[i], layout.exp_avg_field))
+            round_to_bf16_(t.v[i], v[i], _field(rand[i], layout.exp_avg_sq_field))
 
 
-class _Stats:
-    """Accumulates the lost-update counts of one tracked step (tensors; one sync at the end)."""
+class _LostUpdateCounter:
+    """Accumulates the lost-update counts of one counted step (tensors; synced once, in `result`)."""
 
     def __init__(self):
         self.updated = self.lost = self.compensated = None
@@ -541,13 +532,8 @@ class _Stats:
             self.kahan = True
             self.compensated = compensated if self.compensated is None else self.compensated + compensated
 
-    def result(self) -> dict[str, float]:
-        if self.updated is None:
-            return {"lost_update_fraction": 0.0, "compensated_fraction": 0.0,
-                    "tracked_elements": 0.0}
-        n = float(self.updated)
-        return {
-            "lost_update_fraction": float(self.lost) / n if n else 0.0,
-            "compensated_fraction": float(self.compensated) / n if (n and self.kahan) else 0.0,
-            "tracked_elements": n,
-        }
+    def result(self) -> UpdateStats:
+        n = int(self.updated) if self.updated is not None else 0
+        compensated = (float(self.compensated) / n if n else 0.0) if self.kahan else None
+        return UpdateStats(tracked_elements=n, lost_update_fraction=float(self.lost) / n if n else 0.0,
+                           compensated_fraction=compensated)

@@ -9,10 +9,10 @@ This is the same math as `adamw._update`, written a second time because that fun
 compiled as it is: it mirrors torch.optim.AdamW op for op (`addcdiv_`, `lerp_`, `_foreach_*` with
 Python-float scalars, so fp32 parameters match torch bitwise), and dynamo specializes the float
 scalars of exactly those ops - a recompile at every step, since lr, the bias corrections and the
-step size change every step. Here all scalars come in as one fp32 tensor (the same fp32 values the
-eager ops use) and the ops are out of place. The rounding and int8 code (rounding.py, quant.py) is
-shared. The results agree with the eager path's to the last bit of the fp32 arithmetic before each
-rounding, so a stored bf16 value rarely differs, and then by one ulp: not bitwise equal
+step size change every step. Here all scalars come in as one fp32 tensor (`layout.StepScalars`: the
+same fp32 values the eager ops use) and the ops are out of place. The rounding and int8 code
+(rounding.py, quant.py) is shared. The results agree with the eager path's to the last bit of the fp32
+arithmetic before each rounding, so a stored bf16 value rarely differs, and then by one ulp: not bitwise equal
 (`tests/test_optim.py::test_compiled_matches_eager` holds every layout to at most 1% of elements
 differing after 3 steps, by at most one bf16 ulp, a few fp32 ulps for fp32 weights).
 
@@ -28,6 +28,17 @@ Settings that matter (each found by measuring):
   dimension of the int8 graph dynamic once a 1-D layout has been seen (the int8 step then took
   3x as long in benchmarks/optimizer_step.py).
   int8 tensors whose size is not a multiple of 256 stay eager.
+
+Why the eager path does not run this function too (tried; CPU, 2 threads, benchmarks/optimizer_step.py's
+model, eager steps interleaved): run eagerly, it is bitwise equal to `adamw._update` in every layout (for
+fp32, to torch.optim.AdamW) once v's update is written `torch.addcmul(v * beta2, g * (1 - beta2), g)`: the
+eager `addcmul_` adds `(value * g) * g` with a fused multiply-add, one rounding fewer than
+`v * beta2 + (1 - beta2) * g * g` (which changed 5.7% of the elements of a random v in one step). But the eager step
+then took 1.1x (bf16 with the lost-update count) to 1.85x (fp32) as long as with `_update`'s in-place ops on
+the same chunks; written in place with the scalars still in one tensor, 1.0x to 1.2x (the `g * (1 - beta2)`
+and `m * -step_size` temporaries that `value=` folds into `addcmul_` / `addcdiv_`). And a per-tensor function
+has no foreach form for the accelerator path. So the math is written twice, and the tests hold the two
+together.
 """
 
 from __future__ import annotations
@@ -35,20 +46,11 @@ from __future__ import annotations
 import torch
 
 from . import quant
+from .layout import StepScalars
 from .rounding import kahan_write_, round_to_bf16_
 
 _RECOMPILE_LIMIT = 64  # graphs per process: layouts x dtypes x meter on/off; dynamo's default is 8
 _compiled = None
-
-
-def hyper_tensor(h: dict, device) -> torch.Tensor:
-    """The scalars of a step as one fp32 tensor on `device`. Python floats would be baked into the graph
-    (a recompile at every step for lr and the bias corrections), and even constant ones made the int8
-    kernel 2.3x slower."""
-    # the very fp32 constants the eager path's ops get from its Python floats (computed in double)
-    values = [1 - h["lr"] * h["wd"], -h["lr"] * h["wd"], -h["step_size"], h["bc2_sqrt"],
-              1 - h["beta1"], h["beta2"], 1 - h["beta2"], h["eps"]]
-    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def supports(kind: str, numel: int) -> bool:
@@ -56,7 +58,7 @@ def supports(kind: str, numel: int) -> bool:
     return kind != "int8" or numel % quant.BLOCK == 0
 
 
-def step(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, hp, track):
+def step(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count):
     """`fused_step` compiled (built on first use) on flat contiguous tensors; returns what it returns."""
     global _compiled
     if _compiled is None:
@@ -76,18 +78,20 @@ def step(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, hp, track):
 
     p, g, m, v, comp, m_scale, v_scale = map(dyn, (p, g, m, v, comp, m_scale, v_scale))
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, automatic_dynamic_shapes=False):
-        return _compiled(p, g, m, v, comp, m_scale, v_scale, [dyn(r) for r in rand], fields, kind, hp, track)
+        return _compiled(p, g, m, v, comp, m_scale, v_scale, [dyn(r) for r in rand], fields, kind, scalars, count)
 
 
-def fused_step(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, hp, track):
-    """One AdamW step of one tensor, in place; see `adamw._update` for the meaning of the arguments.
+def fused_step(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count):
+    """One AdamW step of one tensor, in place.
 
-    `hp` is `hyper_tensor(...)`. Returns, when `track`, the lost-update counts (updated, lost,
-    compensated or None) as 0-dim tensors, else None.
+    p, g: weight and gradient; m, v: the moments (int8: codes, with their block scales m_scale, v_scale);
+    comp: the Kahan buffer or None; rand: the tensor's random fields; fields: `ParamLayout.fields`;
+    kind: `ParamLayout.moments`; scalars: `StepScalars.as_tensor(...)`. Returns, when `count`, the
+    lost-update counts (updated, lost, compensated or None) as 0-dim tensors, else None.
     """
     p, g, m, v, comp = (None if t is None else t.view(-1) for t in (p, g, m, v, comp))
     rand = [r.view(-1) for r in rand]
-    decay, neg_lr_wd, neg_step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps = hp.unbind()
+    s = StepScalars(*scalars.unbind())
     w_field, m_field, v_field = fields
     gf = g.float()
     if kind == "int8":
@@ -95,29 +99,29 @@ def fused_step(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, hp, track
     else:
         mf, vf = m.float(), v.float()
     # the eager ops' formulas: lerp, mul + addcmul, sqrt / bc2 + eps, then mul + addcdiv ((value * a) / b)
-    mf = torch.lerp(mf, gf, one_minus_beta1)
-    vf = vf * beta2 + one_minus_beta2 * gf * gf
-    denom = vf.sqrt() / bc2_sqrt + eps
-    step = neg_step_size * mf / denom
+    mf = torch.lerp(mf, gf, s.one_minus_beta1)
+    vf = vf * s.beta2 + s.one_minus_beta2 * gf * gf
+    denom = vf.sqrt() / s.bc2_sqrt + s.eps
+    step = s.neg_step_size * mf / denom
     pf = p.float()
     counts = None
     if p.dtype == torch.float32:
-        p.copy_(pf * decay + step)
+        p.copy_(pf * s.decay + step)
     elif comp is not None:
-        delta = pf * neg_lr_wd + step
-        old, comp_old = (p.clone(), comp.clone()) if track else (None, None)
-        nonzero = delta != 0 if track else None
+        delta = pf * s.neg_lr_wd + step
+        old, comp_old = (p.clone(), comp.clone()) if count else (None, None)
+        nonzero = delta != 0 if count else None
         kahan_write_(p, comp, pf, delta, rand[w_field] if w_field >= 0 else None)
-        if track:
+        if count:
             lost = nonzero & (p == old)
             counts = (nonzero.count_nonzero(), lost.count_nonzero(), (lost & (comp != comp_old)).count_nonzero())
     else:
-        old = p.clone() if track else None
-        new = pf * decay + step
+        old = p.clone() if count else None
+        new = pf * s.decay + step
         # counted on bit patterns, as in adamw._update
-        updated = (new.view(torch.int32) - pf.view(torch.int32)).count_nonzero() if track else None
+        updated = (new.view(torch.int32) - pf.view(torch.int32)).count_nonzero() if count else None
         round_to_bf16_(p, new, rand[w_field] if w_field >= 0 else None)
-        if track:
+        if count:
             changed = (p.view(torch.int16) - old.view(torch.int16)).count_nonzero()
             counts = (updated, updated - changed, None)
     if kind == "int8":

@@ -1,32 +1,22 @@
-"""Sharded (FSDP2 DTensor) parameters in the optimizer: local shards, per-shard seeds, int8 block scales.
+"""Sharded (FSDP2 DTensor) parameters in the optimizer: per-shard seeds, int8 block scales.
 
-The math runs on each rank's local shard. Ranks holding different shards must draw different random bits,
-while replicas of one shard (HSDP, DDP) must draw the same ones; int8 blocks are cut from the local shard.
+The math runs on each rank's local shard (`leantrain.distributed.local`). Ranks holding different shards must draw
+different random bits, while replicas of one shard (HSDP, DDP) must draw the same ones; int8 blocks are cut from the
+local shard.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..distributed import is_dtensor
 from . import quant
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
-
-
-def is_dtensor(t: torch.Tensor) -> bool:
-    # No DTensor exists before torch.distributed.tensor is imported (which costs a second).
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view: writes go to the DTensor), or the tensor itself."""
-    return t.to_local() if is_dtensor(t) else t
 
 
 def shard_index(p: torch.Tensor) -> int:
