@@ -460,3 +460,24 @@ def test_a_failed_write_stops_with_exit_2_and_the_previous_checkpoint_resumes(tm
     r = run_leantrain("train", *BASE, f"--job.dump_folder={folder}")
     assert r.returncode == 0, r.stderr
     assert per_step(folder) == per_step(reference)
+
+
+def test_a_stop_message_names_a_command_that_really_resumes(tmp_path):
+    """Without job.dump_folder the same command would start afresh in a new runs/<timestamp>: the message names
+    the folder to pass instead of promising a resume that would not happen."""
+    args = [*TINY, "--metrics.log_freq=1", "--checkpoint.enable=true", "--training.steps=40", "--eval.interval=0"]
+    out, err = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "leantrain", "train", *args], stdout=out, stderr=err, env=_env(),
+                            cwd=tmp_path)
+    wait_for(lambda: any(tmp_path.glob("runs/*/metrics.jsonl")) and
+             len(next(tmp_path.glob("runs/*/metrics.jsonl")).read_text().splitlines()) >= 2, proc, "2 logged steps")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, (tmp_path / "stderr").read_text()
+    text = " ".join((tmp_path / "stdout").read_text().split())
+    assert "stopped by SIGTERM" in text, "the run ended before the signal: make it longer"
+    folder = next(tmp_path.glob("runs/*")).relative_to(tmp_path)
+    assert f"To resume from it, run the same command with --job.dump_folder={folder}" in text
+    assert "Run the same command again" not in text
+    r = subprocess.run([sys.executable, "-m", "leantrain", "train", *args, f"--job.dump_folder={folder}"],
+                       capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and "resuming from checkpoint" in r.stdout, r.stderr
