@@ -1,4 +1,4 @@
-"""The command line: ``leantrain train|compare|plan|eval|export [options]`` (``leantrain COMMAND --help``)."""
+"""The command line: ``leantrain train|compare|plan|eval|export|generate [options]`` (``leantrain COMMAND --help``)."""
 
 from __future__ import annotations
 
@@ -174,7 +174,53 @@ def _export(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "compare": _compare, "plan": _plan, "eval": _eval, "export": _export}
+GENERATE_USAGE = """usage: leantrain generate (--checkpoint DIR | --model.hf_checkpoint=DIR) --prompt TEXT
+                          [--max_new_tokens N] [--temperature T] [--top_p P] [--seed S] [--section.key=value ...]
+
+Prints the prompt and its continuation by a leantrain run's model (a run folder: its latest checkpoint, or
+its final model/ folder; a checkpoints folder; a step-N folder) or a local Hugging Face folder (llama,
+mistral, qwen2, qwen3), in the model's dtype with a KV cache. The prompt is encoded with BOS by the run's
+tokenizer (an HF folder: its tokenizer.json; --tokenizer.path overrides). --temperature 0 (default) is
+greedy; above 0, tokens are sampled from softmax(logits / T) within the top-p nucleus (--top_p, default 1),
+with a generator seeded by --seed (default 0): the same options give the same text. Stops after
+--max_new_tokens (default 64, or fewer where the model's positions end) or at EOS.
+"""
+
+
+def _number(args: list[str], name: str, kind: type, default: Any) -> tuple[Any, list[str]]:
+    """--name VALUE taken from args and read as ``kind`` (ConfigError, exit 2, when it is not one)."""
+    from .errors import ConfigError
+
+    text, args = _take_option(args, name)
+    if text is None:
+        return default, args
+    try:
+        return kind(text), args
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"--{name}={text!r} is not {what}.") from None
+
+
+def _generate(args: list[str]) -> int:
+    from .config import parse_overrides
+    from .errors import ConfigError
+
+    checkpoint_path, args = _take_option(args, "checkpoint")
+    prompt, args = _take_option(args, "prompt")
+    max_new_tokens, args = _number(args, "max_new_tokens", int, None)
+    temperature, args = _number(args, "temperature", float, 0.0)
+    top_p, args = _number(args, "top_p", float, 1.0)
+    seed, args = _number(args, "seed", int, 0)
+    if prompt is None:
+        raise ConfigError("leantrain generate needs --prompt TEXT (the text to continue).")
+    from .generate import run_generate
+
+    run_generate(checkpoint_path, parse_overrides(args), prompt, max_new_tokens, temperature, top_p, seed)
+    return 0
+
+
+COMMANDS = {"train": _train, "compare": _compare, "plan": _plan, "eval": _eval, "export": _export,
+            "generate": _generate}
 
 
 SUMMARIES = {
@@ -183,6 +229,7 @@ SUMMARIES = {
     "plan": "will this model and recipe fit in GPU memory? bytes per GPU, counted on the meta device",
     "eval": "loss and perplexity of a run's model or a Hugging Face model on held-out or given data",
     "export": "write a run's model as a Hugging Face Llama folder (config.json, safetensors, tokenizer)",
+    "generate": "continue a prompt with a run's model or a Hugging Face model (greedy or sampled, KV cache)",
 }
 TOP_USAGE = ("usage: leantrain COMMAND [options]   (leantrain COMMAND --help for its options)\n\n"
              "Memory-lean precision training for Llama-style models: full bfloat16 that converges like fp32.\n\n"
@@ -196,7 +243,8 @@ def _usage(command: str) -> str:
         from .config import help_text
 
         return USAGE + "\n" + help_text()
-    return {"compare": COMPARE_USAGE, "plan": PLAN_USAGE, "eval": EVAL_USAGE, "export": EXPORT_USAGE}[command]
+    return {"compare": COMPARE_USAGE, "plan": PLAN_USAGE, "eval": EVAL_USAGE, "export": EXPORT_USAGE,
+            "generate": GENERATE_USAGE}[command]
 
 
 def main(argv: list[str] | None = None, hooks: Any = None) -> int:

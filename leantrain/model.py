@@ -4,6 +4,8 @@ Also the few things by which the Llama-shaped families of Hugging Face differ fr
 a head size independent of dim / n_heads (Mistral-Nemo, Qwen3), a bias on the q/k/v projections (Qwen2),
 an RMSNorm of each query and key head before RoPE (Qwen3), and a sliding attention window (Mistral 7B v0.1).
 
+A :class:`KVCache` lets generation run one new position at a time against the keys and values already computed.
+
 Model code only: precision and parallelism are applied to it by other modules. The fp32 islands it
 touches (RoPE, RMSNorm statistics) are functions of leantrain.precision, called here.
 """
@@ -91,15 +93,33 @@ def check_seq_len(seq_len: int, args: ModelArgs, model: str) -> None:
                           f"and would not be exported. Use data.seq_len <= {args.max_seq_len}.")
 
 
-def sliding_window_mask(seq: int, window: int, device: torch.device) -> torch.Tensor | None:
-    """The attention mask [seq, seq] (True: attend) of a causal sliding window, or None where plain causal
-    attention is the same thing (no window, or one at least as long as the sequence), so that SDPA keeps its
-    ``is_causal`` fast path: a mask costs seq x seq memory and rules out the flash kernels."""
-    if not window or seq <= window:
+def sliding_window_mask(seq: int, window: int, device: torch.device, start_pos: int = 0) -> torch.Tensor | None:
+    """The attention mask [seq, start_pos + seq] (True: attend) of queries at positions start_pos.. against keys
+    at 0..: causal, within the sliding window when there is one. None where plain causal attention is the same
+    thing (from position 0, no window or one at least as long as the sequence), so that SDPA keeps its
+    ``is_causal`` fast path: a mask costs seq x seq memory and rules out the flash kernels. ``start_pos`` > 0:
+    a chunk decoded against a :class:`KVCache` (SDPA's ``is_causal`` aligns a short query block to the first
+    keys, not the last, so such a chunk always gets a mask)."""
+    if not start_pos and (not window or seq <= window):
         return None
-    pos = torch.arange(seq, device=device)
-    behind = pos[:, None] - pos[None, :]  # query position minus key position
-    return (behind >= 0) & (behind < window)
+    behind = (torch.arange(start_pos, start_pos + seq, device=device)[:, None]
+              - torch.arange(start_pos + seq, device=device)[None, :])  # query position minus key position
+    return (behind >= 0) & (behind < window) if window else behind >= 0
+
+
+class KVCache:
+    """The keys and values of the positions already run, so that generation runs each new token alone.
+
+    Per layer a key and a value buffer [batch, max_len, n_kv_heads, head_dim] (per key/value head, before GQA's
+    repeat; keys after RoPE), preallocated in the model's dtype. ``model(tokens, cache, start_pos)`` writes the
+    keys and values of positions start_pos.. and attends to every position before them that the causal mask
+    (and the sliding window) lets them see.
+    """
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch, max_len, args.n_kv_heads, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
 
 
 class Attention(nn.Module):
@@ -115,8 +135,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0) -> torch.Tensor:
+        """``cache``: this layer's (keys, values) buffers of a :class:`KVCache`; x holds positions start_pos.."""
         bsz, seq, _ = x.shape
         q = self.wq(x).view(bsz, seq, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
@@ -124,6 +145,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = precision.apply_rotary(q, cos, sin), precision.apply_rotary(k, cos, sin)
+        if cache is not None:  # store this chunk's keys and values, attend to the whole prefix
+            end = start_pos + seq
+            cache[0][:, start_pos:end], cache[1][:, start_pos:end] = k, v
+            k, v = cache[0][:, :end], cache[1][:, :end]
         # Grouped-query attention: each key/value head serves n_heads // n_kv_heads query heads.
         repeat = self.n_heads // self.n_kv_heads
         k, v = (t.repeat_interleave(repeat, dim=2) if repeat > 1 else t for t in (k, v))
@@ -153,9 +178,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -178,14 +203,24 @@ class Transformer(nn.Module):
         if self.args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab] in the compute dtype (the loss upcasts them)."""
-        if tokens.shape[1] > self.args.max_seq_len:
-            raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than max_seq_len={self.args.max_seq_len}")
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab] in the compute dtype (the loss upcasts them).
+
+        With a ``cache`` (generation), tokens are positions start_pos.. (RoPE at those absolute positions): their
+        keys and values go into the cache and they attend to the positions before them held there.
+        """
+        seq = tokens.shape[1]
+        if start_pos + seq > self.args.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + seq} tokens is longer than max_seq_len={self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)
-        mask = sliding_window_mask(tokens.shape[1], self.args.sliding_window, tokens.device)  # one for all layers
-        for layer in self.layers:
-            h = layer(h, self.rope_cos, self.rope_sin, mask)
+        mask = sliding_window_mask(seq, self.args.sliding_window, tokens.device, start_pos)  # one for all layers
+        if cache is None:
+            for layer in self.layers:
+                h = layer(h, self.rope_cos, self.rope_sin, mask)
+        else:
+            cos, sin = self.rope_cos[start_pos:], self.rope_sin[start_pos:]
+            for i, layer in enumerate(self.layers):
+                h = layer(h, cos, sin, mask, (cache.k[i], cache.v[i]), start_pos)
         return self.output(self.norm(h))
 
     @torch.no_grad()

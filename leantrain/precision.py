@@ -23,6 +23,10 @@ the loss and the trainer call (and nowhere else casts):
 7. Initial weights: drawn in fp32 one tensor at a time, then rounded to the storage dtype
    (:func:`init_normal_`), so every recipe starts from the same weights, and full bf16
    never holds an fp32 copy of the model.
+8. The sampling distribution of ``leantrain generate``: the last position's logits upcast to fp32, then
+   temperature, softmax and top-p (:func:`sampling_probs`), whatever the model's dtype. In bf16 a
+   temperature-divided softmax would round the probabilities of the tail (and the nucleus' cumulative sum)
+   to 8 bits of mantissa.
 """
 
 from __future__ import annotations
@@ -178,3 +182,16 @@ def init_normal_(param: torch.Tensor, std: float, generator: torch.Generator | N
 
             values = distribute_tensor(values, param.device_mesh, param.placements, src_data_rank=None)
         param.copy_(values)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """The next-token distribution [..., vocab] from logits, in fp32 (island 8): softmax(logits / temperature),
+    then top-p nucleus filtering: only the most likely tokens whose cumulated probability first reaches top_p
+    (the most likely one always) keep theirs, renormalised. ``temperature`` > 0; top_p in (0, 1], 1: no filter."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    ranked, order = probs.sort(dim=-1, descending=True)
+    ranked = ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p, 0.0)  # tokens after the nucleus is full
+    kept = torch.zeros_like(probs).scatter_(-1, order, ranked)
+    return kept / kept.sum(-1, keepdim=True)

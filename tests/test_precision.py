@@ -86,6 +86,16 @@ def test_model_output_stays_in_compute_dtype():
     assert model(torch.randint(0, 259, (1, 8))).dtype == torch.bfloat16
 
 
+def test_sampling_probabilities_are_computed_in_fp32_from_bf16_logits():
+    """Island 8: generate's temperature softmax and top-p from a bf16 model's logits, in fp32."""
+    logits = (torch.randn(259, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    probs = precision.sampling_probs(logits, 0.7)
+    assert probs.dtype == torch.float32
+    assert torch.equal(probs, torch.softmax(logits.float() / 0.7, dim=-1))
+    in_bf16 = torch.softmax(logits / 0.7, dim=-1)  # the island removed: probabilities rounded to 8 bits
+    assert ((in_bf16.double() - probs.double()).abs() / probs.double()).max() > 1e-3
+
+
 def test_grad_norm_accumulates_in_fp32():
     # 1000 gradients of 7 elements of 1/3 each: the exact norm is sqrt(7000)/3.
     params = [torch.zeros(7, dtype=torch.bfloat16, requires_grad=True) for _ in range(1000)]
