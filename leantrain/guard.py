@@ -109,8 +109,10 @@ class NonFiniteGuard:
             record["skipped_nonfinite"] = self.total
         return record
 
-    def raise_diverged(self, latest_checkpoint: Any = None, checkpointing: bool = False) -> None:
-        """Stop the run with exit code 3 (once :attr:`diverged`)."""
+    def raise_diverged(self, latest_checkpoint: Any = None, checkpointing: bool = False,
+                       weights_finite: bool = True) -> None:
+        """Stop the run with exit code 3 (once :attr:`diverged`). ``weights_finite``: whether the weights kept (those
+        before the skipped steps) are free of NaN/Inf, which an earlier, finite but huge update may have broken."""
         step, first = self.step, self.step - self.consecutive + 1
         if latest_checkpoint is not None:
             saved = (f"The latest checkpoint is {latest_checkpoint}; resuming from it as it is repeats the same "
@@ -122,7 +124,9 @@ class NonFiniteGuard:
         raise TrainingDiverged(
             f"Training diverged: the loss or gradient norm was NaN/Inf at {self.consecutive} steps in a row "
             f"(steps {first} to {step}; training.max_nonfinite_steps = {self.max_consecutive}). Those updates were "
-            f"skipped, so the weights are those after step {first - 1}. {saved} Usual remedies: a lower "
+            f"skipped, so the weights are those after step {first - 1}"
+            f"{'' if weights_finite else ', which already hold NaN/Inf (an earlier update overflowed them)'}. {saved} "
+            f"Usual remedies: a lower "
             f"optimizer.lr, a longer lr_scheduler.warmup_steps, gradient clipping (training.max_norm), or the "
             f"bf16-kahan / fp32 recipes; raise training.max_nonfinite_steps to ride out longer spikes.")
 

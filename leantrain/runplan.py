@@ -128,7 +128,8 @@ def check_hf_model(cfg: Config) -> None:
     if cfg.model.hf_checkpoint:
         from .hf import model_args_from_hf, read_config
 
-        model_args_from_hf(read_config(cfg.model.hf_checkpoint), where=f"{cfg.model.hf_checkpoint}/config.json")
+        model_args_from_hf(read_config(cfg.model.hf_checkpoint), max_seq_len=cfg.data.seq_len,
+                           where=f"{cfg.model.hf_checkpoint}/config.json")
 
 
 def tokenizer_path(cfg: Config) -> str:

@@ -240,7 +240,7 @@ def train(plan: RunPlan, hooks: Hooks = Hooks()) -> tuple[dict[str, Any] | None,
     steps = cfg.training.steps
     if run.ctx.nonfinite.diverged:  # exit code 3
         run.ctx.nonfinite.raise_diverged(run.checkpointer.latest() if cfg.checkpoint.enable else None,
-                                         cfg.checkpoint.enable)
+                                         cfg.checkpoint.enable, guard.all_finite(state.model.parameters()))
     weights = stopped_at[1] if stopped_at else run.checkpointer.latest() if cfg.checkpoint.enable else None
     if weights is None:  # no checkpoint holds the final weights: keep them on their own
         weights = run.checkpointer.save_final_model(run.plan.paths.folder, state)

@@ -166,6 +166,7 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_exit_3(tmp_path):
     message = " ".join(r.stderr.split())
     assert "leantrain: error: Training diverged" in message and "steps 2 to 4" in message
     assert "training.max_nonfinite_steps = 3" in message and "optimizer.lr" in message
+    assert "which already hold NaN/Inf" not in message  # huge (lr 1e30) but finite: the claim stays plain
     records = strict_jsonl(folder / "metrics.jsonl")
     assert [rec["step"] for rec in records] == [1, 2, 3, 4]
     assert [rec.get("skipped", False) for rec in records] == [False, True, True, True]
@@ -481,3 +482,11 @@ def test_a_stop_message_names_a_command_that_really_resumes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "leantrain", "train", *args, f"--job.dump_folder={folder}"],
                        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
     assert r.returncode == 0 and "resuming from checkpoint" in r.stdout, r.stderr
+
+
+def test_the_divergence_message_does_not_call_nan_weights_the_weights_of_a_good_step():
+    nonfinite = guard.NonFiniteGuard(2)
+    for step in (1, 2, 3):  # step 1 finite, then two NaN steps
+        nonfinite.check(step, torch.tensor(float("nan") if step > 1 else 1.0), torch.tensor(1.0))
+    with pytest.raises(TrainingDiverged, match=r"after step 1, which already hold NaN/Inf"):
+        nonfinite.raise_diverged(weights_finite=False)

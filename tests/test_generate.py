@@ -164,14 +164,14 @@ def test_generate_continues_a_prompt_with_a_runs_model(tiny_run, capsys):
     assert main(["generate", "--checkpoint", str(tiny_run), "--prompt", "Hello"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Hello") and out.endswith("\n")
-    # The same text in Python: the run's byte tokenizer, BOS first, greedy, as many tokens as the 32 positions leave,
-    # in the run's bf16 (the default recipe).
+    # The same text in Python: the run's byte tokenizer, BOS first, greedy, 64 new tokens (the default; the debug
+    # flavor keeps its 256 positions whatever seq_len it trained on), in the run's bf16 (the default recipe).
     model, _ = leantrain.checkpoint.load_model(tiny_run)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     tok = leantrain.data.ByteTokenizer()
     prompt = [tok.bos_id, *tok.encode("Hello")]
     new = generate(model, prompt, eos_id=tok.eos_id)
-    assert len(new) == 32 - len(prompt) or new[-1] == tok.eos_id
+    assert len(new) == 64 or new[-1] == tok.eos_id
     assert out == "Hello" + tok.decode(new) + "\n"
     # The model/ folder itself, and a seeded sample: the same text each time.
     sampled = ["generate", "--checkpoint", str(tiny_run / "model"), "--prompt=Hi", "--max_new_tokens=8",
@@ -197,8 +197,8 @@ def _stdout_twice(capsys, argv):
     (["--checkpoint", "{run}", "--prompt", "Hi", "--max_new_tokens=ten"], "--max_new_tokens='ten' is not a whole"),
     (["--checkpoint", "{run}", "--prompt", "Hi", "--temperature=-1"], "--temperature=-1.0: it must be 0"),
     (["--checkpoint", "{run}", "--prompt", "Hi", "--top_p=0"], "--top_p=0.0: it must be in (0, 1]"),
-    (["--checkpoint", "{run}", "--prompt", "Hello", "--max_new_tokens=64"],
-     "The prompt's 6 tokens and 64 new token(s) need 70 positions, but the model has 32"),
+    (["--checkpoint", "{run}", "--prompt", "Hello", "--max_new_tokens=251"],
+     "The prompt's 6 tokens and 251 new token(s) need 257 positions, but the model has 256"),
 ])
 def test_bad_generate_options_exit_2_with_one_paragraph(tiny_run, capsys, argv, says):
     capsys.readouterr()

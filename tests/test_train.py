@@ -234,3 +234,15 @@ def test_the_progress_bar_moves_every_step_and_messages_print_above_it(monkeypat
     # every message line starts at the left margin: the bar was cleared first (carriage return, no bar text)
     line = err.getvalue().split("leantrain: warning: y")[0].rsplit("\r", 1)[-1]
     assert line.strip() == ""
+
+
+def test_a_default_run_then_export_and_generate_on_its_folder_with_no_other_flag(tmp_path, capsys):
+    """What the README's Quickstart shows after `make train`: the run folder is all the commands need."""
+    from leantrain.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--training.steps=2", "--eval.interval=0", f"--job.dump_folder={run}"]) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "The list"]) == 0
+    assert capsys.readouterr().out.startswith("The list")
