@@ -297,7 +297,7 @@ def _write_case(case: str, tmp: Path) -> tuple[list[str], list[str]]:
         shards = sorted((tmp / "hf").glob("model-*.safetensors"))
         assert len(shards) > 2
         shards[1].unlink()
-        return [f"--model.hf_checkpoint={tmp / 'hf'}"], [shards[1].name, "does not exist"]
+        return [f"--model.hf_checkpoint={tmp / 'hf'}", "--tokenizer.path=byte"], [shards[1].name, "does not exist"]
     raise AssertionError(case)
 
 
@@ -308,14 +308,19 @@ def test_bad_input_exits_2_names_the_file_and_leaves_saved_files_intact(tmp_path
         pytest.skip("needs Linux /proc")
     args, expected = _write_case(case, tmp_path)
     before = snapshot(reference)
-    # Into the folder of a finished run (checkpointing off, or its config check would speak first).
+    # Into the folder of a finished run: refused as such before the input is even read, every file kept.
     r = run_leantrain("train", *BASE, "--checkpoint.enable=false", *args, f"--job.dump_folder={reference}")
+    assert r.returncode == 2 and "already holds a run" in " ".join(r.stderr.split()), (r.stdout, r.stderr)
+    assert snapshot(reference) == before  # config.toml, metrics.jsonl, summary.json, checkpoints
+    # Into a new folder: the input's own error, and nothing written there.
+    fresh = tmp_path / "fresh"
+    r = run_leantrain("train", *BASE, "--checkpoint.enable=false", *args, f"--job.dump_folder={fresh}")
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.startswith("leantrain: error:") or "\nleantrain: error:" in r.stderr
     assert "Traceback" not in r.stderr
     message = " ".join(r.stderr.split())
     assert all(text in message for text in expected), message
-    assert snapshot(reference) == before  # config.toml, metrics.jsonl, summary.json, checkpoints
+    assert not any(p.is_file() for p in fresh.rglob("*"))
 
 
 def test_invalid_utf8_is_replaced_with_a_warning_naming_the_file(tmp_path):
@@ -369,10 +374,10 @@ def test_pickle_payloads_are_refused_without_running(tmp_path, reference):
     leantrain.save_hf(leantrain.build_model("debug", vocab_size=300, max_seq_len=64), hf)
     (hf / "model.safetensors").unlink()
     torch.save({"model.embed_tokens.weight": Payload(marker)}, hf / "pytorch_model.bin")
-    r = run_leantrain("train", *TINY, "--training.steps=1", f"--model.hf_checkpoint={hf}",
+    r = run_leantrain("train", *TINY, "--training.steps=1", f"--model.hf_checkpoint={hf}", "--tokenizer.path=byte",
                       f"--job.dump_folder={tmp_path / 'hf-run'}")
     assert r.returncode == 2 and "pytorch_model.bin" in r.stderr and "safetensors" in r.stderr, r.stderr
-    assert main(["eval", f"--model.hf_checkpoint={hf}"]) == 2
+    assert main(["eval", f"--model.hf_checkpoint={hf}", "--tokenizer.path=byte"]) == 2
 
     # 2. A checkpoint whose DCP .metadata (a pickle) carries the payload: resume, eval and export refuse it.
     run = tmp_path / "run"
@@ -383,7 +388,7 @@ def test_pickle_payloads_are_refused_without_running(tmp_path, reference):
     info["files"][".metadata"] = (latest / ".metadata").stat().st_size
     (latest / "leantrain.json").write_text(json.dumps(info))
     before = snapshot(run)
-    r = run_leantrain("train", *BASE, f"--job.dump_folder={run}")
+    r = run_leantrain("train", *BASE, f"--training.steps={STEPS + 1}", f"--job.dump_folder={run}")  # resumes
     assert r.returncode == 2, (r.stdout, r.stderr)
     message = " ".join(r.stderr.split())
     assert "not safe to load" in message and "posix.system" in message and "trust" in message, message
@@ -405,7 +410,7 @@ def test_pickle_payloads_are_refused_without_running(tmp_path, reference):
     assert marker.exists()
     marker.unlink()
     before = snapshot(run)
-    r = run_leantrain("train", *BASE, f"--job.dump_folder={run}")
+    r = run_leantrain("train", *BASE, f"--training.steps={STEPS + 1}", f"--job.dump_folder={run}")  # resumes
     assert r.returncode == 2, (r.stdout, r.stderr)
     message = " ".join(r.stderr.split())
     assert "not safe to load" in message and "'step'" in message and "posix.system" in message, message
