@@ -168,6 +168,8 @@ def test_an_hf_model_trains_with_its_own_tokenizer_and_a_foreign_one_is_refused(
     # no tokenizer.json in the folder: nothing to guess from, so no silent byte ids
     assert main(["train", *args, f"--job.dump_folder={tmp_path / 'a'}"]) == 2
     assert "has no tokenizer.json" in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "a").exists()
+    assert main(["eval", f"--model.hf_checkpoint={folder}", "--recipe=fp32"]) == 2  # eval reads the same way
+    assert "has no tokenizer.json" in " ".join(capsys.readouterr().err.split())
     (tmp_path / "tokenizer.json").rename(folder / "tokenizer.json")
     assert main(["train", *args, f"--job.dump_folder={tmp_path / 'b'}"]) == 0
     assert f'path = "{folder / "tokenizer.json"}"' in (tmp_path / "b" / "config.toml").read_text()

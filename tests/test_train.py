@@ -246,3 +246,18 @@ def test_a_default_run_then_export_and_generate_on_its_folder_with_no_other_flag
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(run), "--prompt", "The list"]) == 0
     assert capsys.readouterr().out.startswith("The list")
+
+
+def test_top_level_help_version_and_the_name_of_an_hf_run(capsys):
+    from leantrain.cli import main
+    from leantrain.config import Model
+    from leantrain.model import build_model
+    from leantrain.train import _model_name
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {command} " in out for command in ("train", "compare", "plan", "eval", "export", "generate"))
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("leantrain 0.")
+    model = build_model("debug", torch.float32, "meta")
+    assert _model_name(Model(hf_checkpoint="models/Qwen2.5-0.5B"), model) == "llama models/Qwen2.5-0.5B"
+    assert _model_name(Model(flavor="small"), model) == "llama3 small"  # the title of loss.png and the start line
