@@ -57,15 +57,18 @@ def compare(recipes: list[str], out: str, train_args: list[str], config_path: st
                               f"would mix its curves with that run's. Choose another --out or remove {out} (or "
                               f"pass --checkpoint.enable=true, which resumes runs from their checkpoints).")
     os.makedirs(out, exist_ok=True)
+    steps = load_config(config_path, {**overrides, "recipe": recipes[0]}).training.steps
 
     summaries, curves = [], {}
     for r in recipes:
         folder = os.path.join(out, r)
         cmd = [sys.executable, "-m", "leantrain", "train", f"--recipe={r}", f"--job.dump_folder={folder}",
                *(["--config", config_path] if config_path else []), *train_args]
-        print(f"leantrain compare: recipe {r} ({recipes.index(r) + 1}/{len(recipes)})", flush=True)
-        proc = subprocess.run(cmd)
-        if proc.returncode != 0:
+        finished = _finished(folder, steps)  # (without checkpoints such an --out was refused above)
+        print(f"leantrain compare: recipe {r} ({recipes.index(r) + 1}/{len(recipes)})"
+              f"{': finished in an earlier comparison, its results are used' if finished else ''}", flush=True)
+        proc = subprocess.run(cmd) if not finished else None
+        if proc is not None and proc.returncode != 0:
             raise SystemExit(proc.returncode)
         with open(os.path.join(folder, "summary.json")) as f:
             summaries.append(json.load(f))
@@ -84,6 +87,15 @@ def compare(recipes: list[str], out: str, train_args: list[str], config_path: st
     print(table, flush=True)
     print(f"leantrain compare: report in {os.path.join(out, 'report.md')}", flush=True)
     return summaries
+
+
+def _finished(folder: str, steps: int) -> bool:
+    """The run in ``folder`` finished at ``steps`` (a rerun would be refused: a finished run is not rewritten)."""
+    try:
+        with open(os.path.join(folder, "summary.json"), encoding="utf-8") as f:
+            return json.load(f).get("steps") == steps
+    except (OSError, ValueError):
+        return False
 
 
 def default_out() -> str:

@@ -87,3 +87,16 @@ def test_plan_of_a_hugging_face_folder_plans_that_model(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["num_params"] == expected and str(tmp_path / "hf") in out["model"]
+
+
+def test_compare_again_with_checkpoints_uses_finished_runs_and_extends_them_when_asked(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--recipes", "fp32,bf16-sr", "--out", str(out), *TINY, "--training.steps=2",
+            "--checkpoint.enable=true", "--eval.interval=0"]
+    assert run_leantrain(*args).returncode == 0
+    again = run_leantrain(*args)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("finished in an earlier comparison") == 2
+    longer = run_leantrain(*args[:-2], "--training.steps=3", "--checkpoint.enable=true", "--eval.interval=0")
+    assert longer.returncode == 0, longer.stderr
+    assert [r["step"] for r in read_metrics(out / "fp32" / "metrics.jsonl")][-1] == 3

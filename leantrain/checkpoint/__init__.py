@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from .. import distributed, guard
 from ..config import Checkpoint, Config, load_config, warn_once
@@ -59,7 +60,7 @@ from ..hooks import Hooks
 from ..model import ModelArgs, Transformer, build_model_from_args
 from ..precision import DTYPES
 from ..runplan import RunPlan
-from ..state import TrainState, get_model_state_dict
+from ..state import TrainState
 from .reading import _check_model_args, _check_tensors, _dcp_load, _flatten, _quiet_dcp, _SafeReader
 
 INFO_FILE = "leantrain.json"
