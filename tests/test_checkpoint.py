@@ -299,3 +299,18 @@ def test_a_run_without_a_complete_checkpoint_starts_over_without_duplicate_recor
     records = read_metrics(folder / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] != 9.0 for r in records)
     assert sorted(os.listdir(folder / "checkpoints")) == ["step-2", "step-3"]
+
+
+def test_a_checkpoint_from_before_trainstate_still_resumes(tmp_path):
+    """Checkpoints written before TrainState keep the optimizer's generator at optimizer.rng_state (not in param
+    group 0): such a save, made here with that layout, resumes into the same state."""
+    cfg = tiny_config(tmp_path, "bf16-sr")
+    a = make_state(cfg)
+    train_steps(a, 2)
+    legacy = a.state_dict()
+    legacy["optimizer"]["rng_state"] = legacy["optimizer"]["param_groups"][0].pop("rng_state")
+    saver = checkpointer(cfg)
+    path = saver._write(saver.root / "step-2", legacy, a, 0.0, model_only=False)
+    b = make_state(cfg)
+    checkpointer(cfg).load(b, path)
+    assert_same_state(a, b)

@@ -319,8 +319,15 @@ class Checkpointer:
         sd = state.state_dict()
         if "cuda" in sd["rng"] and not _has_key(path, "rng.cuda"):
             del sd["rng"]["cuda"]
+        # Checkpoints written before TrainState (leantrain's own optimizer keying) hold the optimizer's generator
+        # at optimizer.rng_state instead of in param group 0; everything else has the same keys.
+        legacy = _has_key(path, "optimizer.rng_state")
+        if legacy:
+            sd["optimizer"]["rng_state"] = sd["optimizer"]["param_groups"][0].pop("rng_state")
         _check_tensors(path, _flatten(sd), info)
         _dcp_load(sd, path)
+        if legacy:
+            sd["optimizer"]["param_groups"][0]["rng_state"] = sd["optimizer"].pop("rng_state")
         try:
             state.load_state_dict(sd)
         except (ValueError, KeyError) as e:
