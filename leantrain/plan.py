@@ -100,6 +100,8 @@ def _meta_model(cfg: Config, storage: torch.dtype) -> Transformer:
 
 
 def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dict[str, Any]:
+    """The plan of every recipe for this model. It takes the config itself, not a run plan: it is the `plan`
+    command, which varies the config per recipe (config.with_recipe) for GPUs that are not this process's."""
     out: dict[str, Any] = {"flavor": cfg.model.flavor, "dp_shard": dp_shard, "gpu_memory_bytes": gpu_memory,
                            "seq_len": cfg.data.seq_len, "local_batch_size": cfg.data.local_batch_size,
                            "recipes": {}}
