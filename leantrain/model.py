@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import precision
+from .errors import ConfigError
 from .utils import set_default_dtype
 
 LLAMA3_ROPE_SCALING_8K = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -85,8 +86,6 @@ class RMSNorm(nn.Module):
 def check_seq_len(seq_len: int, args: ModelArgs, model: str) -> None:
     """data.seq_len fits the model's positions (max_seq_len: a flavor's, or an HF config's max_position_embeddings,
     which includes its RoPE scaling); ConfigError naming both otherwise."""
-    from .errors import ConfigError
-
     if seq_len > args.max_seq_len:
         raise ConfigError(f"data.seq_len = {seq_len} is longer than the {args.max_seq_len} positions of {model} (its "
                           f"max_position_embeddings, RoPE scaling included): positions past them were never trained "

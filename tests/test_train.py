@@ -9,7 +9,6 @@ import torch
 from conftest import TINY, run_leantrain
 from leantrain.config import load_config
 from leantrain.metrics import read_metrics
-from leantrain.optim import build_optimizer
 from leantrain.plan import plan
 from leantrain import parallel
 from leantrain.data import ByteTokenizer, PackedDataset

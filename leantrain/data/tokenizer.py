@@ -8,7 +8,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from leantrain.errors import DataError
+from leantrain.errors import ConfigError, DataError
 
 # --------------------------------------------------------------------------------------------
 # Tokenizers
@@ -214,8 +214,6 @@ def check_vocab(tokenizer_size: int, tokenizer_path: str, embedding_rows: int, h
     """The tokenizer fits the model: never more ids than embedding rows; for a Hugging Face model (``hf_folder``)
     a tokenizer other than the folder's own must have exactly as many (another size means another tokenizer;
     the folder's own may be smaller, as checkpoints pad their embeddings)."""
-    from leantrain.errors import ConfigError
-
     if tokenizer_size > embedding_rows:
         raise ConfigError(f"The tokenizer '{tokenizer_path}' has {tokenizer_size} tokens but the model's vocabulary "
                           f"(its embedding) has only {embedding_rows}. Set model.vocab_size to at least "
