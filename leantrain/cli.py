@@ -219,8 +219,49 @@ def _generate(args: list[str]) -> int:
     return 0
 
 
+PREPARE_USAGE = """usage: leantrain prepare --data.path=SRC --out DIR [--tokenizer.path=TOK] [--workers N]
+                         [--data.text_field=FIELD] [--shard-tokens N] [--model.hf_checkpoint=HF_DIR]
+
+Tokenizes a corpus once into DIR, a prepared folder that `leantrain train --data.path=DIR` (and eval,
+compare) memory-maps: training starts at once and its memory does not grow with the corpus. SRC is a .txt,
+.jsonl or .parquet file or a folder of them, read as a stream; FIELD is the .jsonl field or .parquet
+column with the text (default text). TOK as for train (default auto: model.hf_checkpoint's tokenizer.json,
+else byte); a run must use the same tokenizer. N worker processes tokenize (default: every core).
+DIR gets token shards (uint16 when the vocabulary fits, else uint32) of about --shard-tokens tokens
+(default 134217728) with a document index each, and manifest.json. Interrupted, the same command resumes;
+a folder without manifest.json is never read as data. The last 5% of documents are the eval split.
+"""
+
+_PREPARE_KEYS = ("data.path", "data.text_field", "tokenizer.path", "model.hf_checkpoint")
+
+
+def _prepare(args: list[str]) -> int:
+    from .config import load_config, parse_overrides
+    from .errors import ConfigError
+    from .runplan import tokenizer_path
+
+    out, args = _take_option(args, "out")
+    workers, args = _number(args, "workers", int, 0)
+    shard_tokens, args = _number(args, "shard-tokens", int, None)
+    overrides = parse_overrides(args)
+    other = [k for k in overrides if k not in _PREPARE_KEYS]
+    if other or not out or "data.path" not in overrides:
+        raise ConfigError("leantrain prepare needs --data.path=SRC and --out DIR, and takes only --workers, "
+                          f"--shard-tokens and {', '.join('--' + k for k in _PREPARE_KEYS)}"
+                          f"{' (got ' + ', '.join(other) + ')' if other else ''}.")
+    if workers < 0:
+        raise ConfigError(f"--workers={workers}: give a positive number of processes (0 or absent: every core).")
+    cfg = load_config(None, overrides)
+    from .data.prepared import SHARD_TOKENS
+    from .prepare import prepare
+
+    prepare(cfg.data.path, tokenizer_path(cfg), out, workers, cfg.data.text_field,
+            SHARD_TOKENS if shard_tokens is None else shard_tokens, progress_bar=sys.stderr.isatty())
+    return 0
+
+
 COMMANDS = {"train": _train, "compare": _compare, "plan": _plan, "eval": _eval, "export": _export,
-            "generate": _generate}
+            "generate": _generate, "prepare": _prepare}
 
 
 SUMMARIES = {
@@ -230,6 +271,7 @@ SUMMARIES = {
     "eval": "loss and perplexity of a run's model or a Hugging Face model on held-out or given data",
     "export": "write a run's model as a Hugging Face Llama folder (config.json, safetensors, tokenizer)",
     "generate": "continue a prompt with a run's model or a Hugging Face model (greedy or sampled, KV cache)",
+    "prepare": "tokenize a corpus once, in parallel, into memory-mapped shards that train reads at any size",
 }
 TOP_USAGE = ("usage: leantrain COMMAND [options]   (leantrain COMMAND --help for its options)\n\n"
              "Memory-lean precision training for Llama-style models: full bfloat16 that converges like fp32.\n\n"
@@ -244,7 +286,7 @@ def _usage(command: str) -> str:
 
         return USAGE + "\n" + help_text()
     return {"compare": COMPARE_USAGE, "plan": PLAN_USAGE, "eval": EVAL_USAGE, "export": EXPORT_USAGE,
-            "generate": GENERATE_USAGE}[command]
+            "generate": GENERATE_USAGE, "prepare": PREPARE_USAGE}[command]
 
 
 def main(argv: list[str] | None = None, hooks: Any = None) -> int:

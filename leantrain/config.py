@@ -80,10 +80,19 @@ class Tokenizer:
 @dataclass(frozen=True)
 class Data:
     path: str = "builtin"
-    """'builtin' (the pydoc texts shipped with CPython), a .txt file, a .jsonl file (field 'text') or a folder of them."""
+    """'builtin' (the pydoc texts shipped with CPython), a .txt file, a .jsonl file (field data.text_field), a
+    .parquet file (column data.text_field), a folder of them (tokenized in memory at every start: for small
+    corpora), or a folder written by leantrain prepare (memory-mapped: any size)."""
     format: Literal["text", "sft"] = "text"
     """'text': pretraining, documents packed into seq_len windows with EOS between them. 'sft': .jsonl with
     'prompt' and 'response' strings, one sample per row padded to seq_len; the loss is on the response only."""
+    text_field: str = "text"
+    """The field of a .jsonl record (or the column of a .parquet file) that holds a document's text
+    (data.format=text)."""
+    mix: str = ""
+    """Several folders written by leantrain prepare, mixed by weight: 'DIR=WEIGHT,DIR=WEIGHT' (weights are
+    relative). Each global batch's windows are drawn from them by weight, deterministically and resumably;
+    eval covers every folder's eval split. Leave data.path at its default when this is set."""
     seq_len: int = 256
     """Tokens per training sample."""
     local_batch_size: int = 8
@@ -480,6 +489,12 @@ def validate(cfg: Config, warn: bool = True) -> None:
         raise ConfigError(f"data.format='sft' reads .jsonl files with 'prompt' and 'response' fields, but "
                           f"data.path is {d.path!r}. Point data.path at such a .jsonl file (or a folder of them), "
                           f"or use data.format='text'.")
+    if d.mix and d.path != Data.path:
+        raise ConfigError(f"data.mix and data.path are both set (data.path={d.path!r}); a mixture names its prepared "
+                          "folders in data.mix. Set one of them.")
+    if d.mix and d.format != "text":
+        raise ConfigError(f"data.mix mixes prepared text corpora, but data.format={d.format!r}. Use data.format=text.")
+    _require(bool(d.text_field), "data.text_field", d.text_field, "the name of a .jsonl field or .parquet column")
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         _require(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "0 (the flavor's) or positive")
     _require(0 <= m.rope_theta < math.inf, "model.rope_theta", m.rope_theta, "0 (the flavor's) or a positive number")

@@ -24,6 +24,7 @@ from torch import nn
 from . import checkpoint, parallel
 from .config import Config, load_config
 from .data import PackedDataset, SftDataset, build_datasets, build_tokenizer, load_documents, load_sft_samples
+from .data.prepared import is_prepared, open_prepared
 from .data.tokenizer import check_vocab
 from .errors import ConfigError
 from .metrics import write_json
@@ -77,16 +78,22 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return EvalResult(loss if tokens else float("nan"), tokens, n)
 
 
-def _dataset(cfg: Config, tokenizer: Any, whole_path: bool) -> tuple[PackedDataset | SftDataset, str]:
+def _dataset(cfg: Config, tokenizer: Any, whole_path: bool) -> tuple[Any, str]:
     d = cfg.data
     if not whole_path:
-        return build_datasets(d, tokenizer, cfg.job.seed)[1], "held-out split (last 5%)"
-    if d.format == "sft":
+        return build_datasets(d, tokenizer, cfg.job.seed, tokenizer_path=cfg.tokenizer.path)[1], \
+            "held-out split (last 5%)"
+    if is_prepared(d.path):  # all of a prepared corpus: both splits' tokens, as one stream
+        corpus = open_prepared(d.path)
+        corpus.check_tokenizer(tokenizer, cfg.tokenizer.path)
+        data = PackedDataset.from_tokens(corpus.stream, d.seq_len, d.local_batch_size, cfg.job.seed, shuffle=False,
+                                         name="eval")
+    elif d.format == "sft":
         data = SftDataset(load_sft_samples(d.path), tokenizer, d.seq_len, d.local_batch_size, cfg.job.seed,
                           shuffle=False, name="eval")
     else:
-        data = PackedDataset(load_documents(d.path), tokenizer, d.seq_len, d.local_batch_size, cfg.job.seed,
-                             shuffle=False, name="eval")
+        data = PackedDataset(load_documents(d.path, d.text_field), tokenizer, d.seq_len, d.local_batch_size,
+                             cfg.job.seed, shuffle=False, name="eval")
     return data, "all"
 
 

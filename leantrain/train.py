@@ -206,7 +206,7 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
         prepare_run_folder(plan.paths.folder)
     tokenizer = build_tokenizer(cfg.tokenizer.path)
     train_data, eval_data = build_datasets(cfg.data, tokenizer, cfg.job.seed, rank=dist.plan.rank,
-                                           world_size=dist.world_size)  # each rank: its slice of a global batch
+                                           world_size=dist.world_size, tokenizer_path=cfg.tokenizer.path)  # each rank: its slice of a global batch
     state = build_state(plan, dist, train_data, tokenizer.vocab_size, hf_weights=resume_from is None)
     model, checkpointer = state.model, build_checkpointer(plan, hooks)
     resumed_elapsed = checkpointer.load(state, resume_from) if resume_from else 0.0

@@ -276,7 +276,7 @@ def test_unknown_extension(tmp_path):
 
 def test_folder_without_data(tmp_path):
     (tmp_path / "readme.md").write_text("hi", encoding="utf-8")
-    with pytest.raises(DataError, match="no .txt or .jsonl"):
+    with pytest.raises(DataError, match="no .txt, .jsonl or .parquet"):
         load_documents(str(tmp_path))
 
 

@@ -21,7 +21,7 @@ LAYERS = [
     {"hf", "config"},  # config knows the optimizer's choices
     {"runplan"},  # config resolved into frozen values
     {"parallel", "plan", "checkpoint"},
-    {"step", "evaluation", "generate"},
+    {"step", "evaluation", "generate", "prepare"},
     {"train", "compare"},
     {"cli", "__init__"},
     {"__main__"},

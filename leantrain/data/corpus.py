@@ -1,4 +1,9 @@
-"""Documents: ``builtin`` (CPython's pydoc texts), .txt, .jsonl or a folder of them; the eval split."""
+"""Documents: ``builtin`` (CPython's pydoc texts), .txt, .jsonl, .parquet or a folder of them; the eval split.
+
+Two readers share one rule for what a document is: :func:`load_documents` (every document in memory, for
+small corpora) and :func:`iter_chunks` (the same documents as a stream of raw chunks with resume positions,
+for ``leantrain prepare``, which never holds the whole corpus).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 import math
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -15,30 +21,33 @@ from leantrain.errors import DataError
 # Documents
 # --------------------------------------------------------------------------------------------
 
-DATA_SUFFIXES = (".txt", ".jsonl")
+DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # A .txt file is cut into at most this many documents (see load_documents).
 TXT_PIECES = 20
 TXT_MIN_PIECE_CHARS = 4096
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 _ALLOWED_PATHS = ('data.path must be "builtin", a .txt file, a .jsonl file (one JSON object per '
-                  'line with a "text" string), or a folder containing such files')
+                  'line with a "text" string, or the field data.text_field names), a .parquet file (a string '
+                  'column of that name), a folder containing such files, or a folder written by leantrain prepare')
 
 
-def load_documents(path: str) -> list[str]:
+def load_documents(path: str, text_field: str = "text") -> list[str]:
     """``data.path`` -> a list of documents (strings), in a deterministic order.
 
     * ``"builtin"``: the pydoc topic texts shipped with CPython (``pydoc_data.topics.topics``),
       one document per topic, in sorted topic order (~0.5 MB).
-    * ``.jsonl``: one JSON object per line with a ``"text"`` string; blank lines are skipped, and
-      so are records whose text is empty or only whitespace.
+    * ``.jsonl``: one JSON object per line with a ``text_field`` string (``data.text_field``, default
+      ``"text"``); blank lines are skipped, and so are records whose text is empty or only whitespace.
+    * ``.parquet``: the string column ``text_field``, row by row (read with pyarrow); null and
+      whitespace-only values are skipped.
     * ``.txt``: the file is one document unless it is long. **Rule:** a ``.txt`` file is cut
       into at most ``TXT_PIECES`` (20) documents of at least ``TXT_MIN_PIECE_CHARS`` (4096)
       characters each: a cut is made at the first blank line at or after every
       ``max(len/20, 4096)`` characters (at a plain newline when the remaining text has no blank
       line); the blank line itself is dropped. So a file under 8 KiB is one document, and in a
       long file the last 5% of documents (the eval split) is about the last 5% of its text.
-    * a folder: every ``.txt``/``.jsonl`` file under it, recursively, in sorted path order;
-      files and folders whose name starts with ``.`` are skipped.
+    * a folder: every ``.txt``/``.jsonl``/``.parquet`` file under it, recursively, in sorted path
+      order; files and folders whose name starts with ``.`` are skipped.
 
     Text that is not valid UTF-8 is decoded with ``errors="replace"`` (bad bytes become U+FFFD)
     and one ``UserWarning`` per file names the file and the first bad byte's offset: a few bad
@@ -46,11 +55,32 @@ def load_documents(path: str) -> list[str]:
     A leading UTF-8 byte-order mark is removed.
 
     Raises :class:`DataError` for a missing or unreadable path, a folder without data files,
-    another file extension, a bad ``.jsonl`` line (file and line number named), or a corpus that
-    is empty or only whitespace.
+    another file extension, a bad ``.jsonl`` line (file and line number named), a parquet file
+    without the column, or a corpus that is empty or only whitespace.
     """
     if path == "builtin":
         return _builtin_documents()
+    files = source_files(path)
+    docs: list[str] = []
+    for f in files:
+        suffix = f.suffix.lower()
+        if suffix == ".jsonl":
+            docs.extend(t for lineno, rec in _read_jsonl(f) if (t := record_text(rec, text_field, f, lineno)).strip())
+        elif suffix == ".parquet":
+            for batch in _parquet_batches(f, text_field, 0):
+                docs.extend(t for t in batch if t is not None and t.strip())
+        else:
+            docs.extend(d for d in _split_txt(_read_text(f)) if d.strip())
+    if not docs:
+        what = "file" if len(files) == 1 and not Path(path).expanduser().is_dir() else "folder's data files"
+        raise DataError(f"data.path={path!r}: the {what} contain(s) no text (empty or only "
+                        f"whitespace). Training needs a non-empty corpus. {_ALLOWED_PATHS}.")
+    return docs
+
+
+def source_files(path: str) -> list[Path]:
+    """The data files of a raw ``data.path`` (a file, or a folder's .txt/.jsonl/.parquet files, recursively,
+    in sorted path order, hidden ones skipped). DataError when there are none or the path is missing."""
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"data.path={path!r} does not exist. {_ALLOWED_PATHS}.")
@@ -62,36 +92,170 @@ def load_documents(path: str) -> list[str]:
             key=lambda f: f.relative_to(p).as_posix(),
         )
         if not files:
-            raise DataError(f"data.path={path!r} is a folder with no .txt or .jsonl files in it "
+            raise DataError(f"data.path={path!r} is a folder with no .txt, .jsonl or .parquet files in it "
                             f"(searched recursively, hidden files skipped). {_ALLOWED_PATHS}.")
-    elif p.suffix.lower() in DATA_SUFFIXES:
-        files = [p]
-    else:
-        raise DataError(f"data.path={path!r} has the extension {p.suffix or '(none)'!r}, which "
-                        f"leantrain cannot read. {_ALLOWED_PATHS}.")
-    docs: list[str] = []
-    for f in files:
-        if f.suffix.lower() == ".jsonl":
-            for lineno, rec in _read_jsonl(f):
-                if "text" not in rec:
-                    keys = ", ".join(repr(k) for k in list(rec)[:10]) or "none"
-                    raise DataError(f"{f}:{lineno}: the JSON object has no \"text\" field (its keys: "
-                                    f"{keys}). Every line of a .jsonl file for data.format=text "
-                                    "must be an object with a \"text\" string.")
-                text = rec["text"]
-                if not isinstance(text, str):
-                    raise DataError(f"{f}:{lineno}: \"text\" is a {type(text).__name__}, not a "
-                                    "string. Every line of a .jsonl file for data.format=text must "
-                                    "be an object with a \"text\" string.")
-                if text.strip():
-                    docs.append(text)
+        return files
+    if p.suffix.lower() in DATA_SUFFIXES:
+        return [p]
+    raise DataError(f"data.path={path!r} has the extension {p.suffix or '(none)'!r}, which "
+                    f"leantrain cannot read. {_ALLOWED_PATHS}.")
+
+
+def record_text(rec: dict, field: str, f: Path | str, lineno: int) -> str:
+    """The document text of one .jsonl record (DataError naming file and line when it has none)."""
+    if field not in rec:
+        keys = ", ".join(repr(k) for k in list(rec)[:10]) or "none"
+        raise DataError(f"{f}:{lineno}: the JSON object has no \"{field}\" field (its keys: {keys}). Every line "
+                        f"of a .jsonl file for data.format=text must be an object with a \"{field}\" string "
+                        "(data.text_field names the field).")
+    text = rec[field]
+    if not isinstance(text, str):
+        raise DataError(f"{f}:{lineno}: \"{field}\" is a {type(text).__name__}, not a string. Every line of a "
+                        f".jsonl file for data.format=text must be an object with a \"{field}\" string.")
+    return text
+
+
+PARQUET_BATCH_ROWS = 4096  # rows per pyarrow record batch: bounds what a streaming read holds at once
+
+
+def _parquet_file(f: Path, field: str):
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a damaged or foreign file
+        raise DataError(f"Data file {str(f)!r} is not a readable parquet file ({e}).") from e
+    schema = pf.schema_arrow
+    if field not in schema.names:
+        raise DataError(f"Data file {str(f)!r} has no column {field!r} (its columns: "
+                        f"{', '.join(schema.names[:20]) or 'none'}). Set data.text_field to the text column.")
+    import pyarrow as pa
+
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"Data file {str(f)!r}: the column {field!r} holds {kind}, not strings. "
+                        "data.text_field must name a string column.")
+    return pf
+
+
+def _parquet_batches(f: Path, field: str, skip_rows: int) -> Iterator[list[str | None]]:
+    """The column's values in record batches, after the first ``skip_rows`` rows."""
+    pf = _parquet_file(f, field)
+    seen = 0
+    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
+        values = batch.column(0).to_pylist()
+        if seen + len(values) > skip_rows:
+            yield values[max(skip_rows - seen, 0):]
+        seen += len(values)
+
+
+# --------------------------------------------------------------------------------------------
+# The same documents as a stream of chunks (leantrain prepare)
+# --------------------------------------------------------------------------------------------
+
+CHUNK_BYTES = 4 << 20  # source bytes per chunk: what one worker tokenizes at a time
+TXT_CHUNK_DOCS = 4  # .txt pieces per chunk (a piece is up to 1/20 of its file)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of the corpus that one worker turns into documents (:func:`chunk_documents`).
+
+    ``file`` indexes the source files; ``end`` is where reading resumes in that file after this chunk (a byte
+    offset in a .jsonl, a row in a .parquet, a piece in a .txt); ``size`` the source bytes it covers."""
+
+    file: int
+    path: str
+    end: int
+    size: int
+    lines: bytes = b""  # .jsonl: whole lines, undecoded (workers parse them)
+    first_line: int = 0  # .jsonl: the 1-based number of its first line
+    texts: tuple = ()  # .parquet values (None for null) or .txt documents
+
+
+def iter_chunks(files: list[Path], text_field: str, start: tuple[int, int] = (0, 0),
+                chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    """Every document of ``files`` (the rule of :func:`load_documents`) in chunks of about ``chunk_bytes``, from
+    ``start`` = (file index, position in it) on. Holds one chunk at a time, except a .txt file, which is read
+    whole to cut it."""
+    first_file, first_pos = start
+    for index in range(first_file, len(files)):
+        f, pos = files[index], first_pos if index == first_file else 0
+        suffix = f.suffix.lower()
+        if suffix == ".jsonl":
+            yield from _jsonl_chunks(index, f, pos, chunk_bytes)
+        elif suffix == ".parquet":
+            yield from _parquet_chunks(index, f, text_field, pos)
         else:
-            docs.extend(d for d in _split_txt(_read_text(f)) if d.strip())
-    if not docs:
-        what = "file" if len(files) == 1 and not p.is_dir() else "folder's .txt/.jsonl files"
-        raise DataError(f"data.path={path!r}: the {what} contain(s) no text (empty or only "
-                        f"whitespace). Training needs a non-empty corpus. {_ALLOWED_PATHS}.")
-    return docs
+            yield from _txt_chunks(index, f, pos)
+
+
+def _jsonl_chunks(index: int, f: Path, offset: int, chunk_bytes: int) -> Iterator[Chunk]:
+    try:
+        handle = open(f, "rb")
+    except OSError as e:
+        raise DataError(f"Data file {str(f)!r} cannot be read ({e.strerror or e}). Check that it exists and that "
+                        "this user may read it.") from e
+    with handle:
+        line = 1
+        remaining = offset  # a resumed file: count the lines before its offset (a line boundary)
+        while remaining > 0 and (block := handle.read(min(chunk_bytes, remaining))):
+            line, remaining = line + block.count(b"\n"), remaining - len(block)
+        rest = b""
+        while True:
+            block = handle.read(chunk_bytes)
+            data = rest + block
+            if not block:  # the end of the file: the last line may lack its newline
+                if data:
+                    yield Chunk(index, str(f), offset + len(data), len(data), lines=data, first_line=line)
+                return
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than a chunk: read on
+                rest = data
+                continue
+            lines, rest = data[:cut], data[cut:]
+            offset += cut
+            yield Chunk(index, str(f), offset, cut, lines=lines, first_line=line)
+            line += lines.count(b"\n")
+
+
+def _parquet_chunks(index: int, f: Path, field: str, row: int) -> Iterator[Chunk]:
+    pf = _parquet_file(f, field)
+    rows = max(pf.metadata.num_rows, 1)
+    per_row = f.stat().st_size / rows
+    for values in _parquet_batches(f, field, row):
+        row += len(values)
+        yield Chunk(index, str(f), row, int(per_row * len(values)), texts=tuple(values))
+
+
+def _txt_chunks(index: int, f: Path, piece: int) -> Iterator[Chunk]:
+    pieces = _split_txt(_read_text(f))
+    per_piece = f.stat().st_size / len(pieces)
+    for a in range(piece, len(pieces), TXT_CHUNK_DOCS):
+        b = min(a + TXT_CHUNK_DOCS, len(pieces))
+        yield Chunk(index, str(f), b, int(per_piece * (b - a)), texts=tuple(pieces[a:b]))
+
+
+def chunk_documents(chunk: Chunk, text_field: str) -> tuple[list[str], int]:
+    """(the chunk's documents, how many characters were not valid UTF-8): the rule of :func:`load_documents`."""
+    if not chunk.lines:
+        return [t for t in chunk.texts if t is not None and t.strip()], 0
+    docs, bad = [], 0
+    for n, raw in enumerate(chunk.lines.split(b"\n")):
+        lineno = chunk.first_line + n
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            line = raw.decode("utf-8", errors="replace")
+            bad += line.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+        if not line.strip():
+            continue
+        rec = _parse_json_line(line, chunk.path, lineno)
+        if (text := record_text(rec, text_field, chunk.path, lineno)).strip():
+            docs.append(text)
+    return docs, bad
 
 
 def _builtin_documents() -> list[str]:
@@ -125,17 +289,20 @@ def _read_text(f: Path) -> str:
 def _read_jsonl(f: Path) -> Iterator[tuple[int, dict]]:
     """(1-based line number, object) for each non-blank line of a .jsonl file."""
     for lineno, line in enumerate(_read_text(f).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{f}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). A .jsonl "
-                            "file must hold one JSON object per line; blank lines are allowed.") from e
-        if not isinstance(rec, dict):
-            raise DataError(f"{f}:{lineno}: expected a JSON object, got {type(rec).__name__}. A "
-                            ".jsonl file must hold one JSON object per line.")
-        yield lineno, rec
+        if line.strip():
+            yield lineno, _parse_json_line(line, f, lineno)
+
+
+def _parse_json_line(line: str, f: Path | str, lineno: int) -> dict:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{f}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). A .jsonl "
+                        "file must hold one JSON object per line; blank lines are allowed.") from e
+    if not isinstance(rec, dict):
+        raise DataError(f"{f}:{lineno}: expected a JSON object, got {type(rec).__name__}. A "
+                        ".jsonl file must hold one JSON object per line.")
+    return rec
 
 
 def _split_txt(text: str) -> list[str]:

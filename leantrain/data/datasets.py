@@ -46,18 +46,21 @@ class _Sampler:
                 self._order = torch.arange(self.n)
         return self._order
 
-    def next_indices(self) -> torch.Tensor:
-        need = self.batch_size * self.world_size
-        parts = []
-        while need > 0:
+    def take(self, count: int) -> torch.Tensor:
+        """The next ``count`` indices of the global order (every rank's)."""
+        parts = [torch.zeros(0, dtype=torch.int64)]
+        while count > 0:
             order = self._epoch_order()
-            take = min(need, self.n - self.position)
+            take = min(count, self.n - self.position)
             parts.append(order[self.position:self.position + take])
             self.position += take
-            need -= take
+            count -= take
             if self.position == self.n:
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        idx = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return torch.cat(parts) if len(parts) > 2 else parts[-1]
+
+    def next_indices(self) -> torch.Tensor:
+        idx = self.take(self.batch_size * self.world_size)
         return idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def state_dict(self) -> dict:
@@ -145,7 +148,9 @@ class PackedDataset(_Batches):
 
     Window ``i`` is ``tokens[i*seq_len : i*seq_len + seq_len + 1]``: consecutive windows share
     one token so every token except the first is a label once. The tail shorter than a window
-    is not used. Tokens are stored once as an int32 tensor; windows are views of it.
+    is not used. The tokens are an int32 array in memory (documents tokenized here) or a
+    :class:`leantrain.data.prepared.TokenStream` over memory-mapped shards (:meth:`from_tokens`):
+    a batch reads only its own windows.
 
     Order: an infinite stream over epochs; epoch ``e`` is a permutation of the windows drawn from
     a ``torch.Generator`` seeded by ``(seed, e)`` (in order when ``shuffle=False``). Each
@@ -161,20 +166,31 @@ class PackedDataset(_Batches):
                  seed: int, shuffle: bool = True, name: str = "train", *,
                  rank: int = 0, world_size: int = 1):
         _check_sizes(seq_len, batch_size, rank, world_size)
-        self.name = name
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.tokens = self._pack(list(docs), tokenizer)
-        self.num_tokens = int(self.tokens.numel())
+        self._setup(self._pack(list(docs), tokenizer), seq_len, batch_size, seed, shuffle, name, rank, world_size)
+
+    @classmethod
+    def from_tokens(cls, tokens: Any, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
+                    name: str = "train", *, rank: int = 0, world_size: int = 1) -> PackedDataset:
+        """Windows over tokens already packed as ``[BOS] ids EOS`` per document (``len(tokens)`` and
+        ``tokens[a:b]`` -> an integer array): a prepared folder's split."""
+        _check_sizes(seq_len, batch_size, rank, world_size)
+        self = cls.__new__(cls)
+        self._setup(tokens, seq_len, batch_size, seed, shuffle, name, rank, world_size)
+        return self
+
+    def _setup(self, tokens: Any, seq_len: int, batch_size: int, seed: int, shuffle: bool, name: str,
+               rank: int, world_size: int) -> None:
+        self.name, self.seq_len, self.batch_size, self.seed, self.shuffle = name, seq_len, batch_size, seed, shuffle
+        self.tokens = tokens
+        self.num_tokens = len(tokens)
         if self.num_tokens < seq_len + 1:
             raise DataError(
                 f"The {name} split has {self.num_tokens} tokens after tokenization, but one "
                 f"window needs data.seq_len + 1 = {seq_len + 1}. Use a smaller "
                 f"data.seq_len (at most {max(self.num_tokens - 1, 1)}) or more text in data.path.")
         self.num_windows = (self.num_tokens - 1) // seq_len
-        self.windows = self.tokens.unfold(0, seq_len + 1, seq_len)[: self.num_windows]  # a view
+        if isinstance(tokens, torch.Tensor):  # in memory: every window is a view, a batch one gather
+            self.windows = tokens.unfold(0, seq_len + 1, seq_len)[: self.num_windows]
         self._sampler = _Sampler(self.num_windows, batch_size, seed, shuffle, rank, world_size)
 
     @staticmethod
@@ -185,8 +201,7 @@ class PackedDataset(_Batches):
         parts: list[np.ndarray] = []
         for ids in _encode_many(tokenizer, docs):
             parts.extend((head, ids.astype(np.int32, copy=False), tail))
-        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-        return torch.from_numpy(flat)
+        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32))
 
     _IDENTITY = ("num_tokens", "num_windows", "seq_len")
     _ITEMS = "windows"
@@ -196,7 +211,12 @@ class PackedDataset(_Batches):
 
     def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, labels), both LongTensor [len(idx), seq_len]; labels are inputs shifted by one."""
-        w = self.windows[idx].long()
+        if isinstance(self.tokens, torch.Tensor):
+            w = self.windows[idx].long()
+        else:  # memory-mapped: read this rank's windows only
+            span = self.seq_len + 1
+            w = torch.from_numpy(np.stack([self.tokens[i * self.seq_len:i * self.seq_len + span]
+                                           for i in idx.tolist()]))
         return w[:, :-1], w[:, 1:]
 
     def __repr__(self) -> str:
@@ -329,11 +349,154 @@ class SftDataset(_Batches):
                 f"seq_len={self.seq_len}, batch_size={self.batch_size})")
 
 
-def build_datasets(data: Any, tokenizer: Tokenizer, seed: int, *, rank: int = 0,
-                   world_size: int = 1) -> tuple[PackedDataset | SftDataset, PackedDataset | SftDataset]:
-    """(train, eval) datasets for the config's ``data`` section, either format. The eval split is the
-    last 5% of documents (text) or samples (sft); it is read in order, never shuffled."""
+# --------------------------------------------------------------------------------------------
+# Several prepared corpora, mixed by weight
+# --------------------------------------------------------------------------------------------
+
+_MIX_STREAM = 0x6D6978  # "mix": keeps the mixture's draws apart from the data order's generators
+
+
+class MixedDataset:
+    """Prepared corpora drawn by weight: each slot of a global batch (``batch_size * world_size`` windows) comes
+    from source ``s`` with probability ``weights[s]``, drawn from a generator seeded by (seed, batch number), and
+    takes that source's next window in its own seeded order (so each source is still seen a whole epoch at a
+    time). Every rank draws the same global batch and reads only its slice's windows. The state (batches drawn,
+    each source's position) resumes exactly. Evaluation is every source's eval split in turn."""
+
+    def __init__(self, sources: Sequence[PackedDataset], names: Sequence[str], weights: Sequence[float],
+                 batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1):
+        self.sources, self.names = list(sources), list(names)
+        self.weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+        self.weights /= self.weights.sum()
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.draws = 0
+        self.num_tokens = sum(src.num_tokens for src in self.sources)
+
+    def _choices(self) -> torch.Tensor:
+        g = _epoch_generator(self.seed ^ _MIX_STREAM, self.draws)
+        return torch.multinomial(self.weights, self.batch_size * self.world_size, replacement=True, generator=g)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        choice = self._choices()
+        self.draws += 1
+        window = torch.empty_like(choice)
+        for s, src in enumerate(self.sources):  # every source advances by its global count, on every rank
+            slots = (choice == s).nonzero().flatten()
+            window[slots] = src._sampler.take(len(slots))
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        inputs = torch.empty(self.batch_size, self.sources[0].seq_len, dtype=torch.int64)
+        labels = torch.empty_like(inputs)
+        for s, src in enumerate(self.sources):
+            rows = (choice[mine] == s).nonzero().flatten()
+            if len(rows):
+                inputs[rows], labels[rows] = src._batch(window[mine][rows])
+        return inputs, labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws, "seed": self.seed,
+                "sources": {str(i): src.state_dict() for i, src in enumerate(self.sources)}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if int(sd.get("seed", self.seed)) != self.seed or set(sd.get("sources", {})) != {
+                str(i) for i in range(len(self.sources))}:
+            raise DataError(f"The checkpoint's data state is not one of this mixture of {len(self.sources)} prepared "
+                            "corpora with this job.seed: resume with the same data.mix and seed, or start a new run.")
+        for i, src in enumerate(self.sources):
+            src.load_state_dict(sd["sources"][str(i)])
+        self.draws = int(sd["draws"])
+
+
+class _EvalMix:
+    """The eval splits of a mixture, one source after another."""
+
+    def __init__(self, sources: Sequence[PackedDataset]):
+        self.sources = list(sources)
+        self.num_tokens = sum(src.num_tokens for src in self.sources)
+
+    def eval_batches(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        left = math.inf if max_batches is None else max(int(max_batches), 0)
+        for src in self.sources:
+            for batch in src.eval_batches():
+                if left <= 0:
+                    return
+                left -= 1
+                yield batch
+
+
+# --------------------------------------------------------------------------------------------
+# The datasets of a config
+# --------------------------------------------------------------------------------------------
+
+RAW_WARN_BYTES = 100 * 10**6  # above this much raw text, tokenizing in memory at every start is worth a warning
+
+
+def parse_mix(mix: str) -> list[tuple[str, float]]:
+    """``data.mix`` ("DIR=WEIGHT,DIR=WEIGHT") -> [(DIR, WEIGHT)]; DataError when malformed."""
+    pairs = []
+    for part in (p.strip() for p in mix.split(",")):
+        path, sep, weight = part.rpartition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not sep or not path or not (0 < value < math.inf):
+            raise DataError(f"data.mix={mix!r}: {part!r} is not DIR=WEIGHT. data.mix lists prepared folders with "
+                            "positive weights, e.g. data.mix='web=0.7,code=0.3' (the weights need not sum to 1).")
+        pairs.append((path, value))
+    if len(pairs) < 2:
+        raise DataError(f"data.mix={mix!r} names {len(pairs)} folder; a mixture needs at least two (for one, set "
+                        "data.path to it).")
+    return pairs
+
+
+def _prepared_splits(path: str, tokenizer: Tokenizer, tokenizer_path: str, data: Any, seed: int,
+                     common: dict) -> tuple[PackedDataset, PackedDataset]:
+    from .prepared import open_prepared
+
+    if data.format != "text":
+        raise DataError(f"data.path={path!r} is a prepared corpus of text documents; data.format={data.format!r} "
+                        "needs raw files. Use data.format=text with it.")
+    corpus = open_prepared(path)
+    corpus.check_tokenizer(tokenizer, tokenizer_path)
+    return (PackedDataset.from_tokens(corpus.train, data.seq_len, data.local_batch_size, seed, **common),
+            PackedDataset.from_tokens(corpus.eval, data.seq_len, data.local_batch_size, seed, shuffle=False,
+                                      name="eval", **common))
+
+
+def _warn_if_large(path: str) -> None:
+    from .corpus import source_files
+
+    if path == "builtin":
+        return
+    size = sum(f.stat().st_size for f in source_files(path))
+    if size > RAW_WARN_BYTES:
+        warnings.warn(f"data.path={path!r} holds {size / 1e6:.0f} MB of raw text, which every start (and every rank) "
+                      f"reads and tokenizes in memory, at about 8 bytes of memory per byte of text. `leantrain prepare "
+                      f"--data.path={path} --out DIR` tokenizes it once into memory-mapped shards; train with "
+                      "data.path=DIR then.", UserWarning, stacklevel=3)
+
+
+def build_datasets(data: Any, tokenizer: Tokenizer, seed: int, *, rank: int = 0, world_size: int = 1,
+                   tokenizer_path: str = "") -> tuple[Any, Any]:
+    """(train, eval) datasets for the config's ``data`` section: raw files (tokenized here), a prepared folder
+    (memory-mapped), or a mixture of prepared folders (``data.mix``). The eval split is the last 5% of documents
+    (text) or samples (sft); it is read in order, never shuffled."""
+    from .prepared import is_prepared
+
     common = dict(rank=rank, world_size=world_size)
+    if data.mix:
+        splits = [_prepared_splits(path, tokenizer, tokenizer_path, data, seed, dict(rank=0, world_size=1))
+                  for path, _ in parse_mix(data.mix)]
+        names, weights = zip(*parse_mix(data.mix))
+        return (MixedDataset([t for t, _ in splits], names, weights, data.local_batch_size, seed, **common),
+                _EvalMix([e for _, e in splits]))
+    if is_prepared(data.path):
+        return _prepared_splits(data.path, tokenizer, tokenizer_path, data, seed, common)
+    _warn_if_large(data.path)
     if data.format == "sft":
         samples = load_sft_samples(data.path)
         if len(samples) < 2:
@@ -344,7 +507,7 @@ def build_datasets(data: Any, tokenizer: Tokenizer, seed: int, *, rank: int = 0,
         return (SftDataset(train_samples, tokenizer, data.seq_len, data.local_batch_size, seed, **common),
                 SftDataset(eval_samples, tokenizer, data.seq_len, data.local_batch_size, seed, shuffle=False,
                            name="eval", **common))
-    train_docs, eval_docs = split_documents(load_documents(data.path))
+    train_docs, eval_docs = split_documents(load_documents(data.path, data.text_field))
     return (PackedDataset(train_docs, tokenizer, data.seq_len, data.local_batch_size, seed, **common),
             PackedDataset(eval_docs, tokenizer, data.seq_len, data.local_batch_size, seed, shuffle=False,
                           name="eval", **common))
