@@ -69,6 +69,18 @@ def _assert_close(got: list[float], want: list[float], rel: float) -> None:
     assert worst <= rel, f"losses {got} vs one process {want}: relative difference {worst:.2e} > {rel:.0e}"
 
 
+def _prepared_builtin(root) -> str:
+    """The built-in corpus as a .jsonl, prepared: the same documents, so the same batches as data.path=builtin."""
+    from leantrain.data import load_documents
+    from leantrain.prepare import prepare
+
+    (root / "builtin").mkdir()
+    (root / "builtin" / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n"
+                                                       for d in load_documents("builtin")))
+    prepare(str(root / "builtin"), "byte", str(root / "prepared"), workers=1, progress_bar=False)
+    return str(root / "prepared")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Train every configuration once: single-process references here, all 2-rank runs in one torchrun."""
@@ -87,6 +99,9 @@ def runs(tmp_path_factory):
              f"--job.dump_folder={root / f'{mode}-{recipe}'}"] for mode in MODES for recipe in RECIPES]
     jobs += [[*COMMON, f"--recipe={recipe}", "--data.local_batch_size=4", *extra,
               f"--job.dump_folder={root / name}"] for name, (recipe, extra) in VARIANTS.items()]
+    # FSDP2 on a prepared folder of the same documents: each rank memory-maps its own windows.
+    jobs.append([*COMMON, "--recipe=fp32", "--data.local_batch_size=4", *MODES["fsdp"],
+                 f"--data.path={_prepared_builtin(root)}", f"--job.dump_folder={root / 'fsdp-prepared'}"])
     (root / "jobs.json").write_text(json.dumps(jobs))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(ROOT, "tests", "distributed_jobs.py"), str(root / "jobs.json")],
@@ -102,6 +117,12 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(runs, mode, reci
     # The same initial weights and batch: the first loss is the same up to the order of fp32 sums.
     assert _losses(two)[0] == pytest.approx(_losses(one)[0], rel=1e-6)
     _assert_close(_losses(two), _losses(one), TOLERANCE[recipe])
+
+
+def test_two_ranks_on_prepared_data_match_one_process_on_the_raw_corpus(runs):
+    # Prepared shards give the same windows as the in-memory corpus, and the ranks' slices make up its batch.
+    assert _losses(runs / "fsdp-prepared")[0] == pytest.approx(_losses(runs / "single-fp32")[0], rel=1e-6)
+    _assert_close(_losses(runs / "fsdp-prepared"), _losses(runs / "single-fp32"), TOLERANCE["fp32"])
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -111,9 +111,15 @@ def test_dataset_state_resumes_exactly_on_prepared_data(tmp_path):
     assert _equal([b.next_batch() for _ in range(5)], rest)
 
 
-def test_training_on_prepared_data_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("kind", ["prepared", "mix"])
+def test_training_on_prepared_data_resumes_bit_for_bit(tmp_path, kind):
     _, out = _prepared(tmp_path)
-    args = [*TINY, "--data.seq_len=32", f"--data.path={out}", "--training.steps=4", "--metrics.log_freq=1",
+    if kind == "mix":
+        other = _prepared(tmp_path, "other", source=_uniform_corpus(tmp_path / "raw-other", "z"))[1]
+        data = f"--data.mix={out}=2,{other}=1"
+    else:
+        data = f"--data.path={out}"
+    args = [*TINY, "--data.seq_len=32", data, "--training.steps=4", "--metrics.log_freq=1",
             "--checkpoint.enable=true", "--checkpoint.interval=2", "--eval.interval=0"]
 
     def run(folder, steps):
@@ -307,3 +313,20 @@ def test_a_bad_line_stops_prepare_naming_file_and_line(tmp_path, capsys):
 
 def test_token_dtype_follows_the_vocabulary():
     assert token_dtype(259) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(128256) == np.uint32
+
+
+def test_eval_reads_a_prepared_folder_held_out_or_whole(tmp_path, capsys):
+    source = tmp_path / "small"
+    source.mkdir()
+    (source / "d.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(40)))
+    _, out = _prepared(tmp_path, source=source)
+    run = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--data.seq_len=32", f"--data.path={out}", "--training.steps=2",
+                     "--eval.steps=3", "--checkpoint.enable=true", f"--job.dump_folder={run}"]) == 0
+    eval_loss = read_metrics(run / "metrics.jsonl")[-1]["eval_loss"]
+    assert cli.main(["eval", "--checkpoint", str(run), "--eval.steps=3", "--out", str(tmp_path / "held.json")]) == 0
+    assert json.loads((tmp_path / "held.json").read_text())["loss"] == eval_loss  # the same split and batches
+    assert cli.main(["eval", "--checkpoint", str(run), f"--data.path={out}", "--out", str(tmp_path / "all.json")]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    result = json.loads((tmp_path / "all.json").read_text())
+    assert result["split"] == "all" and result["tokens"] == (manifest["tokens"] - 1) // 32 * 32

@@ -18,7 +18,6 @@ gives the train and eval datasets of either format.
 """
 
 from .corpus import load_documents, split_documents
-from .datasets import PackedDataset, SftDataset, build_datasets, load_sft_samples
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
 __all__ = [
@@ -33,3 +32,14 @@ __all__ = [
     "load_sft_samples",
     "build_datasets",
 ]
+
+_DATASETS = ("PackedDataset", "SftDataset", "build_datasets", "load_sft_samples")
+
+
+def __getattr__(name: str):
+    # The datasets need torch; the readers and tokenizers do not, and leantrain prepare's workers load only those.
+    if name in _DATASETS:
+        from . import datasets
+
+        return getattr(datasets, name)
+    raise AttributeError(f"module 'leantrain.data' has no attribute {name!r}")
