@@ -81,9 +81,15 @@ class Tokenizer:
 class Data:
     path: str = "builtin"
     """'builtin' (the pydoc texts shipped with CPython), a .txt file, a .jsonl file (field 'text') or a folder of them."""
-    format: Literal["text", "sft"] = "text"
-    """'text': pretraining, documents packed into seq_len windows with EOS between them. 'sft': .jsonl with
-    'prompt' and 'response' strings, one sample per row padded to seq_len; the loss is on the response only."""
+    format: Literal["text", "sft", "chat"] = "text"
+    """'text': pretraining, documents packed into seq_len windows with EOS between them. 'sft': .jsonl/.parquet
+    with 'prompt' and 'response' (or 'completion') strings; the loss is on the response and its EOS. 'chat':
+    .jsonl/.parquet with 'messages' (roles system/user/assistant) rendered with the tokenizer's chat template
+    (tokenizer_config.json or chat_template.jinja; a built-in Llama 3 style one otherwise); the loss is on the
+    assistant turns and their end-of-turn tokens."""
+    packing: bool = True
+    """sft/chat: pack several samples into each seq_len row (best-fit), each attending only to itself, instead of
+    one sample per row padded to seq_len. text is always packed: false is refused there."""
     seq_len: int = 256
     """Tokens per training sample."""
     local_batch_size: int = 8
@@ -476,10 +482,14 @@ def validate(cfg: Config, warn: bool = True) -> None:
     _require(c.interval >= 1, "checkpoint.interval", c.interval, "at least 1")
     _require(c.keep_latest_k >= 0, "checkpoint.keep_latest_k", c.keep_latest_k, "0 (keep all) or positive")
     _require(bool(c.folder.strip()), "checkpoint.folder", c.folder, "a folder name (relative to job.dump_folder)")
-    if d.format == "sft" and (d.path == "builtin" or d.path.lower().endswith(".txt")):
-        raise ConfigError(f"data.format='sft' reads .jsonl files with 'prompt' and 'response' fields, but "
-                          f"data.path is {d.path!r}. Point data.path at such a .jsonl file (or a folder of them), "
+    fields = {"sft": "'prompt' and 'response' fields", "chat": "a 'messages' list"}
+    if d.format in fields and (d.path == "builtin" or d.path.lower().endswith(".txt")):
+        raise ConfigError(f"data.format='{d.format}' reads .jsonl or .parquet files with {fields[d.format]}, but "
+                          f"data.path is {d.path!r}. Point data.path at such a file (or a folder of them), "
                           f"or use data.format='text'.")
+    if d.format == "text" and not d.packing:
+        raise ConfigError("data.packing=false applies to data.format='sft' or 'chat' (one sample per padded row); "
+                          "text data is always cut into full seq_len windows. Leave data.packing at true.")
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         _require(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "0 (the flavor's) or positive")
     _require(0 <= m.rope_theta < math.inf, "model.rope_theta", m.rope_theta, "0 (the flavor's) or a positive number")

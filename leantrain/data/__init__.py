@@ -12,13 +12,16 @@ The trainer uses five names from here:
 Every bad input raises :class:`leantrain.errors.DataError` with a message that names the file
 (or key), says what is wrong and what is allowed.
 
-``data.format="sft"`` uses :class:`SftDataset` (prompt/response pairs from :func:`load_sft_samples`,
-one sample per row, loss on the response only) with the same interface; :func:`build_datasets`
-gives the train and eval datasets of either format.
+``data.format="sft"`` (prompt/response pairs) and ``"chat"`` (``messages`` rendered with the tokenizer's chat
+template, :mod:`leantrain.data.chat`) make :class:`TokenizedSamples` (token ids and target masks) and serve them
+packed (:class:`PackedSftDataset`, batches with positions) or one per padded row (:class:`SftDataset`), with the
+same interface; :func:`build_datasets` gives the train and eval datasets of any format.
 """
 
 from .corpus import load_documents, split_documents
-from .datasets import PackedDataset, SftDataset, build_datasets, load_sft_samples
+from .chat import chat_template, record_sample, render
+from .datasets import (PackedDataset, PackedSftDataset, SftDataset, TokenizedSamples, best_fit_pack, build_datasets,
+                       build_eval_dataset, load_samples, load_sft_samples)
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
 __all__ = [
@@ -30,6 +33,14 @@ __all__ = [
     "split_documents",
     "PackedDataset",
     "SftDataset",
+    "PackedSftDataset",
+    "TokenizedSamples",
+    "best_fit_pack",
     "load_sft_samples",
+    "load_samples",
+    "record_sample",
+    "chat_template",
+    "render",
     "build_datasets",
+    "build_eval_dataset",
 ]
