@@ -7,7 +7,9 @@ The runs (each `python -m leantrain train` in a fresh process, 2 threads, every 
 fp32, bf16-sr, bf16-kahan, bf16-int8 on `debug`; a 2-rank FSDP2 bf16-sr run (torchrun, gloo); an SFT run;
 and a resume (4 steps with checkpoints, then the same folder extended to 8). What is compared: every logged
 key that the model's numbers decide (loss, grad_norm, lr, eval_loss, lost_update_fraction,
-compensated_fraction), as exact floats. `--allow KEY@RUN` names a key that may change in one run (the SFT
+compensated_fraction), as exact floats. The SFT runs pass --data.packing=false: they were recorded with one
+sample per padded row (before packing existed, and the default since), and check that padded SFT still computes
+exactly that; packed SFT sees other batches (rows of several samples), so its losses differ by design. `--allow KEY@RUN` names a key that may change in one run (the SFT
 eval_loss when the eval mean changes), and the check prints by how much.
 """
 
@@ -58,11 +60,13 @@ def record(tmp: str) -> dict[str, list[dict]]:
         out[recipe] = _run([f"--recipe={recipe}", "--training.steps=8"], os.path.join(tmp, recipe))
     out["fsdp2-bf16-sr"] = _run(["--recipe=bf16-sr", "--training.steps=6", "--parallelism.dp_shard=2"],
                                 os.path.join(tmp, "fsdp"), nproc=2)
-    out["sft"] = _run(["--recipe=bf16-sr", "--training.steps=8", "--data.format=sft", f"--data.path={_sft_file(tmp)}",
+    out["sft"] = _run(["--recipe=bf16-sr", "--training.steps=8", "--data.format=sft", "--data.packing=false",
+                       f"--data.path={_sft_file(tmp)}",
                        "--data.seq_len=48", "--training.gradient_accumulation_steps=2"], os.path.join(tmp, "sft"))
     # 10 eval samples of different lengths in batches of 4, 4 and 2: the token-weighted eval mean differs from
     # the mean of the batch means here.
-    out["sft-eval"] = _run(["--recipe=bf16-sr", "--training.steps=4", "--data.format=sft", "--eval.steps=3",
+    out["sft-eval"] = _run(["--recipe=bf16-sr", "--training.steps=4", "--data.format=sft", "--data.packing=false",
+                            "--eval.steps=3",
                             f"--data.path={_sft_file(tmp, 200)}", "--data.seq_len=48"], os.path.join(tmp, "sft-eval"))
     resumed = os.path.join(tmp, "resume")
     common = ["--recipe=bf16-int8", "--checkpoint.enable=true", "--checkpoint.interval=2"]

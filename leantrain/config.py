@@ -83,9 +83,15 @@ class Data:
     """'builtin' (the pydoc texts shipped with CPython), a .txt file, a .jsonl file (field data.text_field), a
     .parquet file (column data.text_field), a folder of them (tokenized in memory at every start: for small
     corpora), or a folder written by leantrain prepare (memory-mapped: any size)."""
-    format: Literal["text", "sft"] = "text"
-    """'text': pretraining, documents packed into seq_len windows with EOS between them. 'sft': .jsonl with
-    'prompt' and 'response' strings, one sample per row padded to seq_len; the loss is on the response only."""
+    format: Literal["text", "sft", "chat"] = "text"
+    """'text': pretraining, documents packed into seq_len windows with EOS between them. 'sft': .jsonl/.parquet
+    with 'prompt' and 'response' (or 'completion') strings; the loss is on the response and its EOS. 'chat':
+    .jsonl/.parquet with 'messages' (roles system/user/assistant) rendered with the tokenizer's chat template
+    (tokenizer_config.json or chat_template.jinja; a built-in Llama 3 style one otherwise); the loss is on the
+    assistant turns and their end-of-turn tokens."""
+    packing: bool = True
+    """sft/chat: pack several samples into each seq_len row (best-fit), each attending only to itself, instead of
+    one sample per row padded to seq_len. text is always packed: false is refused there."""
     text_field: str = "text"
     """The field of a .jsonl record (or the column of a .parquet file) that holds a document's text
     (data.format=text)."""
@@ -485,9 +491,10 @@ def validate(cfg: Config, warn: bool = True) -> None:
     _require(c.interval >= 1, "checkpoint.interval", c.interval, "at least 1")
     _require(c.keep_latest_k >= 0, "checkpoint.keep_latest_k", c.keep_latest_k, "0 (keep all) or positive")
     _require(bool(c.folder.strip()), "checkpoint.folder", c.folder, "a folder name (relative to job.dump_folder)")
-    if d.format == "sft" and (d.path == "builtin" or d.path.lower().endswith(".txt")):
-        raise ConfigError(f"data.format='sft' reads .jsonl files with 'prompt' and 'response' fields, but "
-                          f"data.path is {d.path!r}. Point data.path at such a .jsonl file (or a folder of them), "
+    fields = {"sft": "'prompt' and 'response' fields", "chat": "a 'messages' list"}
+    if d.format in fields and (d.path == "builtin" or d.path.lower().endswith(".txt")):
+        raise ConfigError(f"data.format='{d.format}' reads .jsonl or .parquet files with {fields[d.format]}, but "
+                          f"data.path is {d.path!r}. Point data.path at such a file (or a folder of them), "
                           f"or use data.format='text'.")
     if d.mix and d.path != Data.path:
         raise ConfigError(f"data.mix and data.path are both set (data.path={d.path!r}); a mixture names its prepared "
@@ -495,6 +502,9 @@ def validate(cfg: Config, warn: bool = True) -> None:
     if d.mix and d.format != "text":
         raise ConfigError(f"data.mix mixes prepared text corpora, but data.format={d.format!r}. Use data.format=text.")
     _require(bool(d.text_field), "data.text_field", d.text_field, "the name of a .jsonl field or .parquet column")
+    if d.format == "text" and not d.packing:
+        raise ConfigError("data.packing=false applies to data.format='sft' or 'chat' (one sample per padded row); "
+                          "text data is always cut into full seq_len windows. Leave data.packing at true.")
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         _require(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "0 (the flavor's) or positive")
     _require(0 <= m.rope_theta < math.inf, "model.rope_theta", m.rope_theta, "0 (the flavor's) or a positive number")

@@ -5,8 +5,8 @@ that path: it is taken to be an evaluation set). Without it, the held-out split 
 checkpoint run's data.path (or of the default data for an HF model), the split training never sees.
 Every batch of it is used unless ``--eval.steps=N`` is given on the command line (then the first N).
 
-The loss is the mean over every predicted token (SFT: every response token), not a mean of batch
-means, and the perplexity is exp of it. Both are printed and written as JSON to ``--out FILE``, or to
+The loss is the mean over every predicted token (SFT: every response token; chat: every assistant token),
+not a mean of batch means, and the perplexity is exp of it. Both are printed and written as JSON to ``--out FILE``, or to
 ``eval-step-N.json`` in the checkpoint's run folder, or ``eval.json`` in job.dump_folder for an HF model.
 """
 
@@ -23,8 +23,7 @@ from torch import nn
 
 from . import checkpoint, parallel
 from .config import Config, load_config
-from .data import PackedDataset, SftDataset, build_datasets, build_tokenizer, load_documents, load_sft_samples
-from .data.prepared import is_prepared, open_prepared
+from .data import build_datasets, build_eval_dataset, build_tokenizer
 from .data.tokenizer import check_vocab
 from .errors import ConfigError
 from .metrics import write_json
@@ -45,7 +44,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], precision: Precision,
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], precision: Precision,
              device: torch.device, sharded: bool = False) -> EvalResult:
     """The token-weighted mean loss over ``batches`` (the one evaluation of training and of ``leantrain eval``).
 
@@ -57,10 +56,10 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     model.eval()
     total, weights = torch.zeros((), device=device), torch.zeros((), device=device)
     tokens, reference, n = torch.zeros((), dtype=torch.int64, device=device), None, 0
-    for inputs, labels in batches:
+    for batch in batches:  # (inputs, labels), or (inputs, labels, positions) for packed SFT samples
+        inputs, labels = batch[0].to(device), batch[1].to(device)
         with precision.autocast(device, sharded):
-            logits = model(inputs.to(device))
-        labels = labels.to(device)
+            logits = model(inputs, positions=batch[2].to(device)) if len(batch) > 2 else model(inputs)
         count = (labels != IGNORE_INDEX).sum()
         reference = count.clamp(min=1) if reference is None else reference
         tokens += count
@@ -79,22 +78,10 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
 
 def _dataset(cfg: Config, tokenizer: Any, whole_path: bool) -> tuple[Any, str]:
-    d = cfg.data
     if not whole_path:
-        return build_datasets(d, tokenizer, cfg.job.seed, tokenizer_path=cfg.tokenizer.path)[1], \
+        return build_datasets(cfg.data, tokenizer, cfg.job.seed, tokenizer_path=cfg.tokenizer.path)[1], \
             "held-out split (last 5%)"
-    if is_prepared(d.path):  # all of a prepared corpus: both splits' tokens, as one stream
-        corpus = open_prepared(d.path)
-        corpus.check_tokenizer(tokenizer, cfg.tokenizer.path)
-        data = PackedDataset.from_tokens(corpus.stream, d.seq_len, d.local_batch_size, cfg.job.seed, shuffle=False,
-                                         name="eval")
-    elif d.format == "sft":
-        data = SftDataset(load_sft_samples(d.path), tokenizer, d.seq_len, d.local_batch_size, cfg.job.seed,
-                          shuffle=False, name="eval")
-    else:
-        data = PackedDataset(load_documents(d.path, d.text_field), tokenizer, d.seq_len, d.local_batch_size,
-                             cfg.job.seed, shuffle=False, name="eval")
-    return data, "all"
+    return build_eval_dataset(cfg.data, tokenizer, cfg.job.seed, tokenizer_path=cfg.tokenizer.path), "all"
 
 
 def run_eval(checkpoint_path: str | None, overrides: dict[str, str], out: str | None = None) -> dict[str, Any]:

@@ -108,10 +108,15 @@ def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float,
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [batch, seq, heads, head_dim] (Meta's interleaved pairs) in fp32, cast back (island 1)."""
+    """Rotate x [batch, seq, heads, head_dim] (Meta's interleaved pairs) in fp32, cast back (island 1).
+
+    ``cos``/``sin``: the tables [positions, head_dim // 2] (x is positions 0..seq-1), or the tables already
+    gathered at each token's position [batch, seq, head_dim // 2] (packed samples)."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[None, : x.shape[1], None, :], sin[None, : x.shape[1], None, :]
+    if cos.dim() == 2:
+        cos, sin = cos[None, : x.shape[1]], sin[None, : x.shape[1]]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
     return out.type_as(x)
 

@@ -42,7 +42,7 @@ class TrainState(Stateful):
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    data: Any  # PackedDataset | SftDataset: next_batch(), state_dict(), load_state_dict()
+    data: Any  # PackedDataset | SftDataset | PackedSftDataset: next_batch(), state_dict(), load_state_dict()
     step: int = 0
 
     def allocate_optimizer_state(self) -> None:

@@ -57,20 +57,28 @@ def token_weights(labels: list[torch.Tensor], dist: parallel.Distributed) -> lis
     return list(counts * scale / total)  # int64 / int64: fp32, and exactly 1.0 when the integers are equal
 
 
-def train_step(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor]], ctx: StepContext,
+def forward(model: torch.nn.Module, batch: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """The logits of a batch: (inputs, labels), or (inputs, labels, positions) for packed SFT samples."""
+    if len(batch) > 2:
+        return model(batch[0], positions=batch[2])
+    return model(batch[0])
+
+
+def train_step(state: TrainState, batches: list[tuple[torch.Tensor, ...]], ctx: StepContext,
                count_lost_updates: bool = False) -> StepStats:
-    """Advance ``state`` by one optimizer step over ``batches`` (this rank's micro-batches, on its device)."""
+    """Advance ``state`` by one optimizer step over ``batches`` (this rank's micro-batches, on its device: each
+    (inputs, labels), or (inputs, labels, positions) for packed SFT samples)."""
     step, device, accum = state.step + 1, ctx.dist.device, len(batches)
     # Dropped here rather than after the update: the gradients of the last step stay measurable (summary.json's
     # state_bytes), and no step starts with another's (a skipped step's) gradients.
     state.optimizer.zero_grad(set_to_none=True)
     # Packed text labels every token, so its weights are all exactly 1: no counting, no collective.
-    weights = token_weights([labels for _, labels in batches], ctx.dist) if ctx.weigh_tokens else [1.0] * accum
+    weights = token_weights([batch[1] for batch in batches], ctx.dist) if ctx.weigh_tokens else [1.0] * accum
     loss_sum = torch.zeros((), device=device)
-    for (inputs, labels), weight in zip(batches, weights):
+    for batch, weight in zip(batches, weights):
         with ctx.precision.autocast(device, ctx.dist.sharded):
-            logits = state.model(inputs)
-        loss = cross_entropy(logits, labels) * weight / accum
+            logits = forward(state.model, batch)
+        loss = cross_entropy(logits, batch[1]) * weight / accum
         loss.backward()
         loss_sum += loss.detach()
     grad_norm = ctx.hooks.grad_norm(step, clip_grad_norm_(state.model.parameters(), ctx.max_norm))
@@ -81,6 +89,6 @@ def train_step(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor
         updates = state.optimizer.step(count_lost_updates=count_lost_updates)
     guard.advance_schedule(state.scheduler)  # skipped steps count too: the schedule follows the step number
     state.step = step
-    tokens = sum(inputs.numel() for inputs, _ in batches) * ctx.dist.world_size
+    tokens = sum(batch[0].numel() for batch in batches) * ctx.dist.world_size
     return StepStats(step=step, loss=loss_sum, grad_norm=grad_norm, lr=lr, finite=finite, stop=stop,
                      updates=updates, tokens=tokens)

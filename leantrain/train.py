@@ -220,7 +220,7 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
                            resume_step=state.step if cfg.checkpoint.enable else None,
                            tensorboard=cfg.metrics.tensorboard)
     nonfinite = guard.NonFiniteGuard(cfg.training.max_nonfinite_steps, dist.world_size, logger.records)
-    ctx = StepContext(plan.precision, dist, cfg.training.max_norm, weigh_tokens=cfg.data.format == "sft",
+    ctx = StepContext(plan.precision, dist, cfg.training.max_norm, weigh_tokens=cfg.data.format != "text",
                       nonfinite=nonfinite, hooks=hooks)
     return Run(plan, dist, state, eval_data, checkpointer, logger, ctx,
                started=time.perf_counter() - resumed_elapsed)  # a resumed run continues the interrupted clock

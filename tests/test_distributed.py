@@ -87,12 +87,15 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     from leantrain.train import train
 
+    chat = _chat_args(root)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun's workers
     try:
         for recipe in RECIPES:
             train(resolve(load_config(None, parse_overrides([*COMMON, f"--recipe={recipe}", "--data.local_batch_size=8",
                                                              f"--job.dump_folder={root / f'single-{recipe}'}"]))))
+        train(resolve(load_config(None, parse_overrides([*COMMON, *chat, "--data.local_batch_size=8",
+                                                         f"--job.dump_folder={root / 'single-chat'}"]))))
     finally:
         torch.set_num_threads(threads)
     jobs = [[*COMMON, f"--recipe={recipe}", "--data.local_batch_size=4", *MODES[mode],
@@ -102,12 +105,31 @@ def runs(tmp_path_factory):
     # FSDP2 on a prepared folder of the same documents: each rank memory-maps its own windows.
     jobs.append([*COMMON, "--recipe=fp32", "--data.local_batch_size=4", *MODES["fsdp"],
                  f"--data.path={_prepared_builtin(root)}", f"--job.dump_folder={root / 'fsdp-prepared'}"])
+    jobs += [[*COMMON, *chat, "--data.local_batch_size=4", *MODES[mode], f"--job.dump_folder={root / f'{mode}-chat'}"]
+             for mode in MODES]
     (root / "jobs.json").write_text(json.dumps(jobs))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(ROOT, "tests", "distributed_jobs.py"), str(root / "jobs.json")],
                        capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return root
+
+
+def _chat_args(root) -> list[str]:
+    """Packed chat SFT (fp32): conversations of very different lengths, so the ranks' rows hold different numbers
+    of labelled tokens and the step's loss must weigh them as one global batch."""
+    path = root / "chat.jsonl"
+    with open(path, "w") as f:
+        for i in range(80):
+            turns = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a" * (1 + i % 7) * 5}]
+            f.write(json.dumps({"messages": turns * (1 + i % 3)}) + "\n")
+    return ["--recipe=fp32", "--data.format=chat", f"--data.path={path}", "--data.seq_len=256"]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_packed_chat_on_two_ranks_matches_one_process(runs, mode):
+    assert _losses(runs / f"{mode}-chat")[0] == pytest.approx(_losses(runs / "single-chat")[0], rel=1e-6)
+    _assert_close(_losses(runs / f"{mode}-chat"), _losses(runs / "single-chat"), TOLERANCE["fp32"])
 
 
 @pytest.mark.parametrize("mode", list(MODES))

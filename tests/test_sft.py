@@ -98,7 +98,7 @@ def test_position_resumes():
 
 @pytest.mark.parametrize("bad, where", [('{"prompt": "a", "response": "b"}\nnot json\n', ":2: not valid JSON"),
                                         ('{"prompt": "a", "response": "b"}\n\n{"prompt": "a"}\n',
-                                         ':3: the JSON object has no "response" field'),
+                                         ':3: the record has no "response" field'),
                                         ('{"prompt": 1, "response": "b"}\n', ':1: "prompt" is a int')])
 def test_bad_sft_lines_name_file_and_line(tmp_path, capsys, bad, where):
     path = tmp_path / "sft.jsonl"

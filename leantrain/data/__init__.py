@@ -12,9 +12,10 @@ The trainer uses five names from here:
 Every bad input raises :class:`leantrain.errors.DataError` with a message that names the file
 (or key), says what is wrong and what is allowed.
 
-``data.format="sft"`` uses :class:`SftDataset` (prompt/response pairs from :func:`load_sft_samples`,
-one sample per row, loss on the response only) with the same interface; :func:`build_datasets`
-gives the train and eval datasets of either format.
+``data.format="sft"`` (prompt/response pairs) and ``"chat"`` (``messages`` rendered with the tokenizer's chat
+template, :mod:`leantrain.data.chat`) make :class:`TokenizedSamples` (token ids and target masks) and serve them
+packed (:class:`PackedSftDataset`, batches with positions) or one per padded row (:class:`SftDataset`), with the
+same interface; :func:`build_datasets` gives the train and eval datasets of any format.
 """
 
 from .corpus import load_documents, split_documents
@@ -29,11 +30,21 @@ __all__ = [
     "split_documents",
     "PackedDataset",
     "SftDataset",
+    "PackedSftDataset",
+    "TokenizedSamples",
+    "best_fit_pack",
     "load_sft_samples",
+    "load_samples",
+    "record_sample",
+    "chat_template",
+    "render",
     "build_datasets",
+    "build_eval_dataset",
 ]
 
-_DATASETS = ("PackedDataset", "SftDataset", "build_datasets", "load_sft_samples")
+_DATASETS = ("PackedDataset", "SftDataset", "PackedSftDataset", "TokenizedSamples", "best_fit_pack", "build_datasets",
+             "build_eval_dataset", "load_samples", "load_sft_samples")
+_CHAT = ("chat_template", "record_sample", "render")
 
 
 def __getattr__(name: str):
@@ -42,4 +53,8 @@ def __getattr__(name: str):
         from . import datasets
 
         return getattr(datasets, name)
+    if name in _CHAT:
+        from . import chat
+
+        return getattr(chat, name)
     raise AttributeError(f"module 'leantrain.data' has no attribute {name!r}")

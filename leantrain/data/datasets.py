@@ -1,10 +1,10 @@
-"""Batches: packed pretraining windows and padded SFT samples, in a seeded, resumable order."""
+"""Batches: packed pretraining windows, and SFT samples packed or padded, in a seeded, resumable order."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -13,7 +13,8 @@ import torch
 from leantrain.errors import DataError
 from leantrain.precision import IGNORE_INDEX
 
-from .corpus import _read_jsonl, eval_count, load_documents, split_documents
+from .chat import _ALLOWED, chat_template, prompt_response, read_records, record_sample, sft_sample
+from .corpus import eval_count, load_documents, split_documents
 from .tokenizer import Tokenizer, _encode_many
 
 # --------------------------------------------------------------------------------------------
@@ -130,6 +131,12 @@ class _Batches:
                     f"but the data now has {key}={getattr(self, key)}: data.path, tokenizer.path or "
                     "data.seq_len changed since the checkpoint. Resume with the same data settings, "
                     "or start a new run (another job.dump_folder).")
+        if ("num_rows" in sd) != ("num_rows" in self._IDENTITY):  # packed SFT data has num_rows, padded has not
+            packed = "num_rows" in sd
+            raise DataError(f"The checkpoint's {self._KIND}{self.name} data state is of "
+                            f"{'packed' if packed else 'padded'} rows, but this run has data.packing="
+                            f"{'false' if packed else 'true'}. Resume with data.packing={str(packed).lower()}, "
+                            "or start a new run (another job.dump_folder).")
         if "seed" in sd and int(sd["seed"]) != self.seed:
             raise DataError(f"The checkpoint's {self._KIND}{self.name} data order was drawn with job.seed="
                             f"{int(sd['seed'])}, this run has job.seed={self.seed}. Resume with the "
@@ -225,58 +232,129 @@ class PackedDataset(_Batches):
 
 
 # --------------------------------------------------------------------------------------------
-# Supervised fine-tuning data
+# Supervised fine-tuning data: prompt/response pairs and chat conversations
 # --------------------------------------------------------------------------------------------
 
-_ALLOWED_SFT = ('data.format=sft needs data.path to be a .jsonl file (one JSON object per line with '
-                '"prompt" and "response" strings) or a folder of such files')
+
+class TokenizedSamples:
+    """SFT samples as token ids and target masks, stored flat: sample i is ``tokens[offsets[i]:offsets[i + 1]]``
+    and the same slice of ``mask`` (True where the token is a target, see :func:`leantrain.data.chat.record_sample`).
+
+    The datasets read samples only through ``len()``, :attr:`lengths` and :meth:`sample`, so arrays on disk
+    (``np.memmap``) serve as well as these in memory.
+    """
+
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray):
+        self.tokens, self.mask, self.offsets = tokens, mask, offsets
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> "TokenizedSamples":
+        lengths = np.fromiter((len(ids) for ids, _ in pairs), dtype=np.int64, count=len(pairs))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        tokens = np.concatenate([ids for ids, _ in pairs]).astype(np.int32) if pairs else np.zeros(0, np.int32)
+        mask = np.concatenate([m for _, m in pairs]).astype(np.bool_) if pairs else np.zeros(0, np.bool_)
+        return cls(tokens, mask, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.tokens[a:b], self.mask[a:b]
 
 
 def load_sft_samples(path: str) -> list[tuple[str, str]]:
-    """``data.path`` for ``data.format=sft`` -> (prompt, response) pairs, in file and line order.
+    """``data.path`` for ``data.format=sft`` -> (prompt, response) pairs, in file and line (row) order.
 
-    A ``.jsonl`` file, or a folder whose ``.jsonl`` files (recursively, sorted, hidden ones skipped)
-    are read. Every non-blank line must be an object with ``prompt`` and ``response`` strings;
-    anything else raises :class:`DataError` naming the file and line.
+    A ``.jsonl`` or ``.parquet`` file, or a folder whose such files (recursively, sorted, hidden ones skipped) are
+    read. Every record must have ``prompt`` and ``response`` strings (or ``prompt`` and ``completion``, as TRL
+    writes them); anything else raises :class:`DataError` naming the file and line (row).
     """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DataError(f"data.path={path!r} does not exist. {_ALLOWED_SFT}.")
-    if p.is_dir():
-        files = sorted((f for f in p.rglob("*.jsonl") if f.is_file()
-                        and not any(part.startswith(".") for part in f.relative_to(p).parts)),
-                       key=lambda f: f.relative_to(p).as_posix())
-        if not files:
-            raise DataError(f"data.path={path!r} is a folder with no .jsonl files in it. {_ALLOWED_SFT}.")
-    elif p.suffix.lower() == ".jsonl":
-        files = [p]
-    else:
-        raise DataError(f"data.path={path!r} is not a .jsonl file. {_ALLOWED_SFT}.")
-    samples = []
-    for f in files:
-        for lineno, rec in _read_jsonl(f):
-            for key in ("prompt", "response"):
-                if key not in rec:
-                    keys = ", ".join(repr(k) for k in list(rec)[:10]) or "none"
-                    raise DataError(f"{f}:{lineno}: the JSON object has no \"{key}\" field (its keys: {keys}). "
-                                    f"{_ALLOWED_SFT}.")
-                if not isinstance(rec[key], str):
-                    raise DataError(f"{f}:{lineno}: \"{key}\" is a {type(rec[key]).__name__}, not a string. "
-                                    f"{_ALLOWED_SFT}.")
-            samples.append((rec["prompt"], rec["response"]))
+    samples = [prompt_response(rec, where) for where, rec in read_records(path, "sft")]
     if not samples:
-        raise DataError(f"data.path={path!r} holds no samples (only blank lines). {_ALLOWED_SFT}.")
+        raise DataError(f"data.path={path!r} holds no samples (only blank lines). {_ALLOWED['sft']}.")
     return samples
 
 
-class SftDataset(_Batches):
-    """Prompt/response pairs for supervised fine-tuning: one sample per row, padded to ``seq_len``.
+def load_samples(path: str, fmt: str, tokenizer: Tokenizer) -> TokenizedSamples:
+    """Every record of ``data.path`` tokenized (``fmt``: "sft" or "chat"), in file and line order."""
+    template = chat_template(tokenizer) if fmt == "chat" else None
+    pairs = [record_sample(rec, fmt, tokenizer, template, where) for where, rec in read_records(path, fmt)]
+    if not pairs:
+        raise DataError(f"data.path={path!r} holds no samples (only blank lines). {_ALLOWED[fmt]}.")
+    return TokenizedSamples.from_pairs(pairs)
 
-    A sample is ``[BOS] + prompt + response + [EOS]`` (BOS when the tokenizer has one; prompt and
-    response are tokenized separately and used as they are, so apply a chat template before writing
-    the jsonl). Row ``i`` holds sample ``i``'s first ``seq_len + 1`` tokens, then ``pad_id``;
-    inputs = row[:-1], labels = row[1:], with labels set to IGNORE_INDEX (skipped by the loss) where the
-    label is a prompt token or padding: the loss is on the response and its EOS only.
+
+def _as_samples(samples: TokenizedSamples | Sequence[tuple[str, str]], tokenizer: Tokenizer) -> TokenizedSamples:
+    if isinstance(samples, TokenizedSamples):
+        return samples
+    return TokenizedSamples.from_pairs([sft_sample(p, r, tokenizer) for p, r in samples])
+
+
+def fit_samples(samples: TokenizedSamples, seq_len: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the samples kept, their lengths once cut to ``seq_len + 1`` tokens), warning with counts.
+
+    A sample longer than ``seq_len + 1`` tokens (seq_len inputs and labels) is cut at the end; one without a
+    target among its labels (tokens 1..seq_len) has nothing to learn and is dropped."""
+    lengths = samples.lengths
+    cut_lengths = np.minimum(lengths, seq_len + 1)
+    keep = np.fromiter((bool(samples.sample(i)[1][1:seq_len + 1].any()) for i in range(len(samples))),
+                       dtype=np.bool_, count=len(samples))
+    cut, dropped = int(((lengths > seq_len + 1) & keep).sum()), int((~keep).sum())
+    if cut or dropped:
+        warnings.warn(f"SFT {name} data: {cut} sample(s) longer than data.seq_len + 1 = {seq_len + 1} tokens were "
+                      f"cut at the end, and {dropped} whose prompt alone fills the window (no target in it) were "
+                      f"dropped. Raise data.seq_len to keep them whole.", UserWarning, stacklevel=4)
+    if not keep.any():
+        raise DataError(f"The SFT {name} split has no sample whose response fits in data.seq_len = {seq_len} "
+                        f"tokens. Raise data.seq_len.")
+    index = np.flatnonzero(keep)
+    return index, cut_lengths[index]
+
+
+class _SftBatches(_Batches):
+    """What padded and packed SFT data share: the samples, cut to the window, and their counts."""
+
+    _KIND = "SFT "
+
+    def __init__(self, samples: TokenizedSamples | Sequence[tuple[str, str]], tokenizer: Tokenizer, seq_len: int,
+                 batch_size: int, seed: int, shuffle: bool = True, name: str = "train", *, rank: int = 0,
+                 world_size: int = 1):
+        _check_sizes(seq_len, batch_size, rank, world_size)
+        self.name, self.seq_len, self.batch_size, self.seed = name, seq_len, batch_size, seed
+        self.pad_id = tokenizer.pad_id
+        self.samples = _as_samples(samples, tokenizer)
+        self.index, self.lengths = fit_samples(self.samples, seq_len, name)
+        self.num_samples = len(self.index)
+        self.num_tokens = int(self.lengths.sum())
+        self._arrange()
+        self._sampler = _Sampler(self._num_items(), batch_size, seed, shuffle, rank, world_size)
+
+    def _arrange(self) -> None:
+        """Lay the kept samples out into the dataset's items, once (padded: nothing to do, one per row)."""
+
+    def _sample(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept sample k, cut: (ids LongTensor, labels LongTensor) with labels[j] = ids[j + 1] where that is a
+        target, else IGNORE_INDEX (so both have length - 1 positions: inputs ids[:-1], labels)."""
+        ids, mask = self.samples.sample(int(self.index[k]))
+        n = int(self.lengths[k])
+        ids = torch.from_numpy(np.asarray(ids[:n], dtype=np.int64))
+        labels = torch.where(torch.from_numpy(np.asarray(mask[1:n])), ids[1:], IGNORE_INDEX)
+        return ids, labels
+
+
+class SftDataset(_SftBatches):
+    """SFT samples, one per row, padded to ``seq_len`` (``data.packing=false``).
+
+    A sample is the ``(ids, mask)`` of a record (:func:`leantrain.data.chat.record_sample`): for prompt/response
+    pairs ``[BOS] + prompt + response + [EOS]`` (BOS when the tokenizer has one), the targets the response and its
+    EOS; for a conversation the rendered chat, the targets its assistant turns. Row ``i`` holds sample ``i``'s first
+    ``seq_len + 1`` tokens, then ``pad_id``; inputs = row[:-1], labels = row[1:] where that token is a target,
+    else IGNORE_INDEX (skipped by the loss).
 
     No sample attends to another: each is alone in its row, and its padding comes after it, where
     the causal mask hides it (padding positions have no label). A sample longer than
@@ -288,65 +366,115 @@ class SftDataset(_Batches):
     tokens (after cutting), not the padding.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, str]], tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                 seed: int, shuffle: bool = True, name: str = "train", *, rank: int = 0, world_size: int = 1):
-        _check_sizes(seq_len, batch_size, rank, world_size)
-        self.name, self.seq_len, self.batch_size, self.seed = name, seq_len, batch_size, seed
-        self.pad_id = tokenizer.pad_id
-        self.tokens, self.offsets, self.prompt_lens = self._tokenize(list(samples), tokenizer, seq_len, name)
-        self.num_samples = len(self.prompt_lens)
-        self.num_tokens = int(self.tokens.numel())
-        self._sampler = _Sampler(self.num_samples, batch_size, seed, shuffle, rank, world_size)
-
-    @staticmethod
-    def _tokenize(samples: list[tuple[str, str]], tokenizer: Tokenizer, seq_len: int,
-                  name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-        prompts = _encode_many(tokenizer, [p for p, _ in samples])
-        responses = _encode_many(tokenizer, [r for _, r in samples])
-        parts, offsets, prompt_lens, cut, dropped = [], [0], [], 0, 0
-        for prompt, response in zip(prompts, responses):
-            ids = np.concatenate([np.asarray(head, dtype=np.int64), prompt, response,
-                                  np.asarray([tokenizer.eos_id], dtype=np.int64)])
-            n_prompt = len(head) + len(prompt)
-            if n_prompt >= seq_len + 1:  # not one response token would be a label
-                dropped += 1
-                continue
-            if len(ids) > seq_len + 1:
-                ids, cut = ids[:seq_len + 1], cut + 1
-            parts.append(ids.astype(np.int32))
-            offsets.append(offsets[-1] + len(ids))
-            prompt_lens.append(n_prompt)
-        if cut or dropped:
-            warnings.warn(f"SFT {name} data: {cut} sample(s) longer than data.seq_len + 1 = {seq_len + 1} tokens were "
-                          f"cut at the end, and {dropped} whose prompt alone fills the window were dropped. Raise "
-                          f"data.seq_len to keep them whole.", UserWarning, stacklevel=3)
-        if not parts:
-            raise DataError(f"The SFT {name} split has no sample whose response fits in data.seq_len = {seq_len} "
-                            f"tokens. Raise data.seq_len.")
-        return (torch.from_numpy(np.concatenate(parts)), torch.tensor(offsets, dtype=torch.int64),
-                torch.tensor(prompt_lens, dtype=torch.int64))
-
     _IDENTITY = ("num_samples", "num_tokens", "seq_len")
-    _KIND, _ITEMS = "SFT ", "samples"
+    _ITEMS = "samples"
 
     def _num_items(self) -> int:
         return self.num_samples
 
     def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.full((len(idx), self.seq_len + 1), self.pad_id, dtype=torch.int64)
+        inputs = torch.full((len(idx), self.seq_len), self.pad_id, dtype=torch.int64)
         labels = torch.full((len(idx), self.seq_len), IGNORE_INDEX, dtype=torch.int64)
-        for r, i in enumerate(idx.tolist()):
-            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-            rows[r, :b - a] = self.tokens[a:b]
-            # label j is token j + 1: learned from the first response token to the EOS
-            first = int(self.prompt_lens[i]) - 1
-            labels[r, first:b - a - 1] = rows[r, first + 1:b - a]
-        return rows[:, :-1], labels
+        for r, k in enumerate(idx.tolist()):
+            ids, sample_labels = self._sample(k)
+            # the row is the whole sample, then padding: its last token is an input too (with no label) when
+            # the sample is shorter than the window
+            inputs[r, :min(len(ids), self.seq_len)], labels[r, :len(ids) - 1] = ids[:self.seq_len], sample_labels
+        return inputs, labels
 
     def __repr__(self) -> str:
         return (f"SftDataset(name={self.name!r}, num_samples={self.num_samples}, num_tokens={self.num_tokens}, "
                 f"seq_len={self.seq_len}, batch_size={self.batch_size})")
+
+
+def best_fit_pack(sizes: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bins of item indices, each holding at most ``capacity`` of size: best-fit decreasing.
+
+    Items go in order of decreasing size (ties by index, so the result depends on nothing but the sizes), each into
+    the open bin with the least room that still fits it, or a new bin. Bins are kept by their room, an integer in
+    0..capacity: a sorted list of the rooms that some bin has, and a stack of bins per room, so one item costs a
+    bisection and at most one list insertion (O(N log capacity + N * capacity) memory moves of a few KB at
+    worst), not a scan of the bins."""
+    order = np.argsort(-np.asarray(sizes, dtype=np.int64), kind="stable")
+    bins: list[list[int]] = []
+    rooms: list[int] = []  # sorted, distinct: the rooms of open bins
+    by_room: dict[int, list[int]] = {}
+    for item in order.tolist():
+        size = int(sizes[item])
+        at = bisect.bisect_left(rooms, size)
+        if at == len(rooms):
+            b, room = len(bins), capacity
+            bins.append([])
+        else:
+            room = rooms[at]
+            b = by_room[room].pop()
+            if not by_room[room]:
+                del by_room[room], rooms[at]
+        bins[b].append(item)
+        left = room - size
+        if left > 0:  # a full bin takes nothing more
+            if left not in by_room:
+                by_room[left] = []
+                bisect.insort(rooms, left)
+            by_room[left].append(b)
+    return bins
+
+
+class PackedSftDataset(_SftBatches):
+    """SFT samples packed into rows of ``seq_len`` input positions (``data.packing=true``, the default).
+
+    Samples are made and cut as for :class:`SftDataset`; a sample of L tokens fills L - 1 positions (its inputs
+    ids[:-1] and labels). The samples are packed once, by :func:`best_fit_pack` over those sizes, into rows; a
+    row's samples sit side by side, then padding (label IGNORE_INDEX). Batches are (inputs, labels, positions):
+    positions restart at 0 at each sample (the padding tail counts on from 0 as a segment of its own), and the
+    model confines attention to each sample from them (``leantrain.model.segment_mask``), so a packed sample
+    computes what it would alone in a row. The loss is the mean over the labelled tokens, as padded.
+
+    Order, rank slicing and :meth:`eval_batches` work over rows; ``num_rows`` identifies the packing in a
+    checkpoint beside num_samples, num_tokens and seq_len.
+    """
+
+    _IDENTITY = ("num_samples", "num_tokens", "seq_len", "num_rows")
+    _ITEMS = "packed rows"
+
+    def _arrange(self) -> None:
+        self.rows = best_fit_pack(self.lengths - 1, self.seq_len)
+        self.num_rows = len(self.rows)
+
+    def _num_items(self) -> int:
+        return self.num_rows
+
+    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inputs = torch.full((len(idx), self.seq_len), self.pad_id, dtype=torch.int64)
+        labels = torch.full((len(idx), self.seq_len), IGNORE_INDEX, dtype=torch.int64)
+        positions = torch.empty((len(idx), self.seq_len), dtype=torch.int64)
+        for r, row in enumerate(idx.tolist()):
+            at = 0
+            for k in self.rows[row]:
+                ids, sample_labels = self._sample(k)
+                n = len(ids) - 1
+                inputs[r, at:at + n], labels[r, at:at + n] = ids[:-1], sample_labels
+                positions[r, at:at + n] = torch.arange(n)
+                at += n
+            positions[r, at:] = torch.arange(self.seq_len - at)  # the padding: a segment of its own
+        return inputs, labels, positions
+
+    def __repr__(self) -> str:
+        return (f"PackedSftDataset(name={self.name!r}, num_samples={self.num_samples}, num_rows={self.num_rows}, "
+                f"num_tokens={self.num_tokens}, seq_len={self.seq_len}, batch_size={self.batch_size})")
+
+
+def sft_dataset(samples: TokenizedSamples, tokenizer: Tokenizer, data: Any, seed: int, *, shuffle: bool = True,
+                name: str = "train", rank: int = 0, world_size: int = 1) -> SftDataset | PackedSftDataset:
+    """Packed or padded SFT data as ``data.packing`` says."""
+    kind = PackedSftDataset if getattr(data, "packing", True) else SftDataset
+    return kind(samples, tokenizer, data.seq_len, data.local_batch_size, seed, shuffle, name, rank=rank,
+                world_size=world_size)
+
+
+def _subset(samples: TokenizedSamples, start: int, stop: int) -> TokenizedSamples:
+    a, b = int(samples.offsets[start]), int(samples.offsets[stop])
+    return TokenizedSamples(samples.tokens[a:b], samples.mask[a:b], samples.offsets[start:stop + 1] - a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,7 +612,7 @@ def build_datasets(data: Any, tokenizer: Tokenizer, seed: int, *, rank: int = 0,
                    tokenizer_path: str = "") -> tuple[Any, Any]:
     """(train, eval) datasets for the config's ``data`` section: raw files (tokenized here), a prepared folder
     (memory-mapped), or a mixture of prepared folders (``data.mix``). The eval split is the last 5% of documents
-    (text) or samples (sft); it is read in order, never shuffled."""
+    (text) or samples (sft, chat); it is read in order, never shuffled."""
     from .prepared import is_prepared
 
     common = dict(rank=rank, world_size=world_size)
@@ -497,17 +625,33 @@ def build_datasets(data: Any, tokenizer: Tokenizer, seed: int, *, rank: int = 0,
     if is_prepared(data.path):
         return _prepared_splits(data.path, tokenizer, tokenizer_path, data, seed, common)
     _warn_if_large(data.path)
-    if data.format == "sft":
-        samples = load_sft_samples(data.path)
+    if data.format in ("sft", "chat"):
+        samples = load_samples(data.path, data.format, tokenizer)
         if len(samples) < 2:
             raise DataError(f"data.path={data.path!r} holds {len(samples)} SFT sample; at least 2 are needed "
                             "(the last 5%, at least one, are the held-out eval split).")
-        n_eval = eval_count(len(samples))
-        train_samples, eval_samples = samples[:-n_eval], samples[-n_eval:]
-        return (SftDataset(train_samples, tokenizer, data.seq_len, data.local_batch_size, seed, **common),
-                SftDataset(eval_samples, tokenizer, data.seq_len, data.local_batch_size, seed, shuffle=False,
-                           name="eval", **common))
+        n_train = len(samples) - eval_count(len(samples))
+        return (sft_dataset(_subset(samples, 0, n_train), tokenizer, data, seed, **common),
+                sft_dataset(_subset(samples, n_train, len(samples)), tokenizer, data, seed, shuffle=False,
+                            name="eval", **common))
     train_docs, eval_docs = split_documents(load_documents(data.path, data.text_field))
     return (PackedDataset(train_docs, tokenizer, data.seq_len, data.local_batch_size, seed, **common),
             PackedDataset(eval_docs, tokenizer, data.seq_len, data.local_batch_size, seed, shuffle=False,
                           name="eval", **common))
+
+
+def build_eval_dataset(data: Any, tokenizer: Tokenizer, seed: int, tokenizer_path: str = "") -> Any:
+    """All of ``data.path`` as one eval dataset, in order (``leantrain eval --data.path=...``): a prepared
+    folder's both splits, or every document or sample of raw files."""
+    from .prepared import is_prepared, open_prepared
+
+    if is_prepared(data.path):
+        corpus = open_prepared(data.path)
+        corpus.check_tokenizer(tokenizer, tokenizer_path)
+        return PackedDataset.from_tokens(corpus.stream, data.seq_len, data.local_batch_size, seed, shuffle=False,
+                                         name="eval")
+    if data.format in ("sft", "chat"):
+        return sft_dataset(load_samples(data.path, data.format, tokenizer), tokenizer, data, seed, shuffle=False,
+                           name="eval")
+    return PackedDataset(load_documents(data.path, data.text_field), tokenizer, data.seq_len, data.local_batch_size,
+                         seed, shuffle=False, name="eval")
