@@ -220,7 +220,8 @@ def _generate(args: list[str]) -> int:
 
 
 PREPARE_USAGE = """usage: leantrain prepare --data.path=SRC --out DIR [--tokenizer.path=TOK] [--workers N]
-                         [--data.text_field=FIELD] [--shard-tokens N] [--model.hf_checkpoint=HF_DIR]
+                         [--data.format=text|sft|chat] [--data.text_field=FIELD] [--shard-tokens N]
+                         [--model.hf_checkpoint=HF_DIR]
 
 Tokenizes a corpus once into DIR, a prepared folder that `leantrain train --data.path=DIR` (and eval,
 compare) memory-maps: training starts at once and its memory does not grow with the corpus. SRC is a .txt,
@@ -230,9 +231,11 @@ else byte); a run must use the same tokenizer. N worker processes tokenize (defa
 DIR gets token shards (uint16 when the vocabulary fits, else uint32) of about --shard-tokens tokens
 (default 134217728) with a document index each, and manifest.json. Interrupted, the same command resumes;
 a folder without manifest.json is never read as data. The last 5% of documents are the eval split.
+--data.format=sft or chat tokenizes SFT records (prompt/response, or messages through the tokenizer's chat
+template) into samples with their target masks; a run packs and cuts them for its own data.seq_len.
 """
 
-_PREPARE_KEYS = ("data.path", "data.text_field", "tokenizer.path", "model.hf_checkpoint")
+_PREPARE_KEYS = ("data.path", "data.format", "data.text_field", "tokenizer.path", "model.hf_checkpoint")
 
 
 def _prepare(args: list[str]) -> int:
@@ -256,7 +259,8 @@ def _prepare(args: list[str]) -> int:
     from .prepare import prepare
 
     prepare(cfg.data.path, tokenizer_path(cfg), out, workers, cfg.data.text_field,
-            SHARD_TOKENS if shard_tokens is None else shard_tokens, progress_bar=sys.stderr.isatty())
+            SHARD_TOKENS if shard_tokens is None else shard_tokens, progress_bar=sys.stderr.isatty(),
+            kind=cfg.data.format)
     return 0
 
 

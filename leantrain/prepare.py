@@ -28,7 +28,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .data.corpus import CHUNK_BYTES, EVAL_FRACTION, Chunk, chunk_documents, eval_count, iter_chunks, source_files
+from .data.corpus import (CHUNK_BYTES, EVAL_FRACTION, Chunk, chunk_documents, chunk_records, eval_count, iter_chunks,
+                          source_files)
 from .data.prepared import (FORMAT, MANIFEST, PROGRESS, SHARD_TOKENS, VERSION, ShardWriter,
                             token_dtype, tokenizer_identity, write_json_atomic)
 from .data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
@@ -41,10 +42,16 @@ from .errors import DataError, storage_error
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_path: str, text_field: str) -> None:
+def _init_worker(tokenizer_path: str, text_field: str, kind: str) -> None:
     # One process per core: the library's own threads would only compete with the other workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker.update(tokenizer=build_tokenizer(tokenizer_path), text_field=text_field)
+    tokenizer = build_tokenizer(tokenizer_path)
+    template = None
+    if kind == "chat":
+        from .data.chat import chat_template
+
+        template = chat_template(tokenizer)
+    _worker.update(tokenizer=tokenizer, text_field=text_field, kind=kind, template=template)
 
 
 def encode_documents(tokenizer: Tokenizer, docs: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -60,11 +67,29 @@ def encode_documents(tokenizer: Tokenizer, docs: list[str], dtype: np.dtype) -> 
     return (np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)), lengths
 
 
-def _encode_chunk(chunk: Chunk, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """In a worker: (tokens, document lengths, characters that were not UTF-8, this worker's peak RSS in bytes)."""
-    docs, bad = chunk_documents(chunk, _worker["text_field"])
-    tokens, lengths = encode_documents(_worker["tokenizer"], docs, dtype)
-    return tokens, lengths, bad, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def encode_samples(records: list[tuple[str, dict]], kind: str, tokenizer: Tokenizer, template: Any,
+                   dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """SFT/chat records -> (their tokens, flat; their lengths; the target mask, flat; each one's first target
+    position j >= 1, or its length when it has none), by ``leantrain.data.chat.record_sample``."""
+    from .data.chat import record_sample
+    from .data.datasets import TokenizedSamples
+
+    pairs = [record_sample(rec, kind, tokenizer, template, where) for where, rec in records]
+    samples = TokenizedSamples.from_pairs(pairs)
+    return (np.asarray(samples.tokens, dtype=dtype), samples.lengths, samples.mask.astype(np.uint8),
+            samples.first_targets)
+
+
+def _encode_chunk(chunk: Chunk, dtype: np.dtype) -> tuple[tuple, int, int]:
+    """In a worker: (the arrays for ShardWriter.add, characters that were not UTF-8, this worker's peak RSS)."""
+    kind = _worker["kind"]
+    if kind == "text":
+        docs, bad = chunk_documents(chunk, _worker["text_field"])
+        arrays: tuple = encode_documents(_worker["tokenizer"], docs, dtype)
+    else:
+        records, bad = chunk_records(chunk)
+        arrays = encode_samples(records, kind, _worker["tokenizer"], _worker["template"], dtype)
+    return arrays, bad, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _in_order(pool: ProcessPoolExecutor, chunks: Iterator[Chunk], dtype: np.dtype,
@@ -87,17 +112,17 @@ def _in_order(pool: ProcessPoolExecutor, chunks: Iterator[Chunk], dtype: np.dtyp
 # --------------------------------------------------------------------------------------------
 
 
-def _settings(source: str, files: list[Path], ident: dict, text_field: str, dtype: np.dtype,
+def _settings(source: str, files: list[Path], ident: dict, text_field: str, kind: str, dtype: np.dtype,
               shard_tokens: int) -> dict[str, Any]:
     """What the folder is made from: a resume continues only when all of it is unchanged."""
     root = Path(source).expanduser().resolve()
     return {"source": str(root), "sources": [{"path": str(f.resolve()), "bytes": f.stat().st_size,
                                               "mtime_ns": f.stat().st_mtime_ns} for f in files],
-            "tokenizer": ident, "text_field": text_field, "kind": "text", "dtype": dtype.name,
+            "tokenizer": ident, "text_field": text_field, "kind": kind, "dtype": dtype.name,
             "shard_tokens": shard_tokens}
 
 
-_SHARD_FILE = re.compile(r"^\.?shard-\d{5}\.(tokens|index)(\.tmp)?$")
+_SHARD_FILE = re.compile(r"^\.?shard-\d{5}\.(tokens|index|mask)(\.tmp)?$")
 
 
 def _is_ours(name: str) -> bool:
@@ -119,7 +144,7 @@ def _start_state(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
                         "changed. Name a new folder, or delete this one first.")
     if (out / PROGRESS).is_file():
         progress = json.loads((out / PROGRESS).read_text(encoding="utf-8"))
-        kept = {s["tokens_file"] for s in progress["shards"]} | {s["index_file"] for s in progress["shards"]}
+        kept = {s[key] for s in progress["shards"] for key in ("tokens_file", "index_file", "mask_file") if key in s}
         for f in out.iterdir():  # the shard being written when it stopped, and anything after the journal
             if _SHARD_FILE.match(f.name) and f.name not in kept:
                 f.unlink()
@@ -145,9 +170,11 @@ def _start_state(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def prepare(source: str, tokenizer_path: str, out: str, workers: int = 0, text_field: str = "text",
-            shard_tokens: int = SHARD_TOKENS, progress_bar: bool = True, chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
+            shard_tokens: int = SHARD_TOKENS, progress_bar: bool = True, chunk_bytes: int = CHUNK_BYTES,
+            kind: str = "text") -> dict[str, Any]:
     """Tokenize ``source`` into the prepared folder ``out``; returns its manifest (also written as manifest.json)
     with a ``run`` entry: seconds, MB/s, tokens/s and the peak RSS of the main process and of one worker.
+    ``kind``: "text" (documents), or "sft" / "chat" (one sample per record, with its target mask).
 
     A shard is closed at the first chunk boundary after ``shard_tokens`` tokens (a chunk: about ``chunk_bytes``
     of source), so shards hold about that many tokens; a resumed prepare redoes at most the open shard."""
@@ -157,11 +184,16 @@ def prepare(source: str, tokenizer_path: str, out: str, workers: int = 0, text_f
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens must be a positive number of tokens, got {shard_tokens}.")
     workers = workers or os.cpu_count() or 1
-    files = source_files(source)
+    if kind == "text":
+        files = source_files(source)
+    else:
+        from .data.chat import sft_files
+
+        files = sft_files(source, kind)
     tokenizer = build_tokenizer(tokenizer_path)
-    ident = tokenizer_identity(tokenizer)
+    ident = tokenizer_identity(tokenizer, kind)
     dtype = token_dtype(tokenizer.vocab_size)
-    settings = _settings(source, files, ident, text_field, dtype, shard_tokens)
+    settings = _settings(source, files, ident, text_field, kind, dtype, shard_tokens)
     out_dir = Path(out).expanduser()
     state = _start_state(out_dir, settings)
     if state is None:
@@ -179,19 +211,20 @@ def _run(files: list[Path], tokenizer_path: str, out: Path, workers: int, text_f
     from tqdm import tqdm
 
     shards, position = list(state["shards"]), tuple(state["position"])
-    writer = ShardWriter(out, dtype, settings["shard_tokens"], first_shard=len(shards))
+    kind = settings["kind"]
+    writer = ShardWriter(out, dtype, settings["shard_tokens"], first_shard=len(shards), with_mask=kind != "text")
     total_bytes = sum(s["bytes"] for s in settings["sources"])
     bytes_done = state["bytes_done"]
     started, worker_rss, new_tokens, bad_utf8 = time.perf_counter(), 0, 0, {}
     bar = tqdm(total=total_bytes, initial=bytes_done, unit="B", unit_scale=True, desc="prepare", file=sys.stderr,
                disable=not progress_bar, dynamic_ncols=True)
     pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
-                               initargs=(tokenizer_path, text_field))
+                               initargs=(tokenizer_path, text_field, kind))
+    chunks = iter_chunks(files, text_field if kind == "text" else None, position, chunk_bytes)
     try:
-        for chunk, (tokens, lengths, bad, rss) in _in_order(pool, iter_chunks(files, text_field, position, chunk_bytes), dtype,
-                                                            2 * workers):
-            writer.add(tokens, lengths)
-            new_tokens, worker_rss, bytes_done = new_tokens + tokens.size, max(worker_rss, rss), bytes_done + chunk.size
+        for chunk, (arrays, bad, rss) in _in_order(pool, chunks, dtype, 2 * workers):
+            writer.add(*arrays)
+            new_tokens, worker_rss, bytes_done = new_tokens + arrays[0].size, max(worker_rss, rss), bytes_done + chunk.size
             if bad:
                 bad_utf8[chunk.path] = bad_utf8.get(chunk.path, 0) + bad
             bar.update(chunk.size)
@@ -232,9 +265,10 @@ def _manifest(out: Path, shards: list[dict], settings: dict) -> dict[str, Any]:
     documents = sum(s["documents"] for s in shards)
     tokens = sum(s["tokens"] for s in shards)
     if documents < 2:
-        raise DataError(f"data.path={settings['source']!r} holds {documents} document(s); a prepared corpus needs at "
-                        "least 2 (the last 5%, at least one, are the held-out eval split). Train on so small a "
-                        "corpus directly, without prepare.")
+        what = "document(s)" if settings["kind"] == "text" else "sample(s)"
+        raise DataError(f"data.path={settings['source']!r} holds {documents} {what}; a prepared folder needs at "
+                        "least 2 (the last 5%, at least one, are the held-out eval split). Train on so little data "
+                        "directly, without prepare.")
     n_eval = eval_count(documents)
     first_eval, train_tokens, seen = documents - n_eval, 0, 0
     for s in shards:  # the token offset where the first eval document starts
@@ -243,7 +277,7 @@ def _manifest(out: Path, shards: list[dict], settings: dict) -> dict[str, Any]:
             train_tokens += int(offsets[first_eval - seen])
             break
         seen, train_tokens = seen + s["documents"], train_tokens + s["tokens"]
-    return {"format": FORMAT, "version": VERSION, "kind": "text", "dtype": settings["dtype"],
+    return {"format": FORMAT, "version": VERSION, "kind": settings["kind"], "dtype": settings["dtype"],
             "tokenizer": settings["tokenizer"], "tokens": tokens, "documents": documents,
             "train_tokens": train_tokens, "eval_documents": n_eval, "eval_fraction": EVAL_FRACTION,
             "text_field": settings["text_field"], "shards": shards,

@@ -330,3 +330,86 @@ def test_eval_reads_a_prepared_folder_held_out_or_whole(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     result = json.loads((tmp_path / "all.json").read_text())
     assert result["split"] == "all" and result["tokens"] == (manifest["tokens"] - 1) // 32 * 32
+
+
+# --------------------------------------------------------------------------------------------
+# Prepared SFT and chat data
+# --------------------------------------------------------------------------------------------
+
+
+def _sft_source(folder, n=150):
+    """Chat conversations in two .jsonl files and a .parquet, of varied lengths (some longer than a window)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(3)
+    folder.mkdir(parents=True)
+
+    def conversation(i):
+        messages = [{"role": "user", "content": f"question {i}: " + " ".join(rng.choice(WORDS) for _ in range(
+            rng.randint(1, 30)))}, {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(
+                rng.randint(1, 40)))}]
+        if i % 3 == 0:
+            messages += [{"role": "user", "content": "more?"}, {"role": "assistant", "content": "yes " * (i % 7)}]
+        return messages
+
+    for name in ("a", "b"):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"messages": conversation(i)}) + "\n"
+                                                     for i in range(n)))
+    pq.write_table(pa.table({"messages": [conversation(i) for i in range(40)]}), folder / "c.parquet",
+                   row_group_size=7)
+    return folder
+
+
+@pytest.mark.parametrize("packing", ["true", "false"])
+def test_prepared_chat_gives_the_same_batches_as_the_raw_files(tmp_path, packing):
+    source = _sft_source(tmp_path / "src")
+    out = tmp_path / "prep"
+    prepare(str(source), "byte", str(out), workers=2, progress_bar=False, shard_tokens=4000, chunk_bytes=3000,
+            kind="chat")
+    assert len(json.loads((out / "manifest.json").read_text())["shards"]) > 3
+    extra = ["--data.format=chat", f"--data.packing={packing}"]
+    with pytest.warns(UserWarning, match="cut at the end"):  # the same warnings: the samples are cut for the run
+        raw_train, raw, raw_eval = _batches(_data(source, *extra, seq_len=320), 40)
+    with pytest.warns(UserWarning, match="cut at the end"):
+        prep_train, prep, prep_eval = _batches(_data(out, *extra, seq_len=320), 40)
+    assert prep_train.state_dict() == raw_train.state_dict()  # same counts: samples, tokens, rows
+    assert _equal(prep, raw) and _equal(prep_eval, raw_eval)
+    assert len(raw[0]) == (3 if packing == "true" else 2)
+
+
+def test_prepared_sft_data_is_checked_against_the_run(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "d.jsonl").write_text("".join(json.dumps({"prompt": f"q{i} ", "response": "a" * (i % 9 + 1)}) + "\n"
+                                         for i in range(60)))
+    out = tmp_path / "prep"
+    assert cli.main(["prepare", f"--data.path={src}", "--data.format=sft", f"--out={out}", "--workers=1"]) == 0
+    raw = _batches(_data(src, "--data.format=sft"), 3)
+    prep = _batches(_data(out, "--data.format=sft"), 3)
+    assert _equal(prep[1], raw[1]) and _equal(prep[2], raw[2])
+    capsys.readouterr()
+    assert cli.main(["train", *TINY, f"--data.path={out}", "--data.format=chat", "--training.steps=1",
+                     "--lr_scheduler.warmup_steps=0", f"--job.dump_folder={tmp_path / 'run'}"]) == 2
+    assert "prepared with data.format=sft" in " ".join(capsys.readouterr().err.split())
+    (out / "shard-00000.mask").write_bytes((out / "shard-00000.mask").read_bytes()[:-3])
+    code = cli.main(["train", *TINY, f"--data.path={out}", "--data.format=sft", "--training.steps=1",
+                     "--lr_scheduler.warmup_steps=0", f"--job.dump_folder={tmp_path / 'run'}"])
+    message = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "shard-00000.mask holds" in message and "truncated" in message
+
+
+def test_first_targets_without_a_loop_equal_a_scan():
+    from leantrain.data.datasets import TokenizedSamples
+
+    rng = np.random.default_rng(0)
+    pairs = []
+    for _ in range(300):
+        n = int(rng.integers(1, 12))
+        mask = rng.random(n) < rng.choice([0.0, 0.2, 0.9])
+        pairs.append((np.arange(n, dtype=np.int32), mask))
+    samples = TokenizedSamples.from_pairs(pairs)
+    naive = [next((j for j in range(1, len(m)) if m[j]), len(m)) for _, m in pairs]
+    assert samples.first_targets.tolist() == naive
+    part = samples.subset(100, 200)
+    assert part.first_targets.tolist() == naive[100:200] and np.array_equal(part.sample(5)[1], pairs[105][1])

@@ -118,13 +118,16 @@ def record_text(rec: dict, field: str, f: Path | str, lineno: int) -> str:
 PARQUET_BATCH_ROWS = 4096  # rows per pyarrow record batch: bounds what a streaming read holds at once
 
 
-def _parquet_file(f: Path, field: str):
+def _parquet_file(f: Path, field: str | None):
+    """The opened file, its column ``field`` checked to be strings (``None``: whole records, checked per record)."""
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(f)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a damaged or foreign file
         raise DataError(f"Data file {str(f)!r} is not a readable parquet file ({e}).") from e
+    if field is None:
+        return pf
     schema = pf.schema_arrow
     if field not in schema.names:
         raise DataError(f"Data file {str(f)!r} has no column {field!r} (its columns: "
@@ -138,12 +141,13 @@ def _parquet_file(f: Path, field: str):
     return pf
 
 
-def _parquet_batches(f: Path, field: str, skip_rows: int) -> Iterator[list[str | None]]:
-    """The column's values in record batches, after the first ``skip_rows`` rows."""
-    pf = _parquet_file(f, field)
+def _parquet_batches(f: Path, field: str | None, skip_rows: int) -> Iterator[list]:
+    """The column ``field``'s values (or, ``field=None``, every row as a dict) in record batches, after the first
+    ``skip_rows`` rows."""
+    pf = _parquet_file(f, field) if field is not None else _parquet_file(f, None)
     seen = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
-        values = batch.column(0).to_pylist()
+    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=None if field is None else [field]):
+        values = batch.to_pylist() if field is None else batch.column(0).to_pylist()
         if seen + len(values) > skip_rows:
             yield values[max(skip_rows - seen, 0):]
         seen += len(values)
@@ -173,11 +177,11 @@ class Chunk:
     texts: tuple = ()  # .parquet values (None for null) or .txt documents
 
 
-def iter_chunks(files: list[Path], text_field: str, start: tuple[int, int] = (0, 0),
+def iter_chunks(files: list[Path], text_field: str | None, start: tuple[int, int] = (0, 0),
                 chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
     """Every document of ``files`` (the rule of :func:`load_documents`) in chunks of about ``chunk_bytes``, from
     ``start`` = (file index, position in it) on. Holds one chunk at a time, except a .txt file, which is read
-    whole to cut it."""
+    whole to cut it. ``text_field=None``: whole records (SFT), a .parquet chunk's ``texts`` then being row dicts."""
     first_file, first_pos = start
     for index in range(first_file, len(files)):
         f, pos = files[index], first_pos if index == first_file else 0
@@ -219,7 +223,7 @@ def _jsonl_chunks(index: int, f: Path, offset: int, chunk_bytes: int) -> Iterato
             line += lines.count(b"\n")
 
 
-def _parquet_chunks(index: int, f: Path, field: str, row: int) -> Iterator[Chunk]:
+def _parquet_chunks(index: int, f: Path, field: str | None, row: int) -> Iterator[Chunk]:
     pf = _parquet_file(f, field)
     rows = max(pf.metadata.num_rows, 1)
     per_row = f.stat().st_size / rows
@@ -236,26 +240,44 @@ def _txt_chunks(index: int, f: Path, piece: int) -> Iterator[Chunk]:
         yield Chunk(index, str(f), b, int(per_piece * (b - a)), texts=tuple(pieces[a:b]))
 
 
-def chunk_documents(chunk: Chunk, text_field: str) -> tuple[list[str], int]:
-    """(the chunk's documents, how many characters were not valid UTF-8): the rule of :func:`load_documents`."""
-    if not chunk.lines:
-        return [t for t in chunk.texts if t is not None and t.strip()], 0
-    docs, bad = [], 0
+def _chunk_lines(chunk: Chunk) -> Iterator[tuple[int, dict, int]]:
+    """(line number, record, characters of it that were not UTF-8) for each non-blank line of a .jsonl chunk."""
     for n, raw in enumerate(chunk.lines.split(b"\n")):
-        lineno = chunk.first_line + n
+        lineno, bad = chunk.first_line + n, 0
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             line = raw.decode("utf-8", errors="replace")
-            bad += line.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
-        if not line.strip():
-            continue
-        rec = _parse_json_line(line, chunk.path, lineno)
+            bad = line.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+        if line.strip():
+            yield lineno, _parse_json_line(line, chunk.path, lineno), bad
+
+
+def chunk_documents(chunk: Chunk, text_field: str) -> tuple[list[str], int]:
+    """(the chunk's documents, how many characters were not valid UTF-8): the rule of :func:`load_documents`."""
+    if not chunk.lines:
+        return [t for t in chunk.texts if t is not None and t.strip()], 0
+    docs, bad = [], 0
+    for lineno, rec, b in _chunk_lines(chunk):
+        bad += b
         if (text := record_text(rec, text_field, chunk.path, lineno)).strip():
             docs.append(text)
     return docs, bad
+
+
+def chunk_records(chunk: Chunk) -> tuple[list[tuple[str, dict]], int]:
+    """(where, record) for each record of a chunk read with ``text_field=None`` (where: 'file:line' or
+    'file:row N', as ``leantrain.data.chat.read_records`` names them), and the characters that were not UTF-8."""
+    if not chunk.lines:
+        first = chunk.end - len(chunk.texts) + 1
+        return [(f"{chunk.path}:row {first + k}", rec) for k, rec in enumerate(chunk.texts)], 0
+    out, bad = [], 0
+    for lineno, rec, b in _chunk_lines(chunk):
+        out.append((f"{chunk.path}:{lineno}", rec))
+        bad += b
+    return out, bad
 
 
 def _builtin_documents() -> list[str]:

@@ -240,12 +240,15 @@ class TokenizedSamples:
     """SFT samples as token ids and target masks, stored flat: sample i is ``tokens[offsets[i]:offsets[i + 1]]``
     and the same slice of ``mask`` (True where the token is a target, see :func:`leantrain.data.chat.record_sample`).
 
-    The datasets read samples only through ``len()``, :attr:`lengths` and :meth:`sample`, so arrays on disk
-    (``np.memmap``) serve as well as these in memory.
+    The datasets read samples only through ``len()``, :attr:`lengths`, :attr:`first_targets`, :meth:`sample` and
+    :meth:`subset`, so memory-mapped token streams (a prepared folder's, ``leantrain.data.prepared.TokenStream``)
+    serve as well as arrays in memory. ``first_targets[i]``: the first position j >= 1 of sample i whose token is a
+    target (its length when there is none), which a prepared folder stores so that no mask is read at start.
     """
 
-    def __init__(self, tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray):
+    def __init__(self, tokens: Any, mask: Any, offsets: np.ndarray, first_targets: np.ndarray | None = None):
         self.tokens, self.mask, self.offsets = tokens, mask, offsets
+        self.first_targets = _first_targets(mask, offsets) if first_targets is None else first_targets
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> "TokenizedSamples":
@@ -264,7 +267,29 @@ class TokenizedSamples:
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.tokens[a:b], self.mask[a:b]
+        return self.tokens[a:b], np.asarray(self.mask[a:b], dtype=np.bool_)
+
+    def subset(self, start: int, stop: int) -> "TokenizedSamples":
+        """Samples start..stop-1 (views: a memory-mapped stream stays unread)."""
+        from .prepared import TokenStream
+
+        a, b = int(self.offsets[start]), int(self.offsets[stop])
+
+        def part(x: Any) -> Any:
+            return x.view(a, b) if isinstance(x, TokenStream) else x[a:b]
+
+        return TokenizedSamples(part(self.tokens), part(self.mask), self.offsets[start:stop + 1] - a,
+                                self.first_targets[start:stop])
+
+
+def _first_targets(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """For each sample, its first target position j >= 1 (its length when it has none), without a Python loop."""
+    starts, ends = offsets[:-1], offsets[1:]
+    targets = np.flatnonzero(np.asarray(mask, dtype=np.bool_))
+    at = np.searchsorted(targets, starts + 1)
+    found = np.minimum(at, len(targets) - 1) if len(targets) else at
+    hit = (at < len(targets)) & (targets[found] < ends) if len(targets) else np.zeros(len(starts), np.bool_)
+    return np.where(hit, targets[found] - starts if len(targets) else 0, ends - starts).astype(np.int64)
 
 
 def load_sft_samples(path: str) -> list[tuple[str, str]]:
@@ -302,8 +327,7 @@ def fit_samples(samples: TokenizedSamples, seq_len: int, name: str) -> tuple[np.
     target among its labels (tokens 1..seq_len) has nothing to learn and is dropped."""
     lengths = samples.lengths
     cut_lengths = np.minimum(lengths, seq_len + 1)
-    keep = np.fromiter((bool(samples.sample(i)[1][1:seq_len + 1].any()) for i in range(len(samples))),
-                       dtype=np.bool_, count=len(samples))
+    keep = samples.first_targets <= seq_len  # a target among labels 1..seq_len
     cut, dropped = int(((lengths > seq_len + 1) & keep).sum()), int((~keep).sum())
     if cut or dropped:
         warnings.warn(f"SFT {name} data: {cut} sample(s) longer than data.seq_len + 1 = {seq_len + 1} tokens were "
@@ -343,7 +367,7 @@ class _SftBatches(_Batches):
         ids, mask = self.samples.sample(int(self.index[k]))
         n = int(self.lengths[k])
         ids = torch.from_numpy(np.asarray(ids[:n], dtype=np.int64))
-        labels = torch.where(torch.from_numpy(np.asarray(mask[1:n])), ids[1:], IGNORE_INDEX)
+        labels = torch.where(torch.from_numpy(np.asarray(mask[1:n], dtype=np.bool_)), ids[1:], IGNORE_INDEX)
         return ids, labels
 
 
@@ -472,11 +496,6 @@ def sft_dataset(samples: TokenizedSamples, tokenizer: Tokenizer, data: Any, seed
                 world_size=world_size)
 
 
-def _subset(samples: TokenizedSamples, start: int, stop: int) -> TokenizedSamples:
-    a, b = int(samples.offsets[start]), int(samples.offsets[stop])
-    return TokenizedSamples(samples.tokens[a:b], samples.mask[a:b], samples.offsets[start:stop + 1] - a)
-
-
 # --------------------------------------------------------------------------------------------
 # Several prepared corpora, mixed by weight
 # --------------------------------------------------------------------------------------------
@@ -581,15 +600,31 @@ def parse_mix(mix: str) -> list[tuple[str, float]]:
     return pairs
 
 
-def _prepared_splits(path: str, tokenizer: Tokenizer, tokenizer_path: str, data: Any, seed: int,
-                     common: dict) -> tuple[PackedDataset, PackedDataset]:
+def _open_prepared(path: str, tokenizer: Tokenizer, tokenizer_path: str, fmt: str) -> Any:
+    """The prepared folder at ``path``, checked against this run's tokenizer and data.format."""
     from .prepared import open_prepared
 
-    if data.format != "text":
-        raise DataError(f"data.path={path!r} is a prepared corpus of text documents; data.format={data.format!r} "
-                        "needs raw files. Use data.format=text with it.")
     corpus = open_prepared(path)
+    if corpus.kind != fmt:
+        raise DataError(f"data.path={path!r} was prepared with data.format={corpus.kind}, but this run has "
+                        f"data.format={fmt}. Set data.format={corpus.kind}, or prepare the data again with "
+                        f"--data.format={fmt}.")
     corpus.check_tokenizer(tokenizer, tokenizer_path)
+    return corpus
+
+
+def _prepared_samples(corpus: Any) -> TokenizedSamples:
+    return TokenizedSamples(corpus.stream, corpus.mask, corpus.offsets, corpus.first_targets)
+
+
+def _prepared_splits(path: str, tokenizer: Tokenizer, tokenizer_path: str, data: Any, seed: int,
+                     common: dict) -> tuple[Any, Any]:
+    corpus = _open_prepared(path, tokenizer, tokenizer_path, data.format)
+    if corpus.kind != "text":  # SFT samples: cut and packed now, for this run's seq_len
+        samples, n_train = _prepared_samples(corpus), corpus.train_samples
+        return (sft_dataset(samples.subset(0, n_train), tokenizer, data, seed, **common),
+                sft_dataset(samples.subset(n_train, len(samples)), tokenizer, data, seed, shuffle=False,
+                            name="eval", **common))
     return (PackedDataset.from_tokens(corpus.train, data.seq_len, data.local_batch_size, seed, **common),
             PackedDataset.from_tokens(corpus.eval, data.seq_len, data.local_batch_size, seed, shuffle=False,
                                       name="eval", **common))
@@ -631,8 +666,8 @@ def build_datasets(data: Any, tokenizer: Tokenizer, seed: int, *, rank: int = 0,
             raise DataError(f"data.path={data.path!r} holds {len(samples)} SFT sample; at least 2 are needed "
                             "(the last 5%, at least one, are the held-out eval split).")
         n_train = len(samples) - eval_count(len(samples))
-        return (sft_dataset(_subset(samples, 0, n_train), tokenizer, data, seed, **common),
-                sft_dataset(_subset(samples, n_train, len(samples)), tokenizer, data, seed, shuffle=False,
+        return (sft_dataset(samples.subset(0, n_train), tokenizer, data, seed, **common),
+                sft_dataset(samples.subset(n_train, len(samples)), tokenizer, data, seed, shuffle=False,
                             name="eval", **common))
     train_docs, eval_docs = split_documents(load_documents(data.path, data.text_field))
     return (PackedDataset(train_docs, tokenizer, data.seq_len, data.local_batch_size, seed, **common),
@@ -643,11 +678,12 @@ def build_datasets(data: Any, tokenizer: Tokenizer, seed: int, *, rank: int = 0,
 def build_eval_dataset(data: Any, tokenizer: Tokenizer, seed: int, tokenizer_path: str = "") -> Any:
     """All of ``data.path`` as one eval dataset, in order (``leantrain eval --data.path=...``): a prepared
     folder's both splits, or every document or sample of raw files."""
-    from .prepared import is_prepared, open_prepared
+    from .prepared import is_prepared
 
     if is_prepared(data.path):
-        corpus = open_prepared(data.path)
-        corpus.check_tokenizer(tokenizer, tokenizer_path)
+        corpus = _open_prepared(data.path, tokenizer, tokenizer_path, data.format)
+        if corpus.kind != "text":
+            return sft_dataset(_prepared_samples(corpus), tokenizer, data, seed, shuffle=False, name="eval")
         return PackedDataset.from_tokens(corpus.stream, data.seq_len, data.local_batch_size, seed, shuffle=False,
                                          name="eval")
     if data.format in ("sft", "chat"):

@@ -5,17 +5,22 @@ On disk (every file is complete once its final name exists; ``manifest.json`` is
     DIR/manifest.json          what the folder holds (below); its presence marks the folder complete
     DIR/shard-00000.tokens     token ids, flat, little-endian uint16 (vocabulary <= 65536) or uint32
     DIR/shard-00000.index      int64 document offsets into that shard: documents + 1 of them, 0 first, its length last
+                               (sft/chat: then, per sample, the first position j >= 1 whose token is a target)
+    DIR/shard-00000.mask       sft/chat only: one byte per token, 1 where the token is a training target
     DIR/.progress.json         while prepare runs: the finished shards and where reading resumes
 
-The token stream is the corpus' documents in order, each as ``[BOS] ids EOS`` (BOS when the tokenizer has
-one), exactly what in-memory data packs, so a prepared folder and its raw source give the same batches.
-The eval split is held out by document as for raw data (the last 5% of documents, at least one): training
-reads tokens ``[0, train_tokens)``, evaluation ``[train_tokens, tokens)``.
+``kind`` "text": the token stream is the corpus' documents in order, each as ``[BOS] ids EOS`` (BOS when the
+tokenizer has one), exactly what in-memory data packs, so a prepared folder and its raw source give the same
+batches. The eval split is held out by document as for raw data (the last 5% of documents, at least one):
+training reads tokens ``[0, train_tokens)``, evaluation ``[train_tokens, tokens)``. ``kind`` "sft" or "chat":
+each "document" is one whole sample (``leantrain.data.chat.record_sample``: ids and target mask, not yet cut
+to a seq_len); the last 5% of samples are the eval split; packing and cutting happen when a run reads them.
 
-``manifest.json``: ``format`` ("leantrain-prepared"), ``version``, ``kind`` ("text"), ``dtype``, ``tokenizer``
-(its identity: kind, sha256 of tokenizer.json, vocab_size, bos/eos/pad ids, and the path it was read from),
-``tokens``, ``documents``, ``train_tokens``, ``eval_documents``, ``shards`` (file names, tokens, documents,
-bytes), ``sources`` (every source file with its size) and ``text_field``.
+``manifest.json``: ``format`` ("leantrain-prepared"), ``version``, ``kind``, ``dtype``, ``tokenizer``
+(its identity: kind, sha256 of tokenizer.json, vocab_size, bos/eos/pad ids, and the path it was read from;
+chat: the sha256 of the chat template too), ``tokens``, ``documents``, ``train_tokens``, ``eval_documents``,
+``shards`` (file names, tokens, documents, bytes), ``sources`` (every source file with its size) and
+``text_field``.
 
 Why not a library format: nanoGPT's and Megatron's flat token file plus document index is the layout a
 memory map reads without parsing (Arrow would work too, but would add a column decode per window).
@@ -51,14 +56,24 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def shard_names(i: int) -> tuple[str, str]:
-    return f"shard-{i:05d}.tokens", f"shard-{i:05d}.index"
+KINDS = ("text", "sft", "chat")
 
 
-def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
-    """What must match between a prepared folder and the run that reads it: the same ids for the same text."""
+def shard_names(i: int) -> tuple[str, str, str]:
+    return f"shard-{i:05d}.tokens", f"shard-{i:05d}.index", f"shard-{i:05d}.mask"
+
+
+def tokenizer_identity(tokenizer: Tokenizer, kind: str = "text") -> dict[str, Any]:
+    """What must match between a prepared folder and the run that reads it: the same ids for the same text (and
+    for chat data the same template, which decides the text)."""
     ident: dict[str, Any] = {"vocab_size": int(tokenizer.vocab_size), "bos_id": tokenizer.bos_id,
                              "eos_id": int(tokenizer.eos_id), "pad_id": int(tokenizer.pad_id)}
+    if kind == "chat":
+        from .chat import chat_template
+
+        template = chat_template(tokenizer)
+        ident["chat_template"] = {"origin": template.origin, "sha256": hashlib.sha256(
+            json.dumps([template.source, template.variables], sort_keys=True).encode()).hexdigest()}
     if isinstance(tokenizer, ByteTokenizer):
         return {"kind": "byte", "path": "byte", **ident}
     path = str(getattr(tokenizer, "path", ""))
@@ -67,14 +82,17 @@ def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def describe_tokenizer(ident: dict[str, Any]) -> str:
+    template = ident.get("chat_template")
+    chat = (f" with the chat template of {template['origin']} (sha256 {template['sha256'][:12]}...)"
+            if template else "")
     if ident.get("kind") == "byte":
-        return "the byte tokenizer"
+        return "the byte tokenizer" + chat
     return (f"the tokenizer.json at {ident.get('path')!r} (sha256 {str(ident.get('sha256'))[:12]}..., "
-            f"{ident.get('vocab_size')} tokens)")
+            f"{ident.get('vocab_size')} tokens){chat}")
 
 
 def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("kind", "sha256", "vocab_size", "bos_id", "eos_id", "pad_id")
+    keys = ("kind", "sha256", "vocab_size", "bos_id", "eos_id", "pad_id", "chat_template")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -94,15 +112,17 @@ def write_json_atomic(path: Path, value: Any) -> None:
 
 
 class ShardWriter:
-    """Appends tokenized documents to the open shard (a hidden ``.tmp`` file) and closes a shard into its final
-    names -- index first, tokens last, each fsynced -- so a shard under its final name is always whole."""
+    """Appends tokenized documents (or SFT samples with their target masks) to the open shard (hidden ``.tmp``
+    files) and closes a shard into its final names -- index and mask first, tokens last, each fsynced -- so a
+    shard under its final name is always whole."""
 
-    def __init__(self, out: Path, dtype: np.dtype, shard_tokens: int, first_shard: int):
-        self.out, self.dtype, self.shard_tokens = out, dtype, shard_tokens
+    def __init__(self, out: Path, dtype: np.dtype, shard_tokens: int, first_shard: int, with_mask: bool = False):
+        self.out, self.dtype, self.shard_tokens, self.with_mask = out, dtype, shard_tokens, with_mask
         self.index = first_shard
-        self._file = None
+        self._files: dict[str, Any] = {}
         self._tokens = 0
         self._offsets: list[np.ndarray] = []
+        self._first: list[np.ndarray] = []
 
     def _tmp(self, name: str) -> Path:
         return self.out / f".{name}.tmp"
@@ -111,40 +131,57 @@ class ShardWriter:
     def full(self) -> bool:
         return self._tokens >= self.shard_tokens
 
-    def add(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
-        if self._file is None:
-            self._file = open(self._tmp(shard_names(self.index)[0]), "wb")
-            self._offsets = [np.zeros(1, dtype=np.int64)]
-        self._file.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+    def _open(self) -> None:
+        tokens_name, _, mask_name = shard_names(self.index)
+        self._files = {"tokens": open(self._tmp(tokens_name), "wb")}
+        if self.with_mask:
+            self._files["mask"] = open(self._tmp(mask_name), "wb")
+        self._offsets, self._first = [np.zeros(1, dtype=np.int64)], []
+
+    def add(self, tokens: np.ndarray, doc_lengths: np.ndarray, mask: np.ndarray | None = None,
+            first_targets: np.ndarray | None = None) -> None:
+        if not self._files:
+            self._open()
+        self._files["tokens"].write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        if self.with_mask:
+            self._files["mask"].write(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+            self._first.append(np.asarray(first_targets, dtype=np.int64))
         self._offsets.append(self._tokens + np.cumsum(doc_lengths, dtype=np.int64))
         self._tokens += int(tokens.size)
 
     def finish(self) -> dict[str, Any] | None:
         """Close the open shard under its final names; its manifest record (None when nothing was added)."""
-        if self._file is None:
+        if not self._files:
             return None
-        tokens_name, index_name = shard_names(self.index)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        tokens_name, index_name, mask_name = shard_names(self.index)
+        for f in self._files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
         offsets = np.concatenate(self._offsets)
         with open(self._tmp(index_name), "wb") as f:
             f.write(offsets.tobytes())
+            if self.with_mask:
+                f.write(np.concatenate(self._first or [np.zeros(0, np.int64)]).tobytes())
             f.flush()
             os.fsync(f.fileno())
         os.replace(self._tmp(index_name), self.out / index_name)
+        if self.with_mask:
+            os.replace(self._tmp(mask_name), self.out / mask_name)
         os.replace(self._tmp(tokens_name), self.out / tokens_name)
         record = {"tokens_file": tokens_name, "index_file": index_name, "tokens": self._tokens,
                   "documents": int(offsets.size - 1), "bytes": self._tokens * self.dtype.itemsize}
-        self.index, self._file, self._tokens, self._offsets = self.index + 1, None, 0, []
+        if self.with_mask:
+            record["mask_file"] = mask_name
+        self.index, self._files, self._tokens, self._offsets, self._first = self.index + 1, {}, 0, [], []
         return record
 
     def abandon(self) -> None:
         """Close and delete the open shard (an error or interrupt: the next prepare redoes it)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            self._tmp(shard_names(self.index)[0]).unlink(missing_ok=True)
+        for f in self._files.values():
+            f.close()
+            Path(f.name).unlink(missing_ok=True)
+        self._files = {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,11 +222,25 @@ class TokenStream:
 
 @dataclass(frozen=True)
 class PreparedCorpus:
-    """A complete prepared folder, checked: every shard present, of its recorded size, with a sound index."""
+    """A complete prepared folder, checked: every shard present, of its recorded size, with a sound index.
+
+    For sft/chat folders also the target mask (a stream of 0/1 bytes beside the tokens), every sample's global
+    offsets and its first target position (:class:`leantrain.data.datasets.TokenizedSamples` reads them)."""
 
     path: Path
     manifest: dict[str, Any]
     stream: TokenStream
+    mask: TokenStream | None = None
+    offsets: np.ndarray | None = None
+    first_targets: np.ndarray | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def train_samples(self) -> int:
+        return self.manifest["documents"] - self.manifest["eval_documents"]
 
     @property
     def train(self) -> TokenStream:
@@ -200,8 +251,9 @@ class PreparedCorpus:
         return self.stream.view(self.manifest["train_tokens"], self.manifest["tokens"])
 
     def check_tokenizer(self, tokenizer: Tokenizer, tokenizer_path: str) -> None:
-        """DataError (exit 2) unless the run's tokenizer is the one the folder was prepared with."""
-        theirs, ours = self.manifest["tokenizer"], tokenizer_identity(tokenizer)
+        """DataError (exit 2) unless the run's tokenizer (and chat template) is the one the folder was prepared
+        with."""
+        theirs, ours = self.manifest["tokenizer"], tokenizer_identity(tokenizer, self.kind)
         if not same_tokenizer(theirs, ours):
             raise DataError(
                 f"The prepared data {str(self.path)!r} was tokenized with {describe_tokenizer(theirs)}, but this run "
@@ -229,21 +281,32 @@ def open_prepared(path: str | os.PathLike) -> PreparedCorpus:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _bad(p, f"manifest.json is not readable JSON ({e})") from e
     _check_manifest(p, manifest)
-    dtype = np.dtype(manifest["dtype"])
-    shards = []
+    dtype, samples = np.dtype(manifest["dtype"]), manifest["kind"] != "text"
+    shards, masks, offsets, firsts, base = [], [], [np.zeros(1, np.int64)], [], 0
     for rec in manifest["shards"]:
-        tokens_path, index_path = p / rec["tokens_file"], p / rec["index_file"]
-        for f in (tokens_path, index_path):
-            if not f.is_file():
-                raise _bad(p, f"the shard file {f.name} is missing")
-        size = tokens_path.stat().st_size
-        if size != rec["tokens"] * dtype.itemsize:
-            raise _bad(p, f"{tokens_path.name} holds {size} bytes, but the manifest records {rec['tokens']} "
-                          f"{dtype.name} tokens ({rec['tokens'] * dtype.itemsize} bytes): the file is truncated or "
-                          "was replaced")
-        _check_index(p, index_path, rec)
-        shards.append(np.memmap(tokens_path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype))
-    return PreparedCorpus(p, manifest, TokenStream(shards))
+        shards.append(_map(p, rec, "tokens_file", dtype))
+        if samples:
+            masks.append(_map(p, rec, "mask_file", np.dtype(np.uint8)))
+        starts, first = _check_index(p, p / rec["index_file"], rec, samples)
+        offsets.append(base + starts[1:])
+        firsts.append(first)
+        base += rec["tokens"]
+    if not samples:
+        return PreparedCorpus(p, manifest, TokenStream(shards))
+    return PreparedCorpus(p, manifest, TokenStream(shards), TokenStream(masks), np.concatenate(offsets),
+                          np.concatenate(firsts))
+
+
+def _map(p: Path, rec: dict[str, Any], key: str, dtype: np.dtype) -> np.ndarray:
+    """A shard file, memory-mapped, after checking that it holds exactly the recorded tokens."""
+    if not isinstance(rec.get(key), str) or not (p / rec[key]).is_file():
+        raise _bad(p, f"the shard file {rec.get(key) or '(' + key + ' not recorded)'} is missing")
+    f = p / rec[key]
+    size = f.stat().st_size
+    if size != rec["tokens"] * dtype.itemsize:
+        raise _bad(p, f"{f.name} holds {size} bytes, but the manifest records {rec['tokens']} {dtype.name} "
+                      f"values ({rec['tokens'] * dtype.itemsize} bytes): the file is truncated or was replaced")
+    return np.memmap(f, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
 
 
 _MANIFEST_KEYS = {"format": str, "version": int, "kind": str, "dtype": str, "tokenizer": dict, "tokens": int,
@@ -259,6 +322,8 @@ def _check_manifest(p: Path, m: Any) -> None:
     for key, kind in _MANIFEST_KEYS.items():
         if not isinstance(m.get(key), kind):
             raise _bad(p, f"manifest.json's {key!r} is missing or not a {kind.__name__}")
+    if m["kind"] not in KINDS:
+        raise _bad(p, f"manifest.json's kind {m['kind']!r} is not one of {', '.join(KINDS)}")
     if m["dtype"] not in ("uint16", "uint32"):
         raise _bad(p, f"manifest.json's dtype {m['dtype']!r} is not uint16 or uint32")
     shards = m["shards"]
@@ -269,12 +334,20 @@ def _check_manifest(p: Path, m: Any) -> None:
         raise _bad(p, f"train_tokens={m['train_tokens']} is not inside the {m['tokens']} tokens")
 
 
-def _check_index(p: Path, index_path: Path, rec: dict[str, Any]) -> None:
-    size = index_path.stat().st_size
-    if size != (rec["documents"] + 1) * 8:
-        raise _bad(p, f"{index_path.name} holds {size} bytes, but {rec['documents']} documents need "
-                      f"{(rec['documents'] + 1) * 8} (int64 offsets, one more than documents)")
-    offsets = np.fromfile(index_path, dtype="<i8")
-    if offsets[0] != 0 or offsets[-1] != rec["tokens"] or (np.diff(offsets) < 0).any():
+def _check_index(p: Path, index_path: Path, rec: dict[str, Any], samples: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The shard's document offsets (and, for samples, first target positions), checked."""
+    if not index_path.is_file():
+        raise _bad(p, f"the shard file {index_path.name} is missing")
+    n, size = rec["documents"], index_path.stat().st_size
+    want = (2 * n + 1 if samples else n + 1) * 8
+    if size != want:
+        raise _bad(p, f"{index_path.name} holds {size} bytes, but {n} documents need {want} (int64 offsets, one "
+                      f"more than documents{', then a first target per sample' if samples else ''})")
+    values = np.fromfile(index_path, dtype="<i8")
+    offsets, first = values[:n + 1], values[n + 1:]
+    lengths = np.diff(offsets)
+    if offsets[0] != 0 or offsets[-1] != rec["tokens"] or (lengths < 0).any() or \
+            (samples and ((first < 1) | (first > lengths)).any()):
         raise _bad(p, f"{index_path.name} is not a document index of {rec['tokens']} tokens (offsets must start at "
-                      "0, never decrease, and end at the shard's length)")
+                      "0, never decrease, and end at the shard's length; a first target lies inside its sample)")
+    return offsets, first
