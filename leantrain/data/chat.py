@@ -33,7 +33,7 @@ import numpy as np
 
 from leantrain.errors import DataError
 
-from .corpus import _read_jsonl
+from .corpus import _parquet_batches, _read_jsonl
 from .tokenizer import ByteTokenizer, Tokenizer
 
 SFT_SUFFIXES = (".jsonl", ".parquet")
@@ -77,20 +77,9 @@ def read_records(path: str, fmt: str) -> Iterator[tuple[str, dict]]:
             for lineno, rec in _read_jsonl(f):
                 yield f"{f}:{lineno}", rec
         else:
-            for row, rec in enumerate(_read_parquet(f, fmt), start=1):
+            rows = (rec for batch in _parquet_batches(f, None, 0) for rec in batch)
+            for row, rec in enumerate(rows, start=1):
                 yield f"{f}:row {row}", rec
-
-
-def _read_parquet(f: Path, fmt: str) -> list[dict]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:  # pragma: no cover - pyarrow is a dependency
-        raise DataError(f"{f}: reading .parquet needs the pyarrow package ({e}); install it or use .jsonl.") from e
-    try:
-        table = pq.read_table(str(f))
-    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-        raise DataError(f"{f}: not a readable parquet file ({e}). {_ALLOWED[fmt]}.") from e
-    return table.to_pylist()
 
 
 # --------------------------------------------------------------------------------------------
