@@ -130,21 +130,34 @@ def _is_ours(name: str) -> bool:
     return name in (MANIFEST, PROGRESS, PROGRESS + ".tmp", MANIFEST + ".tmp") or bool(_SHARD_FILE.match(name))
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{str(path)!r} is not readable JSON ({e}); it is not the record of a prepare this command "
+                        "can resume. Name a new --out folder, or delete this one first.") from e
+    if not isinstance(value, dict):
+        raise DataError(f"{str(path)!r} is not a leantrain prepare record. Name a new --out folder, or delete this "
+                        "one first.")
+    return value
+
+
 def _start_state(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The progress to resume from (a fresh one for a new folder), or None when ``out`` is already this corpus."""
     fresh = {"settings": settings, "shards": [], "position": [0, 0], "bytes_done": 0}
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {str(out)!r} is a file; leantrain prepare writes a folder. Name a new folder.")
     if (out / MANIFEST).is_file():
-        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        manifest = _read_json(out / MANIFEST)
         if manifest.get("settings") == settings:
             return None
         raise DataError(f"--out {str(out)!r} already holds a prepared corpus made from other sources or settings "
                         f"(its manifest.json names {manifest.get('settings', {}).get('source')!r}). Nothing was "
                         "changed. Name a new folder, or delete this one first.")
     if (out / PROGRESS).is_file():
-        progress = json.loads((out / PROGRESS).read_text(encoding="utf-8"))
-        kept = {s[key] for s in progress["shards"] for key in ("tokens_file", "index_file", "mask_file") if key in s}
+        progress = _read_json(out / PROGRESS)
+        kept = {s[key] for s in progress.get("shards", []) for key in ("tokens_file", "index_file", "mask_file")
+                if isinstance(s, dict) and key in s}
         for f in out.iterdir():  # the shard being written when it stopped, and anything after the journal
             if _SHARD_FILE.match(f.name) and f.name not in kept:
                 f.unlink()
@@ -198,7 +211,7 @@ def prepare(source: str, tokenizer_path: str, out: str, workers: int = 0, text_f
     state = _start_state(out_dir, settings)
     if state is None:
         print(f"leantrain: {out_dir} already holds this corpus, prepared; nothing to do.", flush=True)
-        return json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+        return _read_json(out_dir / MANIFEST)
     try:
         return _run(files, tokenizer_path, out_dir, workers, text_field, dtype, settings, state, progress_bar,
                     chunk_bytes)

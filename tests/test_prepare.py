@@ -161,6 +161,39 @@ def test_an_interrupted_prepare_resumes_into_the_same_folder(tmp_path, monkeypat
     assert strip(json.loads((cut / "manifest.json").read_text())) == strip(json.loads((whole / "manifest.json").read_text()))
 
 
+def test_an_interrupted_prepare_of_a_changed_source_restarts(tmp_path, monkeypatch):
+    source = _write_corpus(tmp_path / "src", files=2)
+    finish, calls = ShardWriter.finish, []
+
+    def interrupted(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return finish(self)
+
+    monkeypatch.setattr(ShardWriter, "finish", interrupted)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(source), "byte", str(cut), workers=1, progress_bar=False, shard_tokens=3000, chunk_bytes=2000)
+    monkeypatch.setattr(ShardWriter, "finish", finish)
+    with open(source / "part-1.jsonl", "a") as f:  # the source changed since: the work done cannot be reused
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    with pytest.warns(UserWarning, match="restarted from the beginning"):
+        prepare(str(source), "byte", str(cut), workers=1, progress_bar=False, shard_tokens=3000, chunk_bytes=2000)
+    _, fresh = _prepared(tmp_path, "fresh", source=source)
+    assert sorted(os.listdir(cut)) == sorted(os.listdir(fresh))
+    assert all((cut / n).read_bytes() == (fresh / n).read_bytes() for n in os.listdir(fresh) if n != "manifest.json")
+
+
+def test_a_damaged_progress_record_is_refused(tmp_path, capsys):
+    source = _write_corpus(tmp_path / "src", files=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".progress.json").write_text("{half")
+    assert cli.main(["prepare", f"--data.path={source}", f"--out={out}", "--workers=1"]) == 2
+    assert "is not readable JSON" in " ".join(capsys.readouterr().err.split())
+
+
 def test_prepare_refuses_a_folder_holding_other_files_and_skips_a_finished_one(tmp_path, capsys):
     source, out = _prepared(tmp_path)
     before = (out / "manifest.json").read_bytes()
