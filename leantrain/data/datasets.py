@@ -617,14 +617,19 @@ def _prepared_samples(corpus: Any) -> TokenizedSamples:
     return TokenizedSamples(corpus.stream, corpus.mask, corpus.offsets, corpus.first_targets)
 
 
+def _sft_splits(samples: TokenizedSamples, n_train: int, tokenizer: Tokenizer, data: Any, seed: int,
+                common: dict) -> tuple[Any, Any]:
+    """(train, eval) SFT datasets: samples before ``n_train`` train, the rest are the eval split, read in order."""
+    return (sft_dataset(samples.subset(0, n_train), tokenizer, data, seed, **common),
+            sft_dataset(samples.subset(n_train, len(samples)), tokenizer, data, seed, shuffle=False, name="eval",
+                        **common))
+
+
 def _prepared_splits(path: str, tokenizer: Tokenizer, tokenizer_path: str, data: Any, seed: int,
                      common: dict) -> tuple[Any, Any]:
     corpus = _open_prepared(path, tokenizer, tokenizer_path, data.format)
     if corpus.kind != "text":  # SFT samples: cut and packed now, for this run's seq_len
-        samples, n_train = _prepared_samples(corpus), corpus.train_samples
-        return (sft_dataset(samples.subset(0, n_train), tokenizer, data, seed, **common),
-                sft_dataset(samples.subset(n_train, len(samples)), tokenizer, data, seed, shuffle=False,
-                            name="eval", **common))
+        return _sft_splits(_prepared_samples(corpus), corpus.train_samples, tokenizer, data, seed, common)
     return (PackedDataset.from_tokens(corpus.train, data.seq_len, data.local_batch_size, seed, **common),
             PackedDataset.from_tokens(corpus.eval, data.seq_len, data.local_batch_size, seed, shuffle=False,
                                       name="eval", **common))
@@ -665,10 +670,7 @@ def build_datasets(data: Any, tokenizer: Tokenizer, seed: int, *, rank: int = 0,
         if len(samples) < 2:
             raise DataError(f"data.path={data.path!r} holds {len(samples)} SFT sample; at least 2 are needed "
                             "(the last 5%, at least one, are the held-out eval split).")
-        n_train = len(samples) - eval_count(len(samples))
-        return (sft_dataset(samples.subset(0, n_train), tokenizer, data, seed, **common),
-                sft_dataset(samples.subset(n_train, len(samples)), tokenizer, data, seed, shuffle=False,
-                            name="eval", **common))
+        return _sft_splits(samples, len(samples) - eval_count(len(samples)), tokenizer, data, seed, common)
     train_docs, eval_docs = split_documents(load_documents(data.path, data.text_field))
     return (PackedDataset(train_docs, tokenizer, data.seq_len, data.local_batch_size, seed, **common),
             PackedDataset(eval_docs, tokenizer, data.seq_len, data.local_batch_size, seed, shuffle=False,
