@@ -160,6 +160,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SAME_REQUEST_S = 1.0
 _received: int | None = None  # the first stop signal, while stop_on_signals is active
 _received_at = 0.0
+_TRAIN_ACTION = "finishing the current step, then saving a checkpoint and stopping"
+_action = _TRAIN_ACTION  # what the command does when asked to stop, for the message
 
 
 def stop_requested() -> int | None:
@@ -178,21 +180,21 @@ def _on_signal(signum: int, frame: Any) -> None:
         os._exit(128 + signum)
     _received, _received_at = signum, time.monotonic()
     if distributed.is_main():  # os.write, not print: the signal may arrive in the middle of a print
-        os.write(2, f"\nleantrain: {name} received: finishing the current step, then saving a checkpoint and "
-                    f"stopping (send it again to stop at once).\n".encode())
+        os.write(2, f"\nleantrain: {name} received: {_action} (send it again to stop at once).\n".encode())
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
+def stop_on_signals(action: str = _TRAIN_ACTION) -> Iterator[None]:
     """While active, the first SIGTERM/SIGINT sets :func:`stop_requested` (the trainer stops cleanly after the
-    step) and a second exits the process at once with 128 + the signal number. Outside the main thread,
-    where Python cannot install handlers, it does nothing."""
-    global _received
+    step; ``leantrain prepare`` after the chunk) and a second exits the process at once with 128 + the signal
+    number. ``action`` says what the command does before it stops. Outside the main thread, where Python cannot
+    install handlers, it does nothing."""
+    global _received, _action
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    _received = None
+    _received, _action = None, action
     for s in STOP_SIGNALS:
         signal.signal(s, _on_signal)
     try:

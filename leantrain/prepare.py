@@ -17,6 +17,7 @@ import json
 import os
 import re
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -33,6 +34,7 @@ from .data.corpus import (CHUNK_BYTES, EVAL_FRACTION, Chunk, chunk_documents, ch
 from .data.prepared import (FORMAT, MANIFEST, PROGRESS, SHARD_TOKENS, VERSION, ShardWriter,
                             token_dtype, tokenizer_identity, write_json_atomic)
 from .data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
+from . import guard
 from .errors import DataError, storage_error
 
 # --------------------------------------------------------------------------------------------
@@ -45,6 +47,9 @@ _worker: dict[str, Any] = {}
 def _init_worker(tokenizer_path: str, text_field: str, kind: str) -> None:
     # One process per core: the library's own threads would only compete with the other workers.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C reaches the whole process group: the main process decides how to stop (guard.stop_on_signals).
+    for s in guard.STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     tokenizer = build_tokenizer(tokenizer_path)
     template = None
     if kind == "chat":
@@ -184,10 +189,12 @@ def _start_state(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 def prepare(source: str, tokenizer_path: str, out: str, workers: int = 0, text_field: str = "text",
             shard_tokens: int = SHARD_TOKENS, progress_bar: bool = True, chunk_bytes: int = CHUNK_BYTES,
-            kind: str = "text") -> dict[str, Any]:
+            kind: str = "text") -> dict[str, Any] | None:
     """Tokenize ``source`` into the prepared folder ``out``; returns its manifest (also written as manifest.json)
     with a ``run`` entry: seconds, MB/s, tokens/s and the peak RSS of the main process and of one worker.
     ``kind``: "text" (documents), or "sft" / "chat" (one sample per record, with its target mask).
+    A SIGTERM/SIGINT stops it after the chunks in flight, keeping the finished shards; it then returns None
+    (and the command exits 0, as ``train`` does): the same call resumes.
 
     A shard is closed at the first chunk boundary after ``shard_tokens`` tokens (a chunk: about ``chunk_bytes``
     of source), so shards hold about that many tokens; a resumed prepare redoes at most the open shard."""
@@ -213,14 +220,15 @@ def prepare(source: str, tokenizer_path: str, out: str, workers: int = 0, text_f
         print(f"leantrain: {out_dir} already holds this corpus, prepared; nothing to do.", flush=True)
         return _read_json(out_dir / MANIFEST)
     try:
-        return _run(files, tokenizer_path, out_dir, workers, text_field, dtype, settings, state, progress_bar,
-                    chunk_bytes)
+        with guard.stop_on_signals("finishing the chunks being tokenized, keeping the finished shards, stopping"):
+            return _run(files, tokenizer_path, out_dir, workers, text_field, dtype, settings, state, progress_bar,
+                        chunk_bytes)
     except OSError as e:
         raise storage_error("a prepared shard", out_dir, e) from None
 
 
 def _run(files: list[Path], tokenizer_path: str, out: Path, workers: int, text_field: str, dtype: np.dtype,
-         settings: dict, state: dict, progress_bar: bool, chunk_bytes: int) -> dict[str, Any]:
+         settings: dict, state: dict, progress_bar: bool, chunk_bytes: int) -> dict[str, Any] | None:
     from tqdm import tqdm
 
     shards, position = list(state["shards"]), tuple(state["position"])
@@ -234,8 +242,11 @@ def _run(files: list[Path], tokenizer_path: str, out: Path, workers: int, text_f
     pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
                                initargs=(tokenizer_path, text_field, kind))
     chunks = iter_chunks(files, text_field if kind == "text" else None, position, chunk_bytes)
+    stopped = None
     try:
         for chunk, (arrays, bad, rss) in _in_order(pool, chunks, dtype, 2 * workers):
+            if (stopped := guard.stop_requested()) is not None:  # the finished shards are journaled already
+                break
             writer.add(*arrays)
             new_tokens, worker_rss, bytes_done = new_tokens + arrays[0].size, max(worker_rss, rss), bytes_done + chunk.size
             if bad:
@@ -246,14 +257,19 @@ def _run(files: list[Path], tokenizer_path: str, out: Path, workers: int, text_f
                 shards.append(writer.finish())
                 write_json_atomic(out / PROGRESS, {"settings": settings, "shards": shards,
                                                    "position": [chunk.file, chunk.end], "bytes_done": bytes_done})
-        if (record := writer.finish()) is not None:
+        if stopped is None and (record := writer.finish()) is not None:
             shards.append(record)
     except BaseException:
         writer.abandon()
         raise
     finally:
         bar.close()
-        pool.shutdown(cancel_futures=True)
+        pool.shutdown(cancel_futures=True)  # the chunks already running finish: a few seconds at most
+    if stopped is not None:
+        writer.abandon()
+        print(f"leantrain: prepare stopped by {signal.Signals(stopped).name}; {len(shards)} finished shard(s) are "
+              f"kept in {out}. The same command resumes after them.", flush=True)
+        return None
     for path, n in bad_utf8.items():
         warnings.warn(f"Data file {path!r} is not valid UTF-8: {n} invalid byte sequence(s) were replaced with "
                       "U+FFFD.")

@@ -161,6 +161,36 @@ def test_an_interrupted_prepare_resumes_into_the_same_folder(tmp_path, monkeypat
     assert strip(json.loads((cut / "manifest.json").read_text())) == strip(json.loads((whole / "manifest.json").read_text()))
 
 
+def test_a_stop_signal_keeps_the_finished_shards_and_the_same_command_resumes(tmp_path, monkeypatch, capfd):
+    import signal
+
+    source, whole = _prepared(tmp_path, "whole")
+    finish, calls = ShardWriter.finish, []
+
+    def signalled(self):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop, while the second shard closes
+        return finish(self)
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setattr(ShardWriter, "finish", signalled)
+    cut = tmp_path / "cut"
+    try:
+        assert prepare(str(source), "byte", str(cut), workers=2, progress_bar=False, shard_tokens=3000,
+                       chunk_bytes=2000) is None
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    out = capfd.readouterr()  # the signal's notice is written to fd 2 directly
+    assert "SIGTERM received" in out.err and "2 finished shard(s) are kept" in out.out
+    assert sorted(n for n in os.listdir(cut) if not n.startswith(".")) == [
+        "shard-00000.index", "shard-00000.tokens", "shard-00001.index", "shard-00001.tokens"]  # nothing half-written
+    monkeypatch.setattr(ShardWriter, "finish", finish)
+    prepare(str(source), "byte", str(cut), workers=2, progress_bar=False, shard_tokens=3000, chunk_bytes=2000)
+    assert all((cut / n).read_bytes() == (whole / n).read_bytes() for n in os.listdir(whole) if n != "manifest.json")
+
+
 def test_an_interrupted_prepare_of_a_changed_source_restarts(tmp_path, monkeypatch):
     source = _write_corpus(tmp_path / "src", files=2)
     finish, calls = ShardWriter.finish, []
