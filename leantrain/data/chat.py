@@ -34,7 +34,7 @@ import numpy as np
 from leantrain.errors import DataError
 
 from .corpus import _parquet_batches, _read_jsonl
-from .tokenizer import ByteTokenizer, Tokenizer
+from .tokenizer import ByteTokenizer, Tokenizer, read_tokenizer_config
 
 SFT_SUFFIXES = (".jsonl", ".parquet")
 ROLES = ("system", "user", "assistant")
@@ -117,7 +117,7 @@ def chat_template(tokenizer: Tokenizer) -> ChatTemplate:
                             {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
                              "eot_token": "<|end_of_text|>"})
     folder = Path(getattr(tokenizer, "path", ".")).parent
-    config = _tokenizer_config(folder / "tokenizer_config.json")
+    config = read_tokenizer_config(folder / "tokenizer_config.json")
     variables = {k: v for k in _SPECIAL_KEYS if (v := _token_text(config.get(k))) is not None}
     source, origin = _template_of(config, folder / "tokenizer_config.json"), f"{folder / 'tokenizer_config.json'}"
     if source is None and (folder / "chat_template.jinja").is_file():
@@ -130,16 +130,6 @@ def chat_template(tokenizer: Tokenizer) -> ChatTemplate:
     eot = "<|eot_id|>" if has_eot else variables.get("eos_token", names.get("eos_token", ""))
     return ChatTemplate(BUILTIN_TEMPLATE, "the built-in Llama 3 style template",
                         {**names, **variables, "eot_token": eot})
-
-
-def _tokenizer_config(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"Tokenizer config {str(path)!r} is not readable JSON ({e}); fix or remove it.") from e
-    return cfg if isinstance(cfg, dict) else {}
 
 
 def _template_of(config: dict, path: Path) -> str | None:

@@ -169,18 +169,24 @@ def _special_added_tokens(tok: Any) -> list[str]:
         return []
 
 
-def _read_tokenizer_config(cfg_path: Path, vocab: dict[str, int]) -> dict[str, int]:
-    """bos/eos/pad ids from a tokenizer_config.json (strings or {"content": ...}); {} if absent."""
+def read_tokenizer_config(cfg_path: Path) -> dict[str, Any]:
+    """A tokenizer_config.json as a dict ({} if absent): its special tokens and chat template."""
     if not cfg_path.is_file():
         return {}
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"Tokenizer config {str(cfg_path)!r} is not readable JSON ({e}); fix or "
-                        "remove it (it is optional and only names bos_token/eos_token).") from e
+                        "remove it (it is optional: it names bos_token/eos_token and the chat template).") from e
     if not isinstance(cfg, dict):
         raise DataError(f"Tokenizer config {str(cfg_path)!r} must be a JSON object, got "
                         f"{type(cfg).__name__}.")
+    return cfg
+
+
+def _read_tokenizer_config(cfg_path: Path, vocab: dict[str, int]) -> dict[str, int]:
+    """bos/eos/pad ids from a tokenizer_config.json (strings or {"content": ...}); {} if absent."""
+    cfg = read_tokenizer_config(cfg_path)
     out: dict[str, int] = {}
     for key in ("bos_token", "eos_token", "pad_token"):
         val = cfg.get(key)
