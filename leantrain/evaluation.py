@@ -27,7 +27,7 @@ from .data import build_datasets, build_eval_dataset, build_tokenizer
 from .data.tokenizer import check_vocab
 from .errors import ConfigError
 from .metrics import write_json
-from .model import check_seq_len
+from .model import batch_logits, check_seq_len
 from .precision import IGNORE_INDEX, Precision, cross_entropy
 from .runplan import resolve
 
@@ -57,9 +57,10 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], prec
     total, weights = torch.zeros((), device=device), torch.zeros((), device=device)
     tokens, reference, n = torch.zeros((), dtype=torch.int64, device=device), None, 0
     for batch in batches:  # (inputs, labels), or (inputs, labels, positions) for packed SFT samples
-        inputs, labels = batch[0].to(device), batch[1].to(device)
+        batch = [t.to(device) for t in batch]
+        labels = batch[1]
         with precision.autocast(device, sharded):
-            logits = model(inputs, positions=batch[2].to(device)) if len(batch) > 2 else model(inputs)
+            logits = batch_logits(model, batch)
         count = (labels != IGNORE_INDEX).sum()
         reference = count.clamp(min=1) if reference is None else reference
         tokens += count

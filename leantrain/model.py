@@ -123,6 +123,14 @@ def segment_mask(positions: torch.Tensor, window: int) -> torch.Tensor:
     return allowed[:, None]
 
 
+def batch_logits(model: nn.Module, batch: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """The logits of a batch (on the model's device): (inputs, labels), or (inputs, labels, positions) for packed
+    SFT samples. Training's step and evaluation both call this."""
+    if len(batch) > 2:
+        return model(batch[0], positions=batch[2])
+    return model(batch[0])
+
+
 class KVCache:
     """The keys and values of the positions already run, so that generation runs each new token alone.
 

@@ -13,6 +13,7 @@ import torch
 
 from . import guard, parallel
 from .hooks import Hooks
+from .model import batch_logits
 from .optim import UpdateStats
 from .precision import IGNORE_INDEX, Precision, clip_grad_norm_, cross_entropy
 from .state import TrainState
@@ -57,13 +58,6 @@ def token_weights(labels: list[torch.Tensor], dist: parallel.Distributed) -> lis
     return list(counts * scale / total)  # int64 / int64: fp32, and exactly 1.0 when the integers are equal
 
 
-def forward(model: torch.nn.Module, batch: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
-    """The logits of a batch: (inputs, labels), or (inputs, labels, positions) for packed SFT samples."""
-    if len(batch) > 2:
-        return model(batch[0], positions=batch[2])
-    return model(batch[0])
-
-
 def train_step(state: TrainState, batches: list[tuple[torch.Tensor, ...]], ctx: StepContext,
                count_lost_updates: bool = False) -> StepStats:
     """Advance ``state`` by one optimizer step over ``batches`` (this rank's micro-batches, on its device: each
@@ -77,7 +71,7 @@ def train_step(state: TrainState, batches: list[tuple[torch.Tensor, ...]], ctx: 
     loss_sum = torch.zeros((), device=device)
     for batch, weight in zip(batches, weights):
         with ctx.precision.autocast(device, ctx.dist.sharded):
-            logits = forward(state.model, batch)
+            logits = batch_logits(state.model, batch)
         loss = cross_entropy(logits, batch[1]) * weight / accum
         loss.backward()
         loss_sum += loss.detach()
