@@ -75,8 +75,6 @@ VARIANTS = {
     "bf16 kahan, compiled": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compensation="kahan", compile=True)),
     "bf16 int8 (stochastic), compiled": (torch.bfloat16, lambda ps: AdamW(
         ps, lr=1e-3, state_dtype="int8", compensation="stochastic", compile=True)),
-    "bf16 none foreach": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, foreach=True)),
-    "bf16 stochastic foreach": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compensation="stochastic", foreach=True)),
 }
 
 

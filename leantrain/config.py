@@ -217,7 +217,7 @@ class ActivationCheckpoint:
 class Compile:
     enable: bool = False
     """torch.compile each transformer block (with FSDP2, per block, inside the sharding) and the optimizer's
-    per-tensor update (one fused kernel per tensor: `leantrain.optim.fused`). The first steps are slower while
+    per-tensor update (one fused kernel per tensor: `leantrain.optim.update`). The first steps are slower while
     it compiles."""
 
 

@@ -5,8 +5,8 @@
                                     shards, as DTensors, which DCP saves and reshards)
     optimizer.state.<name>.<buf>    get_optimizer_state_dict: every AdamW buffer (step, moments as fp32 / bf16 or
                                     int8 codes + fp32 scales, kahan_comp), keyed by parameter name
-    optimizer.param_groups.<i>.*    hyperparameters, the recipe keys, the group's parameter names, and in group 0
-                                    the optimizer's stochastic-rounding generator (rng_state)
+    optimizer.param_groups.<i>.*    hyperparameters, the recipe keys, the group's parameter names (the
+                                    stochastic-rounding bits need no state: optim/randbits.py)
     lr_scheduler.*                  LambdaLR.state_dict()
     data.*                          the position in the training data (epoch, position) and its identity
     rng.torch / rng.cuda            the global RNG state (leantrain seeds every rank the same, so one copy)

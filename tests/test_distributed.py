@@ -324,7 +324,8 @@ def test_shards_draw_different_random_bits_and_replicas_the_same():
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from leantrain.optim.sharding import mix_shard, shard_index, sharded_block_scales
+    from leantrain.optim.randbits import tensor_key
+    from leantrain.optim.sharding import shard_index, sharded_block_scales
 
     indices = []
     for rank in range(4):
@@ -339,4 +340,5 @@ def test_shards_draw_different_random_bits_and_replicas_the_same():
         finally:
             dist.destroy_process_group()
     assert indices == [0, 1, 0, 1]
-    assert mix_shard([7, 8, 9], 0) == [7, 8, 9] and mix_shard([7, 8, 9], 1) != [7, 8, 9]
+    keys = [tensor_key(7, 3, shard) for shard in indices]
+    assert keys[0] == keys[2] == tensor_key(7, 3) and keys[1] == keys[3] != keys[0]

@@ -151,7 +151,7 @@ def test_a_nonfinite_step_is_skipped_and_training_continues(tmp_path):
     for step in (2, 3, 4):
         dcp_to_torch_save(folder / "checkpoints" / f"step-{step}", tmp_path / f"{step}.pt")
         states[step] = flat_tensors(torch.load(tmp_path / f"{step}.pt", weights_only=True))
-    kept = [k for k in states[2] if k.startswith(("model.", "optimizer.state.", "optimizer.param_groups.0.rng_state"))]
+    kept = [k for k in states[2] if k.startswith(("model.", "optimizer.state."))]
     assert len(kept) > 50 and any(k.endswith("exp_avg_sq") for k in kept)
     assert all(torch.equal(states[2][k], states[3][k]) for k in kept)
     assert not torch.equal(states[3]["model.output.weight"], states[4]["model.output.weight"])

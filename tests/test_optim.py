@@ -11,8 +11,8 @@ import torch
 
 from leantrain.optim import AdamW, ParamLayout, UpdateStats, build_optimizer, stochastic_round
 from leantrain.optim import adamw as adamw_mod
-from leantrain.optim import fused, quant
-from leantrain.optim.rounding import field_generator, kahan_write_, random_fields
+from leantrain.optim import quant, randbits, update
+from leantrain.optim.rounding import kahan_write_
 
 BF16_ULP_1 = 2.0**-7  # bf16 spacing in [1, 2)
 
@@ -82,7 +82,9 @@ def test_fp32_matches_float64_reference_and_torch():
     for g in grads:
         q.grad = g.clone()
         topt.step()
-    assert torch.equal(p, q)  # same ops in the same order
+    # torch's lerp and addcmul fuse a multiply-add where update.py rounds after each op (update.py says why):
+    # the same math up to the last bits of fp32
+    assert torch.allclose(p, q, rtol=1e-6, atol=1e-7) and not torch.equal(p, q)
 
 
 @pytest.mark.parametrize("state_dtype, bound", [
@@ -109,7 +111,7 @@ def test_stochastic_rounding_is_unbiased():
     n = 200_000
     for value in (1.0 + 0.3 * BF16_ULP_1, -3.0 - 0.77 * 4 * BF16_ULP_1, 1e-3 * (1 + 2**-12)):
         x = torch.full((n,), value, dtype=torch.float32)
-        out = stochastic_round(x, torch.Generator().manual_seed(1)).double()
+        out = stochastic_round(x, seed=1).double()
         lo = x.bfloat16().double()[0]
         levels = torch.unique(out)
         assert len(levels) == 2  # only the two neighbouring bf16 values
@@ -123,7 +125,7 @@ def test_small_update_moves_weight_in_expectation_only_with_stochastic_rounding(
     n = 100_000
     x = torch.full((n,), 1.0 + 1e-4)  # 1e-4 is 1/78 of the bf16 ulp at 1.0
     assert torch.all(x.bfloat16() == 1.0)  # nearest: the update is lost everywhere
-    sr = stochastic_round(x, torch.Generator().manual_seed(0)).double()
+    sr = stochastic_round(x, seed=0).double()
     sigma = BF16_ULP_1 * math.sqrt((1e-4 / BF16_ULP_1) / n)
     assert abs(sr.mean().item() - (1.0 + 1e-4)) < 5 * sigma
     assert sr.mean().item() > 1.0
@@ -134,30 +136,21 @@ def test_stochastic_rounding_edge_values():
                       3.3895313892515355e38])
     x = torch.cat([x, torch.zeros(2).div(0.0), torch.tensor([float("nan")]).bfloat16().float()])
     x = x.repeat(1000)  # many random draws for the NaNs (0/0 is x86's 0xFFC00000)
-    out = stochastic_round(x, torch.Generator().manual_seed(0))
+    out = stochastic_round(x, seed=0)
     assert torch.equal(torch.isnan(out), torch.isnan(x))
     finite = ~torch.isnan(x)
     assert torch.equal(out[finite].float(), x[finite])  # exactly representable stays put
     assert torch.signbit(out[1])
 
 
-@pytest.mark.parametrize("make", [lambda: torch.Generator().manual_seed(0), lambda: field_generator(0, "cpu")],
-                         ids=["torch", "numpy"])
-def test_random_fields_are_uniform_16_bit(make):
-    (r,) = random_fields(1 << 16, [make()], "cpu")
-    assert r.dtype == torch.int16 and r.min() < -32000 and r.max() > 32000  # the whole int16 range
-    bits = torch.stack([((r >> k) & 1).float().mean() for k in range(16)])
-    assert torch.all((bits - 0.5).abs() < 0.02)
-
-
 # --------------------------------------------------------------------------- Kahan
 
 def _kahan_sum(n_updates, stochastic_comp):
-    gen = torch.Generator().manual_seed(0)
     p = torch.ones(64, dtype=torch.bfloat16)
     comp = torch.zeros(64, dtype=torch.bfloat16)
-    for _ in range(n_updates):
-        r = random_fields(64, [gen], "cpu")[0] if stochastic_comp else None
+    for step in range(n_updates):
+        keys = randbits.StepKeys(randbits.tensor_key(0, 0), step, 1).tensor(0, "cpu")
+        r = randbits.fields(64, keys, 1, "cpu")[0] if stochastic_comp else None
         kahan_write_(p, comp, p.float(), torch.full((64,), 1e-4), r)
     return p.float(), comp.float()
 
@@ -286,9 +279,9 @@ def _grads(params, step):
     return [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
 
 
-def _make(params, variant, foreach=None, seed=3):
+def _make(params, variant, seed=3):
     groups = [{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0, "lr": 5e-3}]
-    return AdamW(groups, lr=1e-2, weight_decay=0.1, seed=seed, foreach=foreach, **variant)
+    return AdamW(groups, lr=1e-2, weight_decay=0.1, seed=seed, **variant)
 
 
 def _steps(params, opt, start, stop, count_lost_updates=False):
@@ -305,12 +298,13 @@ def _mixed(i):  # mostly bf16 with one fp32 parameter
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
-def test_foreach_equals_for_loop_bitwise(variant, monkeypatch):
-    monkeypatch.setattr(adamw_mod, "_CPU_CHUNK", 1024)  # exercise chunking (and int8 tails)
+def test_chunking_does_not_change_the_result(variant, monkeypatch):
+    """Chunks (with tails, int8 blocks cut at chunk edges) get the bits and the math of the whole tensor."""
     results = []
-    for foreach in (False, True):
+    for chunk in (1 << 18, 1024):
+        monkeypatch.setattr(adamw_mod, "_CPU_CHUNK", chunk)
         params = _params(_mixed)
-        opt = _make(params, variant, foreach=foreach)
+        opt = _make(params, variant)
         _steps(params, opt, 0, 3)
         results.append((params, opt))
     (pa, oa), (pb, ob) = results
@@ -339,7 +333,6 @@ def test_state_dict_resume_is_bitwise(variant):
         assert torch.equal(a, b)
         for k, v in opt.state[a].items():
             assert v.dtype == opt2.state[b][k].dtype and torch.equal(v, opt2.state[b][k]), k
-    assert torch.equal(opt._generator.get_state(), opt2._generator.get_state())
 
 
 def test_load_state_dict_rejects_another_recipe():
@@ -524,7 +517,7 @@ def test_init_state_on_meta_params_lays_out_state_without_memory():
     (dict(lr=-1.0), "lr"), (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=0.0), "eps"),
     (dict(weight_decay=-0.1), "weight_decay"), (dict(state_dtype="fp8"), "state_dtype"),
     (dict(compensation="magic"), "compensation"), (dict(moments_rounding="up"), "moments_rounding"),
-    (dict(foreach="yes"), "foreach"),
+    (dict(compile="yes"), "compile"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -541,7 +534,7 @@ def test_deepcopy_and_pickle_friendly_state_dict():
     opt = _make(params, dict(state_dtype="int8", compensation="kahan"))
     _steps(params, opt, 0, 1)
     sd = copy.deepcopy(opt.state_dict())
-    assert isinstance(sd["param_groups"][0]["rng_state"], torch.Tensor)
+    assert "rng_state" not in sd["param_groups"][0]  # the random bits need no state
     assert all(isinstance(v, torch.Tensor) for st in sd["state"].values() for v in st.values())
 
 
@@ -555,15 +548,15 @@ COMPILED_VARIANTS = [
 
 
 @pytest.mark.parametrize("variant", COMPILED_VARIANTS, ids=_ids)
-def test_compiled_matches_eager(variant, monkeypatch):
-    """The fused kernel is the eager math: after 3 steps (chunked, with tails, an int8 tensor whose size
-    is no multiple of 256 left eager) at most a few elements differ, by one bf16 ulp (fp32 weights: fp32
-    last bits). Kahan compiled without emulate_precision_casts differed in half of its elements."""
+def test_compiled_matches_eager_bitwise(variant, monkeypatch):
+    """The compiled kernel is the eager update, bit for bit: weights, every state buffer and the lost-update
+    counts after 3 steps (chunked differently, with tails, an int8 tensor whose size is no multiple of 256 left
+    eager). Kahan compiled without emulate_precision_casts differed in half of its elements."""
     monkeypatch.setattr(adamw_mod, "_CPU_CHUNK", 1024)
-    monkeypatch.setattr(adamw_mod, "_CPU_CHUNK_COMPILED", 2048)  # chunked too, differently
+    monkeypatch.setattr(adamw_mod, "_CPU_CHUNK_COMPILED", 2048)
     calls = []
-    fused_step = fused.step
-    monkeypatch.setattr(fused, "step", lambda *a: calls.append(1) or fused_step(*a))
+    compiled_update = update.compiled_update
+    monkeypatch.setattr(update, "compiled_update", lambda *a: calls.append(1) or compiled_update(*a))
     runs = []
     for compile in (False, True):
         params = _params(_mixed)
@@ -577,16 +570,20 @@ def test_compiled_matches_eager(variant, monkeypatch):
     assert calls  # the compiled kernel ran (fullgraph=True: it raises rather than fall back to eager)
     (pa, oa, sa), (pb, ob, sb) = runs
     for a, b in zip(pa, pb):
-        ulp = 2.0**-7 if a.dtype == torch.bfloat16 else 2.0**-20  # bf16: 1 ulp; fp32: a few, after 3 steps
-        diff = (a.float() - b.float()).abs().detach()
-        assert (diff <= ulp * a.detach().float().abs().clamp(min=1e-3)).all(), diff.max()
-        assert (diff > 0).float().mean() < (0.01 if a.dtype == torch.bfloat16 else 0.5)
-    assert abs(sa.tracked_elements - sb.tracked_elements) <= 1e-3 * sa.tracked_elements
-    assert abs(sa.lost_update_fraction - sb.lost_update_fraction) < 1e-3
-    if variant.get("compensation") == "kahan":
-        assert abs(sa.compensated_fraction - sb.compensated_fraction) < 1e-3
-    else:
-        assert sa.compensated_fraction is None and sb.compensated_fraction is None
+        assert torch.equal(a.view(torch.int16 if a.dtype == torch.bfloat16 else torch.int32),
+                           b.view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32))
+        for k, v in oa.state[a].items():
+            assert torch.equal(v, ob.state[b][k]), k
+    assert sa == sb
+
+
+def test_eager_sqrt_is_correctly_rounded():
+    """update._sqrt: ATen's eager fp32 sqrt is not correctly rounded on CPU, the fp64 route is (equal to the
+    float64 square root rounded once)."""
+    x = torch.rand(1 << 16, generator=torch.Generator().manual_seed(0)) * 1e-4
+    exact = x.double().sqrt().float()
+    assert torch.equal(update._sqrt(x), exact)
+    assert torch.equal(torch.compile(update._sqrt)(x), exact)
 
 
 @pytest.mark.parametrize("compensation, lost, compensated", [("none", 1.0, None), ("kahan", 1.0, 1.0)])

@@ -319,15 +319,11 @@ class Checkpointer:
         sd = state.state_dict()
         if "cuda" in sd["rng"] and not _has_key(path, "rng.cuda"):
             del sd["rng"]["cuda"]
-        # Checkpoints written before TrainState (leantrain's own optimizer keying) hold the optimizer's generator
-        # at optimizer.rng_state instead of in param group 0; everything else has the same keys.
-        legacy = _has_key(path, "optimizer.rng_state")
-        if legacy:
-            sd["optimizer"]["rng_state"] = sd["optimizer"]["param_groups"][0].pop("rng_state")
+        # Checkpoints written before the optimizer's random bits became a hash (optim/randbits.py) also hold its
+        # old generator's state (optimizer.rng_state, or in param group 0): a key this state does not ask for,
+        # which the load leaves unread.
         _check_tensors(path, _flatten(sd), info)
         _dcp_load(sd, path)
-        if legacy:
-            sd["optimizer"]["param_groups"][0]["rng_state"] = sd["optimizer"].pop("rng_state")
         try:
             state.load_state_dict(sd)
         except (ValueError, KeyError) as e:

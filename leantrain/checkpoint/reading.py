@@ -111,8 +111,13 @@ def _flatten(state: dict[str, Any]) -> dict[str, Any]:
     return flatten_state_dict(state)[0]
 
 
+# Keys a checkpoint may hold or lack: the CUDA generator (a CPU run of a GPU checkpoint), and the stochastic-rounding
+# generator of versions before the random bits became a hash (optim/randbits.py), which nothing reads any more.
+_OPTIONAL_KEYS = ("rng.cuda", "optimizer.rng_state", "optimizer.param_groups.0.rng_state")
+
+
 def _check_tensors(path: Path, expected: dict[str, Any], info: dict[str, Any],
-                   optional: tuple[str, ...] = ("rng.cuda",)) -> None:
+                   optional: tuple[str, ...] = _OPTIONAL_KEYS) -> None:
     """Every key the load asks for is in the checkpoint with the same shape and dtype, and nothing is left over
     under the parts being loaded. DCP's own load would cast dtypes silently and ignore extra keys."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata

@@ -1,11 +1,12 @@
 """The precision-aware optimizer: AdamW with fp32 math and bf16 / fp32 / int8 state.
 
-    adamw.py     the optimizer (one update function, foreach and per-tensor paths)
+    adamw.py     the optimizer: state, steps, chunks, state_dict
     layout.py    the recipe's choices, each parameter's state layout, each step's scalars
-    fused.py     the per-tensor update as one torch.compile'd kernel (compile=True)
+    update.py    the update of one tensor, run eagerly or as one torch.compile'd kernel (compile=True)
     rounding.py  nearest, stochastic and Kahan-compensated rounding to bfloat16
+    randbits.py  the random bits of stochastic rounding: a keyed hash of each element's index
     quant.py     block-wise int8 moments (dynamic code map, absmax per 256 elements)
-    sharding.py  FSDP2 (DTensor) parameters: per-shard seeds, int8 block scales per shard
+    sharding.py  FSDP2 (DTensor) parameters: which shard a rank holds, int8 block scales per shard
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Compensation acts on bf16 weights only: an fp32 weight takes the fp32 result exa
 fp32 parameters compensation is a no-op and no buffer is allocated. `moments_rounding` acts
 on every bf16 moment (and the Kahan buffer), whatever the parameter dtype.
 
-State per parameter (all tensors in `self.state[p]`, on the parameter's device):
+State per parameter (all tensors in `self.state[p]`, on the parameter's device, contiguous):
     step                       0-dim fp32 tensor (CPU), as in torch.optim.AdamW
     exp_avg, exp_avg_sq        moments in the state dtype (fp32: 8 B/param, bf16: 4 B/param)
     exp_avg_codes, exp_avg_scale, exp_avg_sq_codes, exp_avg_sq_scale
@@ -26,36 +26,25 @@ State per parameter (all tensors in `self.state[p]`, on the parameter's device):
     kahan_comp                 bf16, param shape (2 B/param), only for compensation="kahan"
 Which of these a parameter has, and which random field rounds each of its bf16 buffers, is its
 `ParamLayout` (layout.py, `AdamW.layout(p)`): decided once, from its group's recipe and its dtype
-and size, when its state is initialised; the step, the foreach grouping, `load_state_dict`'s check
+and size, when its state is initialised; the step, `load_state_dict`'s check
 and `init_state` (which the memory planner calls on meta parameters) read it. It is not saved: the
 recipe is, in the param groups, and the layout follows from it.
 
-The random bits: one CPU torch.Generator seeded with `seed` draws, each step, one seed per
-parameter and random field; each field's bits then come from a generator seeded with it
-(numpy's PCG64DXSM on CPU, torch's Philox on accelerators: see rounding.py for why). Only the
-first generator has state across steps; it is saved in
-`state_dict()["param_groups"][0]["rng_state"]`, so a resumed run is bit-identical.
+The random bits (randbits.py) are a hash of each element's index, keyed by `seed`, the parameter's index among
+the optimizer's parameters, its shard and the step: nothing is drawn and nothing needs saving, so a resumed run
+is bit-identical. Ranks holding different shards of a parameter (FSDP2 DTensors) get different bits, replicas of
+one shard (HSDP, DDP) the same bits, and stay identical.
 
-Sharded parameters (FSDP2 DTensors): the math runs on each rank's local shard, and every state
-tensor is a DTensor sharded like its parameter (DCP saves each rank's part). int8 blocks are cut
-from the local shard; their scales form a [shards, blocks] DTensor, one row per shard. The
-per-parameter seeds are mixed with the shard's index, so ranks holding different shards draw
-different bits, while replicas of one shard (HSDP, DDP) draw the same bits and stay identical.
-The lost-update statistics are this rank's (its shards').
+Sharded parameters: the math runs on each rank's local shard, and every state tensor is a DTensor sharded like
+its parameter (DCP saves each rank's part). int8 blocks are cut from the local shard; their scales form a
+[shards, blocks] DTensor, one row per shard. The lost-update statistics are this rank's (its shards').
 
-Two code paths share one update function (`_update`, written over lists of tensors):
-`foreach=True` calls it with all tensors of a (dtype, layout, step) group at once through
-torch._foreach_* ops - few kernel launches on a GPU; `foreach=False` calls it per tensor, and
-on CPU per chunk of 2^18 elements so the fp32 temporaries stay in cache (on CPU that is faster
-than foreach, hence the default: foreach on accelerators, chunked loop on CPU). Both give
-bitwise identical results: each parameter draws its random bits from its own generators (one
-per field), seeded per step from the optimizer's generator, so neither grouping nor chunking
-changes the bits.
-
-`compile=True` (the trainer's `compile.enable`) replaces `_update` on the per-tensor path by one
-torch.compile'd kernel per tensor or CPU chunk (fused.py, which says why the math is written there a
-second time, and what running it eagerly instead measured); the results agree with the eager path's
-up to the last bits of the fp32 arithmetic (a stored bf16 value rarely differs, by one ulp).
+The update of one tensor is one function, `update.adamw_update`, run per tensor, and on CPU per chunk of 2^18
+elements so the fp32 temporaries stay in cache. `compile=True` (the trainer's `compile.enable`) runs the same
+function through torch.compile, one fused kernel per tensor (CPU: per chunk of 2^20); the results are bitwise
+those of the eager path (update.py says how). There is no foreach path: torch's _foreach ops have no integer
+forms for the random bits, and a second copy of the math could not be held bitwise to the compiled one. On a
+GPU, where an eager step launches a few dozen kernels per tensor, compile.enable is the fast path.
 
 Why not torchao's optimizers (`torchao.optim._AdamW(bf16_stochastic_round=True)`,
 `AdamW8bit`)? They do run on CPU with torch 2.13 (torchao 0.18.0), and our int8 codes match
@@ -74,14 +63,13 @@ from typing import Iterable
 import torch
 
 from ..distributed import is_dtensor, local
-from . import fused, quant, sharding
-from .layout import COMPENSATIONS, MOMENTS_ROUNDINGS, NO_FIELD, STATE_DTYPES, ParamLayout, StepScalars
-from .rounding import field_generator, kahan_write_, random_fields, round_to_bf16_
+from . import quant, randbits, sharding, update
+from .layout import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES, ParamLayout, StepScalars
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16)
 _CPU_CHUNK = 1 << 18  # elements per chunk on CPU (a multiple of quant.BLOCK)
 _CPU_CHUNK_COMPILED = 1 << 20  # compile=True: no temporaries to keep in cache, fewer calls (BENCHMARKS.md)
-_FOREACH_BATCH = 1 << 26  # elements per foreach call: bounds the fp32 temporaries
+_MAX_CHUNK = 1 << 30  # elsewhere: element indices stay within int32 (randbits)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -114,10 +102,9 @@ class AdamW(torch.optim.Optimizer):
         compensation: "none", "stochastic" or "kahan" (bf16 parameters only).
         moments_rounding: "auto" (stochastic unless compensation="none"), "nearest" or
             "stochastic"; how bf16 moments and the Kahan buffer are written.
-        seed: seeds the optimizer's own generator (stochastic rounding).
-        foreach: True/False, or None to pick (foreach on accelerators, chunked loop on CPU).
-        compile: run each tensor's (CPU: each chunk's) update as one torch.compile'd kernel
-            (fused.py); the first step compiles. Implies the per-tensor path.
+        seed: keys the random bits of stochastic rounding (randbits.py), with each parameter's index and shard.
+        compile: run each tensor's (CPU: each chunk's) update as one torch.compile'd kernel (update.py); the
+            first step compiles. The results are bitwise those of the eager step.
 
     `step(count_lost_updates=True)` returns the step's `UpdateStats` (how many bf16 weight updates the
     rounding lost); `layout(p)` says how parameter p's state is stored.
@@ -135,7 +122,6 @@ class AdamW(torch.optim.Optimizer):
         compensation: str = "none",
         moments_rounding: str = "auto",
         seed: int = 0,
-        foreach: bool | None = None,
         compile: bool = False,
     ):
         if isinstance(lr, torch.Tensor) or not 0.0 <= float(lr):
@@ -149,14 +135,12 @@ class AdamW(torch.optim.Optimizer):
         _check_choice("state_dtype", state_dtype, STATE_DTYPES)
         _check_choice("compensation", compensation, COMPENSATIONS)
         _check_choice("moments_rounding", moments_rounding, MOMENTS_ROUNDINGS)
-        if foreach not in (None, True, False):
-            raise ValueError(f"AdamW: foreach must be None, True or False, got {foreach!r}")
         if compile not in (True, False):
             raise ValueError(f"AdamW: compile must be True or False, got {compile!r}")
         defaults = dict(
             lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
             weight_decay=float(weight_decay), state_dtype=state_dtype,
-            compensation=compensation, moments_rounding=moments_rounding, foreach=foreach,
+            compensation=compensation, moments_rounding=moments_rounding,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -166,9 +150,12 @@ class AdamW(torch.optim.Optimizer):
                         f"AdamW: parameters must be float32 or bfloat16, got a {p.dtype} tensor "
                         f"of shape {tuple(p.shape)}"
                     )
+                if not local(p).is_contiguous():
+                    raise ValueError(f"AdamW: parameters must be contiguous (the update runs on flat views), got "
+                                     f"one of shape {tuple(p.shape)} and strides {tuple(local(p).stride())}")
         self.seed = int(seed)
         self.compile = bool(compile)
-        self._generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self._keys: dict[torch.Tensor, int] = {}  # each parameter's random-bits key (randbits.tensor_key)
         # Decided once per parameter. Not in self.state: state_dict() and checkpoints hold the buffers only (the
         # layout follows from the recipe, which the param groups save).
         self._layouts: dict[torch.Tensor, ParamLayout] = {}
@@ -233,13 +220,6 @@ class AdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
 
-    def _use_foreach(self, group: dict, params: list[torch.Tensor]) -> bool:
-        if self.compile:  # one fused kernel per tensor (or CPU chunk) needs no foreach batching
-            return False
-        if group["foreach"] is not None:
-            return bool(group["foreach"])
-        return all(p.device.type != "cpu" for p in params)
-
     @torch.no_grad()
     def step(self, closure=None, *, count_lost_updates: bool = False):
         """One AdamW step of every parameter with a gradient.
@@ -262,72 +242,51 @@ class AdamW(torch.optim.Optimizer):
 
     def _step_group(self, group: dict, counter: _LostUpdateCounter | None) -> None:
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
         for p in params:
             _check_grad(p)
-        # One seed per parameter and random field, in parameter order, so the random bits a
-        # parameter gets do not depend on how the paths group or chunk it.
-        seeds = torch.randint(0, 2**62, (len(params), 3), generator=self._generator).tolist()
-        seeds = [sharding.mix_shard(row, sharding.shard_index(p)) for row, p in zip(seeds, params)]
-        states = [self._init_state(group, p) for p in params]
-        layouts = [self._layout(group, p) for p in params]
-        for st in states:
-            st["step"] += 1
-        path = self._step_foreach if self._use_foreach(group, params) else self._step_loop
-        path(group, params, states, layouts, seeds, counter)
+        scalars = {}  # per (step, device): on a GPU each is a copy to it
+        for p in params:
+            state, layout = self._init_state(group, p), self._layout(group, p)
+            state["step"] += 1
+            step = int(state["step"].item())
+            if (step, p.device) not in scalars:
+                scalars[step, p.device] = StepScalars.of(group, step).as_tensor(p.device)
+            keys = randbits.StepKeys(self._key(p), step, layout.num_fields)
+            self._step_param(p, state, layout, keys, scalars[step, p.device], counter)
 
-    def _step_loop(self, group, params, states, layouts, seeds, counter):
-        scalar_tensors = {}  # compiled: once per (step, device) - on a GPU each is a copy to it
-        for p, st, layout, seed in zip(params, states, layouts, seeds):
-            step = st["step"].item()
-            scalars = StepScalars.of(group, step)
-            gens = _field_generators(seed, layout.num_fields, p.device)
-            contiguous, n = local(p).is_contiguous(), local(p).numel()
-            compiled = self.compile and contiguous and fused.supports(layout.moments, n)  # the kernel takes flat views
-            chunk = (_CPU_CHUNK_COMPILED if compiled else _CPU_CHUNK) if (p.device.type == "cpu" and contiguous) else n
-            if compiled and (step, p.device) not in scalar_tensors:
-                scalar_tensors[step, p.device] = scalars.as_tensor(p.device)
-            for a in range(0, n, chunk):
-                b = min(n, a + chunk)
-                t = _Tensors.gather([p], [st], layout, a, b, chunk < n, flat=compiled)
-                rand = random_fields(b - a, gens, p.device)
-                if not compiled:
-                    _update(t, layout, [rand], scalars, counter)
-                    continue
-                counts = fused.step(t.p[0], t.g[0], t.m[0], t.v[0], t.comp[0] if t.comp else None,
-                                    t.m_scale[0] if t.m_scale else None, t.v_scale[0] if t.v_scale else None,
-                                    rand, layout.fields, layout.moments, scalar_tensors[step, p.device],
-                                    counter is not None)
-                if counts is not None:
-                    counter.add(*counts)
+    def _key(self, p: torch.Tensor) -> int:
+        """Parameter p's random-bits key: the seed, p's index among all parameters, the shard this rank holds."""
+        key = self._keys.get(p)
+        if key is None:
+            index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
+            key = self._keys[p] = randbits.tensor_key(self.seed, index, sharding.shard_index(p))
+        return key
 
-    def _step_foreach(self, group, params, states, layouts, seeds, counter):
-        buckets: dict[tuple, list[int]] = {}
-        for i, (p, st, layout) in enumerate(zip(params, states, layouts)):
-            buckets.setdefault((p.dtype, p.device, layout, st["step"].item()), []).append(i)
-        for (_, device, layout, step), idxs in buckets.items():
-            scalars = StepScalars.of(group, step)
-            for batch in _batches(idxs, [local(params[i]).numel() for i in idxs]):
-                t = _Tensors.gather([params[i] for i in batch], [states[i] for i in batch], layout, 0, None, False)
-                rand = [random_fields(local(params[i]).numel(),
-                                      _field_generators(seeds[i], layout.num_fields, device), device)
-                        for i in batch]
-                _update(t, layout, rand, scalars, counter)
+    def _step_param(self, p, state, layout: ParamLayout, keys: randbits.StepKeys, scalars, counter) -> None:
+        """One parameter's update, chunk by chunk: on CPU chunks keep the fp32 temporaries in cache; everywhere
+        they keep element indices within int32 (randbits). Chunking does not change the result."""
+        n = local(p).numel()
+        if n >= 1 << 32:
+            raise ValueError(f"AdamW: a (local shard of a) parameter has {n} elements; at most 2^32 - 1 are "
+                             "supported (the random bits index elements with 32 bits)")
+        compiled = self.compile and update.supports(layout.moments, n)
+        chunk = (_CPU_CHUNK_COMPILED if compiled else _CPU_CHUNK) if p.device.type == "cpu" else _MAX_CHUNK
+        run = update.compiled_update if compiled else update.adamw_update
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            counts = run(*_chunk(p, state, layout, a, b, chunk < n), keys.tensor(a, p.device), layout.fields,
+                         layout.moments, scalars, counter is not None)
+            if counts is not None:
+                counter.add(*counts)
 
     # ------------------------------------------------------------------ state_dict
-
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["param_groups"][0]["rng_state"] = self._generator.get_state()
-        return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a `state_dict()`; every buffer keeps its saved dtype (torch's default loader
         would cast fp32 moments and int8 scales to the parameter dtype) and is copied to the
         parameter's device."""
         groups = [dict(g) for g in state_dict["param_groups"]]
-        rng_state = groups[0].pop("rng_state", None)
+        groups[0].pop("rng_state", None)  # the generator of versions before randbits.py: the bits now need no state
         if len(groups) != len(self.param_groups):
             raise ValueError(
                 f"AdamW: the state dict has {len(groups)} parameter groups, this optimizer "
@@ -357,9 +316,6 @@ class AdamW(torch.optim.Optimizer):
                     k: (v.detach().clone() if k == "step" else v.detach().to(p.device, copy=True))
                     for k, v in saved_state[pid].items()
                 }
-        if rng_state is not None:
-            self._generator.set_state(rng_state.cpu() if isinstance(rng_state, torch.Tensor)
-                                      else torch.as_tensor(rng_state, dtype=torch.uint8))
 
 
 def _check_grad(p: torch.Tensor) -> None:
@@ -372,148 +328,22 @@ def _check_grad(p: torch.Tensor) -> None:
         )
 
 
-def _field_generators(seeds: list[int], n: int, device: torch.device) -> list:
-    return [field_generator(s, device) for s in seeds[:n]]
+def _chunk(p, state, layout: ParamLayout, a: int, b: int, chunked: bool) -> tuple:
+    """Flat views of elements [a, b) of p's local tensors: (p, g, m, v, comp, m_scale, v_scale)."""
+    def flat(t):  # sharded tensors: the math runs on this rank's shard
+        return local(t).view(-1)[a:b]
 
+    def scales(t):
+        t = sharding.local_scale(t, local(p).numel())
+        return t[a // quant.BLOCK: quant.num_blocks(b)] if chunked else t
 
-def _batches(idxs: list[int], sizes: list[int]):
-    batch, total = [], 0
-    for i, n in zip(idxs, sizes):
-        if batch and total + n > _FOREACH_BATCH:
-            yield batch
-            batch, total = [], 0
-        batch.append(i)
-        total += n
-    if batch:
-        yield batch
-
-
-class _Tensors:
-    """The storage tensors one `_update` call reads and writes (flat views for chunks)."""
-
-    def __init__(self, p, g, m, v, comp, m_scale, v_scale):
-        self.p, self.g, self.m, self.v, self.comp = p, g, m, v, comp
-        self.m_scale, self.v_scale = m_scale, v_scale
-
-    @staticmethod
-    def gather(params, states, layout: ParamLayout, a, b, chunked, flat=False):
-        int8 = layout.moments == "int8"
-        flat = flat or chunked or int8  # int8 blocks run over the flattened tensor
-        if flat and not all(local(x).is_contiguous() for x in params):
-            raise ValueError("AdamW: int8 state needs contiguous parameters")
-
-        def view(t):  # sharded tensors: the math runs on this rank's shard
-            t = local(t)
-            return t.view(-1)[a:b] if flat else t
-
-        def scale_view(t, p):
-            t = sharding.local_scale(t, local(p).numel())
-            return t[a // quant.BLOCK: quant.num_blocks(b)] if chunked else t
-
-        p = [view(x) for x in params]
-        g = [view(x.grad) for x in params]
-        if int8:
-            m = [view(s["exp_avg_codes"]) for s in states]
-            v = [view(s["exp_avg_sq_codes"]) for s in states]
-            ms = [scale_view(s["exp_avg_scale"], x) for s, x in zip(states, params)]
-            vs = [scale_view(s["exp_avg_sq_scale"], x) for s, x in zip(states, params)]
-        else:
-            m = [view(s["exp_avg"]) for s in states]
-            v = [view(s["exp_avg_sq"]) for s in states]
-            ms = vs = None
-        comp = [view(s["kahan_comp"]) for s in states] if layout.kahan else None
-        return _Tensors(p, g, m, v, comp, ms, vs)
-
-
-def _f32(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """fp32 working copies (always copies, so in-place math never touches storage)."""
-    return [t.to(torch.float32, copy=True) for t in ts]
-
-
-def _field(rand: list[torch.Tensor], index: int) -> torch.Tensor | None:
-    """Random field `index` of one tensor, or None (round to nearest)."""
-    return rand[index] if index != NO_FIELD else None
-
-
-def _update(t: _Tensors, layout: ParamLayout, rand: list, s: StepScalars, counter) -> None:
-    """One AdamW step for lists of tensors of one layout, in fp32; the eager copy of the math.
-
-    Mirrors torch.optim.AdamW's single-tensor path op for op, so fp32 parameters with fp32
-    state get bitwise the same result. `rand[i]` are the random fields of tensor i.
-    """
-    g = [x.float() for x in t.g]  # read only: fp32 gradients are used as they are
     if layout.moments == "int8":
-        m = [quant.dequantize(c, sc, True) for c, sc in zip(t.m, t.m_scale)]
-        v = [quant.dequantize(c, sc, False) for c, sc in zip(t.v, t.v_scale)]
-    elif layout.moments == "float32":
-        m, v = t.m, t.v  # update the fp32 state in place
+        m, v = flat(state["exp_avg_codes"]), flat(state["exp_avg_sq_codes"])
+        m_scale, v_scale = scales(state["exp_avg_scale"]), scales(state["exp_avg_sq_scale"])
     else:
-        m, v = _f32(t.m), _f32(t.v)
-
-    torch._foreach_lerp_(m, g, s.one_minus_beta1)
-    torch._foreach_mul_(v, s.beta2)
-    torch._foreach_addcmul_(v, g, g, value=s.one_minus_beta2)
-    denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, s.bc2_sqrt)
-    torch._foreach_add_(denom, s.eps)
-
-    if layout.kahan:
-        _write_weights_kahan(t, m, denom, layout, rand, s, counter)
-    else:
-        _write_weights(t, m, denom, layout, rand, s, counter)
-    _write_moments(t, m, v, layout, rand)
-
-
-def _write_weights_kahan(t, m, denom, layout, rand, s, counter) -> None:
-    """delta = -lr*wd*p - step_size*m/denom, applied to the bf16 weights through the compensation buffer."""
-    pf = _f32(t.p)
-    delta = torch._foreach_mul(pf, s.neg_lr_wd)
-    torch._foreach_addcdiv_(delta, m, denom, value=s.neg_step_size)
-    if counter is not None:
-        old, comp_old = [x.clone() for x in t.p], [x.clone() for x in t.comp]
-        nonzero = [d != 0 for d in delta]  # before kahan_write_, which clobbers delta
-    for i in range(len(t.p)):
-        kahan_write_(t.p[i], t.comp[i], pf[i], delta[i], _field(rand[i], layout.weight_field))
-    if counter is not None:
-        for i in range(len(t.p)):
-            lost = nonzero[i] & (t.p[i] == old[i])
-            counter.add(nonzero[i].count_nonzero(), lost.count_nonzero(),
-                        (lost & (t.comp[i] != comp_old[i])).count_nonzero())
-
-
-def _write_weights(t, m, denom, layout, rand, s, counter) -> None:
-    """p = p * (1 - lr*wd) - step_size*m/denom, rounded into bf16 weights (fp32 weights: updated in place)."""
-    if t.p[0].dtype == torch.float32:
-        torch._foreach_mul_(t.p, s.decay)
-        torch._foreach_addcdiv_(t.p, m, denom, value=s.neg_step_size)
-        return
-    pf = _f32(t.p)
-    old = [x.clone() for x in t.p] if counter is not None else None
-    torch._foreach_mul_(pf, s.decay)
-    torch._foreach_addcdiv_(pf, m, denom, value=s.neg_step_size)
-    # Counted on bit patterns (integer differences: cheaper than float compares and bool sums). A weight
-    # whose fp32 result equals its old value keeps its bits under either rounding, so the changed
-    # weights are a subset of the updated ones and lost = updated - changed.
-    updated = ([(x.view(torch.int32) - o.float().view(torch.int32)).count_nonzero() for x, o in zip(pf, old)]
-               if old is not None else None)  # before rounding, which clobbers pf
-    for i in range(len(t.p)):
-        round_to_bf16_(t.p[i], pf[i], _field(rand[i], layout.weight_field))
-    if old is not None:
-        for i in range(len(t.p)):
-            changed = (t.p[i].view(torch.int16) - old[i].view(torch.int16)).count_nonzero()
-            counter.add(updated[i], updated[i] - changed, None)
-
-
-def _write_moments(t, m, v, layout, rand) -> None:
-    """Store the fp32 moments (fp32 state was updated in place)."""
-    if layout.moments == "int8":
-        for i in range(len(t.p)):
-            quant.quantize_(t.m[i], t.m_scale[i], m[i], True)
-            quant.quantize_(t.v[i], t.v_scale[i], v[i], False)
-    elif layout.moments == "bfloat16":
-        for i in range(len(t.p)):
-            round_to_bf16_(t.m[i], m[i], _field(rand[i], layout.exp_avg_field))
-            round_to_bf16_(t.v[i], v[i], _field(rand[i], layout.exp_avg_sq_field))
+        m, v, m_scale, v_scale = flat(state["exp_avg"]), flat(state["exp_avg_sq"]), None, None
+    comp = flat(state["kahan_comp"]) if layout.kahan else None
+    return flat(p), local(p.grad).reshape(-1)[a:b], m, v, comp, m_scale, v_scale
 
 
 class _LostUpdateCounter:

@@ -13,86 +13,52 @@ update below 0.0039 is lost, every step, forever. Two fixes, both used by the op
 * Kahan compensation keeps a bf16 buffer with the part of each update the weight could not
   take, and adds it back into the next update (see `kahan_write_`).
 
-Random bits come in 16-bit *fields*: int16 tensors, uniform over [-2^15, 2^15), one per bf16
-tensor the optimizer writes stochastically (weight or compensation buffer, exp_avg, exp_avg_sq),
-drawn by `random_fields` from a *field generator* (`field_generator`):
-
-* on CPU, numpy's PCG64DXSM bit generator. Why not torch's: torch's CPU generator is mt19937,
-  serial, and `random_` keeps 31 bits of each 32-bit draw, so a field cost one draw per element;
-  that made the random bits most of the step time of the stochastic recipes. PCG64DXSM's
-  `random_raw` gives 64 bits (4 fields) per draw; switching took the `bf16-sr` optimizer step from
-  2.14x torch's foreach AdamW to 1.4-1.6x (`benchmarks/optimizer_step.py`, BENCHMARKS.md).
-* on accelerators, a torch.Generator of that device (Philox: counter-based, parallel).
-A torch.Generator is accepted on CPU too (tests, `stochastic_round`).
+The random bits come from randbits.py: one *field* per bf16 tensor the optimizer writes stochastically (weight
+or compensation buffer, exp_avg, exp_avg_sq), int32 values uniform in [0, 2^16), computed from the element index.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-
-def field_generator(seed: int, device) -> torch.Generator | np.random.BitGenerator:
-    """A generator of random fields for `device`, seeded with `seed` (a non-negative int)."""
-    if torch.device(device).type == "cpu":
-        return np.random.PCG64DXSM(seed)
-    return torch.Generator(device=device).manual_seed(seed)
+from . import randbits
 
 
-def random_fields(numel: int, generators: list, device) -> list[torch.Tensor]:
-    """One uniform 16-bit random field (int16, [-2^15, 2^15)) of `numel` elements per generator.
+def stochastic_round_(out: torch.Tensor, x: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:
+    """Write fp32 `x` (**clobbered**) into the bf16 tensor `out`, rounded stochastically: E[out] == x for every
+    finite x.
 
-    A field has its own generator, so drawing a tensor chunk by chunk gives the same bits as
-    drawing it whole (chunks of a multiple of 4 elements: a numpy draw is whole 64-bit words).
+    `rand` holds uniform int32 values in [0, 2^16) (a random field). Adding them to the bit pattern and clearing
+    the low 16 bits carries into bit 16 with probability (dropped bits) / 2^16; what is left is a bf16 value in
+    fp32, which the copy into `out` converts exactly. NaN stays NaN for the canonical NaNs (0x7FC00000 /
+    0xFFC00000 and any NaN that came from bf16) that torch arithmetic produces and propagates; only a hand-made NaN
+    whose payload lives only in bits 0-15 would come out as +-inf. We do not pay two more passes per tensor
+    (isnan + masked_fill) for that. The bitcasts are why the compiled kernel needs `update._vectorized_bitcasts`.
     """
-    fields = []
-    for gen in generators:
-        if isinstance(gen, np.random.BitGenerator):
-            words = gen.random_raw(-(-numel // 4))  # 4 fields per 64-bit word
-            fields.append(torch.from_numpy(words).view(torch.int16)[:numel])
-        else:
-            r = torch.empty(numel, dtype=torch.int16, device=device)
-            fields.append(r.random_(-(1 << 15), 1 << 15, generator=gen))
-    return fields
-
-
-def stochastic_round_(out: torch.Tensor, x: torch.Tensor, rand16: torch.Tensor) -> torch.Tensor:
-    """Write `x` (fp32, **clobbered**) into the bf16 tensor `out`, rounded stochastically.
-
-    Unbiased for every finite value: E[out] == x. `rand16` holds uniform values in [-2^15, 2^15)
-    (a field of `random_fields`); adding it and then 2^15 adds a uniform value in [0, 2^16).
-    Four passes: add the random bits, add 2^15, shift the top 16 bits down, narrow them into `out`.
-    NaN stays NaN for the canonical NaNs (0x7FC00000 / 0xFFC00000 and any NaN that came from
-    bf16) that torch arithmetic produces and propagates; only a hand-made NaN whose payload
-    fills bits 16-22, or lives only in bits 0-15, would come out as +-0 or +-inf. We do not
-    pay two more passes per tensor (isnan + masked_fill: 2/3 of this function's time) for that.
-    """
-    bits = x.view(torch.int32)
-    bits.add_(rand16.view(bits.shape)).add_(1 << 15)
-    bits >>= 16  # arithmetic shift: the result is the bf16 bit pattern, in int16 range
-    out.view(torch.int16).copy_(bits)
+    x.view(torch.int32).add_(rand).bitwise_and_(-65536)
+    out.copy_(x)
     return out
 
 
-def round_to_bf16_(out: torch.Tensor, x: torch.Tensor, rand16: torch.Tensor | None) -> torch.Tensor:
-    """Write fp32 `x` into `out`: stochastic when `rand16` is given (and out is bf16), else nearest.
+def round_to_bf16_(out: torch.Tensor, x: torch.Tensor, rand: torch.Tensor | None) -> torch.Tensor:
+    """Write fp32 `x` into `out`: stochastic when `rand` is given (and out is bf16), else nearest.
 
     `x` may be clobbered. For an fp32 `out` this is a plain copy (nothing to round).
     """
-    if rand16 is not None and out.dtype == torch.bfloat16:
-        return stochastic_round_(out, x, rand16)
+    if rand is not None and out.dtype == torch.bfloat16:
+        return stochastic_round_(out, x, rand)
     if out is not x:
         out.copy_(x)
     return out
 
 
-def stochastic_round(x: torch.Tensor, generator=None) -> torch.Tensor:
-    """fp32 tensor -> new bf16 tensor, rounded stochastically (convenience for tests and users)."""
+def stochastic_round(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """fp32 tensor -> new bf16 tensor, rounded stochastically with the bits of key `seed` (for tests and users)."""
     x = x.detach().to(torch.float32, copy=True).contiguous()
-    gen = generator if generator is not None else field_generator(0, x.device)
-    (r,) = random_fields(x.numel(), [gen], x.device)
+    keys = randbits.StepKeys(randbits.tensor_key(seed, 0), 1, 1).tensor(0, x.device)
+    (r,) = randbits.fields(x.numel(), keys, 1, x.device)
     out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
-    return stochastic_round_(out, x, r)
+    return stochastic_round_(out.view(-1), x.view(-1), r).view(x.shape)
 
 
 def kahan_write_(
@@ -100,7 +66,7 @@ def kahan_write_(
     comp: torch.Tensor,
     param_f32: torch.Tensor,
     delta: torch.Tensor,
-    comp_rand16: torch.Tensor | None,
+    comp_rand: torch.Tensor | None,
 ) -> None:
     """Apply the fp32 update `delta` to the bf16 `param`, carrying what bf16 loses in `comp`.
 
@@ -111,11 +77,11 @@ def kahan_write_(
         comp  = y - (param_new - param)    # what it could not take, carried to the next step
 
     `param_f32` (the old weight in fp32) and `delta` are clobbered (delta becomes the new comp).
-    `comp` is written stochastically when `comp_rand16` is given: the buffer's own rounding
+    `comp` is written stochastically when `comp_rand` is given: the buffer's own rounding
     error is then unbiased too. With nearest rounding (optimi's choice) that error is
     systematic - adding 1e-4 ten thousand times to 1.0 ends at 2.03 instead of 2.0.
     """
     y = delta.add_(comp)  # the bf16 buffer is upcast on the fly: no fp32 copy of it
     torch.add(param_f32, y, out=param)  # computed in fp32, rounded to nearest into the bf16 weight
     y.add_(param_f32.sub_(param))  # old - new is exact in fp32 (two nearby bf16 values)
-    round_to_bf16_(comp, y, comp_rand16)
+    round_to_bf16_(comp, y, comp_rand)

@@ -1,4 +1,4 @@
-"""Sharded (FSDP2 DTensor) parameters in the optimizer: per-shard seeds, int8 block scales.
+"""Sharded (FSDP2 DTensor) parameters in the optimizer: which shard a rank holds, int8 block scales.
 
 The math runs on each rank's local shard (`leantrain.distributed.local`). Ranks holding different shards must draw
 different random bits, while replicas of one shard (HSDP, DDP) must draw the same ones; int8 blocks are cut from the
@@ -28,11 +28,6 @@ def shard_index(p: torch.Tensor) -> int:
         if placement.is_shard():
             index = index * mesh.size(dim) + coordinate[dim]
     return index
-
-
-def mix_shard(seeds: list[int], shard: int) -> list[int]:
-    """Per-shard seeds; shard 0 (and any unsharded tensor) keeps the seeds of a single-process run."""
-    return [(s ^ (shard * 0x9E3779B97F4A7C15)) & (2**62 - 1) for s in seeds] if shard else seeds
 
 
 def sharded_block_scales(p: DTensor) -> DTensor:

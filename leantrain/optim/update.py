@@ -1,0 +1,176 @@
+"""The AdamW update of one tensor (on CPU: one chunk of it), written once: run eagerly, or compiled into one kernel.
+
+`adamw_update` is the whole step of one flat tensor: upcast, moments, denominator, weight, the random bits
+(randbits.py), every rounding, the lost-update counts. The eager path (the default) calls it as it is; with
+`compile=True` (the trainer's `compile.enable`) `compiled_update` calls it through torch.compile, which fuses it
+into one loop whose temporaries, random bits included, never leave registers. The two give bitwise equal results
+for every layout (`tests/test_optim.py::test_compiled_matches_eager_bitwise`), because
+* the math uses only ops that round once, the same way in ATen and in inductor's code: +, -, *, /, sqrt
+  (`_sqrt`), comparisons, integer ops. No lerp, addcmul or addcdiv: ATen's CPU kernels for those fuse a
+  multiply-add (one rounding fewer) where inductor's code, built with -ffp-contract=off, rounds after each op;
+* every scalar comes in as one fp32 tensor (`layout.StepScalars.as_tensor`), so both see the same fp32 values (and
+  torch.compile does not recompile at every step, as it would for Python floats that change with lr);
+* the random bits are computed from the element index (randbits.py), not drawn.
+The cost: fp32 weights with fp32 state are no longer bitwise those of torch.optim.AdamW (whose lerp and addcmul
+fuse), but within a few fp32 ulps (`tests/test_optim.py::test_fp32_matches_float64_reference_and_torch`).
+
+Compiling (`compiled_update`), settings that matter (each found by measuring):
+- `emulate_precision_casts=True`: by default inductor reads a value it has just stored as bf16 back at fp32
+  precision within the fused kernel. That silently undoes Kahan's `new - old` (the buffer stayed near 0 and 7% of
+  the updates were lost again when tried without it), and would break bitwise equality with eager.
+- one graph per state layout (moment kind, Kahan, random fields, dtypes, lost-update meter) for every tensor size:
+  the inputs come flat, or for int8 as [blocks, 256], with only their first dimension marked dynamic
+  (`dynamic=True` makes the 256 symbolic too; the int8 kernel then loses its vectorized loops and runs 2.5x
+  slower). `automatic_dynamic_shapes` is off for this function, as dynamo's automatic dynamism, shared by all graphs
+  of one function, would otherwise make every dimension of the int8 graph dynamic once a 1-D layout has been seen.
+  int8 tensors whose size is not a multiple of 256 run eagerly (the same results).
+- `_vectorized_bitcasts`: see there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import quant, randbits
+from .layout import StepScalars
+from .rounding import kahan_write_, round_to_bf16_
+
+_RECOMPILE_LIMIT = 64  # graphs per process: layouts x dtypes x meter on/off; dynamo's default is 8
+_compiled = None
+
+
+def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count):
+    """One AdamW step of one tensor, in place; the same ops eager and compiled.
+
+    p, g: weight and gradient; m, v: the moments (int8: codes, with their block scales m_scale, v_scale); comp: the
+    Kahan buffer or None; keys: `randbits.StepKeys.tensor` (int32); fields: `ParamLayout.fields`; kind:
+    `ParamLayout.moments`; scalars: `StepScalars.as_tensor(...)`. Returns, when `count`, the lost-update counts
+    (updated, lost, compensated or None) as 0-dim tensors, else None.
+    """
+    p, g, m, v, comp = (None if t is None else t.view(-1) for t in (p, g, m, v, comp))
+    s = StepScalars(*scalars.unbind())
+    w_field, m_field, v_field = fields
+    rand = randbits.fields(p.numel(), keys, 1 + max(fields), p.device) if max(fields) >= 0 else []
+    gf = g.float()  # read only: an fp32 gradient is used as it is
+    if kind == "int8":
+        mf, vf = quant.dequantize(m, m_scale, True), quant.dequantize(v, v_scale, False)
+    else:
+        mf, vf = m.float(), v.float()  # fp32 state: the state itself, updated in place
+    # In-place ops on temporaries (the same values as out of place; eagerly, fewer allocations and passes)
+    mf += (gf - mf).mul_(s.one_minus_beta1)
+    vf.mul_(s.beta2).add_((gf * gf).mul_(s.one_minus_beta2))
+    denom = _sqrt(vf).div_(s.bc2_sqrt).add_(s.eps)
+    step = (mf * s.neg_step_size).div_(denom)
+    pf = p.float()
+    counts = None
+    if p.dtype == torch.float32:
+        p.mul_(s.decay).add_(step)
+    elif comp is not None:
+        delta = (pf * s.neg_lr_wd).add_(step)
+        old, comp_old = (p.clone(), comp.clone()) if count else (None, None)
+        nonzero = delta != 0 if count else None
+        kahan_write_(p, comp, pf, delta, rand[w_field] if w_field >= 0 else None)
+        if count:
+            lost = nonzero & (p == old)
+            counts = (nonzero.count_nonzero(), lost.count_nonzero(), (lost & (comp != comp_old)).count_nonzero())
+    else:
+        old = p.clone() if count else None
+        new = (pf * s.decay).add_(step)
+        # Counted on bit patterns (integer differences: cheaper than float compares and bool sums). A weight whose
+        # fp32 result equals its old value keeps its bits under either rounding, so the changed weights are a
+        # subset of the updated ones and lost = updated - changed.
+        updated = (new.view(torch.int32) - pf.view(torch.int32)).count_nonzero() if count else None
+        round_to_bf16_(p, new, rand[w_field] if w_field >= 0 else None)
+        if count:
+            changed = (p.view(torch.int16) - old.view(torch.int16)).count_nonzero()
+            counts = (updated, updated - changed, None)
+    if kind == "int8":
+        quant.quantize_(m, m_scale, mf, True)
+        quant.quantize_(v, v_scale, vf, False)
+    else:
+        round_to_bf16_(m, mf, rand[m_field] if m_field >= 0 else None)  # fp32 state: a copy
+        round_to_bf16_(v, vf, rand[v_field] if v_field >= 0 else None)
+    return counts
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded fp32 square root, eager and compiled.
+
+    ATen's eager fp32 sqrt on CPU is not correctly rounded (measured: 0.6% of random values one ulp off), while
+    inductor's vector sqrt is. Its fp64 sqrt is, and a correctly rounded fp64 sqrt rounded to fp32 is the correctly
+    rounded fp32 sqrt (53 >= 2 * 24 + 2 bits: double rounding is innocuous for sqrt), so eager CPU code takes
+    that way, at two more passes over the chunk."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return x.sqrt()
+    return x.double().sqrt_().float()
+
+
+def supports(kind: str, numel: int) -> bool:
+    """Whether `compiled_update` takes a flat tensor of `numel` elements with this moment kind."""
+    return kind != "int8" or numel % quant.BLOCK == 0
+
+
+def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count):
+    """`adamw_update` compiled (built on first use) on flat contiguous tensors; returns what it returns."""
+    global _compiled
+    if _compiled is None:
+        # assert_indirect_indexing off: the int8 look-ups index a 256-entry table with uint8 codes and a
+        # 65536-entry one with 16-bit cells, in range by construction; the per-element checks cost ~10%.
+        _compiled = torch.compile(adamw_update, fullgraph=True,
+                                  options={"emulate_precision_casts": True, "assert_indirect_indexing": False})
+    if kind == "int8":
+        quant.build_tables(p.device)  # eagerly: the compiled kernel reads them as constants
+    shape, n = ((-1, quant.BLOCK) if kind == "int8" else (-1,)), p.numel()
+
+    def dyn(t):  # int8 tensors as [blocks, 256]; every size dynamic in its first dimension only
+        if t is not None:
+            t = t.view(shape) if t.numel() == n else t
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return t
+
+    p, g, m, v, comp, m_scale, v_scale = map(dyn, (p, g, m, v, comp, m_scale, v_scale))
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, automatic_dynamic_shapes=False), \
+            _vectorized_bitcasts():
+        return _compiled(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count)
+
+
+@contextlib.contextmanager
+def _vectorized_bitcasts():
+    """While our kernels are generated: inductor's C++ backend writes fp32 <-> int32 bitcasts as vector casts.
+
+    Stochastic rounding adds random bits to an fp32 value's bit pattern (`x.view(torch.int32)`) and reads the
+    result back as fp32. torch 2.13's CPU code generator has no vectorized form of `view(dtype)`: inside a
+    vectorized loop it spills each vector to an array, bit-casts it element by element and reloads it. Measured
+    on the update of 16M bf16 elements (benchmarks/optimizer_step.py's model, 2 cores, AVX-512): that made the
+    compiled `bf16-sr` step 5.9x the compiled plain-bf16 step; with a vector cast
+    (`at::vec::cast`, a register reinterpretation) the loop stays vectorized. Only fp32 <-> int32 is changed, and
+    only while `compiled_update` runs (which is when dynamo and inductor generate its code); other code compiled
+    in the process is untouched. If inductor's internals move, this does nothing and the kernel is just slower.
+    On a GPU, Triton's bitcast is native and this is not involved.
+    """
+    try:
+        from torch._inductor.codegen import cpp
+        from torch._inductor.codegen.cpp_utils import DTYPE_TO_CPP
+        from torch._inductor.virtualized import V
+        original = cpp.CppVecOverrides.__dict__["to_dtype_bitcast"]
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def to_dtype_bitcast(x, dtype, src_dtype):
+        if {dtype, src_dtype} != {torch.float32, torch.int32}:
+            return original.__func__(x, dtype, src_dtype)
+        dst, src = DTYPE_TO_CPP[dtype], DTYPE_TO_CPP[src_dtype]
+        n_vec = V.kernel._get_num_vectors(src_dtype)
+        if n_vec == 1:
+            return f"at::vec::cast<{dst}, {src}>({x})"
+        return (f"[&]() {{ at::vec::VectorizedN<{dst}, {n_vec}> r; for (int i = 0; i < {n_vec}; i++) "
+                f"r[i] = at::vec::cast<{dst}, {src}>({x}[i]); return r; }}()")
+
+    cpp.CppVecOverrides.to_dtype_bitcast = staticmethod(to_dtype_bitcast)
+    try:
+        yield
+    finally:
+        cpp.CppVecOverrides.to_dtype_bitcast = original
