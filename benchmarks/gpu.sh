@@ -1,19 +1,33 @@
 #!/usr/bin/env bash
-# One NVIDIA GPU, under 8 minutes: the 1B flavor (Llama 3.2-1B dimensions) with torch.compile under
-# fp32, bf16-mixed, bf16, bf16-kahan and bf16-int8; tokens/s, MFU and peak torch.cuda.max_memory_allocated.
+# One NVIDIA GPU, about 10 minutes, three parts:
+#   1. correctness first: the test suite's device-capable tests on the GPU (tests/test_device.py: the random bits
+#      there are the CPU's, the eager step is the CPU's bit for bit, the Triton kernel is the eager step);
+#   2. the optimizer step side by side (benchmarks/optimizer_step.py): leantrain's bf16-sr eager and compiled,
+#      plain bf16, torch's fused AdamW on bf16 (torchtitan's training.dtype=bfloat16) and torchao's
+#      _AdamW(bf16_stochastic_round=True);
+#   3. training: the 1B flavor (Llama 3.2-1B dimensions) with torch.compile under each recipe, the default bf16-sr
+#      among them; tokens/s, MFU and peak torch.cuda.max_memory_allocated.
 #
-#     bash benchmarks/gpu.sh                 # writes benchmarks/results/gpu/<recipe>/ and prints the table
+#     bash benchmarks/gpu.sh                 # writes benchmarks/results/gpu/ and prints the tables
 #
 # Knobs (environment): FLAVOR (1B), SEQ (2048), BATCH (4), STEPS (30), COMPILE (true), RECIPES,
 # PEAK_TFLOPS (the GPU's dense bf16 peak; by default read from the device name, e.g. 989 for H100/H200).
-# Also runs on CPU for a dry run: FLAVOR=debug SEQ=64 BATCH=2 STEPS=3 COMPILE=false bash benchmarks/gpu.sh
+# Also runs on CPU for a dry run: DEVICE=cpu FLAVOR=debug SEQ=64 BATCH=2 STEPS=3 COMPILE=false bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 FLAVOR=${FLAVOR:-1B}; SEQ=${SEQ:-2048}; BATCH=${BATCH:-4}; STEPS=${STEPS:-30}; COMPILE=${COMPILE:-true}
-RECIPES=${RECIPES:-"fp32 bf16-mixed bf16 bf16-kahan bf16-int8"}
+RECIPES=${RECIPES:-"fp32 bf16-mixed bf16 bf16-sr bf16-kahan bf16-int8"}
 OUT=${OUT:-benchmarks/results/gpu}
+DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
+LEANTRAIN_TEST_DEVICE="$DEVICE" timeout 240 "$PY" -m pytest -q tests/test_device.py 2>&1 | tail -15 \
+  | tee "$OUT/device-tests.txt" || echo "device tests failed or timed out"
+timeout 180 "$PY" benchmarks/optimizer_step.py --device "$DEVICE" --repeats 20 --warmup 3 \
+  --only "torch AdamW fused (bf16)" --only "torchao _AdamW bf16_stochastic_round" --only "bf16 none" \
+  --only "bf16 stochastic" --only "bf16 none, compiled" --only "bf16 stochastic, compiled" \
+  --only "bf16 kahan, compiled" --only "bf16 int8 (stochastic), compiled" --out "$OUT/optimizer_step.json" \
+  || echo "optimizer step benchmark failed or timed out"
 for r in $RECIPES; do
   rm -rf "$OUT/$r"
   timeout 90 "$PY" -m leantrain train --recipe="$r" --model.flavor="$FLAVOR" --data.seq_len="$SEQ" \

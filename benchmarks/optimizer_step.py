@@ -41,6 +41,13 @@ def llama_shapes(dim=384, n_layers=6, ffn_dim=1024, vocab=8192, n_kv_heads_dim=N
     return shapes
 
 
+def _torchao_sr(ps):
+    """torchao's AdamW with stochastically rounded bf16 weights (its moments are rounded to nearest); compiled."""
+    from torchao.optim import _AdamW
+
+    return _AdamW(ps, lr=1e-3, bf16_stochastic_round=True)
+
+
 def _counting(opt: AdamW) -> AdamW:
     """Every step counts lost updates, as the trainer's logged steps do."""
     opt.step = functools.partial(opt.step, count_lost_updates=True)
@@ -52,6 +59,10 @@ VARIANTS = {
     "torch AdamW foreach (fp32)": (torch.float32, lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
     "torch AdamW foreach (bf16)": (torch.bfloat16, lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
     "torch AdamW for-loop (bf16)": (torch.bfloat16, lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False)),
+    # Peers: plain bf16 with torch's fused AdamW (torchtitan's training.dtype=bfloat16 step), and torchao's
+    # stochastically rounding AdamW (compiled by torchao itself)
+    "torch AdamW fused (bf16)": (torch.bfloat16, lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
+    "torchao _AdamW bf16_stochastic_round": (torch.bfloat16, _torchao_sr),
     "fp32 (auto)": (torch.float32, lambda ps: AdamW(ps, lr=1e-3)),
     "bf16 none": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3)),
     "bf16 stochastic": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compensation="stochastic")),

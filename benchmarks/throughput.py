@@ -89,7 +89,7 @@ def run_fabric(recipe: str, steps: int) -> list[float]:
     return times
 
 
-def run_leantrain(recipe: str, steps: int) -> list[float]:
+def run_leantrain(recipe: str, steps: int, compile: bool = False) -> list[float]:
     from leantrain.config import load_config
     from leantrain.metrics import read_metrics
     from leantrain.runplan import resolve
@@ -100,7 +100,7 @@ def run_leantrain(recipe: str, steps: int) -> list[float]:
                              "data.local_batch_size": str(BATCH), "training.steps": str(steps),
                              "metrics.log_freq": "5", "eval.interval": "0", "eval.steps": "1",
                              "metrics.progress": "false", "lr_scheduler.warmup_steps": "0",
-                             "job.dump_folder": folder})
+                             "job.dump_folder": folder, "compile.enable": str(compile).lower()})
     train(resolve(cfg))
     # tokens_per_sec of a record covers the steps since the previous one (logging and the lost-update meter
     # included, as in a real run; the final eval runs after the last interval is timed). The first record
@@ -109,8 +109,11 @@ def run_leantrain(recipe: str, steps: int) -> list[float]:
     return [0.0] * WARMUP + [SEQ * BATCH / r["tokens_per_sec"] for r in records for _ in range(5)]
 
 
-def worker(impl: str, recipe: str, steps: int) -> None:
-    times = {"hand": run_hand, "fabric": run_fabric, "leantrain": run_leantrain}[impl](recipe, steps)
+def worker(impl: str, recipe: str, steps: int, compile: bool) -> None:
+    if impl == "leantrain":
+        times = run_leantrain(recipe, steps, compile)
+    else:
+        times = {"hand": run_hand, "fabric": run_fabric}[impl](recipe, steps)
     step = statistics.median(times[WARMUP:])
     print(json.dumps({"impl": impl, "recipe": recipe, "step_s": step, "tokens_per_sec": SEQ * BATCH / step,
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -123,18 +126,23 @@ def main() -> None:
     ap.add_argument("--recipes", default="fp32,bf16-mixed,bf16")
     ap.add_argument("--impls", default="hand,leantrain,fabric")
     ap.add_argument("--out", default="")
+    ap.add_argument("--compile", action="store_true",
+                    help="leantrain with compile.enable=true (model and optimizer compiled; leantrain only)")
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "RECIPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         sys.path.insert(0, ROOT)
-        worker(*args.worker, args.steps)
+        worker(*args.worker, args.steps, args.compile)
         return
+    if args.compile and args.impls != "leantrain":
+        ap.error("--compile measures leantrain only: pass --impls leantrain")
     combos = [(i, r) for r in args.recipes.split(",") for i in args.impls.split(",")
               if i == "leantrain" or r not in PEER]
     runs: dict[tuple[str, str], list[dict]] = {c: [] for c in combos}
     for rep in range(args.repeats):
         for impl, recipe in combos:
-            out = subprocess.run([sys.executable, __file__, "--worker", impl, recipe, "--steps", str(args.steps)],
+            out = subprocess.run([sys.executable, __file__, "--worker", impl, recipe, "--steps", str(args.steps)]
+                                 + (["--compile"] if args.compile else []),
                                  capture_output=True, text=True, check=True, cwd=ROOT)
             runs[(impl, recipe)].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"repeat {rep}: {impl:9s} {recipe:10s} {runs[(impl, recipe)][-1]['tokens_per_sec']:.0f} tok/s",
@@ -151,14 +159,20 @@ def main() -> None:
                                  for x, y in zip(runs[key(*a)], runs[key(*b)]))
 
     recipes, impls = args.recipes.split(","), args.impls.split(",")
-    lines = ["| precision | " + " | ".join(f"{i} tok/s" for i in impls) + " | leantrain / hand | leantrain / fabric | "
-             "peak RSS MiB (" + ", ".join(impls) + ") |", "|---" * (len(impls) + 4) + "|"]
+    peers = [i for i in ("hand", "fabric") if i in impls and "leantrain" in impls]
+    lines = ["| precision | " + " | ".join(f"{i} tok/s" for i in impls) + " | "
+             + "".join(f"leantrain / {i} | " for i in peers) + "peak RSS MiB (" + ", ".join(impls) + ") |",
+             "|---" * (len(impls) + len(peers) + 2) + "|"]
     for r in recipes:
-        name = f"{r} (hand, fabric: {PEER[r]})" if r in PEER else r
-        lines.append(f"| {name} | " + " | ".join(f"{med(i, r):.0f}" for i in impls) +
-                     f" | {ratio(('leantrain', r), ('hand', r)):.3f} | {ratio(('leantrain', r), ('fabric', r)):.3f} | "
+        name = f"{r} (hand, fabric: {PEER[r]})" if r in PEER and peers else r
+        lines.append(f"| {name} | " + " | ".join(f"{med(i, r):.0f}" for i in impls) + " | "
+                     + "".join(f"{ratio(('leantrain', r), (i, r)):.3f} | " for i in peers)
                      + ", ".join(f"{med(i, r, 'peak_rss_bytes') / 2**20:.0f}" for i in impls) + " |")
-    if "fp32" in recipes and "bf16" in recipes:
+    if "bf16-sr" in recipes and "bf16" in recipes:
+        lines.append("")
+        lines.append(f"leantrain bf16-sr / leantrain bf16: {ratio(('leantrain', 'bf16-sr'), ('leantrain', 'bf16')):.3f}x"
+                     + (" (compiled)" if args.compile else " (eager)"))
+    if "fp32" in recipes and "bf16" in recipes and "fabric" in peers:
         lines.append("")
         lines.append(f"leantrain bf16 / leantrain fp32: {ratio(('leantrain', 'bf16'), ('leantrain', 'fp32')):.2f}x; "
                      f"leantrain bf16 / fabric bf16-true: {ratio(('leantrain', 'bf16'), ('fabric', 'bf16')):.2f}x")

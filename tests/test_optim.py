@@ -619,3 +619,21 @@ def test_build_optimizer_passes_compile():
     assert build_optimizer(model, lr=1e-3, compile=True).compile
     with pytest.raises(ValueError, match="compile"):
         AdamW(model.parameters(), compile="yes")
+
+
+def test_compiled_stochastic_rounding_keeps_its_bitcasts_vectorized():
+    """update._vectorized_bitcasts: inductor's CPU code for the bf16-sr update has vector casts, no per-element
+    c10::bit_cast loop (which made the compiled bf16-sr step 5.9x the plain bf16 one, BENCHMARKS.md). A torch
+    upgrade that moves the code generator's internals fails here rather than silently slowing the step."""
+    from torch._inductor.utils import run_and_get_code
+
+    n = 4096
+    p, g = torch.randn(n).bfloat16(), torch.randn(n).bfloat16()
+    m, v = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
+    keys = randbits.StepKeys(randbits.tensor_key(0, 0), 1, 3).tensor(0, "cpu")
+    scalars = adamw_mod.StepScalars.of(dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8), 1).as_tensor("cpu")
+    fn = torch.compile(update.adamw_update, fullgraph=True, options={"emulate_precision_casts": True})
+    with update._vectorized_bitcasts(), torch._inductor.config.patch(force_disable_caches=True):  # generated now
+        _, code = run_and_get_code(fn, p, g, m, v, None, None, None, keys, (0, 1, 2), "bfloat16", scalars, False)
+    kernels = "\n".join(code)
+    assert "at::vec::cast<int32_t, float>" in kernels and "c10::bit_cast<int32_t>" not in kernels

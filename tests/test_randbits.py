@@ -1,0 +1,119 @@
+"""The random bits of stochastic rounding (leantrain.optim.randbits): uniform, independent where SR needs it,
+a pure function of (key, element index).
+
+What stochastic rounding needs from its bits: each element's 16-bit field uniform (else the rounding is biased),
+and no dependence between the fields of different elements of a step, of one element at consecutive steps, and of
+the three fields (weight, exp_avg, exp_avg_sq) of one element (else rounding errors correlate and stop averaging
+out). Each is tested with a chi-square test of 2^20 draws (deterministic keys, so a test's outcome is fixed), at
+the 1e-4 tail of the chi-square distribution (Wilson-Hilferty), on the high and on the low bits of the fields. A
+negative control shows the pair tests have power: the counters without the hash (a Weyl sequence, whose
+neighbours are linearly related) fail them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from leantrain.optim import randbits
+
+N = 1 << 20
+Z_1E4 = 3.719  # the standard normal's 1 - 1e-4 quantile
+
+
+def chi2_limit(df: int) -> float:
+    """The chi-square statistic exceeded with probability 1e-4 (Wilson-Hilferty approximation)."""
+    return df * (1 - 2 / (9 * df) + Z_1E4 * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi2(cells: torch.Tensor, bins: int) -> float:
+    counts = torch.bincount(cells.long(), minlength=bins).double()
+    expected = cells.numel() / bins
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def fields(step=1, index=0, shard=0, count=3, numel=N, offset=0, seed=0):
+    keys = randbits.StepKeys(randbits.tensor_key(seed, index, shard), step, count)
+    return randbits.fields(numel, keys.tensor(offset, "cpu"), count, "cpu")
+
+
+def assert_uniform(x: torch.Tensor, bits: int = 16):
+    assert x.dtype == torch.int32 and int(x.min()) >= 0 and int(x.max()) < 1 << bits
+    assert chi2(x, 1 << bits) < chi2_limit((1 << bits) - 1)
+
+
+def assert_independent(a: torch.Tensor, b: torch.Tensor):
+    """Pairs (a_i, b_i): their top 4 bits and, separately, their low 4 bits are jointly uniform over 256 cells."""
+    for shift in (12, 0):
+        cells = ((a >> shift) & 15) * 16 + ((b >> shift) & 15)
+        assert chi2(cells, 256) < chi2_limit(255), shift
+
+
+def test_every_field_is_uniform_over_16_bits():
+    for f in fields():
+        assert_uniform(f)
+        for k in range(16):  # and each bit is a fair coin (a bias the 65536-bin test could dilute)
+            assert abs(((f >> k) & 1).double().mean().item() - 0.5) < 4 * 0.5 / math.sqrt(N)
+
+
+def test_neighbouring_elements_are_independent():
+    for f in fields():
+        assert_independent(f[:-1], f[1:])
+        assert_independent(f[:-256], f[256:])  # an int8 block apart
+
+
+def test_consecutive_steps_are_independent():
+    for a, b in zip(fields(step=7), fields(step=8)):
+        assert_independent(a, b)
+
+
+def test_the_fields_of_one_element_are_independent():
+    w, m, v = fields()
+    assert_independent(w, m)  # the two halves of one hash
+    assert_independent(w, v)  # two hashes
+    assert_independent(m, v)
+
+
+def test_parameters_and_shards_get_independent_bits():
+    assert_independent(fields(index=0)[0], fields(index=1)[0])
+    assert_independent(fields(shard=0)[0], fields(shard=1)[0])
+    assert_independent(fields(seed=0)[0], fields(seed=1)[0])
+
+
+def test_the_pair_tests_detect_dependent_bits():
+    """Negative control: the hash's input (counters of a Weyl sequence) is uniform but linearly related across
+    neighbours; the pair test must reject it, or it could not fail."""
+    key = randbits.StepKeys(randbits.tensor_key(0, 0), 1, 1).tensor(0, "cpu")
+    weyl = (randbits._counters(N + 1, "cpu") + key[0]) >> 16 & 0xFFFF
+    with pytest.raises(AssertionError):
+        assert_independent(weyl[:-1], weyl[1:])
+
+
+def test_chunks_get_the_bits_of_the_whole_tensor():
+    whole = fields(numel=5000)
+    for a, b in ((0, 1024), (1024, 3000), (3000, 5000)):
+        part = fields(numel=b - a, offset=a)
+        assert all(torch.equal(x[a:b], y) for x, y in zip(whole, part))
+
+
+def test_element_indices_wrap_only_at_2_32():
+    """A chunk far into a large tensor (offset near 2^31 and 2^32 - 1) gets distinct bits from the tensor's start;
+    the offset folds into the key modulo 2^32 without overflowing int32."""
+    start = fields(numel=4096)[0]
+    for offset in ((1 << 31) - 2048, (1 << 32) - 4096):
+        far = fields(numel=4096, offset=offset)[0]
+        assert not torch.equal(far, start)
+
+
+def test_keys_are_a_pure_function_of_seed_index_shard_step():
+    assert all(torch.equal(a, b) for a, b in zip(fields(step=3), fields(step=3)))
+    assert randbits.tensor_key(5, 2, 0) == randbits.tensor_key(5, 2)  # shard 0 is the unsharded run
+    assert len({randbits.tensor_key(s, i, sh) for s in range(3) for i in range(3) for sh in range(3)}) == 27
+
+
+def test_the_hash_is_a_bijection_on_16_bit_inputs_high_bits_spread():
+    """lowbias32 is invertible, so distinct counters give distinct 32-bit outputs within a step."""
+    x = torch.arange(1 << 20, dtype=torch.int32)
+    assert torch.unique(randbits.hash32_(x.clone())).numel() == 1 << 20
