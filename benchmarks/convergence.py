@@ -83,12 +83,13 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
     # earlier run's curve into this one's.
     shutil.rmtree(cfg.job.dump_folder, ignore_errors=True)
     start = time.perf_counter()
-    summary, model = train(resolve(cfg))
+    plan = resolve(cfg)
+    summary, model = train(plan)
     # The same weights, upcast, through an fp32 forward: what was learned, without inference rounding.
     fp32_cfg = load_config(None, {**{k: v for k, v in overrides.items() if not k.startswith(("recipe", "optimizer.",
                                                                                             "training."))},
                                   "recipe": "fp32"})
-    tok = build_tokenizer(cfg.tokenizer.path)
+    tok = build_tokenizer(plan.config.tokenizer.path)  # tokenizer.path=auto decided
     _, eval_docs = split_documents(load_documents(cfg.data.path))
     eval_data = PackedDataset(eval_docs, tok, cfg.data.seq_len, cfg.data.local_batch_size, seed, shuffle=False)
     fp32_eval = evaluate(copy.deepcopy(model).float(), eval_data.eval_batches(fp32_cfg.eval.steps),
