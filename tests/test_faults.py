@@ -454,7 +454,10 @@ def test_a_failed_write_stops_with_exit_2_and_the_previous_checkpoint_resumes(tm
                        timeout=300)
     assert r.returncode == 2, r.stderr
     message = " ".join(r.stderr.split())
-    assert "leantrain: error: Writing" in message and "File too large" in message and "Traceback" not in r.stderr
+    # The cause as the writer saw it: the OS's EFBIG for a plain write, or, when the limit is crossed inside one of
+    # DCP's torch.save'd items, PyTorchStreamWriter's own check of the bytes it could not write
+    cause = "File too large" in message or "unexpected pos" in message
+    assert "leantrain: error: Writing" in message and cause and "Traceback" not in r.stderr
     assert "intact" in message and "run the same command again" in message
     checkpoints = sorted(os.listdir(folder / "checkpoints"))
     assert "step-4" in checkpoints and not any(name.endswith(".tmp") for name in checkpoints)
