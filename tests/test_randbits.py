@@ -99,12 +99,14 @@ def test_chunks_get_the_bits_of_the_whole_tensor():
 
 
 def test_element_indices_wrap_only_at_2_32():
-    """A chunk far into a large tensor (offset near 2^31 and 2^32 - 1) gets distinct bits from the tensor's start;
-    the offset folds into the key modulo 2^32 without overflowing int32."""
-    start = fields(numel=4096)[0]
-    for offset in ((1 << 31) - 2048, (1 << 32) - 4096):
-        far = fields(numel=4096, offset=offset)[0]
-        assert not torch.equal(far, start)
+    """Offsets far into a large tensor fold into the key modulo 2^32 without overflowing int32: a chunk across
+    2^31 equals its two halves computed apart, and a chunk across 2^32 continues with the bits of element 0."""
+    across = fields(numel=4096, offset=(1 << 31) - 2048)[0]
+    assert torch.equal(across[:2048], fields(numel=2048, offset=(1 << 31) - 2048)[0])
+    assert torch.equal(across[2048:], fields(numel=2048, offset=1 << 31)[0])
+    wrapped = fields(numel=4096, offset=(1 << 32) - 2048)[0]
+    assert torch.equal(wrapped[2048:], fields(numel=2048)[0])
+    assert not torch.equal(wrapped[:2048], wrapped[2048:])
 
 
 def test_keys_are_a_pure_function_of_seed_index_shard_step():
@@ -113,7 +115,7 @@ def test_keys_are_a_pure_function_of_seed_index_shard_step():
     assert len({randbits.tensor_key(s, i, sh) for s in range(3) for i in range(3) for sh in range(3)}) == 27
 
 
-def test_the_hash_is_a_bijection_on_16_bit_inputs_high_bits_spread():
+def test_the_hash_is_a_bijection_so_no_two_counters_share_bits():
     """lowbias32 is invertible, so distinct counters give distinct 32-bit outputs within a step."""
     x = torch.arange(1 << 20, dtype=torch.int32)
     assert torch.unique(randbits.hash32_(x.clone())).numel() == 1 << 20

@@ -2,7 +2,7 @@
 
 A parameter's layout (`ParamLayout`) follows from its group's recipe (state_dtype, compensation,
 moments_rounding) and the parameter's dtype and size; the optimizer decides it once, when the parameter's
-state is initialised, and the step, the foreach bucketing, `load_state_dict`'s check and the planner read
+state is initialised, and the step, `load_state_dict`'s check and the planner read
 it. It is not saved: the recipe is (in the param groups), and the layout follows from it.
 
 A step's scalars (`StepScalars`) follow from the group's hyperparameters and the step number; the eager
@@ -24,7 +24,7 @@ STATE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 COMPENSATIONS = ("none", "stochastic", "kahan")
 MOMENTS_ROUNDINGS = ("auto", "nearest", "stochastic")
 
-NO_FIELD = -1  # a buffer rounded to nearest draws no random field
+NO_FIELD = -1  # a buffer rounded to nearest uses no random field
 
 _INT8_BUFFERS = ("exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes", "exp_avg_sq_scale")
 _FLOAT_BUFFERS = ("exp_avg", "exp_avg_sq")
@@ -39,7 +39,7 @@ class ParamLayout:
     weight_field, exp_avg_field, exp_avg_sq_field: the index of the random field that rounds the weight
         (with Kahan: the `kahan_comp` buffer; the weight itself is rounded to nearest), exp_avg and
         exp_avg_sq stochastically, or NO_FIELD (-1) for nearest rounding (or no rounding: fp32 storage).
-    num_fields: how many random fields a step draws for this parameter.
+    num_fields: how many random fields a step computes for this parameter.
     buffers: the keys of its state, in the order they are allocated ('step' first).
     """
 
