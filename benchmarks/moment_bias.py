@@ -47,10 +47,10 @@ def stored_moments(opt, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | 
     return st["exp_avg"].float().view(-1), st["exp_avg_sq"].float().view(-1)
 
 
-def measure(recipe: str, seed: int, regime: str, every: int) -> list[dict]:
+def measure(name: str, seed: int, regime: str, every: int) -> list[dict]:
     torch.set_num_threads(1)
     import leantrain.train as lt
-    from leantrain.config import load_config
+    from leantrain.config import RECIPES, load_config
     from leantrain.runplan import resolve
 
     rows: list[dict] = []
@@ -92,7 +92,7 @@ def measure(recipe: str, seed: int, regime: str, every: int) -> list[dict]:
                     sums["u_exact"] += u_exact.abs().sum().item()
                     sums["elements"] += g.numel()
             if sums["elements"]:
-                rows.append(dict(recipe=recipe, seed=seed, step=step, elements=sums["elements"],
+                rows.append(dict(recipe=name, seed=seed, step=step, elements=sums["elements"],
                                  v_ratio=sums["v_stored"] / sums["v_exact"],
                                  v_zero=sums["v_zero"] / max(1, sums["v_pos"]),
                                  m_ratio=sums["m_stored"] / sums["m_exact"],
@@ -102,7 +102,10 @@ def measure(recipe: str, seed: int, regime: str, every: int) -> list[dict]:
         return opt
 
     lt.build_optimizer = build_with_shadow
-    overrides = {**MODEL, "recipe": recipe, "optimizer.lr": REGIMES[regime]["optimizer.lr"],
+    recipe, _, rounding = name.partition("@")  # bf16-int8@nearest: the recipe's keys, moments_rounding=nearest
+    keys = ({**{k: str(v) for k, v in RECIPES[recipe].items()}, "optimizer.moments_rounding": rounding} if rounding
+            else {"recipe": recipe})
+    overrides = {**MODEL, **keys, "optimizer.lr": REGIMES[regime]["optimizer.lr"],
                  "training.steps": str(REGIMES[regime]["training.steps"]), "eval.interval": "0",
                  "job.seed": str(seed), "job.dump_folder": tempfile.mkdtemp()}
     lt.train(resolve(load_config(None, overrides)))
@@ -111,7 +114,8 @@ def measure(recipe: str, seed: int, regime: str, every: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", default="bf16-int8,bf16-sr,bf16")
+    ap.add_argument("--recipes", default="bf16-int8,bf16-int8@nearest,bf16-sr,bf16",
+                    help="comma-separated; RECIPE@nearest: that recipe with optimizer.moments_rounding=nearest")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--regime", default="low", choices=list(REGIMES))
     ap.add_argument("--every", type=int, default=50)
@@ -124,6 +128,14 @@ def main() -> None:
     for r in rows:
         print(f"| {r['recipe']} | {r['step']} | {r['v_ratio']:.4f} | {100 * r['v_zero']:.3f}% | "
               f"{r['m_ratio']:.4f} | {r['step_ratio']:.4f} |")
+    print("\nover the whole run (every measured step):\n")
+    print("| recipe | max abs(v_ratio - 1) | max abs(step_ratio - 1) |")
+    print("|---|---:|---:|")
+    for name in args.recipes.split(","):
+        mine = [r for r in rows if r["recipe"] == name]
+        if mine:
+            print(f"| {name} | {max(abs(r['v_ratio'] - 1) for r in mine):.4f} | "
+                  f"{max(abs(r['step_ratio'] - 1) for r in mine):.4f} |")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -27,8 +27,8 @@ from .data import build_datasets, build_eval_dataset, build_tokenizer
 from .data.tokenizer import check_vocab
 from .errors import ConfigError
 from .metrics import write_json
-from .model import batch_logits, check_seq_len
-from .precision import IGNORE_INDEX, Precision, cross_entropy
+from .model import batch_loss, check_seq_len
+from .precision import IGNORE_INDEX, Precision
 from .runplan import resolve
 
 
@@ -60,12 +60,11 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], prec
         batch = [t.to(device) for t in batch]
         labels = batch[1]
         with precision.autocast(device, sharded):
-            logits = batch_logits(model, batch)
+            loss = batch_loss(model, batch)
         count = (labels != IGNORE_INDEX).sum()
         reference = count.clamp(min=1) if reference is None else reference
         tokens += count
         weight = count / reference  # int64 / int64: fp32, exactly 1.0 for equal counts
-        loss = cross_entropy(logits, labels)
         total += torch.where(count > 0, loss * weight, 0.0)  # a batch without labels is NaN (0/0) and weighs 0
         weights += weight
         n += 1

@@ -123,12 +123,11 @@ def segment_mask(positions: torch.Tensor, window: int) -> torch.Tensor:
     return allowed[:, None]
 
 
-def batch_logits(model: nn.Module, batch: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
-    """The logits of a batch (on the model's device): (inputs, labels), or (inputs, labels, positions) for packed
-    SFT samples. Training's step and evaluation both call this."""
-    if len(batch) > 2:
-        return model(batch[0], positions=batch[2])
-    return model(batch[0])
+def batch_loss(model: nn.Module, batch: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """The fp32 mean token loss of a batch (on the model's device): (inputs, labels), or (inputs, labels, positions)
+    for packed SFT samples. Training's step and evaluation both call this."""
+    positions = batch[2] if len(batch) > 2 else None
+    return model(batch[0], positions=positions, labels=batch[1])
 
 
 class KVCache:
@@ -228,8 +227,12 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, *,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab] in the compute dtype (the loss upcasts them).
+
+        With ``labels`` [batch, seq]: the fp32 mean token loss instead (training and evaluation), computed with the
+        output projection by :func:`precision.linear_cross_entropy`, so the full logits never exist. Inside the
+        forward, so that FSDP2 has gathered the output matrix (it belongs to the root's parameters).
 
         With a ``cache`` (generation), tokens are positions start_pos.. (RoPE at those absolute positions): their
         keys and values go into the cache and they attend to the positions before them held there.
@@ -248,7 +251,7 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             for layer in self.layers:
                 h = layer(h, cos, sin, mask)
-            return self.output(self.norm(h))
+            return self._head(h, labels)
         mask = sliding_window_mask(seq, self.args.sliding_window, tokens.device, start_pos)  # one for all layers
         if cache is None:
             for layer in self.layers:
@@ -257,7 +260,19 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[start_pos:], self.rope_sin[start_pos:]
             for i, layer in enumerate(self.layers):
                 h = layer(h, cos, sin, mask, (cache.k[i], cache.v[i]), start_pos)
-        return self.output(self.norm(h))
+        return self._head(h, labels)
+
+    def _head(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The final norm, then the logits, or with labels the loss (the output projection inside it)."""
+        h = self.norm(h)
+        if labels is None:
+            return self.output(h)
+        weight = self.output.weight
+        if torch.is_autocast_enabled(h.device.type):  # bf16-mixed without FSDP: the matmuls' dtype, cast once here
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, weight = h.to(dtype), weight.to(dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            return precision.linear_cross_entropy(h, weight, labels)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

@@ -15,8 +15,11 @@ tensors autograd saves in leantrain's block are
     4 * (2h + h_q + h_kv)  the fp32 islands: both RMSNorms' fp32 inputs, RoPE's fp32 q and k
     (c + 4) * (h_q + h_kv) with Qwen3's q/k norms: their fp32 inputs and outputs
 
-plus, once, the logits (c + 8 bytes per vocab entry per token: the compute-dtype logits, their fp32
-copy in the loss and its gradient). With activation checkpointing (`full`) only each block's input
+plus, once, the loss's logits island (precision.linear_cross_entropy): c + 8 bytes per vocabulary entry per
+token (the compute-dtype logits, their fp32 copy, the softmax's fp32 temporary), for a vocabulary of at most
+LOSS_VOCAB_CHUNK entries over the whole vocabulary, above that over one chunk of LOSS_VOCAB_CHUNK entries only,
+plus the backward's fp32 gradient of the final norm's output (4h) and the per-token fp32 log-sum-exp and
+target logit (8). With activation checkpointing (`full`) only each block's input
 (c * h) is kept, plus one block's activations while it is recomputed. It is an estimate (allocator
 fragmentation and temporary buffers come on top), unlike the state bytes, which are exact.
 """
@@ -31,7 +34,7 @@ import torch
 from .config import Config, with_recipe
 from .model import Transformer, build_model, num_params
 from .optim import AdamW
-from .precision import Precision
+from .precision import LOSS_VOCAB_CHUNK, Precision
 from .runplan import OptimizerSpec, optimizer_spec, precision_of
 from .utils import set_default_dtype
 
@@ -66,12 +69,19 @@ def activation_bytes(compute_dtype: torch.dtype, tokens: int, model: torch.nn.Mo
     block = c * (4 * a.dim + 5 * h_q + 4 * a.ffn_dim) + 4 * (2 * a.dim + h_q + h_kv)
     if a.qk_norm:
         block += (c + 4) * (h_q + h_kv)
-    logits = (c + 8) * a.vocab_size
+    logits = logits_island_bytes(c, a.vocab_size, a.dim)
     if checkpointing:
         layers = a.n_layers * c * a.dim + block
     else:
         layers = a.n_layers * block
     return tokens * (layers + logits)
+
+
+def logits_island_bytes(c: int, vocab: int, dim: int) -> int:
+    """Per token: the loss's logits and their fp32 copies (module docstring), chunked above LOSS_VOCAB_CHUNK."""
+    if vocab <= LOSS_VOCAB_CHUNK:
+        return (c + 8) * vocab
+    return (c + 8) * LOSS_VOCAB_CHUNK + 4 * dim + 8
 
 
 def parse_bytes(text: str) -> int:

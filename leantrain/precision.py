@@ -17,7 +17,9 @@ the loss and the trainer call (and nowhere else casts):
 3. Attention softmax accumulation: done in fp32 by ``scaled_dot_product_attention``'s kernels for
    bf16 inputs (their accumulate type is fp32); tested in tests/test_precision.py.
 4. The logits fed to the loss and the loss itself: cast in the loss (:func:`cross_entropy`), not in
-   the model, so the model's output stays in the compute dtype.
+   the model, so the model's output stays in the compute dtype. Training and evaluation compute the output
+   projection and the loss together (:func:`linear_cross_entropy`), one chunk of the vocabulary at a time, so
+   that neither the full logits nor their fp32 copy ever exists.
 5. The gradient-norm accumulation for clipping (:func:`clip_grad_norm_`).
 6. The optimizer's arithmetic (upcast, compute, round once): leantrain.optim.
 7. Initial weights: drawn in fp32 one tensor at a time, then rounded to the storage dtype
@@ -132,6 +134,74 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token cross-entropy, the mean over the labels that are not IGNORE_INDEX, with the logits upcast to fp32
     here, in the loss, not in the model (island 4)."""
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+LOSS_VOCAB_CHUNK = 8192  # vocabulary entries per chunk of the output projection and the loss (island 4)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk: int = LOSS_VOCAB_CHUNK) -> torch.Tensor:
+    """The output projection and the token cross-entropy in one, without the full logits (island 4).
+
+    ``hidden`` [..., dim] (the final norm's output, in the compute dtype), ``weight`` [vocab, dim] (the output
+    matrix, cast to the compute dtype by the caller), ``labels`` [...] -> the fp32 mean loss over the labels that
+    are not IGNORE_INDEX: the value of ``cross_entropy(hidden @ weight.T, labels)`` within fp32 rounding.
+
+    At Llama 3's 128,256-token vocabulary the logits (compute dtype) and their fp32 copy are a training step's
+    largest activation: 10 bytes per vocabulary entry per token, 10.5 GB at 8,192 tokens. Here they exist one
+    chunk of ``chunk`` vocabulary entries at a time, in the forward (a running log-sum-exp in fp32) and again in
+    the backward, which recomputes each chunk's logits from ``hidden`` and ``weight`` (one more matmul of the
+    output layer per step). The loss and every softmax stay fp32.
+
+    Chunks of the vocabulary rather than of tokens (torchtune's chunked loss cuts tokens): each chunk's rows of
+    the output matrix's gradient are then one matmul over every token, rounded once as without chunking, where
+    token chunks would sum per-chunk partial gradients of the (in full bf16: bf16) output matrix. The gradient of
+    ``hidden`` is summed over vocabulary chunks in fp32 and rounded once; each chunk's part of it is a
+    compute-dtype matmul (torch 2.13 has no bf16 matmul with fp32 output on CPU).
+    """
+    if weight.shape[0] <= chunk:  # one chunk: the logits once, as they always were
+        return cross_entropy(F.linear(hidden, weight), labels)
+    return _ChunkedLinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), chunk)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """linear_cross_entropy over vocabulary chunks; saves the fp32 log-sum-exp per token (4 bytes) for the
+    backward. Why not torch.utils.checkpoint around each chunk: autograd would still keep every chunk's fp32
+    logits (log_softmax saves its output) until the backward reached them, i.e. all of them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk):
+        valid = labels != IGNORE_INDEX
+        lse = torch.full(labels.shape, float("-inf"), dtype=torch.float32, device=hidden.device)
+        target = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+        for start in range(0, weight.shape[0], chunk):
+            logits = F.linear(hidden, weight[start:start + chunk]).float()
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+            inside = valid & (labels >= start) & (labels < start + logits.shape[1])
+            local = torch.where(inside, labels - start, 0)
+            target += torch.where(inside, logits.gather(1, local[:, None]).squeeze(1), 0.0)
+        count = valid.sum()
+        ctx.save_for_backward(hidden, weight, labels, lse, count)
+        ctx.chunk = chunk
+        return torch.where(valid, lse - target, 0.0).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, labels, lse, count = ctx.saved_tensors
+        valid = labels != IGNORE_INDEX
+        scale = torch.where(valid, grad_loss / count, 0.0)[:, None]  # fp32 d loss / d logit, per token
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.empty_like(weight)
+        for start in range(0, weight.shape[0], ctx.chunk):
+            w = weight[start:start + ctx.chunk]
+            probs = F.linear(hidden, w).float().sub_(lse[:, None]).exp_()
+            inside = valid & (labels >= start) & (labels < start + w.shape[0])
+            rows = inside.nonzero().squeeze(1)
+            probs[rows, labels[rows] - start] -= 1.0  # softmax minus the one-hot target
+            grad_logits = probs.mul_(scale).to(hidden.dtype)  # as the loss's fp32 gradient reaches the matmul
+            grad_weight[start:start + w.shape[0]] = grad_logits.T @ hidden
+            grad_hidden += grad_logits @ w
+        return grad_hidden.to(hidden.dtype), grad_weight, None, None
 
 
 def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -13,9 +13,9 @@ import torch
 
 from . import guard, parallel
 from .hooks import Hooks
-from .model import batch_logits
+from .model import batch_loss
 from .optim import UpdateStats
-from .precision import IGNORE_INDEX, Precision, clip_grad_norm_, cross_entropy
+from .precision import IGNORE_INDEX, Precision, clip_grad_norm_
 from .state import TrainState
 
 
@@ -71,8 +71,7 @@ def train_step(state: TrainState, batches: list[tuple[torch.Tensor, ...]], ctx: 
     loss_sum = torch.zeros((), device=device)
     for batch, weight in zip(batches, weights):
         with ctx.precision.autocast(device, ctx.dist.sharded):
-            logits = batch_logits(state.model, batch)
-        loss = cross_entropy(logits, batch[1]) * weight / accum
+            loss = batch_loss(state.model, batch) * weight / accum
         loss.backward()
         loss_sum += loss.detach()
     grad_norm = ctx.hooks.grad_norm(step, clip_grad_norm_(state.model.parameters(), ctx.max_norm))

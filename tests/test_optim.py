@@ -248,6 +248,47 @@ def test_int8_quantize_rounds_to_nearest_code(signed):
     assert torch.all(err <= per_el * gap / 2 * (1 + 1e-5))
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_int8_stochastic_codes_are_unbiased_and_neighbours(signed):
+    """Stochastic codes: every draw is the code at or below the value or the one above, and the mean over draws
+    is the value (within 5 standard errors per element, each draw's spread at most half a code gap)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 256 * 16
+    x = torch.randn(n, generator=gen) * torch.logspace(-4, 0, n)
+    x = x if signed else x.abs()
+    scale = torch.empty(16)
+    qmap = torch.tensor(quant.dynamic_map(signed))
+    draws, codes = 400, torch.empty(n, dtype=torch.uint8)
+    total = torch.zeros(n, dtype=torch.float64)
+    for k in range(draws):
+        keys = randbits.StepKeys(randbits.tensor_key(0, 0), k + 1, 1).tensor(0, "cpu")
+        quant.quantize_(codes, scale, x.clone(), signed, randbits.fields(n, keys, 1, "cpu")[0])
+        y = x / scale.repeat_interleave(256)
+        floor = (torch.bucketize(y, qmap, right=True) - 1).clamp(min=0)
+        assert torch.all((codes.long() == floor) | (codes.long() == floor + 1))
+        total += quant.dequantize(codes, scale, signed).double()
+    per_el = scale.repeat_interleave(256).double()
+    gap = (qmap[1:] - qmap[:-1]).max().double()
+    assert torch.all((total / draws - x.double()).abs() <= 5 * per_el * gap / 2 / draws**0.5)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_int8_code_tables_hold_one_boundary_and_one_value_per_cell(signed):
+    """quant._tables' premise: the nearest and the floor code found with two look-ups equal torch.bucketize's, at
+    every code value, boundary and their fp32 neighbours (where a cell holding two would show)."""
+    qmap = torch.tensor(quant.dynamic_map(signed))
+    bounds = quant.boundaries(signed)
+    points = torch.cat([qmap, bounds])
+    x = torch.cat([points, torch.nextafter(points, torch.tensor(2.0)), torch.nextafter(points, torch.tensor(-2.0))])
+    x = x.clamp(-1 if signed else 0, 1)
+    t = quant._tables(signed, torch.device("cpu"))
+    cell = (x.view(torch.int32) >> 16) & 0xFFFF
+    nearest = t.cell_nearest[cell] + (x >= t.next_boundary[t.cell_nearest[cell]]).int()
+    floor = t.cell_floor[cell] + (x >= t.next_value[t.cell_floor[cell]]).int()
+    assert torch.equal(nearest.long(), torch.bucketize(x, bounds, right=True))
+    assert torch.equal(floor.long(), (torch.bucketize(x, qmap, right=True) - 1).clamp(min=0))
+
+
 def test_int8_codes_match_torchao():
     ao = pytest.importorskip("torchao.optim.quant_utils")
     for signed in (True, False):
@@ -355,7 +396,9 @@ RECIPE = dict(state_dtype="auto", compensation="none", moments_rounding="auto")
     (dict(compensation="kahan"), torch.bfloat16, 4096, "bfloat16", True, (0, 1, 2)),  # field 0: kahan_comp
     (dict(compensation="kahan", moments_rounding="nearest"), torch.bfloat16, 4096, "bfloat16", True, (-1, -1, -1)),
     (dict(moments_rounding="stochastic"), torch.bfloat16, 4096, "bfloat16", False, (-1, 0, 1)),
-    (dict(state_dtype="int8", compensation="stochastic"), torch.bfloat16, 4096, "int8", False, (0, -1, -1)),
+    (dict(state_dtype="int8", compensation="stochastic"), torch.bfloat16, 4096, "int8", False, (0, 1, 2)),
+    (dict(state_dtype="int8", compensation="stochastic", moments_rounding="nearest"), torch.bfloat16, 4096, "int8",
+     False, (0, -1, -1)),
     (dict(state_dtype="int8", compensation="stochastic"), torch.bfloat16, 4095, "bfloat16", False, (0, 1, 2)),
     (dict(state_dtype="float32", compensation="kahan"), torch.bfloat16, 4096, "float32", True, (0, -1, -1)),
     (dict(compensation="kahan"), torch.float32, 4096, "float32", False, (-1, -1, -1)),
@@ -448,7 +491,7 @@ def test_lost_update_fraction(compensation, lost, compensated):
     p.grad, f.grad = torch.ones_like(p), torch.ones_like(f)
     assert opt.step() is None  # counted only when asked
     s = opt.step(count_lost_updates=True)
-    assert s == UpdateStats(tracked_elements=4096, lost_update_fraction=lost, compensated_fraction=compensated)
+    assert (s.tracked_elements, s.lost_update_fraction, s.compensated_fraction) == (4096, lost, compensated)
 
     big = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
     opt = AdamW([big], lr=0.1, weight_decay=0.0, compensation=compensation)
@@ -470,7 +513,38 @@ def test_fp32_weights_are_not_counted():
     p = torch.nn.Parameter(torch.ones(64))
     opt = AdamW([p], lr=1e-5, compensation="kahan")  # Kahan acts on bf16 weights only
     p.grad = torch.ones_like(p)
-    assert opt.step(count_lost_updates=True) == UpdateStats(0, 0.0, None)
+    assert opt.step(count_lost_updates=True) == UpdateStats(0, 0.0, None, None, None)  # fp32 moments: neither
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_moment_meter_counts_stale_moments(state_dtype):
+    """The lost-update meter of the moments, and what stochastic moments fix. Rounded to nearest, most of beta2 =
+    0.999's EMA changes are below half a bf16 ulp or half an int8 code gap: the meter counts them lost, and the
+    stored v drifts away from the exact EMA of the same gradients (only a large gradient moves it: it ratchets up).
+    Rounded stochastically the stored value still often keeps its bits or code from one step to the next (it moves
+    by a whole ulp or code gap now and then), but follows the exact EMA."""
+    gen = torch.Generator().manual_seed(0)
+    size = torch.rand(8192, generator=gen) * 0.75 + 0.25
+    grads = [(size * torch.randn(8192, generator=gen)).to(torch.bfloat16) for _ in range(1001)]
+    exact = torch.zeros(8192, dtype=torch.float64)
+    for g in grads:
+        exact.mul_(0.999).add_(g.double().square(), alpha=0.001)
+    lost, ratio = {}, {}
+    for rounding in ("nearest", "stochastic"):
+        p = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16))
+        opt = AdamW([p], lr=1e-6, weight_decay=0.0, state_dtype=state_dtype, compensation="stochastic",
+                    moments_rounding=rounding)
+        for g in grads[:-1]:
+            p.grad = g.clone()
+            opt.step()
+        p.grad = grads[-1].clone()
+        lost[rounding] = opt.step(count_lost_updates=True).exp_avg_sq_lost_fraction
+        st = opt.state[p]
+        v = (quant.dequantize(st["exp_avg_sq_codes"], st["exp_avg_sq_scale"], False) if state_dtype == "int8"
+             else st["exp_avg_sq"].float())
+        ratio[rounding] = float(v.sum() / exact.sum())
+    assert lost["nearest"] > 0.5 and 0 < lost["stochastic"] < 1, lost
+    assert abs(ratio["nearest"] - 1) > 0.005 and abs(ratio["stochastic"] - 1) < 0.002, ratio
 
 
 def test_step_returns_the_closures_loss_and_refuses_one_when_counting():

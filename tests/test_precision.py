@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -155,3 +157,64 @@ def test_qwen3_qk_norms_are_fp32_islands_in_a_bf16_model():
     assert ((out.double() - ref).abs() <= _ulp_bf16(ref) + 1e-30).all()
     naive = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + args.norm_eps)  # the island removed
     assert ((naive.double() - ref).abs() > _ulp_bf16(ref)).any()
+
+
+def _linear_ce_case(dtype, n=96, dim=32, vocab=1000):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, dim, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=gen) * 0.3).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[::7] = precision.IGNORE_INDEX  # prompt tokens
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_linear_cross_entropy_equals_the_full_logits_loss(dtype):
+    """Island 4 without the full logits: loss within fp32 rounding of the unchunked loss, gradients within the
+    compute dtype's rounding (fp32: fp32 rounding; bf16: the weight gradient rounded once, as unchunked, the
+    hidden gradient summed over chunks in fp32)."""
+    results = []
+    for chunk in (1000, 128):  # one chunk (the full logits) and 8 chunks, the last one short
+        hidden, weight, labels = _linear_ce_case(dtype)
+        loss = precision.linear_cross_entropy(hidden, weight, labels, chunk=chunk)
+        loss.backward()
+        results.append((loss, hidden.grad, weight.grad))
+    (loss, gh, gw), (chunked, ch, cw) = results
+    assert chunked.dtype == torch.float32
+    assert abs(chunked.item() - loss.item()) <= 4 * torch.finfo(torch.float32).eps * loss.item()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for full, part in ((gh, ch), (gw, cw)):
+        assert part.dtype == dtype
+        assert (part.float() - full.float()).abs().max() <= tol * full.float().abs().max()
+
+
+def test_chunked_linear_cross_entropy_never_holds_the_full_logits():
+    """No tensor as large as the logits is made, in the forward or the backward (every op's output is
+    checked), and what the backward keeps is the inputs and one fp32 number per token."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    hidden, weight, labels = _linear_ce_case(torch.bfloat16, n=64, vocab=2048)
+    largest = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            largest.extend(t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    with Sizes():
+        loss = precision.linear_cross_entropy(hidden, weight, labels, chunk=256)
+        loss.backward()
+    # a [64, 256] chunk of the logits at most, or the output matrix's gradient (2048 x 32); never [64, 2048]
+    assert weight.numel() < 64 * 2048
+    assert all(n <= 64 * 256 or n == weight.numel() for n in largest)
+    assert hidden.grad is not None and weight.grad is not None
+
+
+def test_model_loss_is_the_loss_of_its_logits():
+    """Transformer(tokens, labels=...) (training, evaluation) equals the loss of Transformer(tokens)'s logits."""
+    model = build_model("debug", torch.float32)
+    tokens = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = tokens.roll(-1, 1)
+    assert torch.allclose(model(tokens, labels=labels), precision.cross_entropy(model(tokens), labels),
+                          rtol=1e-6, atol=0)

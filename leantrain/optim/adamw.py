@@ -85,11 +85,17 @@ class UpdateStats:
     lost_update_fraction: the share of those whose stored bf16 value did not change (0.0 when none was tracked).
     compensated_fraction: Kahan only (None unless some stepped parameter has a Kahan buffer): the share of the
         tracked elements whose update went into the compensation buffer instead.
+    exp_avg_lost_fraction, exp_avg_sq_lost_fraction: the same for the moments stored in low precision (bf16
+        values, int8 codes): the share of their elements whose fp32 result differed from the stored value but
+        whose stored bf16 bits or int8 code did not change (an int8 value may still move with its block's
+        scale). None when no stepped parameter stores its moments in low precision (fp32 moments lose nothing).
     """
 
     tracked_elements: int
     lost_update_fraction: float
     compensated_fraction: float | None
+    exp_avg_lost_fraction: float | None = None
+    exp_avg_sq_lost_fraction: float | None = None
 
 
 class AdamW(torch.optim.Optimizer):
@@ -277,7 +283,7 @@ class AdamW(torch.optim.Optimizer):
             counts = run(*_chunk(p, state, layout, a, b, chunk < n), keys.tensor(a, p.device), layout.fields,
                          layout.moments, scalars, counter is not None)
             if counts is not None:
-                counter.add(*counts)
+                counter.add(counts)
 
     # ------------------------------------------------------------------ state_dict
 
@@ -350,20 +356,27 @@ class _LostUpdateCounter:
     """Accumulates the lost-update counts of one counted step (tensors; synced once, in `result`)."""
 
     def __init__(self):
-        self.updated = self.lost = self.compensated = None
-        self.kahan = False
+        self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, updated, lost, compensated):
-        """Counts (0-dim tensors) of one tensor: elements with a nonzero update, those of them whose bf16
-        weight did not change, and (Kahan) those of the latter whose compensation buffer took the update."""
-        self.updated = updated if self.updated is None else self.updated + updated
-        self.lost = lost if self.lost is None else self.lost + lost
-        if compensated is not None:
-            self.kahan = True
-            self.compensated = compensated if self.compensated is None else self.compensated + compensated
+    def add(self, counts: dict[str, torch.Tensor]) -> None:
+        """The counts (0-dim tensors) of one tensor, as `update.adamw_update` returns them: elements with a
+        nonzero update and those of them whose bf16 weight did not change (bf16 weights), those of the latter
+        whose compensation buffer took the update (Kahan), and per low-precision moment the elements whose fp32
+        result changed and those of them whose stored value did not."""
+        for name, value in counts.items():
+            self.sums[name] = value if name not in self.sums else self.sums[name] + value
 
     def result(self) -> UpdateStats:
-        n = int(self.updated) if self.updated is not None else 0
-        compensated = (float(self.compensated) / n if n else 0.0) if self.kahan else None
-        return UpdateStats(tracked_elements=n, lost_update_fraction=float(self.lost) / n if n else 0.0,
-                           compensated_fraction=compensated)
+        values = torch.stack(list(self.sums.values())).tolist() if self.sums else []  # one host sync
+        sums = dict(zip(self.sums, values))
+
+        def share(part: str, whole: str) -> float | None:
+            if whole not in sums:
+                return None
+            return sums[part] / sums[whole] if sums[whole] else 0.0
+
+        return UpdateStats(tracked_elements=sums.get("updated", 0),
+                           lost_update_fraction=share("lost", "updated") or 0.0,
+                           compensated_fraction=share("compensated", "updated") if "compensated" in sums else None,
+                           exp_avg_lost_fraction=share("exp_avg_lost", "exp_avg_updated"),
+                           exp_avg_sq_lost_fraction=share("exp_avg_sq_lost", "exp_avg_sq_updated"))

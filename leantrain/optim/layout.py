@@ -38,7 +38,8 @@ class ParamLayout:
     kahan: a bf16 `kahan_comp` buffer carries what the weight's rounding loses.
     weight_field, exp_avg_field, exp_avg_sq_field: the index of the random field that rounds the weight
         (with Kahan: the `kahan_comp` buffer; the weight itself is rounded to nearest), exp_avg and
-        exp_avg_sq stochastically, or NO_FIELD (-1) for nearest rounding (or no rounding: fp32 storage).
+        exp_avg_sq (bf16 values or int8 codes) stochastically, or NO_FIELD (-1) for nearest rounding (or no
+        rounding: fp32 storage).
     num_fields: how many random fields a step computes for this parameter.
     buffers: the keys of its state, in the order they are allocated ('step' first).
     """
@@ -65,9 +66,10 @@ class ParamLayout:
         kahan = compensation == "kahan" and bf16_weight  # an fp32 weight takes the fp32 result exactly
         stochastic_moments = moments_rounding == "stochastic" or (moments_rounding == "auto" and compensation != "none")
         stochastic_weight = compensation == "stochastic" and bf16_weight
+        rounded_moments = stochastic_moments and moments != "float32"  # bf16 values or int8 codes
         rounded_stochastically = (stochastic_weight or (kahan and stochastic_moments),  # weight or kahan_comp
-                                  stochastic_moments and moments == "bfloat16",  # exp_avg
-                                  stochastic_moments and moments == "bfloat16")  # exp_avg_sq
+                                  rounded_moments,  # exp_avg
+                                  rounded_moments)  # exp_avg_sq
         fields, count = [], 0
         for stochastic in rounded_stochastically:
             fields.append(count if stochastic else NO_FIELD)

@@ -47,7 +47,7 @@ def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars
     p, g: weight and gradient; m, v: the moments (int8: codes, with their block scales m_scale, v_scale); comp: the
     Kahan buffer or None; keys: `randbits.StepKeys.tensor` (int32); fields: `ParamLayout.fields`; kind:
     `ParamLayout.moments`; scalars: `StepScalars.as_tensor(...)`. Returns, when `count`, the lost-update counts
-    (updated, lost, compensated or None) as 0-dim tensors, else None.
+    as a dict of 0-dim tensors (`count_lost`), else None.
     """
     p, g, m, v, comp = (None if t is None else t.view(-1) for t in (p, g, m, v, comp))
     s = StepScalars(*scalars.unbind())
@@ -58,13 +58,15 @@ def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars
         mf, vf = quant.dequantize(m, m_scale, True), quant.dequantize(v, v_scale, False)
     else:
         mf, vf = m.float(), v.float()  # fp32 state: the state itself, updated in place
+    # The moments as stored before the step (the lost-update meter compares the new ones with them)
+    stored = (m.clone(), v.clone(), mf.clone(), vf.clone()) if count and kind != "float32" else None
     # In-place ops on temporaries (the same values as out of place; eagerly, fewer allocations and passes)
     mf += (gf - mf).mul_(s.one_minus_beta1)
     vf.mul_(s.beta2).add_((gf * gf).mul_(s.one_minus_beta2))
     denom = _sqrt(vf).div_(s.bc2_sqrt).add_(s.eps)
     step = (mf * s.neg_step_size).div_(denom)
     pf = p.float()
-    counts = None
+    counts = {}
     if p.dtype == torch.float32:
         p.mul_(s.decay).add_(step)
     elif comp is not None:
@@ -74,7 +76,8 @@ def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars
         kahan_write_(p, comp, pf, delta, rand[w_field] if w_field >= 0 else None)
         if count:
             lost = nonzero & (p == old)
-            counts = (nonzero.count_nonzero(), lost.count_nonzero(), (lost & (comp != comp_old)).count_nonzero())
+            counts.update(updated=nonzero.count_nonzero(), lost=lost.count_nonzero(),
+                          compensated=(lost & (comp != comp_old)).count_nonzero())
     else:
         old = p.clone() if count else None
         new = (pf * s.decay).add_(step)
@@ -85,14 +88,20 @@ def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars
         round_to_bf16_(p, new, rand[w_field] if w_field >= 0 else None)
         if count:
             changed = (p.view(torch.int16) - old.view(torch.int16)).count_nonzero()
-            counts = (updated, updated - changed, None)
+            counts.update(updated=updated, lost=updated - changed)
+    if stored is not None:  # before the rounding, which may clobber mf and vf
+        m_updated, v_updated = mf != stored[2], vf != stored[3]
     if kind == "int8":
-        quant.quantize_(m, m_scale, mf, True)
-        quant.quantize_(v, v_scale, vf, False)
+        quant.quantize_(m, m_scale, mf, True, rand[m_field] if m_field >= 0 else None)
+        quant.quantize_(v, v_scale, vf, False, rand[v_field] if v_field >= 0 else None)
     else:
         round_to_bf16_(m, mf, rand[m_field] if m_field >= 0 else None)  # fp32 state: a copy
         round_to_bf16_(v, vf, rand[v_field] if v_field >= 0 else None)
-    return counts
+    if stored is not None:  # lost: the fp32 result moved, the stored bf16 bits or int8 code did not
+        counts.update(exp_avg_updated=m_updated.count_nonzero(), exp_avg_sq_updated=v_updated.count_nonzero(),
+                      exp_avg_lost=(m_updated & (m == stored[0])).count_nonzero(),
+                      exp_avg_sq_lost=(v_updated & (v == stored[1])).count_nonzero())
+    return counts if count else None
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:
