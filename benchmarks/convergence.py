@@ -11,8 +11,14 @@ fp32 with an fp32 forward (training quality without inference rounding).
 
 Regimes (tiny Llama: dim 128, 4 layers, byte vocab, seq 128, batch 8; AdamW betas (0.9, 0.999),
 wd 0.01; warmup 50 then cosine to 10% of the peak):
-    low        peak lr 1e-4, 600 steps  (fine-tuning, and the warmup of any large run)
+    low        peak lr 1e-4, 600 steps  (the warmup of any large run)
     pretrain   peak lr 1e-3, 1000 steps
+    finetune   SFT from pretrained weights: per seed, the benchmark first pretrains the model in fp32 on the
+               built-in corpus (peak lr 1e-3, 600 steps) and exports it (a Hugging Face folder); every recipe
+               then fine-tunes those weights (model.hf_checkpoint, rounded to bf16 for bf16 storage) on
+               synthetic instruction pairs (data.format=sft, packed; word tasks made from the corpus' words:
+               reverse, upper-case, spell out, next word) at peak lr 2e-5 for 300 steps, and is evaluated on
+               the held-out pairs' response tokens. The seed's use case: plain bf16 loses most updates there.
 
 Besides leantrain's recipes, two anchors show what each part buys: ``sr-weights`` (stochastic
 rounding of the weights only, nearest-rounded bf16 moments: torchao's bf16_stochastic_round) and
@@ -37,7 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 REGIMES = {"low": {"optimizer.lr": "1e-4", "training.steps": 600},
-           "pretrain": {"optimizer.lr": "1e-3", "training.steps": 1000}}
+           "pretrain": {"optimizer.lr": "1e-3", "training.steps": 1000},
+           "finetune": {"optimizer.lr": "2e-5", "training.steps": 300}}
+BASE = {"optimizer.lr": "1e-3", "training.steps": "600"}  # the finetune regime's fp32 pretraining
 RUNS = {  # name -> config overrides (recipes by name, anchors as explicit keys)
     "fp32": {"recipe": "fp32"},
     "bf16": {"recipe": "bf16"},
@@ -62,6 +70,63 @@ MODEL = {"model.flavor": "debug", "model.dim": "128", "model.n_layers": "4", "mo
          "metrics.progress": "false", "metrics.log_freq": "25"}
 
 
+def sft_pairs(path: str, count: int = 6000) -> str:
+    """Synthetic instruction pairs from the built-in corpus' words, as .jsonl (written once)."""
+    import random
+    import re
+
+    from leantrain.data import load_documents
+
+    if os.path.exists(path):
+        return path
+    text = " ".join(load_documents("builtin"))
+    words = re.findall(r"[a-z]{3,12}", text.lower())
+    vocab = sorted(set(words))
+    rng = random.Random(0)
+    tasks = [("Reverse the word: {w}", lambda w, i: w[::-1]),
+             ("Write in capitals: {w}", lambda w, i: w.upper()),
+             ("Spell out: {w}", lambda w, i: "-".join(w)),
+             ("Which word follows '{w}' in the text?", lambda w, i: words[i + 1])]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        for _ in range(count):
+            i = rng.randrange(len(words) - 1)
+            prompt, answer = rng.choice(tasks)
+            w = words[i] if "follows" in prompt else rng.choice(vocab)
+            f.write(json.dumps({"prompt": prompt.format(w=w), "response": answer(w, i)}) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def base_model(seed: int, out: str) -> str:
+    """The finetune regime's starting point for a seed: pretrained in fp32 here, exported as a Hugging Face folder."""
+    import torch
+
+    torch.set_num_threads(1)
+    from leantrain.config import load_config
+    from leantrain.hf import save_hf
+    from leantrain.runplan import resolve
+    from leantrain.train import train
+
+    folder = os.path.join(out, "finetune", f"base-seed{seed}")
+    if os.path.exists(os.path.join(folder, "hf", "config.json")):
+        return os.path.join(folder, "hf")
+    shutil.rmtree(folder, ignore_errors=True)
+    cfg = load_config(None, {**MODEL, **BASE, "recipe": "fp32", "eval.interval": "0", "job.seed": str(seed),
+                             "job.dump_folder": os.path.join(folder, "run")})
+    _, model = train(resolve(cfg))
+    save_hf(model, os.path.join(folder, "hf"))
+    return os.path.join(folder, "hf")
+
+
+def _finetune_overrides(seed: int, out: str) -> dict:
+    """The finetune regime's keys: the model from its pretrained folder, SFT data."""
+    keys = {k: v for k, v in MODEL.items() if not k.startswith("model.")}
+    return {**keys, "model.hf_checkpoint": os.path.join(out, "finetune", f"base-seed{seed}", "hf"),
+            "tokenizer.path": "byte", "data.format": "sft", "data.path": os.path.join(out, "finetune", "sft.jsonl"),
+            "lr_scheduler.warmup_steps": "30"}
+
+
 def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> dict:
     import torch
 
@@ -75,7 +140,8 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
     steps = max(60, int(REGIMES[regime]["training.steps"] * steps_scale))
     run = dict(RUNS[name])
     lr = float(REGIMES[regime]["optimizer.lr"]) * run.pop("lr_factor", 1.0)
-    overrides = {**MODEL, **run, "optimizer.lr": repr(lr),
+    model_keys = _finetune_overrides(seed, out) if regime == "finetune" else MODEL
+    overrides = {**model_keys, **run, "optimizer.lr": repr(lr),
                  "training.steps": str(steps), "eval.interval": str(max(1, steps // 6)), "job.seed": str(seed),
                  "job.dump_folder": os.path.join(out, regime, f"seed{seed}", name.split()[0])}
     cfg = load_config(None, overrides)
@@ -90,8 +156,13 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
                                                                                             "training."))},
                                   "recipe": "fp32"})
     tok = build_tokenizer(plan.config.tokenizer.path)  # tokenizer.path=auto decided
-    _, eval_docs = split_documents(load_documents(cfg.data.path))
-    eval_data = PackedDataset(eval_docs, tok, cfg.data.seq_len, cfg.data.local_batch_size, seed, shuffle=False)
+    if regime == "finetune":  # the held-out pairs, as the trainer's evaluation reads them
+        from leantrain.data import build_datasets
+
+        eval_data = build_datasets(plan.config.data, tok, seed, tokenizer_path=plan.config.tokenizer.path)[1]
+    else:
+        _, eval_docs = split_documents(load_documents(cfg.data.path))
+        eval_data = PackedDataset(eval_docs, tok, cfg.data.seq_len, cfg.data.local_batch_size, seed, shuffle=False)
     fp32_eval = evaluate(copy.deepcopy(model).float(), eval_data.eval_batches(fp32_cfg.eval.steps),
                          precision_of(fp32_cfg), torch.device("cpu")).loss
     from leantrain.metrics import read_metrics
@@ -215,6 +286,11 @@ def main() -> None:
     wanted = {(n, s, g) for g in regimes for s in seeds for n in names}
     results = [r for r in done if (r["name"], r["seed"], r["regime"]) in wanted]
     with ProcessPoolExecutor(max_workers=args.workers) as pool, open(log_path, "a") as log:
+        if any(g == "finetune" for _, _, g in jobs):  # the pretrained starting points first
+            sft_pairs(os.path.join(args.out, "finetune", "sft.jsonl"))
+            for fut in [pool.submit(base_model, s, args.out) for s in sorted({s for _, s, g in jobs
+                                                                              if g == "finetune"})]:
+                fut.result()
         futures = [pool.submit(one_run, n, s, g, args.steps_scale, args.out) for n, s, g in jobs]
         for fut in futures:
             r = fut.result()

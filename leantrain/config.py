@@ -147,8 +147,13 @@ class Optimizer:
     stochastic (unbiased stochastic rounding of weights and bf16 moments), kahan (a bf16 compensation buffer).
     No effect when training.dtype is float32."""
     moments_rounding: Literal[MOMENTS_ROUNDINGS] = "auto"
-    """How bf16 Adam moments (and the Kahan buffer) are written: auto (stochastically unless compensation is none),
-    nearest, or stochastic. 'nearest' reproduces torchao's / optimi's variants for comparison."""
+    """How bf16 Adam moments, int8 moment codes (and the Kahan buffer) are written: auto (stochastically unless
+    compensation is none), nearest, or stochastic. 'nearest' reproduces torchao's / optimi's / bitsandbytes'
+    variants for comparison."""
+    in_backward: bool = False
+    """Gradient release: run each parameter's update during the backward, as soon as its gradient is complete, and
+    free the gradient at once, so no full set of gradients exists (2 bytes/param less in full bf16). Needs
+    training.max_norm = 0 and training.gradient_accumulation_steps = 1, and FSDP2 or one process (not DDP)."""
 
 
 @dataclass(frozen=True)
@@ -466,6 +471,13 @@ def validate(cfg: Config, warn: bool = True) -> None:
     _require(0 <= t.max_norm < math.inf, "training.max_norm", t.max_norm, "0 (no clipping) or a positive number")
     _require(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps",
              t.gradient_accumulation_steps, "at least 1")
+    if o.in_backward and (t.max_norm > 0 or t.gradient_accumulation_steps > 1):
+        raise ConfigError(
+            f"optimizer.in_backward=true updates each parameter during the backward, before the other gradients "
+            f"exist, so it cannot clip by the global gradient norm (training.max_norm = {t.max_norm}) or sum "
+            f"micro-batches (training.gradient_accumulation_steps = {t.gradient_accumulation_steps}). Set "
+            f"training.max_norm=0 and training.gradient_accumulation_steps=1 (a larger data.local_batch_size gives "
+            f"the same global batch), or leave optimizer.in_backward at false.")
     _require(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", t.max_nonfinite_steps,
              "at least 1 (1: stop at the first NaN/Inf step)")
     _require(d.seq_len >= 1, "data.seq_len", d.seq_len, "at least 1")

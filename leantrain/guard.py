@@ -73,8 +73,12 @@ class NonFiniteGuard:
         self.last_skipped = False
         self.step = 0  # the last checked step
 
-    def check(self, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
-        """(take the update?, stop after this step?): one host sync, the same answer on every rank."""
+    def check(self, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor | None) -> tuple[bool, bool]:
+        """(take the update?, stop after this step?): one host sync, the same answer on every rank. ``grad_norm``
+        None: the loss alone decides (gradient release checks it before the backward, see `check_released`)."""
+        loss_only = grad_norm is None
+        if loss_only:
+            grad_norm = torch.zeros_like(loss_sum)
         bad = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
         flags = torch.stack((bad, torch.full_like(bad, stop_requested() is not None))).int()
         if self.world_size > 1:
@@ -88,10 +92,31 @@ class NonFiniteGuard:
         self.total += 1
         loss, norm = (f"{v:g}" for v in torch.stack((loss_sum.float(), grad_norm.float())).tolist())
         where = " on this rank (or NaN/Inf on another)" if self.world_size > 1 else ""
-        _warn(f"step {step}: loss {loss}, gradient norm {norm}{where}: the update was skipped, the weights and "
+        seen = " (before the backward, which was skipped: optimizer.in_backward)" if loss_only else \
+            f", gradient norm {norm}"
+        _warn(f"step {step}: loss {loss}{seen}{where}: the update was skipped, the weights and "
               f"optimizer state are unchanged ({self.consecutive} such step(s) in a row; the run stops at "
               f"training.max_nonfinite_steps = {self.max_consecutive}).")
         return False, stop
+
+    def check_released(self, step: int, skipped_params: int, device: torch.device) -> bool:
+        """Gradient release (optim/release.py), after the backward of a step whose loss was finite: whether some
+        rank skipped a parameter's update for a NaN/Inf gradient (agreed over ranks). Such a step counts as a
+        skipped one (towards training.max_nonfinite_steps, and in metrics.jsonl), though the other parameters'
+        updates were applied."""
+        skipped = torch.tensor(skipped_params, device=device)
+        if self.world_size > 1:
+            dist.all_reduce(skipped, op=dist.ReduceOp.MAX)  # the gloo/nccl default group, as in check
+        if not int(skipped):
+            return False
+        self.consecutive += 1
+        self.total += 1
+        self.last_skipped = True
+        _warn(f"step {step}: the gradient of {int(skipped)} parameter(s) was NaN/Inf although the loss was finite: "
+              f"their updates were skipped (weights and moments unchanged), the other parameters' updates of this "
+              f"step were applied during the backward (optimizer.in_backward) ({self.consecutive} such step(s) in a "
+              f"row; the run stops at training.max_nonfinite_steps = {self.max_consecutive}).")
+        return True
 
     @property
     def diverged(self) -> bool:

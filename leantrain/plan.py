@@ -5,6 +5,11 @@ state is laid out on the meta parameters by the optimizer itself, so the planned
 bytes a real run allocates (tested against measured runs). FSDP (dp_shard = N) divides parameters,
 gradients and optimizer state by N.
 
+Every recipe is planned twice: as it is, and with gradient release (`optimizer.in_backward`, the row
+"RECIPE + in_backward"), where no full set of gradients exists: the planned gradient bytes are then the
+largest set alive at once, one parameter's gradient on one process, one FSDP2 unit's (a block's, or the
+root's: embedding, final norm, output) reduce-scattered shards under FSDP2.
+
 Activation estimate, per transformer block and token, for compute dtype width c bytes (2 for bf16),
 hidden size h, query width h_q = n_heads * head_dim (h for a Llama; not for Qwen3 or Mistral-Nemo, whose
 head_dim is set apart from h), key/value width h_kv = n_kv_heads * head_dim and feed-forward width f: the
@@ -26,6 +31,7 @@ fragmentation and temporary buffers come on top), unlike the state bytes, which 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -43,13 +49,27 @@ def _storage_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def state_bytes(model: torch.nn.Module, spec: OptimizerSpec) -> dict[str, int]:
-    """Params, grads and optimizer state of one unsharded replica, laid out on meta tensors."""
+def state_bytes(model: torch.nn.Module, spec: OptimizerSpec, dp_shard: int = 1) -> dict[str, int]:
+    """Params, grads and optimizer state on one of dp_shard FSDP ranks, laid out on meta tensors."""
     params = list(model.parameters())
     opt = AdamW(params, lr=spec.lr, state_dtype=spec.state_dtype, compensation=spec.compensation)
     states = [opt.init_state(p) for p in params]
-    return {"params": _storage_bytes(params), "grads": _storage_bytes(params),
-            "optimizer": _storage_bytes(v for s in states for v in s.values())}
+    out = {"params": _storage_bytes(params), "grads": _storage_bytes(params),
+           "optimizer": _storage_bytes(v for s in states for v in s.values())}
+    out = {k: -(-v // dp_shard) for k, v in out.items()}
+    if spec.in_backward:
+        out["grads"] = released_grad_bytes(model, dp_shard)
+    return out
+
+
+def released_grad_bytes(model: Transformer, dp_shard: int) -> int:
+    """Gradient release: the gradient bytes alive at once (module docstring)."""
+    if dp_shard == 1:
+        return max(_storage_bytes([p]) for p in model.parameters())
+    blocks = [list(block.parameters()) for block in model.layers]
+    in_blocks = {id(p) for params in blocks for p in params}
+    root = [p for p in model.parameters() if id(p) not in in_blocks]
+    return -(-max(_storage_bytes(params) for params in [*blocks, root]) // dp_shard)
 
 
 def planned_state_bytes(model: torch.nn.Module, precision: Precision, spec: OptimizerSpec,
@@ -58,7 +78,7 @@ def planned_state_bytes(model: torch.nn.Module, precision: Precision, spec: Opti
     beside the measured bytes."""
     with torch.device("meta"), set_default_dtype(precision.storage):
         twin = Transformer(model.args)
-    return {k: -(-v // dp_shard) for k, v in state_bytes(twin, spec).items()}
+    return state_bytes(twin, spec, dp_shard)
 
 
 def activation_bytes(compute_dtype: torch.dtype, tokens: int, model: torch.nn.Module, checkpointing: bool) -> int:
@@ -116,7 +136,7 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
                            "seq_len": cfg.data.seq_len, "local_batch_size": cfg.data.local_batch_size,
                            "recipes": {}}
     tokens = cfg.data.seq_len * cfg.data.local_batch_size
-    for name in recipes:
+    for name, release in [(name, release) for name in recipes for release in (False, True)]:
         rcfg = with_recipe(cfg, name)
         precision = precision_of(rcfg)
         model = _meta_model(cfg, precision.storage)
@@ -124,7 +144,9 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
         out["model"] = (f"{model.args.family} {cfg.model.hf_checkpoint}" if cfg.model.hf_checkpoint
                         else f"llama3 {cfg.model.flavor}")
         out["num_params"] = num_params(model)
-        state = {k: -(-v // dp_shard) for k, v in state_bytes(model, optimizer_spec(rcfg)).items()}
+        spec = dataclasses.replace(optimizer_spec(rcfg), in_backward=release)
+        state = state_bytes(model, spec, dp_shard)
+        name = f"{name} + in_backward" if release else name
         act = activation_bytes(precision.compute, tokens, model, checkpointing=False)
         act_ckpt = activation_bytes(precision.compute, tokens, model, checkpointing=True)
         total = sum(state.values()) + act

@@ -217,11 +217,19 @@ def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     norms = torch._foreach_norm([local(g) for g in grads], 2, dtype=torch.float32)
     if not is_dtensor(grads[0]):
         return torch.linalg.vector_norm(torch.stack(norms))
-    squares = torch.stack(norms).square().sum()
-    mesh = grads[0].device_mesh
-    for dim, placement in enumerate(grads[0].placements):
-        if placement.is_shard():
-            torch.distributed.all_reduce(squares, group=mesh.get_group(dim))
+    return norm_from_squares(torch.stack(norms).square().sum(), grads[0])
+
+
+def norm_from_squares(squares: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The global L2 norm from this rank's fp32 sum of squares (island 5): for sharded tensors shaped like ``like``
+    (a DTensor) the sums are all-reduced over the ranks holding different shards. Gradient release
+    (optim/release.py) sums the squares as each gradient is made, before freeing it."""
+    if is_dtensor(like):
+        squares = squares.clone()
+        mesh = like.device_mesh
+        for dim, placement in enumerate(like.placements):
+            if placement.is_shard():
+                torch.distributed.all_reduce(squares, group=mesh.get_group(dim))
     return squares.sqrt()
 
 

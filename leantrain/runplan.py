@@ -68,6 +68,7 @@ class OptimizerSpec:
     moments_rounding: str
     seed: int
     compile: bool
+    in_backward: bool = False  # gradient release (optim/release.py)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ def optimizer_spec(cfg: Config) -> OptimizerSpec:
     o = cfg.optimizer
     return OptimizerSpec(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                          state_dtype=o.state_dtype, compensation=o.compensation,
-                         moments_rounding=o.moments_rounding, seed=cfg.job.seed, compile=cfg.compile.enable)
+                         moments_rounding=o.moments_rounding, seed=cfg.job.seed, compile=cfg.compile.enable,
+                         in_backward=o.in_backward)
 
 
 def run_paths(cfg: Config, now: datetime | None = None) -> RunPaths:
@@ -114,6 +116,11 @@ def parallel_plan(cfg: Config, env: Mapping[str, str] = os.environ) -> ParallelP
     the world size (ConfigError before any process group), and this rank's device."""
     rank, local_rank, world_size = distributed.launch(env)
     replicate, shard = data_parallel_degrees(cfg, world_size)
+    if cfg.optimizer.in_backward and replicate > 1 and shard == 1:
+        raise ConfigError(f"optimizer.in_backward=true cannot run under DDP (parallelism.dp_replicate = {replicate}, "
+                          f"dp_shard = 1): DDP averages the gradients after the hooks that would update with them "
+                          f"have run. Shard instead (parallelism.dp_shard={world_size}: FSDP2 reduces each "
+                          f"gradient before its update), or leave optimizer.in_backward at false.")
     if shard > 1 and cfg.model.hf_checkpoint:
         raise ConfigError(f"model.hf_checkpoint='{cfg.model.hf_checkpoint}' cannot be loaded into a sharded model yet "
                           f"(parallelism.dp_shard = {shard}). Use parallelism.dp_shard=1 with "

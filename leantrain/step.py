@@ -2,7 +2,9 @@
 
 Forward and backward over the step's micro-batches (gradients summed), the fp32 gradient norm and clipping,
 the non-finite guard's decision (agreed over ranks), then the update, unless that decision skips it, and the
-learning-rate schedule, which advances in either case. Tests call it in process.
+learning-rate schedule, which advances in either case. With gradient release (optimizer.in_backward,
+optim/release.py) the update runs inside the backward instead: the guard looks at the loss before the backward,
+and the gradient norm is only reported. Tests call it in process.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from . import guard, parallel
 from .hooks import Hooks
 from .model import batch_loss
 from .optim import UpdateStats
-from .precision import IGNORE_INDEX, Precision, clip_grad_norm_
+from .optim.release import GradientRelease
+from .precision import IGNORE_INDEX, Precision, clip_grad_norm_, norm_from_squares
 from .state import TrainState
 
 
@@ -29,6 +32,7 @@ class StepContext:
     weigh_tokens: bool  # SFT: micro-batches differ in labelled tokens, so their losses are weighted by them
     nonfinite: guard.NonFiniteGuard
     hooks: Hooks = Hooks()
+    release: GradientRelease | None = None  # optimizer.in_backward: the updates run inside the backward
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ def train_step(state: TrainState, batches: list[tuple[torch.Tensor, ...]], ctx: 
     state.optimizer.zero_grad(set_to_none=True)
     # Packed text labels every token, so its weights are all exactly 1: no counting, no collective.
     weights = token_weights([batch[1] for batch in batches], ctx.dist) if ctx.weigh_tokens else [1.0] * accum
+    if ctx.release is not None:
+        return _step_in_backward(state, batches, weights, ctx, step, count_lost_updates)
     loss_sum = torch.zeros((), device=device)
     for batch, weight in zip(batches, weights):
         with ctx.precision.autocast(device, ctx.dist.sharded):
@@ -85,3 +91,28 @@ def train_step(state: TrainState, batches: list[tuple[torch.Tensor, ...]], ctx: 
     tokens = sum(batch[0].numel() for batch in batches) * ctx.dist.world_size
     return StepStats(step=step, loss=loss_sum, grad_norm=grad_norm, lr=lr, finite=finite, stop=stop,
                      updates=updates, tokens=tokens)
+
+
+def _step_in_backward(state: TrainState, batches, weights, ctx: StepContext, step: int,
+                      count_lost_updates: bool) -> StepStats:
+    """Gradient release: one micro-batch (config.validate), no clipping; the guard decides on the loss before the
+    backward (a NaN/Inf loss skips the backward and every update), the updates run in the backward's hooks."""
+    (batch,), (weight,), device = batches, weights, ctx.dist.device
+    with ctx.precision.autocast(device, ctx.dist.sharded):
+        loss = batch_loss(state.model, batch) * weight
+    finite, stop = ctx.nonfinite.check(step, loss.detach(), None)
+    lr = state.scheduler.get_last_lr()[0]
+    updates, grad_norm = None, torch.full((), float("nan"), device=device)
+    if finite:
+        with ctx.release.backward(device, count_lost_updates) as result:
+            loss.backward()
+        (released,) = result
+        grad_norm = norm_from_squares(released.grad_squares, next(state.model.parameters()))
+        finite = not ctx.nonfinite.check_released(step, released.skipped_params, device)
+        updates = released.updates
+    elif ctx.dist.sharded:
+        parallel.reshard(state.model)  # the forward's gathered parameters, which no backward will free
+    guard.advance_schedule(state.scheduler)
+    state.step = step
+    return StepStats(step=step, loss=loss.detach(), grad_norm=grad_norm, lr=lr, finite=finite, stop=stop,
+                     updates=updates, tokens=batch[0].numel() * ctx.dist.world_size)

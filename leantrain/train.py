@@ -24,6 +24,8 @@ from .metrics import (MetricsLogger, Progress, peak_memory_bytes, plot_losses, s
                       tensorboard_available, write_json)
 from .model import Transformer, build_model, check_seq_len, num_params
 from .optim import build_optimizer
+from .optim.layout import rounds_moments_stochastically
+from .optim.release import GradientRelease
 from .plan import planned_state_bytes
 from .precision import Precision
 from .runplan import OptimizerSpec, RunPlan
@@ -220,8 +222,9 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
                            resume_step=state.step if cfg.checkpoint.enable else None,
                            tensorboard=cfg.metrics.tensorboard)
     nonfinite = guard.NonFiniteGuard(cfg.training.max_nonfinite_steps, dist.world_size, logger.records)
+    release = GradientRelease(state.optimizer) if plan.optimizer.in_backward else None
     ctx = StepContext(plan.precision, dist, cfg.training.max_norm, weigh_tokens=cfg.data.format != "text",
-                      nonfinite=nonfinite, hooks=hooks)
+                      nonfinite=nonfinite, hooks=hooks, release=release)
     return Run(plan, dist, state, eval_data, checkpointer, logger, ctx,
                started=time.perf_counter() - resumed_elapsed)  # a resumed run continues the interrupted clock
 
@@ -292,6 +295,11 @@ def _record(run: Run, stats: StepStats, last_log: tuple[int, float], eval_now: b
         record[unchanged_update_key(run.plan.optimizer)] = float(stats.updates.lost_update_fraction)
         if stats.updates.compensated_fraction is not None:
             record["compensated_fraction"] = float(stats.updates.compensated_fraction)
+    if stats.updates is not None:
+        for name in ("exp_avg", "exp_avg_sq"):  # the low-precision moments' share of stale writes (optim.UpdateStats)
+            fraction = getattr(stats.updates, f"{name}_lost_fraction")
+            if fraction is not None:
+                record[moment_update_key(run.plan.optimizer, name)] = float(fraction)
     if eval_now:
         batches = run.eval_data.eval_batches(run.plan.config.eval.steps)
         record["eval_loss"] = evaluate(run.state.model, batches, run.plan.precision, run.dist.device,
@@ -352,6 +360,14 @@ def unchanged_update_key(spec: OptimizerSpec) -> str:
     under nearest rounding; under stochastic rounding (and Kahan's buffer) such an update is not lost, it is
     applied in expectation (or carried), so the name says only that the weight did not move."""
     return "lost_update_fraction" if spec.compensation == "none" else "unchanged_update_fraction"
+
+
+def moment_update_key(spec: OptimizerSpec, name: str) -> str:
+    """What metrics.jsonl calls the share of a low-precision moment's elements whose fp32 result changed while the
+    stored bf16 value or int8 code did not: lost when rounded to nearest, unchanged (applied in expectation) when
+    rounded stochastically, as for the weights."""
+    stochastic = rounds_moments_stochastically(spec.compensation, spec.moments_rounding)
+    return f"{name}_{'unchanged' if stochastic else 'lost'}_fraction"
 
 
 SMALL_UPDATES = {  # summary.json's small_updates: what the recipe does with an update below half a bf16 ulp

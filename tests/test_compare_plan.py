@@ -100,3 +100,20 @@ def test_compare_again_with_checkpoints_uses_finished_runs_and_extends_them_when
     longer = run_leantrain(*args[:-2], "--training.steps=3", "--checkpoint.enable=true", "--eval.interval=0")
     assert longer.returncode == 0, longer.stderr
     assert [r["step"] for r in read_metrics(out / "fp32" / "metrics.jsonl")][-1] == 3
+
+
+def test_plan_models_gradient_release_and_the_chunked_loss_for_70b_at_seq_8192():
+    """The issue's 70B plan (8 GPUs of 80 GiB, seq 8192, full activation checkpointing): the chunked loss's logits
+    island is one vocabulary chunk, and bf16-sr fits with gradient release (its gradients: the root FSDP unit's
+    shards, the embedding and output matrices / 8) but not without."""
+    from leantrain.config import load_config
+    from leantrain.plan import plan
+
+    cfg = load_config(None, {"model.flavor": "70B", "data.seq_len": "8192", "data.local_batch_size": "1",
+                             "activation_checkpoint.mode": "full"})
+    p = plan(cfg, ["bf16-sr"], dp_shard=8, gpu_memory=80 * 2**30)["recipes"]
+    plain, released = p["bf16-sr"], p["bf16-sr + in_backward"]
+    assert not plain["fits_checkpointed"] and released["fits_checkpointed"]
+    assert released["state_bytes_per_gpu"]["grads"] == 2 * 128256 * 8192 * 2 // 8 + 8192 * 2 // 8
+    assert plain["state_bytes_per_gpu"]["grads"] - released["state_bytes_per_gpu"]["grads"] > 15 * 2**30
+    assert released["activation_bytes_per_gpu_checkpointed"] < 15 * 2**30  # 23.4 GiB with the full logits

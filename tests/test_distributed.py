@@ -52,7 +52,9 @@ VARIANTS = {"ac-full": ("bf16", [*MODES["fsdp"], "--activation_checkpoint.mode=f
             "compile-fsdp": ("bf16", [*MODES["fsdp"], "--compile.enable=true", "--activation_checkpoint.mode=full"]),
             "compile-ddp": ("bf16", [*MODES["ddp"], "--compile.enable=true", "--activation_checkpoint.mode=selective"]),
             # sharded int8 state through the compiled optimizer (shards whose size is no multiple of 256 stay eager)
-            "compile-fsdp-int8": ("bf16-int8", [*MODES["fsdp"], "--compile.enable=true"])}
+            "compile-fsdp-int8": ("bf16-int8", [*MODES["fsdp"], "--compile.enable=true"]),
+            # gradient release: FSDP2 calls each sharded parameter's hook after its reduce-scatter
+            "release-fsdp": ("bf16-int8", [*MODES["fsdp"], "--optimizer.in_backward=true", "--training.max_norm=0"])}
 
 
 def _env() -> dict[str, str]:
@@ -94,6 +96,10 @@ def runs(tmp_path_factory):
         for recipe in RECIPES:
             train(resolve(load_config(None, parse_overrides([*COMMON, f"--recipe={recipe}", "--data.local_batch_size=8",
                                                              f"--job.dump_folder={root / f'single-{recipe}'}"]))))
+        # the reference of gradient release: the normal step, without clipping
+        train(resolve(load_config(None, parse_overrides([*COMMON, "--recipe=bf16-int8", "--data.local_batch_size=8",
+                                                         "--training.max_norm=0",
+                                                         f"--job.dump_folder={root / 'single-noclip'}"]))))
         train(resolve(load_config(None, parse_overrides([*COMMON, *chat, "--data.local_batch_size=8",
                                                          f"--job.dump_folder={root / 'single-chat'}"]))))
     finally:
@@ -187,6 +193,13 @@ def test_compile_matches_one_process_within_the_recipe_tolerance(runs, variant):
     # Inductor fuses the elementwise ops, rounding some bf16 intermediates differently.
     recipe = VARIANTS[variant][0]
     _assert_close(_losses(runs / variant), _losses(runs / f"single-{recipe}"), TOLERANCE[recipe])
+
+
+def test_gradient_release_under_fsdp_matches_one_process_without_it(runs):
+    """optimizer.in_backward on 2 FSDP2 ranks (int8 moments, sharded scales) against the normal step of one process
+    (both without clipping): the updates run in FSDP2's post-reduce-scatter hooks on each rank's shards."""
+    _assert_close(_losses(runs / "release-fsdp"), _losses(runs / "single-noclip"), TOLERANCE["bf16-int8"])
+    assert json.loads((runs / "release-fsdp" / "summary.json").read_text())["state_bytes"]["grads"] == 0
 
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ from leantrain.plan import plan
 from leantrain import parallel
 from leantrain.data import ByteTokenizer, PackedDataset
 from leantrain.runplan import resolve
+from leantrain.step import train_step
 from leantrain.train import build_state
 
 SPEC_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s", "peak_memory_bytes"}
@@ -260,3 +261,96 @@ def test_top_level_help_version_and_the_name_of_an_hf_run(capsys):
     model = build_model("debug", torch.float32, "meta")
     assert _model_name(Model(hf_checkpoint="models/Qwen2.5-0.5B"), model) == "llama models/Qwen2.5-0.5B"
     assert _model_name(Model(flavor="small"), model) == "llama3 small"  # the title of loss.png and the start line
+
+
+def _release_state(in_backward: bool, recipe: str = "bf16-sr"):
+    """A debug model's TrainState and step context, with or without gradient release, from the same seed."""
+    from leantrain import guard
+    from leantrain.optim.release import GradientRelease
+    from leantrain.step import StepContext
+
+    plan = resolve(load_config(None, {"recipe": recipe, "model.flavor": "debug", "lr_scheduler.warmup_steps": "1",
+                                      "training.max_norm": "0", "optimizer.in_backward": str(in_backward).lower()}),
+                   env={})
+    data = PackedDataset(["some text to train on, " * 40], ByteTokenizer(), 16, 2, 0)
+    dist = parallel.Distributed(plan.parallel)
+    state = build_state(plan, dist, data, 259)
+    ctx = StepContext(plan.precision, dist, max_norm=0.0, weigh_tokens=False, nonfinite=guard.NonFiniteGuard(3),
+                      release=GradientRelease(state.optimizer) if in_backward else None)
+    return state, ctx, data
+
+
+@pytest.mark.parametrize("recipe", ["bf16-sr", "bf16-int8", "fp32"])
+def test_gradient_release_is_bitwise_the_normal_step_and_frees_the_gradients(recipe):
+    """optimizer.in_backward with clipping off and no accumulation: the same losses, weights and optimizer state
+    bit for bit as updating after the backward, and no gradient is left after a step."""
+    results = []
+    for in_backward in (False, True):
+        state, ctx, data = _release_state(in_backward, recipe)
+        losses = [train_step(state, [data.next_batch()], ctx, count_lost_updates=True) for _ in range(4)]
+        grads = [p.grad for p in state.model.parameters()]
+        results.append(([s.loss.item() for s in losses], [s.updates for s in losses], state, grads))
+    (losses, updates, normal, grads), (released_losses, released_updates, released, released_grads) = results
+    assert released_losses == losses and released_updates == updates
+    for (name, a), b in zip(normal.model.state_dict().items(), released.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for p, q in zip(normal.model.parameters(), released.model.parameters()):  # (released: in backward order)
+        a, b = normal.optimizer.state[p], released.optimizer.state[q]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(g is not None for g in grads) and all(g is None for g in released_grads)
+
+
+def test_gradient_release_skips_a_nan_loss_and_a_nan_gradient_without_touching_their_weights():
+    """A NaN loss skips the backward (no update at all); a NaN gradient with a finite loss skips that parameter's
+    update (weights and moments unchanged) while the others are taken; both steps count as skipped, and no NaN
+    reaches any weight or moment."""
+    state, ctx, data = _release_state(True)
+    train_step(state, [data.next_batch()], ctx)
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    weights = {k: v.clone() for k, v in state.model.state_dict().items()}
+    moments = {p: {k: v.clone() for k, v in s.items()} for p, s in state.optimizer.state.items()}
+    state.model.tok_embeddings.weight.data[0, 0] = float("nan")  # every loss that reads token 0 is NaN...
+    nan_batch = (torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, 16, dtype=torch.long))
+    stats = train_step(state, [nan_batch], ctx)
+    state.model.tok_embeddings.weight.data[0, 0] = weights["tok_embeddings.weight"][0, 0]
+    assert not stats.finite and ctx.nonfinite.total == 1
+    assert same(state.model.state_dict(), weights) and all(same(s, moments[p]) for p, s in state.optimizer.state.items())
+    # A finite loss whose gradient of one matrix is NaN
+    target = state.model.layers[0].attention.wq.weight
+    handle = target.register_hook(lambda g: torch.full_like(g, float("nan")))
+    stats = train_step(state, [data.next_batch()], ctx)
+    handle.remove()
+    assert torch.isfinite(stats.loss) and not stats.finite and ctx.nonfinite.total == 2
+    after = state.model.state_dict()
+    assert torch.equal(after["layers.0.attention.wq.weight"], weights["layers.0.attention.wq.weight"])
+    assert same(state.optimizer.state[target], moments[target])
+    assert not torch.equal(after["layers.0.attention.wk.weight"], weights["layers.0.attention.wk.weight"])
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert all(torch.isfinite(t.float()).all() for s in state.optimizer.state.values() for t in s.values())
+    assert train_step(state, [data.next_batch()], ctx).finite and ctx.nonfinite.consecutive == 0
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"optimizer.in_backward": "true"}, "training.max_norm = 1.0"),
+    ({"optimizer.in_backward": "true", "training.max_norm": "0", "training.gradient_accumulation_steps": "2"},
+     "training.gradient_accumulation_steps = 2"),
+])
+def test_gradient_release_refuses_clipping_and_accumulation(overrides, named):
+    from leantrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="in_backward") as e:
+        load_config(None, overrides)
+    assert named in str(e.value) and "training.max_norm=0" in str(e.value)
+
+
+def test_gradient_release_refuses_ddp():
+    from leantrain.errors import ConfigError
+    from leantrain.runplan import parallel_plan
+
+    cfg = load_config(None, {"optimizer.in_backward": "true", "training.max_norm": "0",
+                             "parallelism.dp_shard": "1", "parallelism.dp_replicate": "2"})
+    with pytest.raises(ConfigError, match="DDP"):
+        parallel_plan(cfg, env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"})

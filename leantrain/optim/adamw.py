@@ -252,13 +252,23 @@ class AdamW(torch.optim.Optimizer):
             _check_grad(p)
         scalars = {}  # per (step, device): on a GPU each is a copy to it
         for p in params:
-            state, layout = self._init_state(group, p), self._layout(group, p)
-            state["step"] += 1
-            step = int(state["step"].item())
-            if (step, p.device) not in scalars:
-                scalars[step, p.device] = StepScalars.of(group, step).as_tensor(p.device)
-            keys = randbits.StepKeys(self._key(p), step, layout.num_fields)
-            self._step_param(p, state, layout, keys, scalars[step, p.device], counter)
+            self._step_one(group, p, scalars, counter)
+
+    @torch.no_grad()
+    def step_parameter(self, p: torch.Tensor, counter: _LostUpdateCounter | None = None) -> None:
+        """The update of parameter `p` alone, with its gradient: what `step` does to it (gradient release,
+        release.py, calls it from the backward)."""
+        _check_grad(p)
+        self._step_one(self._group_of(p), p, {}, counter)
+
+    def _step_one(self, group: dict, p: torch.Tensor, scalars: dict, counter: _LostUpdateCounter | None) -> None:
+        state, layout = self._init_state(group, p), self._layout(group, p)
+        state["step"] += 1
+        step = int(state["step"].item())
+        if (step, p.device) not in scalars:
+            scalars[step, p.device] = StepScalars.of(group, step).as_tensor(p.device)
+        keys = randbits.StepKeys(self._key(p), step, layout.num_fields)
+        self._step_param(p, state, layout, keys, scalars[step, p.device], counter)
 
     def _key(self, p: torch.Tensor) -> int:
         """Parameter p's random-bits key: the seed, p's index among all parameters, the shard this rank holds."""

@@ -64,7 +64,7 @@ class ParamLayout:
         moments = _moment_storage(state_dtype, param_dtype, numel)
         bf16_weight = param_dtype == torch.bfloat16
         kahan = compensation == "kahan" and bf16_weight  # an fp32 weight takes the fp32 result exactly
-        stochastic_moments = moments_rounding == "stochastic" or (moments_rounding == "auto" and compensation != "none")
+        stochastic_moments = rounds_moments_stochastically(compensation, moments_rounding)
         stochastic_weight = compensation == "stochastic" and bf16_weight
         rounded_moments = stochastic_moments and moments != "float32"  # bf16 values or int8 codes
         rounded_stochastically = (stochastic_weight or (kahan and stochastic_moments),  # weight or kahan_comp
@@ -77,6 +77,11 @@ class ParamLayout:
         buffers = ("step", *(_INT8_BUFFERS if moments == "int8" else _FLOAT_BUFFERS),
                    *(("kahan_comp",) if kahan else ()))
         return cls(moments, kahan, *fields, num_fields=count, buffers=buffers)
+
+
+def rounds_moments_stochastically(compensation: str, moments_rounding: str) -> bool:
+    """Whether a recipe writes its low-precision moments (bf16 values, int8 codes) stochastically."""
+    return moments_rounding == "stochastic" or (moments_rounding == "auto" and compensation != "none")
 
 
 def _moment_storage(state_dtype: str, param_dtype: torch.dtype, numel: int) -> str:

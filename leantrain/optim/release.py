@@ -1,0 +1,86 @@
+"""Gradient release: each parameter's AdamW update runs during the backward, and its gradient is freed at once.
+
+`GradientRelease(optimizer)` registers a post-accumulate-grad hook on every parameter of the optimizer. While a
+backward is *armed* (`with release.backward(...)`), the hook of a parameter whose gradient is complete adds the
+gradient's squared norm to the step's total (fp32, for metrics: nothing is clipped), updates the parameter with
+`AdamW.step_parameter` (the very update `AdamW.step` runs, so with the same gradients the weights and state come
+out bit for bit the same) and drops the gradient. So no full set of gradients ever exists: one parameter's
+gradient (under FSDP2, one block's reduce-scattered shards, on which FSDP2 calls these hooks) at a time.
+
+What cannot work this way, and is refused by the config (config.validate, runplan.resolve):
+* gradient accumulation: the update of the first micro-batch would be taken before the others' gradients exist;
+* global-norm clipping: the norm is known only once every gradient has been made, after the updates;
+* DDP (dp_replicate > 1 without sharding): its all-reduce completes after the hooks have seen the local gradient.
+  FSDP2 (and HSDP) reduce before they call the hooks.
+
+Non-finite values: the trainer checks the loss before the backward (a NaN/Inf loss skips the backward, and with it
+every update, as a skipped step). A gradient can still be NaN/Inf with a finite loss (an overflow in the
+backward): that parameter's update is skipped (its weights and moments unchanged) and its gradient dropped; the
+other parameters' updates of that step have been or will be applied, so the step is reported as non-finite
+(`BackwardResult.skipped_params`) and counts towards training.max_nonfinite_steps like a skipped step. Seeing a
+gradient's finiteness costs one device-to-host sync per parameter (free on CPU; on a GPU it stalls the CPU once
+per parameter, which a device-side flag in the update kernel would avoid: not built).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..distributed import local
+from .adamw import AdamW, UpdateStats, _LostUpdateCounter
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """What the released updates of one backward did."""
+
+    grad_squares: torch.Tensor  # fp32 sum of this rank's gradient squares (its shards: the caller reduces them)
+    skipped_params: int  # parameters whose gradient was NaN/Inf on this rank (their update skipped)
+    updates: UpdateStats | None  # the lost-update counts, when asked for
+
+
+class GradientRelease:
+    """The optimizer's updates inside the backward (see the module docstring)."""
+
+    def __init__(self, optimizer: AdamW):
+        self.optimizer = optimizer
+        self._armed = False
+        self._counter: _LostUpdateCounter | None = None
+        self._squares: torch.Tensor | None = None
+        self._skipped = 0
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook)
+                         for group in optimizer.param_groups for p in group["params"]]
+
+    @contextlib.contextmanager
+    def backward(self, device: torch.device, count_lost_updates: bool = False) -> Iterator[list[BackwardResult]]:
+        """Arm the hooks for the backward run inside the block; the result is appended to the yielded list."""
+        self._armed, self._skipped = True, 0
+        self._squares = torch.zeros((), dtype=torch.float32, device=device)
+        self._counter = _LostUpdateCounter() if count_lost_updates else None
+        out: list[BackwardResult] = []
+        try:
+            yield out
+        finally:
+            self._armed = False
+        out.append(BackwardResult(self._squares, self._skipped,
+                                  self._counter.result() if self._counter is not None else None))
+
+    @torch.no_grad()
+    def _hook(self, p: torch.Tensor) -> None:
+        if not self._armed:  # a backward outside a training step (a test's, a user's): keep the gradient
+            return
+        squares = local(p.grad).float().square().sum()  # fp32, as precision.grad_norm (island 5)
+        self._squares += squares
+        if bool(torch.isfinite(squares)):  # the sync per parameter (module docstring)
+            self.optimizer.step_parameter(p, self._counter)
+        else:
+            self._skipped += 1
+        p.grad = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
