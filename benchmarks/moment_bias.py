@@ -6,9 +6,10 @@ Trains the convergence benchmark's tiny Llama (benchmarks/convergence.py: dim 12
 built-in corpus, its "low" regime: peak lr 1e-4, 600 steps) with each recipe, and keeps beside the optimizer a
 *shadow* copy of both moments: exact fp32 EMAs of the very gradients the optimizer received (a step post-hook).
 Every `--every` steps it compares the optimizer's stored moments (dequantized for int8) with the shadow ones,
-over the tensors whose moments the recipe stores in low precision (int8: tensors of 4096 elements or more):
+over the tensors whose moments the recipe stores in low precision (int8, int4: tensors of 4096 elements or more):
 
-    v_ratio        sum(v_stored) / sum(v_exact)                     (the second moment's aggregate bias)
+    v_ratio        sum(v_stored) / sum(v_exact)                     (the second moment's aggregate bias; int8, int4
+                                                                     dequantized)
     v_zero         share of elements with v_exact > 0 stored as v = 0
     m_ratio        sum(|m_stored|) / sum(|m_exact|)
     step_ratio     sum(|u_stored|) / sum(|u_exact|), u = m_hat / (sqrt(v_hat) + eps): the Adam step size
@@ -40,8 +41,9 @@ def stored_moments(opt, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | 
 
     st = opt.state[p]
     if "exp_avg_codes" in st:
-        return (quant.dequantize(st["exp_avg_codes"].view(-1), st["exp_avg_scale"], True),
-                quant.dequantize(st["exp_avg_sq_codes"].view(-1), st["exp_avg_sq_scale"], False))
+        fmt = quant.FORMATS[opt.layout(p).moments]
+        return (quant.dequantize(st["exp_avg_codes"].view(-1), st["exp_avg_scale"], True, fmt),
+                quant.dequantize(st["exp_avg_sq_codes"].view(-1), st["exp_avg_sq_scale"], False, fmt))
     if st["exp_avg"].dtype == torch.float32:
         return None
     return st["exp_avg"].float().view(-1), st["exp_avg_sq"].float().view(-1)
@@ -114,7 +116,7 @@ def measure(name: str, seed: int, regime: str, every: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", default="bf16-int8,bf16-int8@nearest,bf16-sr,bf16",
+    ap.add_argument("--recipes", default="bf16-int8,bf16-int8@nearest,bf16-int4,bf16-int4@nearest,bf16-sr,bf16",
                     help="comma-separated; RECIPE@nearest: that recipe with optimizer.moments_rounding=nearest")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--regime", default="low", choices=list(REGIMES))

@@ -48,6 +48,13 @@ def _torchao_sr(ps):
     return _AdamW(ps, lr=1e-3, bf16_stochastic_round=True)
 
 
+def _compiled_torch(ps):
+    """torch.optim.AdamW(foreach=True) with its step compiled (torch.compile(opt.step), as torch's docs show)."""
+    opt = torch.optim.AdamW(ps, lr=1e-3, foreach=True)
+    opt.step = torch.compile(opt.step)
+    return opt
+
+
 def _counting(opt: AdamW) -> AdamW:
     """Every step counts lost updates, as the trainer's logged steps do."""
     opt.step = functools.partial(opt.step, count_lost_updates=True)
@@ -62,6 +69,7 @@ VARIANTS = {
     # Peers: plain bf16 with torch's fused AdamW (torchtitan's training.dtype=bfloat16 step), and torchao's
     # stochastically rounding AdamW (compiled by torchao itself)
     "torch AdamW fused (bf16)": (torch.bfloat16, lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
+    "torch AdamW foreach (bf16), compiled": (torch.bfloat16, _compiled_torch),
     "torchao _AdamW bf16_stochastic_round": (torch.bfloat16, _torchao_sr),
     "fp32 (auto)": (torch.float32, lambda ps: AdamW(ps, lr=1e-3)),
     "bf16 none": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3)),
@@ -73,6 +81,10 @@ VARIANTS = {
         ps, lr=1e-3, compensation="kahan", moments_rounding="nearest")),
     "bf16 int8 (stochastic)": (torch.bfloat16, lambda ps: AdamW(
         ps, lr=1e-3, state_dtype="int8", compensation="stochastic")),
+    "bf16 int8, nearest codes": (torch.bfloat16, lambda ps: AdamW(
+        ps, lr=1e-3, state_dtype="int8", compensation="stochastic", moments_rounding="nearest")),
+    "bf16 int4 (stochastic)": (torch.bfloat16, lambda ps: AdamW(
+        ps, lr=1e-3, state_dtype="int4", compensation="stochastic")),
     "bf16 fp32-state": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, state_dtype="float32")),
     # A logged step: the trainer counts lost updates in it (metrics.log_freq).
     "bf16 none, lost-update meter on": (torch.bfloat16, lambda ps: _counting(AdamW(ps, lr=1e-3))),
@@ -86,6 +98,8 @@ VARIANTS = {
     "bf16 kahan, compiled": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compensation="kahan", compile=True)),
     "bf16 int8 (stochastic), compiled": (torch.bfloat16, lambda ps: AdamW(
         ps, lr=1e-3, state_dtype="int8", compensation="stochastic", compile=True)),
+    "bf16 int4 (stochastic), compiled": (torch.bfloat16, lambda ps: AdamW(
+        ps, lr=1e-3, state_dtype="int4", compensation="stochastic", compile=True)),
 }
 
 
@@ -156,6 +170,8 @@ def main() -> None:
 
     base = {torch.float32: statistics.median(runs["torch AdamW foreach (fp32)"][2]),
             torch.bfloat16: statistics.median(runs["torch AdamW foreach (bf16)"][2])}
+    compiled = runs.get("torch AdamW foreach (bf16), compiled")
+    compiled_base = statistics.median(compiled[2]) if compiled else None
     rows = []
     for name, (ps, opt, times) in runs.items():
         dtype = VARIANTS[name][0]
@@ -165,16 +181,21 @@ def main() -> None:
         rows.append(dict(variant=name, param_dtype=str(dtype).replace("torch.", ""),
                          median_ms=med * 1e3, min_ms=min(times) * 1e3,
                          ratio_to_torch_foreach=med / base[dtype], first_step_s=first.get(name),
+                         ratio_to_torch_foreach_compiled=(med / compiled_base if compiled_base and
+                                                          dtype == torch.bfloat16 else None),
                          state_bytes_per_param=state_bytes / numel))
 
     print(f"{numel / 1e6:.1f}M parameters in {len(shapes)} tensors, {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"median of {args.repeats} interleaved steps\n")
-    print("| variant | params | median ms | ratio to torch foreach (same dtype) | state B/param | first step s |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| variant | params | median ms | ratio to torch foreach (same dtype) | ratio to torch foreach compiled "
+          "(bf16) | state B/param | first step s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
+        vs_compiled = r["ratio_to_torch_foreach_compiled"]
         print(f"| {r['variant']} | {r['param_dtype']} | {r['median_ms']:.1f} | "
-              f"{r['ratio_to_torch_foreach']:.2f} | {r['state_bytes_per_param']:.2f} | {r['first_step_s']:.2f} |")
+              f"{r['ratio_to_torch_foreach']:.2f} | {'' if vs_compiled is None else f'{vs_compiled:.2f}'} | "
+              f"{r['state_bytes_per_param']:.2f} | {r['first_step_s']:.2f} |")
     if args.out:
         meta = dict(numel=numel, tensors=len(shapes), device=str(device),
                     threads=torch.get_num_threads(), torch=torch.__version__,

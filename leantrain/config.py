@@ -141,13 +141,13 @@ class Optimizer:
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to matrices only (not norms)."""
     state_dtype: Literal[STATE_DTYPES] = "auto"
-    """Dtype of the Adam moments: auto (= training.dtype), float32, bfloat16, or int8 (block-wise quantized)."""
+    """Dtype of the Adam moments: auto (= training.dtype), float32, bfloat16, int8 or int4 (block-wise quantized)."""
     compensation: Literal[COMPENSATIONS] = "stochastic"
     """How a bf16 weight update keeps steps smaller than half a bf16 ulp: none (nearest rounding, they are lost),
     stochastic (unbiased stochastic rounding of weights and bf16 moments), kahan (a bf16 compensation buffer).
     No effect when training.dtype is float32."""
     moments_rounding: Literal[MOMENTS_ROUNDINGS] = "auto"
-    """How bf16 Adam moments, int8 moment codes (and the Kahan buffer) are written: auto (stochastically unless
+    """How bf16 Adam moments, int8/int4 moment codes (and the Kahan buffer) are written: auto (stochastically unless
     compensation is none), nearest, or stochastic. 'nearest' reproduces torchao's / optimi's / bitsandbytes'
     variants for comparison."""
     in_backward: bool = False
@@ -242,7 +242,8 @@ class Config:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
     recipe: str = ""
-    """A named precision recipe (fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8): a set of the keys above."""
+    """A named precision recipe (fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8, bf16-int4): a set of
+    the keys above."""
 
 
 # A recipe is only a named set of config values; `--recipe NAME` and these keys give the same run (SPEC.md section 4).
@@ -261,6 +262,8 @@ RECIPES: dict[str, dict[str, object]] = {
                    "optimizer.state_dtype": "auto", "optimizer.compensation": "kahan", "optimizer.moments_rounding": "auto"},
     "bf16-int8": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
                   "optimizer.state_dtype": "int8", "optimizer.compensation": "stochastic", "optimizer.moments_rounding": "auto"},
+    "bf16-int4": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
+                  "optimizer.state_dtype": "int4", "optimizer.compensation": "stochastic", "optimizer.moments_rounding": "auto"},
 }
 
 

@@ -105,7 +105,7 @@ def _losses(folder):
     return [r["step"] for r in records], [(r["loss"], r["grad_norm"], r["lr"]) for r in records]
 
 
-@pytest.mark.parametrize("recipe", ["fp32", "bf16-sr", "bf16-int8"])
+@pytest.mark.parametrize("recipe", ["fp32", "bf16-sr", "bf16-int8", "bf16-int4"])
 def test_crash_mid_save_then_resume_is_bit_identical(tmp_path, recipe):
     args = [*TINY, f"--recipe={recipe}", "--training.steps=6", "--metrics.log_freq=1", "--eval.interval=3",
             "--checkpoint.enable=true", "--checkpoint.interval=2"]

@@ -18,7 +18,7 @@ BF16_ULP_1 = 2.0**-7  # bf16 spacing in [1, 2)
 
 VARIANTS = [
     dict(state_dtype=sd, compensation=c)
-    for sd in ("auto", "float32", "bfloat16", "int8")
+    for sd in ("auto", "float32", "bfloat16", "int8", "int4")
     for c in ("none", "stochastic", "kahan")
 ] + [
     dict(compensation="stochastic", moments_rounding="nearest"),
@@ -95,6 +95,9 @@ def test_fp32_matches_float64_reference_and_torch():
     # per decade there), smaller ones within the block max / 2e3; the Adam ratio then moves
     # by well under 25% of lr per step.
     ("int8", 0.25),
+    # int4: 16 codes; an element is stored within half a code gap of its block max (int4's v: at least 1/16 of
+    # it), so the ratio moves by up to about the lr per step
+    ("int4", 1.0),
 ])
 def test_low_precision_moments_stay_within_format_bound(state_dtype, bound):
     p0, grads = _problem()
@@ -248,40 +251,48 @@ def test_int8_quantize_rounds_to_nearest_code(signed):
     assert torch.all(err <= per_el * gap / 2 * (1 + 1e-5))
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("signed", [True, False])
-def test_int8_stochastic_codes_are_unbiased_and_neighbours(signed):
+def test_stochastic_codes_are_unbiased_and_neighbours(signed, fmt):
     """Stochastic codes: every draw is the code at or below the value or the one above, and the mean over draws
-    is the value (within 5 standard errors per element, each draw's spread at most half a code gap)."""
+    is the value (within 5 standard errors per element, each draw's spread at most half a code gap). Values inside
+    the map's range: int4's v map starts at 1/16 of the block max (below it, values are stored as 1/16)."""
+    fmt = quant.FORMATS[fmt]
     gen = torch.Generator().manual_seed(0)
-    n = 256 * 16
-    x = torch.randn(n, generator=gen) * torch.logspace(-4, 0, n)
-    x = x if signed else x.abs()
-    scale = torch.empty(16)
-    qmap = torch.tensor(quant.dynamic_map(signed))
-    draws, codes = 400, torch.empty(n, dtype=torch.uint8)
+    n, block = 256 * 16, fmt.block
+    x = torch.randn(n, generator=gen) * torch.logspace(-4 if fmt.bits == 8 else -1, 0, n)
+    x = x if signed else x.abs().clamp(min=1e-3)
+    if not signed and fmt.unsigned_map[0] > 0:  # keep every value above 1/16 of its block's max
+        x = torch.maximum(x, x.view(-1, block).amax(1, keepdim=True).expand(-1, block).reshape(-1) / 15)
+    scale = torch.empty(n // block)
+    qmap = torch.tensor(fmt.map(signed))
+    draws, codes = 400, torch.empty(fmt.code_bytes(n), dtype=torch.uint8)
     total = torch.zeros(n, dtype=torch.float64)
     for k in range(draws):
         keys = randbits.StepKeys(randbits.tensor_key(0, 0), k + 1, 1).tensor(0, "cpu")
-        quant.quantize_(codes, scale, x.clone(), signed, randbits.fields(n, keys, 1, "cpu")[0])
-        y = x / scale.repeat_interleave(256)
+        quant.quantize_(codes, scale, x.clone(), signed, randbits.fields(n, keys, 1, "cpu")[0], fmt)
+        y = x / scale.repeat_interleave(block)
         floor = (torch.bucketize(y, qmap, right=True) - 1).clamp(min=0)
-        assert torch.all((codes.long() == floor) | (codes.long() == floor + 1))
-        total += quant.dequantize(codes, scale, signed).double()
-    per_el = scale.repeat_interleave(256).double()
+        got = quant.unpack(codes, fmt).long()
+        assert torch.all((got == floor) | (got == floor + 1))
+        total += quant.dequantize(codes, scale, signed, fmt).double()
+    per_el = scale.repeat_interleave(block).double()
     gap = (qmap[1:] - qmap[:-1]).max().double()
     assert torch.all((total / draws - x.double()).abs() <= 5 * per_el * gap / 2 / draws**0.5)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("signed", [True, False])
-def test_int8_code_tables_hold_one_boundary_and_one_value_per_cell(signed):
+def test_code_tables_hold_one_boundary_and_one_value_per_cell(signed, fmt):
     """quant._tables' premise: the nearest and the floor code found with two look-ups equal torch.bucketize's, at
     every code value, boundary and their fp32 neighbours (where a cell holding two would show)."""
-    qmap = torch.tensor(quant.dynamic_map(signed))
-    bounds = quant.boundaries(signed)
+    fmt = quant.FORMATS[fmt]
+    qmap = torch.tensor(fmt.map(signed))
+    bounds = quant.boundaries(signed, fmt)
     points = torch.cat([qmap, bounds])
     x = torch.cat([points, torch.nextafter(points, torch.tensor(2.0)), torch.nextafter(points, torch.tensor(-2.0))])
     x = x.clamp(-1 if signed else 0, 1)
-    t = quant._tables(signed, torch.device("cpu"))
+    t = quant._tables(signed, torch.device("cpu"), fmt)
     cell = (x.view(torch.int32) >> 16) & 0xFFFF
     nearest = t.cell_nearest[cell] + (x >= t.next_boundary[t.cell_nearest[cell]]).int()
     floor = t.cell_floor[cell] + (x >= t.next_value[t.cell_floor[cell]]).int()
@@ -451,6 +462,7 @@ def test_lr_scheduler_drives_lr():
     (dict(state_dtype="int8"), 2 + 8 / 256),
     (dict(state_dtype="bfloat16", compensation="kahan"), 6.0),
     (dict(state_dtype="int8", compensation="kahan"), 4 + 8 / 256),
+    (dict(state_dtype="int4"), 1 + 8 / 128),
 ])
 def test_state_bytes_per_param(variant, expected):
     p = torch.nn.Parameter(torch.zeros(512, 256, dtype=torch.bfloat16))
@@ -467,6 +479,20 @@ def test_fp32_params_ignore_compensation():
     for comp in ("stochastic", "kahan"):
         p, opt = _run(p0, grads, compensation=comp, moments_rounding="nearest")
         assert torch.equal(p, plain) and "kahan_comp" not in opt.state[p]
+
+
+def test_int4_codes_pack_two_per_byte_and_odd_last_dims_keep_bf16_moments():
+    even = torch.nn.Parameter(torch.zeros(64, 128, dtype=torch.bfloat16))
+    odd = torch.nn.Parameter(torch.zeros(64, 129, dtype=torch.bfloat16))
+    opt = AdamW([even, odd], state_dtype="int4", compensation="stochastic")
+    even.grad, odd.grad = torch.randn_like(even), torch.randn_like(odd)
+    opt.step()
+    st = opt.state[even]
+    assert st["exp_avg_codes"].shape == (64, 64) and st["exp_avg_scale"].shape == (64 * 128 // 128,)
+    assert opt.layout(odd).moments == "bfloat16" and opt.state[odd]["exp_avg"].dtype == torch.bfloat16
+    # the packed codes read back as one code per element, element 2i in the low nibble
+    codes = torch.tensor([0x21, 0xF0], dtype=torch.uint8)
+    assert quant.unpack(codes, quant.FORMATS["int4"]).tolist() == [1, 2, 0, 15]
 
 
 def test_small_tensors_keep_bf16_moments_under_int8():
@@ -617,7 +643,8 @@ def test_deepcopy_and_pickle_friendly_state_dict():
 # One per state layout the fused kernel handles; _mixed adds an fp32 parameter (fp32 layout) to each.
 COMPILED_VARIANTS = [
     dict(), dict(compensation="stochastic"), dict(compensation="kahan"),
-    dict(state_dtype="int8", compensation="stochastic"), dict(state_dtype="float32"),
+    dict(state_dtype="int8", compensation="stochastic"), dict(state_dtype="int4", compensation="stochastic"),
+    dict(state_dtype="float32"),
 ]
 
 

@@ -1,12 +1,13 @@
-"""The precision-aware optimizer: AdamW with fp32 math and bf16 / fp32 / int8 state.
+"""The precision-aware optimizer: AdamW with fp32 math and bf16 / fp32 / int8 / int4 state.
 
     adamw.py     the optimizer: state, steps, chunks, state_dict
     layout.py    the recipe's choices, each parameter's state layout, each step's scalars
     update.py    the update of one tensor, run eagerly or as one torch.compile'd kernel (compile=True)
     rounding.py  nearest, stochastic and Kahan-compensated rounding to bfloat16
     randbits.py  the random bits of stochastic rounding: a keyed hash of each element's index
-    quant.py     block-wise int8 moments (dynamic code map, absmax per 256 elements)
-    sharding.py  FSDP2 (DTensor) parameters: which shard a rank holds, int8 block scales per shard
+    quant.py     block-wise int8 and int4 moments (code maps, absmax per block; nearest or stochastic codes)
+    sharding.py  FSDP2 (DTensor) parameters: which shard a rank holds, block scales per shard, packed int4 codes
+    release.py   gradient release (optimizer.in_backward): each update in the backward, gradients freed at once
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""AdamW for full-bfloat16 training: fp32 arithmetic, bf16 (or fp32, or int8) storage.
+"""AdamW for full-bfloat16 training: fp32 arithmetic, bf16 (or fp32, int8, int4) storage.
 
 Every step upcasts weight, gradient and moments to fp32, computes the torch.optim.AdamW update
 (decoupled weight decay, bias corrections, eps after sqrt(v_hat)) and rounds each stored tensor
@@ -15,14 +15,16 @@ once. What "rounds" means is the precision recipe:
 
 Compensation acts on bf16 weights only: an fp32 weight takes the fp32 result exactly, so for
 fp32 parameters compensation is a no-op and no buffer is allocated. `moments_rounding` acts
-on every bf16 moment (and the Kahan buffer), whatever the parameter dtype.
+on every bf16 moment, int8/int4 moment code (quant.py) and the Kahan buffer, whatever the parameter dtype.
 
 State per parameter (all tensors in `self.state[p]`, on the parameter's device, contiguous):
     step                       0-dim fp32 tensor (CPU), as in torch.optim.AdamW
     exp_avg, exp_avg_sq        moments in the state dtype (fp32: 8 B/param, bf16: 4 B/param)
     exp_avg_codes, exp_avg_scale, exp_avg_sq_codes, exp_avg_sq_scale
                                int8 moments: uint8 codes (param shape) + fp32 scale per 256
-                               elements (~2.03 B/param); tensors under 4096 elements keep bf16
+                               elements (~2.03 B/param); int4: two codes per uint8 (param shape, last
+                               dimension halved) + fp32 scale per 128 elements (~1.06 B/param);
+                               tensors under 4096 elements (and int4: with an odd last dimension) keep bf16
     kahan_comp                 bf16, param shape (2 B/param), only for compensation="kahan"
 Which of these a parameter has, and which random field rounds each of its bf16 buffers, is its
 `ParamLayout` (layout.py, `AdamW.layout(p)`): decided once, from its group's recipe and its dtype
@@ -36,7 +38,7 @@ is bit-identical. Ranks holding different shards of a parameter (FSDP2 DTensors)
 one shard (HSDP, DDP) the same bits, and stay identical.
 
 Sharded parameters: the math runs on each rank's local shard, and every state tensor is a DTensor sharded like
-its parameter (DCP saves each rank's part). int8 blocks are cut from the local shard; their scales form a
+its parameter (DCP saves each rank's part). int8/int4 blocks are cut from the local shard; their scales form a
 [shards, blocks] DTensor, one row per shard. The lost-update statistics are this rank's (its shards').
 
 The update of one tensor is one function, `update.adamw_update`, run per tensor, and on CPU per chunk of 2^18
@@ -104,10 +106,10 @@ class AdamW(torch.optim.Optimizer):
     Args:
         params: iterable of parameters or param-group dicts (fp32 or bf16 tensors).
         lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
-        state_dtype: "auto" (the parameter's dtype), "float32", "bfloat16" or "int8".
+        state_dtype: "auto" (the parameter's dtype), "float32", "bfloat16", "int8" or "int4".
         compensation: "none", "stochastic" or "kahan" (bf16 parameters only).
         moments_rounding: "auto" (stochastic unless compensation="none"), "nearest" or
-            "stochastic"; how bf16 moments and the Kahan buffer are written.
+            "stochastic"; how bf16 moments, int8/int4 codes and the Kahan buffer are written.
         seed: keys the random bits of stochastic rounding (randbits.py), with each parameter's index and shard.
         compile: run each tensor's (CPU: each chunk's) update as one torch.compile'd kernel (update.py); the
             first step compiles. The results are bitwise those of the eager step.
@@ -198,6 +200,7 @@ class AdamW(torch.optim.Optimizer):
             layout = self._layouts[p] = ParamLayout.decide(
                 state_dtype=group["state_dtype"], compensation=group["compensation"],
                 moments_rounding=group["moments_rounding"], param_dtype=p.dtype, numel=p.numel(),
+                last_dim=p.shape[-1] if p.ndim else 1,
             )
         return layout
 
@@ -207,15 +210,16 @@ class AdamW(torch.optim.Optimizer):
             return state
         layout = self._layout(group, p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        if layout.moments == "int8":
-            nb = quant.num_blocks(p.numel())
+        if layout.moments in quant.FORMATS:
+            fmt = quant.FORMATS[layout.moments]
             for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                state[f"{name}_codes"] = torch.full_like(
-                    p, quant.zero_code(signed), dtype=torch.uint8,
-                    memory_format=torch.contiguous_format,
-                )
-                state[f"{name}_scale"] = (sharding.sharded_block_scales(p) if is_dtensor(p) else
-                                          torch.zeros(nb, dtype=torch.float32, device=p.device))
+                code = quant.initial_code(signed, fmt)
+                state[f"{name}_codes"] = (
+                    sharding.packed_codes(p, code) if fmt.bits == 4 else
+                    torch.full_like(p, code, dtype=torch.uint8, memory_format=torch.contiguous_format))
+                state[f"{name}_scale"] = (sharding.sharded_block_scales(p, fmt) if is_dtensor(p) else
+                                          torch.zeros(fmt.num_blocks(p.numel()), dtype=torch.float32,
+                                                      device=p.device))
         else:
             dtype = getattr(torch, layout.moments)
             for name in ("exp_avg", "exp_avg_sq"):
@@ -349,12 +353,18 @@ def _chunk(p, state, layout: ParamLayout, a: int, b: int, chunked: bool) -> tupl
     def flat(t):  # sharded tensors: the math runs on this rank's shard
         return local(t).view(-1)[a:b]
 
-    def scales(t):
-        t = sharding.local_scale(t, local(p).numel())
-        return t[a // quant.BLOCK: quant.num_blocks(b)] if chunked else t
+    fmt = quant.FORMATS.get(layout.moments)
 
-    if layout.moments == "int8":
-        m, v = flat(state["exp_avg_codes"]), flat(state["exp_avg_sq_codes"])
+    def scales(t):
+        t = sharding.local_scale(t, local(p).numel(), fmt)
+        return t[a // fmt.block: fmt.num_blocks(b)] if chunked else t
+
+    def codes(t):  # int4: two codes per byte
+        per_byte = 8 // fmt.bits
+        return local(t).view(-1)[a // per_byte: b // per_byte]
+
+    if fmt is not None:
+        m, v = codes(state["exp_avg_codes"]), codes(state["exp_avg_sq_codes"])
         m_scale, v_scale = scales(state["exp_avg_scale"]), scales(state["exp_avg_sq_scale"])
     else:
         m, v, m_scale, v_scale = flat(state["exp_avg"]), flat(state["exp_avg_sq"]), None, None

@@ -54,8 +54,9 @@ def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars
     w_field, m_field, v_field = fields
     rand = randbits.fields(p.numel(), keys, 1 + max(fields), p.device) if max(fields) >= 0 else []
     gf = g.float()  # read only: an fp32 gradient is used as it is
-    if kind == "int8":
-        mf, vf = quant.dequantize(m, m_scale, True), quant.dequantize(v, v_scale, False)
+    fmt = quant.FORMATS.get(kind)
+    if fmt is not None:
+        mf, vf = quant.dequantize(m, m_scale, True, fmt), quant.dequantize(v, v_scale, False, fmt)
     else:
         mf, vf = m.float(), v.float()  # fp32 state: the state itself, updated in place
     # The moments as stored before the step (the lost-update meter compares the new ones with them)
@@ -91,16 +92,19 @@ def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars
             counts.update(updated=updated, lost=updated - changed)
     if stored is not None:  # before the rounding, which may clobber mf and vf
         m_updated, v_updated = mf != stored[2], vf != stored[3]
-    if kind == "int8":
-        quant.quantize_(m, m_scale, mf, True, rand[m_field] if m_field >= 0 else None)
-        quant.quantize_(v, v_scale, vf, False, rand[v_field] if v_field >= 0 else None)
+    if fmt is not None:
+        quant.quantize_(m, m_scale, mf, True, rand[m_field] if m_field >= 0 else None, fmt)
+        quant.quantize_(v, v_scale, vf, False, rand[v_field] if v_field >= 0 else None, fmt)
     else:
         round_to_bf16_(m, mf, rand[m_field] if m_field >= 0 else None)  # fp32 state: a copy
         round_to_bf16_(v, vf, rand[v_field] if v_field >= 0 else None)
-    if stored is not None:  # lost: the fp32 result moved, the stored bf16 bits or int8 code did not
+    if stored is not None:  # lost: the fp32 result moved, the stored bf16 bits or int8/int4 code did not
+        def same(new, old):
+            return new == old if fmt is None else quant.unpack(new, fmt) == quant.unpack(old, fmt)
+
         counts.update(exp_avg_updated=m_updated.count_nonzero(), exp_avg_sq_updated=v_updated.count_nonzero(),
-                      exp_avg_lost=(m_updated & (m == stored[0])).count_nonzero(),
-                      exp_avg_sq_lost=(v_updated & (v == stored[1])).count_nonzero())
+                      exp_avg_lost=(m_updated & same(m, stored[0])).count_nonzero(),
+                      exp_avg_sq_lost=(v_updated & same(v, stored[1])).count_nonzero())
     return counts if count else None
 
 
@@ -118,7 +122,7 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
 
 def supports(kind: str, numel: int) -> bool:
     """Whether `compiled_update` takes a flat tensor of `numel` elements with this moment kind."""
-    return kind != "int8" or numel % quant.BLOCK == 0
+    return kind not in quant.FORMATS or numel % quant.FORMATS[kind].block == 0
 
 
 def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count):
@@ -129,9 +133,10 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
         # 65536-entry one with 16-bit cells, in range by construction; the per-element checks cost ~10%.
         _compiled = torch.compile(adamw_update, fullgraph=True,
                                   options={"emulate_precision_casts": True, "assert_indirect_indexing": False})
-    if kind == "int8":
-        quant.build_tables(p.device)  # eagerly: the compiled kernel reads them as constants
-    shape, n = ((-1, quant.BLOCK) if kind == "int8" else (-1,)), p.numel()
+    fmt = quant.FORMATS.get(kind)
+    if fmt is not None:
+        quant.build_tables(p.device, fmt)  # eagerly: the compiled kernel reads them as constants
+    shape, n = ((-1, fmt.block) if fmt is not None else (-1,)), p.numel()
 
     def dyn(t):  # int8 tensors as [blocks, 256]; every size dynamic in its first dimension only
         if t is not None:
