@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 FLAVOR=${FLAVOR:-1B}; SEQ=${SEQ:-2048}; BATCH=${BATCH:-4}; STEPS=${STEPS:-30}; COMPILE=${COMPILE:-true}
-RECIPES=${RECIPES:-"fp32 bf16-mixed bf16 bf16-sr bf16-kahan bf16-int8"}
+RECIPES=${RECIPES:-"fp32 bf16-mixed bf16 bf16-sr bf16-kahan bf16-int8 bf16-int4"}
 OUT=${OUT:-benchmarks/results/gpu}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
@@ -26,7 +26,8 @@ LEANTRAIN_TEST_DEVICE="$DEVICE" timeout 150 "$PY" -m pytest -q tests/test_device
 timeout 240 "$PY" benchmarks/optimizer_step.py --device "$DEVICE" --repeats 20 --warmup 3 \
   --only "torch AdamW fused (bf16)" --only "torchao _AdamW bf16_stochastic_round" --only "bf16 none" \
   --only "bf16 stochastic" --only "bf16 none, compiled" --only "bf16 stochastic, compiled" \
-  --only "bf16 kahan, compiled" --only "bf16 int8 (stochastic), compiled" --out "$OUT/optimizer_step.json" \
+  --only "bf16 kahan, compiled" --only "bf16 int8 (stochastic), compiled" --only "bf16 int4 (stochastic), compiled" \
+  --only "torch AdamW foreach (bf16), compiled" --out "$OUT/optimizer_step.json" \
   || echo "optimizer step benchmark failed or timed out"
 for r in $RECIPES; do
   rm -rf "$OUT/$r"

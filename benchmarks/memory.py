@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = ["fp32", "bf16-mixed", "bf16", "bf16-fp32state", "bf16-sr", "bf16-kahan", "bf16-int8"]
+RECIPES = ["fp32", "bf16-mixed", "bf16", "bf16-fp32state", "bf16-sr", "bf16-kahan", "bf16-int8", "bf16-int4"]
 STATE_RUN = ["--model.flavor=1B", "--model.n_layers=4", "--model.vocab_size=8192", "--data.seq_len=32",
              "--data.local_batch_size=1", "--training.steps=2", "--eval.steps=1", "--lr_scheduler.warmup_steps=0",
              "--training.max_norm=0"]
@@ -48,13 +48,15 @@ def run(args: list[str]) -> tuple[dict, list[dict]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="")
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="part 1's recipes, comma-separated")
+    ap.add_argument("--no-activations", action="store_true", help="part 1 only")
     args = ap.parse_args()
     mib = 2**20
     out: dict = {"recipes": {}, "activation_checkpoint": {}}
     print("| recipe | optimizer.in_backward | state bytes/param (measured) | planned | "
           "params + grads + optimizer (MiB) | peak RSS (MiB) | peak RSS saved by release, bytes/param |")
     print("|---|---|---|---|---|---|---|")
-    for r in RECIPES:
+    for r in args.recipes.split(","):
         for release in (False, True):
             s, _ = run([*STATE_RUN, f"--recipe={r}", f"--optimizer.in_backward={str(release).lower()}"])
             planned = sum(s["planned_state_bytes"].values()) / s["num_params"]
@@ -67,11 +69,12 @@ def main() -> None:
             print(f"| {r} | {str(release).lower()} | {s['state_bytes_per_param']:.3f} | {planned:.3f} | "
                   f"{sum(s['state_bytes'].values()) / mib:.0f} | {s['peak_memory_bytes'] / mib:.0f} | "
                   f"{'' if saved is None else f'{saved:.2f}'} |", flush=True)
-    fp32, bf16 = out["recipes"]["fp32"]["peak_rss_bytes"], out["recipes"]["bf16"]["peak_rss_bytes"]
-    print(f"\npeak RSS bf16 / fp32: {bf16 / fp32:.2f}\n")
+    if {"fp32", "bf16"} <= set(out["recipes"]):
+        fp32, bf16 = out["recipes"]["fp32"]["peak_rss_bytes"], out["recipes"]["bf16"]["peak_rss_bytes"]
+        print(f"\npeak RSS bf16 / fp32: {bf16 / fp32:.2f}\n")
     print("| activation_checkpoint.mode | peak RSS (MiB) | per-step losses |")
     print("|---|---|---|")
-    for mode in ("none", "full", "selective"):
+    for mode in () if args.no_activations else ("none", "full", "selective"):
         s, records = run([*AC_RUN, f"--activation_checkpoint.mode={mode}"])
         losses = [r["loss"] for r in records]
         out["activation_checkpoint"][mode] = {"peak_rss_bytes": s["peak_memory_bytes"], "losses": losses}

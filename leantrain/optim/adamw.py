@@ -189,10 +189,17 @@ class AdamW(torch.optim.Optimizer):
         return self._init_state(self._group_of(p), p)
 
     def _group_of(self, p: torch.Tensor) -> dict:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise ValueError("AdamW: this tensor is not one of the optimizer's parameters")
+        # By identity, built once per set of group dicts (gradient release asks once per parameter and step;
+        # load_state_dict and add_param_group make new group dicts, which rebuilds it).
+        signature = tuple(map(id, self.param_groups))
+        cached = self.__dict__.get("_groups_by_param")
+        count = sum(len(g["params"]) for g in self.param_groups)
+        if cached is None or cached[0] != signature or len(cached[1]) != count:
+            cached = self._groups_by_param = (signature, {id(q): g for g in self.param_groups for q in g["params"]})
+        group = cached[1].get(id(p))
+        if group is None:
+            raise ValueError("AdamW: this tensor is not one of the optimizer's parameters")
+        return group
 
     def _layout(self, group: dict, p: torch.Tensor) -> ParamLayout:
         layout = self._layouts.get(p)

@@ -13,7 +13,11 @@ The maps:
   fraction bits. exp_avg uses the signed map, exp_avg_sq (never negative) the unsigned one.
 * int4, exp_avg: the 4-bit dynamic map (3 exponent bits: torchao's AdamW4bit and Li et al.'s first moment).
   exp_avg_sq: the linear map without zero, (1..16)/16 (Li et al.'s second moment, torchao's AdamW4bit): zero
-  would turn a small v into an enormous step m / (sqrt(0) + eps). Li et al. also normalize v by rank-1 (row and
+  would turn a small v into an enormous step m / (sqrt(0) + eps). Chosen by measurement
+  (benchmarks/moment_bias.py, stochastic codes): the 4-bit dynamic unsigned map with zero excluded keeps v's
+  aggregate within 1.4% (the linear map stores v 5-7% high: everything below 1/16 of the block max is stored as
+  1/16), but its codes are up to 2.7x apart at the low end, and the noise of stochastic codes that far apart makes
+  the Adam steps 18-21% too large on aggregate (E[1/sqrt(v)] > 1/sqrt(E[v])), against 5% with the linear map. Li et al. also normalize v by rank-1 (row and
   column maxima) rather than by blocks; that is not built here (block-wise scales, as for m).
 
 Storage: int8 1 byte per element plus 4 bytes per 256 elements (about 1.016 B per moment element); int4 half a
