@@ -19,8 +19,14 @@ fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8, bf16-int
 """
 
 
+def _wrap(text: str) -> str:
+    """A message wrapped at 100 columns between words only: a path, a key=value or a hyphenated word is never cut
+    (a reader copies them, and a cut would put a space inside them for anyone who joins the lines again)."""
+    return textwrap.fill(text, 100, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
-    return "leantrain: warning: " + textwrap.fill(str(message), 100, subsequent_indent="  ") + "\n"
+    return "leantrain: warning: " + _wrap(str(message)) + "\n"
 
 
 def _take_option(args: list[str], name: str) -> tuple[str | None, list[str]]:
@@ -317,7 +323,7 @@ def main(argv: list[str] | None = None, hooks: Any = None) -> int:
     try:
         return COMMANDS[command](rest, hooks) if command == "train" else COMMANDS[command](rest)
     except LeantrainError as e:  # bad input (2), training diverged (3): the message, no traceback
-        print("leantrain: error: " + textwrap.fill(str(e), 100, subsequent_indent="  "), file=sys.stderr)
+        print("leantrain: error: " + _wrap(str(e)), file=sys.stderr)
         return e.exit_code
 
 

@@ -340,7 +340,8 @@ def test_shards_draw_different_random_bits_and_replicas_the_same():
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from leantrain.optim.randbits import tensor_key
-    from leantrain.optim.sharding import shard_index, sharded_block_scales
+    from leantrain.optim import quant
+    from leantrain.optim.sharding import packed_codes, shard_index, sharded_block_scales
 
     indices = []
     for rank in range(4):
@@ -350,8 +351,11 @@ def test_shards_draw_different_random_bits_and_replicas_the_same():
             p = DTensor.from_local(torch.zeros(5, 64), mesh, [Replicate(), Shard(0)], shape=torch.Size((10, 64)),
                                    stride=(64, 1))
             indices.append(shard_index(p))
-            scales = sharded_block_scales(p)  # one row of block scales per shard
+            scales = sharded_block_scales(p, quant.FORMATS["int8"])  # one row of block scales per shard
             assert tuple(scales.shape) == (2, 2) and tuple(scales.to_local().shape) == (1, 2)
+            codes = packed_codes(p, 0)  # int4: the parameter's rows, half its columns, sharded like it
+            assert tuple(codes.shape) == (10, 32) and tuple(codes.to_local().shape) == (5, 32)
+            assert codes.placements == p.placements
         finally:
             dist.destroy_process_group()
     assert indices == [0, 1, 0, 1]
