@@ -220,6 +220,12 @@ def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     return norm_from_squares(torch.stack(norms).square().sum(), grads[0])
 
 
+def grad_squares(grad: torch.Tensor) -> torch.Tensor:
+    """The fp32 sum of squares of one gradient (this rank's shard of a DTensor), for a norm summed as gradients are
+    made (island 5: gradient release, optim/release.py, frees each gradient before the next exists)."""
+    return local(grad).float().square().sum()
+
+
 def norm_from_squares(squares: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The global L2 norm from this rank's fp32 sum of squares (island 5): for sharded tensors shaped like ``like``
     (a DTensor) the sums are all-reduced over the ranks holding different shards. Gradient release

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from ..distributed import local
+from ..precision import grad_squares
 from .adamw import AdamW, UpdateStats, _LostUpdateCounter
 
 
@@ -52,8 +52,9 @@ class GradientRelease:
         self._counter: _LostUpdateCounter | None = None
         self._squares: torch.Tensor | None = None
         self._skipped = 0
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook)
-                         for group in optimizer.param_groups for p in group["params"]]
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.register_post_accumulate_grad_hook(self._hook)
 
     @contextlib.contextmanager
     def backward(self, device: torch.device, count_lost_updates: bool = False) -> Iterator[list[BackwardResult]]:
@@ -73,14 +74,10 @@ class GradientRelease:
     def _hook(self, p: torch.Tensor) -> None:
         if not self._armed:  # a backward outside a training step (a test's, a user's): keep the gradient
             return
-        squares = local(p.grad).float().square().sum()  # fp32, as precision.grad_norm (island 5)
+        squares = grad_squares(p.grad)
         self._squares += squares
         if bool(torch.isfinite(squares)):  # the sync per parameter (module docstring)
             self.optimizer.step_parameter(p, self._counter)
         else:
             self._skipped += 1
         p.grad = None
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
