@@ -230,25 +230,31 @@ def test_low_lr_toy_needs_unbiased_weights_and_moments():
 
 # --------------------------------------------------------------------------- int8
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("signed", [True, False])
-def test_int8_quantize_rounds_to_nearest_code(signed):
+def test_nearest_codes_are_the_nearest(signed, fmt):
+    """Nearest rounding writes the code whose value is nearest (v: never the zero code), within half the map's
+    widest gap of the block max."""
+    fmt = quant.FORMATS[fmt]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(256 * 40 + 77, generator=gen) * torch.logspace(-6, 2, 256 * 40 + 77)
+    n = 256 * 40 + 78
+    x = torch.randn(n, generator=gen) * torch.logspace(-6, 2, n)
     if not signed:
         x = x.abs()
-    codes = torch.empty(x.numel(), dtype=torch.uint8)
-    scale = torch.empty(quant.num_blocks(x.numel()))
-    quant.quantize_(codes, scale, x.clone(), signed)
-    deq = quant.dequantize(codes, scale, signed)
-    qmap = torch.tensor(quant.dynamic_map(signed))
-    per_el = torch.cat([scale[:-1].repeat_interleave(256), scale[-1:].expand(77)])
-    candidates = qmap.view(1, -1) * per_el.view(-1, 1)  # every code's value, per element
+    codes = torch.empty(fmt.code_bytes(n), dtype=torch.uint8)
+    scale = torch.empty(fmt.num_blocks(n))
+    quant.quantize_(codes, scale, x.clone(), signed, None, fmt)
+    deq = quant.dequantize(codes, scale, signed, fmt)
+    qmap = torch.tensor(fmt.map(signed))
+    allowed = qmap if signed else qmap[1:]
+    per_el = scale.repeat_interleave(fmt.block)[:n]
+    candidates = allowed.view(1, -1) * per_el.view(-1, 1)  # every writable code's value, per element
     best = (candidates - x.view(-1, 1)).abs().min(dim=1).values
     err = (deq - x).abs()
     assert torch.all(err <= best * (1 + 1e-5) + 1e-12 * per_el)
-    # format bound: the largest gap of the map is 0.0141, so <= 0.71% of the block max
-    gap = (qmap[1:] - qmap[:-1]).max().item()
-    assert torch.all(err <= per_el * gap / 2 * (1 + 1e-5))
+    gap = (qmap[1:] - qmap[:-1]).max().item()  # int8 0.0156 (signed), int4 0.25
+    inside = x >= per_el * allowed[0] if not signed else torch.ones_like(x, dtype=torch.bool)
+    assert torch.all(err[inside] <= per_el[inside] * gap / 2 * (1 + 1e-5))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -256,16 +262,15 @@ def test_int8_quantize_rounds_to_nearest_code(signed):
 def test_stochastic_codes_are_unbiased_and_neighbours(signed, fmt):
     """Stochastic codes: every draw is the code at or below the value or the one above, and the mean over draws
     is the value (within 5 standard errors per element, each draw's spread at most half a code gap). Values inside
-    the map's range: int4's v map starts at 1/16 of the block max (below it, values are stored as 1/16)."""
+    the map's writable range (v: at or above its first nonzero code)."""
     fmt = quant.FORMATS[fmt]
     gen = torch.Generator().manual_seed(0)
     n, block = 256 * 16, fmt.block
     x = torch.randn(n, generator=gen) * torch.logspace(-4 if fmt.bits == 8 else -1, 0, n)
-    x = x if signed else x.abs().clamp(min=1e-3)
-    if not signed and fmt.unsigned_map[0] > 0:  # keep every value above 1/16 of its block's max
-        x = torch.maximum(x, x.view(-1, block).amax(1, keepdim=True).expand(-1, block).reshape(-1) / 15)
-    scale = torch.empty(n // block)
     qmap = torch.tensor(fmt.map(signed))
+    if not signed:  # keep every value at or above v's first nonzero code
+        x = torch.maximum(x.abs(), x.abs().view(-1, block).amax(1, keepdim=True).expand(-1, block).reshape(-1) * qmap[1])
+    scale = torch.empty(n // block)
     draws, codes = 400, torch.empty(fmt.code_bytes(n), dtype=torch.uint8)
     total = torch.zeros(n, dtype=torch.float64)
     for k in range(draws):
@@ -283,36 +288,29 @@ def test_stochastic_codes_are_unbiased_and_neighbours(signed, fmt):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("signed", [True, False])
-def test_code_tables_hold_one_boundary_and_one_value_per_cell(signed, fmt):
-    """quant._tables' premise: the nearest and the floor code found with two look-ups equal torch.bucketize's, at
-    every code value, boundary and their fp32 neighbours (where a cell holding two would show)."""
+def test_floor_code_is_exact_at_every_code_and_its_neighbours(signed, fmt):
+    """quant._floor_k (phi, floor, one correction each way) equals a search of the map, at every code value,
+    every midpoint and their fp32 neighbours, where phi's own rounding would show."""
     fmt = quant.FORMATS[fmt]
     qmap = torch.tensor(fmt.map(signed))
-    bounds = quant.boundaries(signed, fmt)
-    points = torch.cat([qmap, bounds])
+    points = torch.cat([qmap, (qmap[1:] + qmap[:-1]) / 2])
     x = torch.cat([points, torch.nextafter(points, torch.tensor(2.0)), torch.nextafter(points, torch.tensor(-2.0))])
     x = x.clamp(-1 if signed else 0, 1)
-    t = quant._tables(signed, torch.device("cpu"), fmt)
-    cell = (x.view(torch.int32) >> 16) & 0xFFFF
-    nearest = t.cell_nearest[cell] + (x >= t.next_boundary[t.cell_nearest[cell]]).int()
-    floor = t.cell_floor[cell] + (x >= t.next_value[t.cell_floor[cell]]).int()
-    assert torch.equal(nearest.long(), torch.bucketize(x, bounds, right=True))
-    assert torch.equal(floor.long(), (torch.bucketize(x, qmap, right=True) - 1).clamp(min=0))
+    lowest = -fmt.levels(True) if signed else 0
+    want = (torch.bucketize(x, qmap, right=True) - 1).clamp(max=len(qmap) - 2) + lowest
+    assert torch.equal(quant._floor_k(x, signed, fmt).long(), want)
 
 
-def test_int8_codes_match_torchao():
-    ao = pytest.importorskip("torchao.optim.quant_utils")
-    for signed in (True, False):
-        assert quant.dynamic_map(signed) == tuple(ao.create_dynamic_map(signed))
-        x = torch.randn(256 * 64, generator=torch.Generator().manual_seed(1))
-        x = x.abs() if not signed else x
-        codes = torch.empty(x.numel(), dtype=torch.uint8)
-        scale = torch.empty(64)
-        quant.quantize_(codes, scale, x.clone(), signed)
-        xs, ao_scale = ao.scale_tensor(x, 256)
-        ao_codes = ao.quantize_8bit_with_qmap(xs, torch.tensor(ao.create_dynamic_map(signed)))
-        assert torch.equal(codes, ao_codes)
-        assert torch.equal(scale, ao_scale)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_code_maps_are_evenly_spaced_in_their_companding_function(fmt):
+    """m: phi(x) = 2x / (1 + |x|) of the k-th value is k / K; v: sqrt (int8) or the identity (int4) of it is
+    k / K. Both maps end at 1 (and m at -1): the block max is stored exactly."""
+    fmt = quant.FORMATS[fmt]
+    m, v = torch.tensor(fmt.map(True), dtype=torch.float64), torch.tensor(fmt.map(False), dtype=torch.float64)
+    km, kv = fmt.levels(True), fmt.levels(False)
+    torch.testing.assert_close(2 * m / (1 + m.abs()), torch.arange(-km, km + 1).double() / km, atol=1e-6, rtol=0)
+    torch.testing.assert_close(v ** (1 / fmt.v_power), torch.arange(kv + 1).double() / kv, atol=1e-6, rtol=0)
+    assert m[0] == -1 and m[-1] == 1 and v[0] == 0 and v[-1] == 1
 
 
 # --------------------------------------------------------------------------- paths and state

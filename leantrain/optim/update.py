@@ -129,13 +129,8 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
     """`adamw_update` compiled (built on first use) on flat contiguous tensors; returns what it returns."""
     global _compiled
     if _compiled is None:
-        # assert_indirect_indexing off: the int8 look-ups index a 256-entry table with uint8 codes and a
-        # 65536-entry one with 16-bit cells, in range by construction; the per-element checks cost ~10%.
-        _compiled = torch.compile(adamw_update, fullgraph=True,
-                                  options={"emulate_precision_casts": True, "assert_indirect_indexing": False})
+        _compiled = torch.compile(adamw_update, fullgraph=True, options={"emulate_precision_casts": True})
     fmt = quant.FORMATS.get(kind)
-    if fmt is not None:
-        quant.build_tables(p.device, fmt)  # eagerly: the compiled kernel reads them as constants
     shape, n = ((-1, fmt.block) if fmt is not None else (-1,)), p.numel()
 
     def dyn(t):  # int8 tensors as [blocks, 256]; every size dynamic in its first dimension only
