@@ -238,6 +238,25 @@ def test_mismatched_or_damaged_checkpoint_stops_with_exit_2(saved_run, tmp_path,
     assert _snapshot(folder) == before  # nothing written, nothing overwritten
 
 
+def test_int8_moments_of_the_earlier_code_maps_are_refused(tmp_path, capsys):
+    """A checkpoint whose int8 codes are of the dynamic maps (no "moment_codes" in leantrain.json: leantrain
+    before the companded maps) would resume with wrong moments: exit 2, naming the maps, nothing written."""
+    folder = tmp_path / "run"
+    args = [*TINY, "--recipe=bf16-int8", "--checkpoint.enable=true", "--checkpoint.interval=2",
+            f"--job.dump_folder={folder}"]
+    assert main(["train", *args, "--training.steps=2"]) == 0
+    info_file = folder / "checkpoints" / "step-2" / "leantrain.json"
+    info = json.loads(info_file.read_text())
+    assert info.pop("moment_codes") == "companded-1"
+    info_file.write_text(json.dumps(info))
+    before = _snapshot(folder)
+    capsys.readouterr()
+    assert main(["train", *args, "--training.steps=4"]) == 2
+    flat = " ".join(capsys.readouterr().err.split())
+    assert "int8 Adam moments as codes of the 'dynamic' maps" in flat and "Traceback" not in flat, flat
+    assert _snapshot(folder) == before
+
+
 def test_another_recipes_optimizer_state_is_refused_tensor_by_tensor(saved_run):
     """Even past the config check (the Python API), the tensors themselves are compared before loading."""
     cfg = tiny_config(saved_run[0], "bf16-int8", **{"data.seq_len": "64", "data.local_batch_size": "4"})

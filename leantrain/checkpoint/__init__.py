@@ -58,6 +58,7 @@ from ..config import Checkpoint, Config, load_config, warn_once
 from ..errors import CheckpointError, TrainingDiverged, storage_error
 from ..hooks import Hooks
 from ..model import ModelArgs, Transformer, build_model_from_args
+from ..optim import quant
 from ..precision import DTYPES
 from ..runplan import RunPlan
 from ..state import TrainState
@@ -192,8 +193,21 @@ def check_config(path: Path, info: dict[str, Any], record: dict[str, Any], recip
             f"The checkpoint {path} (step {info['step']}) belongs to another run: {'; '.join(differ)}.{recipes} "
             f"A run resumes only from its own checkpoints: use the same settings, or another job.dump_folder to "
             f"start a new run (to start from its weights, `leantrain export` it and set model.hf_checkpoint).")
+    _check_moment_codes(path, info, ours.get("optimizer.state_dtype"))
     if notes:
         _say(f"resuming with changed settings: {'; '.join(notes)}.")
+
+
+def _check_moment_codes(path: Path, info: dict[str, Any], state_dtype: str | None) -> None:
+    """int8/int4 moments are codes of a map (optim/quant.py): a checkpoint whose codes mean other values (the
+    dynamic maps of leantrain before "companded-1") would resume with wrong moments, so it is refused."""
+    theirs = info.get("moment_codes", "dynamic")
+    if state_dtype in quant.FORMATS and theirs != quant.CODES:
+        raise CheckpointError(
+            f"The checkpoint {path} (step {info['step']}) stores its {state_dtype} Adam moments as codes of the "
+            f"{theirs!r} maps, and this leantrain reads only the {quant.CODES!r} maps, so its moments would be read "
+            f"wrong. Resume it with the leantrain that wrote it, or start a new run from its weights (`leantrain "
+            f"export` it and set model.hf_checkpoint).")
 
 
 # ---- save and load during training -----------------------------------------------------------------
@@ -287,7 +301,7 @@ class Checkpointer:
                     "world_size": distributed.world_size(),
                     "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "torch_version": torch.__version__, "model_args": dataclasses.asdict(state.model.args),
-                    "config": self.record, "files": files}
+                    "config": self.record, "moment_codes": quant.CODES, "files": files}
             with open(tmp / INFO_FILE, "w", encoding="utf-8") as f:
                 json.dump(info, f, indent=2)
                 f.flush()
