@@ -252,12 +252,12 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        counter = _LostUpdateCounter() if count_lost_updates else None
+        counter = LostUpdateCounter() if count_lost_updates else None
         for group in self.param_groups:
             self._step_group(group, counter)
         return counter.result() if counter is not None else loss
 
-    def _step_group(self, group: dict, counter: _LostUpdateCounter | None) -> None:
+    def _step_group(self, group: dict, counter: LostUpdateCounter | None) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         for p in params:
             _check_grad(p)
@@ -266,13 +266,13 @@ class AdamW(torch.optim.Optimizer):
             self._step_one(group, p, scalars, counter)
 
     @torch.no_grad()
-    def step_parameter(self, p: torch.Tensor, counter: _LostUpdateCounter | None = None) -> None:
+    def step_parameter(self, p: torch.Tensor, counter: LostUpdateCounter | None = None) -> None:
         """The update of parameter `p` alone, with its gradient: what `step` does to it (gradient release,
         release.py, calls it from the backward)."""
         _check_grad(p)
         self._step_one(self._group_of(p), p, {}, counter)
 
-    def _step_one(self, group: dict, p: torch.Tensor, scalars: dict, counter: _LostUpdateCounter | None) -> None:
+    def _step_one(self, group: dict, p: torch.Tensor, scalars: dict, counter: LostUpdateCounter | None) -> None:
         state, layout = self._init_state(group, p), self._layout(group, p)
         state["step"] += 1
         step = int(state["step"].item())
@@ -379,7 +379,7 @@ def _chunk(p, state, layout: ParamLayout, a: int, b: int, chunked: bool) -> tupl
     return flat(p), local(p.grad).reshape(-1)[a:b], m, v, comp, m_scale, v_scale
 
 
-class _LostUpdateCounter:
+class LostUpdateCounter:
     """Accumulates the lost-update counts of one counted step (tensors; synced once, in `result`)."""
 
     def __init__(self):

@@ -31,7 +31,7 @@ from typing import Iterator
 import torch
 
 from ..precision import grad_squares
-from .adamw import AdamW, UpdateStats, _LostUpdateCounter
+from .adamw import AdamW, UpdateStats, LostUpdateCounter
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class GradientRelease:
     def __init__(self, optimizer: AdamW):
         self.optimizer = optimizer
         self._armed = False
-        self._counter: _LostUpdateCounter | None = None
+        self._counter: LostUpdateCounter | None = None
         self._squares: torch.Tensor | None = None
         self._skipped = 0
         for group in optimizer.param_groups:
@@ -61,7 +61,7 @@ class GradientRelease:
         """Arm the hooks for the backward run inside the block; the result is appended to the yielded list."""
         self._armed, self._skipped = True, 0
         self._squares = torch.zeros((), dtype=torch.float32, device=device)
-        self._counter = _LostUpdateCounter() if count_lost_updates else None
+        self._counter = LostUpdateCounter() if count_lost_updates else None
         out: list[BackwardResult] = []
         try:
             yield out
