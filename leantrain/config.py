@@ -148,8 +148,8 @@ class Optimizer:
     No effect when training.dtype is float32."""
     moments_rounding: Literal[MOMENTS_ROUNDINGS] = "auto"
     """How bf16 Adam moments, int8/int4 moment codes (and the Kahan buffer) are written: auto (stochastically unless
-    compensation is none), nearest, or stochastic. 'nearest' reproduces torchao's / optimi's / bitsandbytes'
-    variants for comparison."""
+    compensation is none), nearest, or stochastic. 'nearest' rounds as torchao's / optimi's / bitsandbytes'
+    optimizers do, for comparison (int8/int4 codes: on leantrain's companded maps, not their dynamic ones)."""
     in_backward: bool = False
     """Gradient release: run each parameter's update during the backward, as soon as its gradient is complete, and
     free the gradient at once, so no full set of gradients exists (2 bytes/param less in full bf16). Needs

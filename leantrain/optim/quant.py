@@ -18,9 +18,10 @@ makes Adam's step m / (sqrt(0) + eps) enormous (measured with the earlier maps: 
 steps 15% too large in aggregate). The initial state reads as 0 through its zero scale.
 
 Why companded maps, not the "dynamic" tree map of bitsandbytes and torchao (which this module used before): chosen
-by measurement (benchmarks/moment_bias.py, stochastic codes): with the dynamic maps int8's Adam steps ran 0.55% large,
-with these 0.35%; and a code is found by arithmetic (phi, floor, one correction each way), with no table look-up,
-which compiled CPU kernels could not vectorize. Checkpoints written with the dynamic maps are refused on resume
+by measurement (benchmarks/moment_bias.py, stochastic codes): with the dynamic maps int8's Adam steps ran 0.55%
+large, with these 0.38% (0.36% along the exact steps); benchmarks/moment_maps.py replays the candidates. A code is
+found by arithmetic (phi, floor, one correction each way) rather than by table look-ups; measured, that did not
+make the compiled CPU step faster (BENCHMARKS.md). Checkpoints written with the dynamic maps are refused on resume
 (`CODES`, checked by the checkpoint module).
 
 Storage: int8 1 byte per element plus 4 bytes per 256 elements (about 1.016 B per moment element); int4 half a
