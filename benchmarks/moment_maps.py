@@ -122,7 +122,8 @@ def replay(grads, m_store, v_store, every: int = 50) -> list[dict]:
                 sums["u_along"] += (u_stored * u_exact.sign()).sum().item()
         if (t + 1) % every == 0:
             rows.append(dict(step=t + 1, v_ratio=sums["v_stored"] / sums["v_exact"],
-                             step_ratio=sums["u_stored"] / sums["u_exact"], step_bias=sums["u_along"] / sums["u_exact"]))
+                             step_ratio=sums["u_stored"] / sums["u_exact"],
+                             step_bias=sums["u_along"] / sums["u_exact"]))
     return rows
 
 

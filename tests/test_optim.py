@@ -269,7 +269,8 @@ def test_stochastic_codes_are_unbiased_and_neighbours(signed, fmt):
     x = torch.randn(n, generator=gen) * torch.logspace(-4 if fmt.bits == 8 else -1, 0, n)
     qmap = torch.tensor(fmt.map(signed))
     if not signed:  # keep every value at or above v's first nonzero code
-        x = torch.maximum(x.abs(), x.abs().view(-1, block).amax(1, keepdim=True).expand(-1, block).reshape(-1) * qmap[1])
+        block_max = x.abs().view(-1, block).amax(1, keepdim=True).expand(-1, block).reshape(-1)
+        x = torch.maximum(x.abs(), block_max * qmap[1])
     scale = torch.empty(n // block)
     draws, codes = 400, torch.empty(fmt.code_bytes(n), dtype=torch.uint8)
     total = torch.zeros(n, dtype=torch.float64)

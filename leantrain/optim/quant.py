@@ -12,7 +12,7 @@ The maps are companded: the codes are evenly spaced in phi(x), and a code's valu
   twice the resolution near zero of a linear map, and both ends +-1 (stored as k + K);
 * exp_avg_sq (unsigned): int8 phi(x) = sqrt(x), k in 0..255 stands for (k / 255)^2 (v is a squared gradient: its
   square root spans half the decades); int4 the linear map k / 15 (Li et al.'s second moment: at 4 bits the
-  square-root map's widest gaps make Adam's steps 8% large, the linear one's 6%; benchmarks/moment_maps.py).
+  square-root map's widest gaps put Adam's steps 8.4% off, the linear map 7.0%; benchmarks/moment_maps.py).
 v's zero code is never written (a value below the first code is stored as that code): rounded down to 0, a small v
 makes Adam's step m / (sqrt(0) + eps) enormous (measured with the earlier maps: 0.01% of v stored as 0 made the
 steps 15% too large in aggregate). The initial state reads as 0 through its zero scale.
