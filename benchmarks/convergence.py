@@ -53,6 +53,7 @@ RUNS = {  # name -> config overrides (recipes by name, anchors as explicit keys)
     "bf16-kahan": {"recipe": "bf16-kahan"},
     "bf16-int8": {"recipe": "bf16-int8"},
     "bf16-int4": {"recipe": "bf16-int4"},
+    "bf16-int4-int8": {"recipe": "bf16-int4-int8"},
     "sr-weights (torchao)": {"training.dtype": "bfloat16", "optimizer.compensation": "stochastic",
                              "optimizer.moments_rounding": "nearest"},
     "kahan-nearest (optimi)": {"training.dtype": "bfloat16", "optimizer.compensation": "kahan",

@@ -25,7 +25,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = ["fp32", "bf16-mixed", "bf16", "bf16-fp32state", "bf16-sr", "bf16-kahan", "bf16-int8", "bf16-int4"]
+RECIPES = ["fp32", "bf16-mixed", "bf16", "bf16-fp32state", "bf16-sr", "bf16-kahan", "bf16-int8", "bf16-int4",
+           "bf16-int4-int8"]
 STATE_RUN = ["--model.flavor=1B", "--model.n_layers=4", "--model.vocab_size=8192", "--data.seq_len=32",
              "--data.local_batch_size=1", "--training.steps=2", "--eval.steps=1", "--lr_scheduler.warmup_steps=0",
              "--training.max_norm=0"]

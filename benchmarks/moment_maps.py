@@ -160,6 +160,8 @@ def candidates() -> dict[str, tuple[Candidate | None, Candidate | None]]:
         "int4 exact m, dynamic v, b128": (None, Candidate(dynamic(False, 3, 4), "b128", False)),
         "int4 companded m + linear v, b128 (bf16-int4)": (Candidate(int4.map(True), "b128", True),
                                                          Candidate(int4.map(False), "b128", False)),
+        "int4 companded m, b128 + int8 companded (sqrt) v, b256 (mixed)": (
+            Candidate(int4.map(True), "b128", True), Candidate(int8.map(False), "b256", False)),
     }
 
 

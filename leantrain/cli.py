@@ -15,7 +15,7 @@ USAGE = """usage: leantrain train [--config FILE.toml] [--recipe NAME] [--sectio
 
 Train a Llama-style model. Every key below can come from the TOML file ([section] tables) or the
 command line (which wins). --recipe sets a named group of precision keys (config.RECIPES):
-fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8, bf16-int4.
+fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8, bf16-int4, bf16-int4-int8.
 """
 
 

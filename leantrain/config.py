@@ -141,7 +141,8 @@ class Optimizer:
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to matrices only (not norms)."""
     state_dtype: Literal[STATE_DTYPES] = "auto"
-    """Dtype of the Adam moments: auto (= training.dtype), float32, bfloat16, int8 or int4 (block-wise quantized)."""
+    """Dtype of the Adam moments: auto (= training.dtype), float32, bfloat16, or block-wise quantized: int8, int4,
+    int4-int8 (exp_avg in 4 bits, exp_avg_sq in 8)."""
     compensation: Literal[COMPENSATIONS] = "stochastic"
     """How a bf16 weight update keeps steps smaller than half a bf16 ulp: none (nearest rounding, they are lost),
     stochastic (unbiased stochastic rounding of weights and bf16 moments), kahan (a bf16 compensation buffer).
@@ -242,8 +243,8 @@ class Config:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
     recipe: str = ""
-    """A named precision recipe (fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8, bf16-int4): a set of
-    the keys above."""
+    """A named precision recipe (fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8, bf16-int4,
+    bf16-int4-int8): a set of the keys above."""
 
 
 # A recipe is only a named set of config values; `--recipe NAME` and these keys give the same run (SPEC.md section 4).
@@ -264,6 +265,9 @@ RECIPES: dict[str, dict[str, object]] = {
                   "optimizer.state_dtype": "int8", "optimizer.compensation": "stochastic", "optimizer.moments_rounding": "auto"},
     "bf16-int4": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
                   "optimizer.state_dtype": "int4", "optimizer.compensation": "stochastic", "optimizer.moments_rounding": "auto"},
+    "bf16-int4-int8": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
+                       "optimizer.state_dtype": "int4-int8", "optimizer.compensation": "stochastic",
+                       "optimizer.moments_rounding": "auto"},
 }
 
 

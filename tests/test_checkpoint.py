@@ -105,7 +105,7 @@ def _losses(folder):
     return [r["step"] for r in records], [(r["loss"], r["grad_norm"], r["lr"]) for r in records]
 
 
-@pytest.mark.parametrize("recipe", ["fp32", "bf16-sr", "bf16-int8", "bf16-int4"])
+@pytest.mark.parametrize("recipe", ["fp32", "bf16-sr", "bf16-int8", "bf16-int4", "bf16-int4-int8"])
 def test_crash_mid_save_then_resume_is_bit_identical(tmp_path, recipe):
     args = [*TINY, f"--recipe={recipe}", "--training.steps=6", "--metrics.log_freq=1", "--eval.interval=3",
             "--checkpoint.enable=true", "--checkpoint.interval=2"]
@@ -238,22 +238,30 @@ def test_mismatched_or_damaged_checkpoint_stops_with_exit_2(saved_run, tmp_path,
     assert _snapshot(folder) == before  # nothing written, nothing overwritten
 
 
-def test_int8_moments_of_the_earlier_code_maps_are_refused(tmp_path, capsys):
-    """A checkpoint whose int8 codes are of the dynamic maps (no "moment_codes" in leantrain.json: leantrain
-    before the companded maps) would resume with wrong moments: exit 2, naming the maps, nothing written."""
+@pytest.mark.parametrize("recipe, theirs, resumes", [
+    ("bf16-int8", None, False),  # the dynamic maps (no "moment_codes" in leantrain.json)
+    ("bf16-int8", "companded-1", True),  # int8 codes did not change with companded-2
+    ("bf16-int4", "companded-1", False),  # int4 codes paired neighbours in a byte then
+])
+def test_quantized_moments_of_earlier_code_maps_are_refused(tmp_path, capsys, recipe, theirs, resumes):
+    """A checkpoint whose codes mean other values (the dynamic maps; int4 codes paired differently) would resume
+    with wrong moments: exit 2, naming the maps, nothing written. Codes that mean the same values resume."""
     folder = tmp_path / "run"
-    args = [*TINY, "--recipe=bf16-int8", "--checkpoint.enable=true", "--checkpoint.interval=2",
+    args = [*TINY, f"--recipe={recipe}", "--checkpoint.enable=true", "--checkpoint.interval=2",
             f"--job.dump_folder={folder}"]
     assert main(["train", *args, "--training.steps=2"]) == 0
     info_file = folder / "checkpoints" / "step-2" / "leantrain.json"
     info = json.loads(info_file.read_text())
-    assert info.pop("moment_codes") == "companded-1"
-    info_file.write_text(json.dumps(info))
+    assert info.pop("moment_codes") == "companded-2"
+    info_file.write_text(json.dumps(info if theirs is None else {**info, "moment_codes": theirs}))
     before = _snapshot(folder)
     capsys.readouterr()
-    assert main(["train", *args, "--training.steps=4"]) == 2
+    assert main(["train", *args, "--training.steps=4"]) == (0 if resumes else 2)
+    if resumes:
+        return
     flat = " ".join(capsys.readouterr().err.split())
-    assert "int8 Adam moments as codes of the 'dynamic' maps" in flat and "Traceback" not in flat, flat
+    maps = repr(theirs or "dynamic")
+    assert f"Adam moments as codes of the {maps} maps" in flat and "Traceback" not in flat, flat
     assert _snapshot(folder) == before
 
 

@@ -20,7 +20,7 @@ from leantrain.optim import AdamW, randbits, stochastic_round
 DEVICE = torch.device(os.environ.get("LEANTRAIN_TEST_DEVICE", "cpu"))
 LAYOUTS = [dict(), dict(compensation="stochastic"), dict(compensation="kahan"),
            dict(state_dtype="int8", compensation="stochastic"), dict(state_dtype="int4", compensation="stochastic"),
-           dict(state_dtype="float32")]
+           dict(state_dtype="int4-int8", compensation="stochastic"), dict(state_dtype="float32")]
 
 
 def _ids(v):

@@ -24,6 +24,7 @@ VARIANTS = [
     dict(compensation="stochastic", moments_rounding="nearest"),
     dict(compensation="kahan", moments_rounding="nearest"),
     dict(compensation="none", moments_rounding="stochastic"),
+    dict(state_dtype="int4-int8", compensation="stochastic"),
 ]
 
 
@@ -462,6 +463,7 @@ def test_lr_scheduler_drives_lr():
     (dict(state_dtype="bfloat16", compensation="kahan"), 6.0),
     (dict(state_dtype="int8", compensation="kahan"), 4 + 8 / 256),
     (dict(state_dtype="int4"), 1 + 8 / 128),
+    (dict(state_dtype="int4-int8"), 1.5 + 4 / 128 + 4 / 256),
 ])
 def test_state_bytes_per_param(variant, expected):
     p = torch.nn.Parameter(torch.zeros(512, 256, dtype=torch.bfloat16))
@@ -489,9 +491,24 @@ def test_int4_codes_pack_two_per_byte_and_odd_last_dims_keep_bf16_moments():
     st = opt.state[even]
     assert st["exp_avg_codes"].shape == (64, 64) and st["exp_avg_scale"].shape == (64 * 128 // 128,)
     assert opt.layout(odd).moments == "bfloat16" and opt.state[odd]["exp_avg"].dtype == torch.bfloat16
-    # the packed codes read back as one code per element, element 2i in the low nibble
+    # the packed codes read back as one code per element: byte j holds element j of its block in the low nibble,
+    # element j + 64 (a tail of t elements: j + t / 2) in the high one
+    int4 = quant.FORMATS["int4"]
     codes = torch.tensor([0x21, 0xF0], dtype=torch.uint8)
-    assert quant.unpack(codes, quant.FORMATS["int4"]).tolist() == [1, 2, 0, 15]
+    assert quant.unpack(codes, int4).tolist() == [1, 0, 2, 15]
+    j = torch.arange(64, dtype=torch.int32)
+    block = (j % 16 | ((j * 7) % 16) << 4).to(torch.uint8)
+    assert quant.unpack(block, int4).tolist() == (j % 16).tolist() + ((j * 7) % 16).tolist()
+    code = torch.randint(0, 16, (3 * 128 + 6,), dtype=torch.int32)
+    assert torch.equal(quant.unpack(quant._pack(code, int4).to(torch.uint8), int4), code)
+    # int4-int8: exp_avg packed in 4 bits (blocks of 128), exp_avg_sq one byte per element (blocks of 256)
+    mixed = torch.nn.Parameter(torch.zeros(64, 128, dtype=torch.bfloat16))
+    opt = AdamW([mixed], state_dtype="int4-int8", compensation="stochastic")
+    mixed.grad = torch.randn_like(mixed)
+    opt.step()
+    st = opt.state[mixed]
+    assert st["exp_avg_codes"].shape == (64, 64) and st["exp_avg_scale"].shape == (64,)
+    assert st["exp_avg_sq_codes"].shape == (64, 128) and st["exp_avg_sq_scale"].shape == (32,)
 
 
 def test_small_tensors_keep_bf16_moments_under_int8():
@@ -643,7 +660,7 @@ def test_deepcopy_and_pickle_friendly_state_dict():
 COMPILED_VARIANTS = [
     dict(), dict(compensation="stochastic"), dict(compensation="kahan"),
     dict(state_dtype="int8", compensation="stochastic"), dict(state_dtype="int4", compensation="stochastic"),
-    dict(state_dtype="float32"),
+    dict(state_dtype="int4-int8", compensation="stochastic"), dict(state_dtype="float32"),
 ]
 
 

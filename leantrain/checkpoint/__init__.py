@@ -199,15 +199,17 @@ def check_config(path: Path, info: dict[str, Any], record: dict[str, Any], recip
 
 
 def _check_moment_codes(path: Path, info: dict[str, Any], state_dtype: str | None) -> None:
-    """int8/int4 moments are codes of a map (optim/quant.py): a checkpoint whose codes mean other values (the
-    dynamic maps of leantrain before "companded-1") would resume with wrong moments, so it is refused."""
+    """int8/int4/int4-int8 moments are codes of a map (optim/quant.py): a checkpoint whose codes mean other values (the
+    dynamic maps of leantrain before "companded-1"; int4 codes paired differently before "companded-2") would
+    resume with wrong moments, so it is refused."""
     theirs = info.get("moment_codes", "dynamic")
-    if state_dtype in quant.FORMATS and theirs != quant.CODES:
+    if state_dtype in quant.STORAGES and theirs not in quant.READS[state_dtype]:
         raise CheckpointError(
             f"The checkpoint {path} (step {info['step']}) stores its {state_dtype} Adam moments as codes of the "
-            f"{theirs!r} maps, and this leantrain reads only the {quant.CODES!r} maps, so its moments would be read "
-            f"wrong. Resume it with the leantrain that wrote it, or start a new run from its weights (`leantrain "
-            f"export` it and set model.hf_checkpoint).")
+            f"{theirs!r} maps, and this leantrain reads {state_dtype} moments only as codes of "
+            f"{' or '.join(map(repr, quant.READS[state_dtype]))}, so its moments would be read wrong. Resume it "
+            f"with the leantrain that wrote it, or start a new run from its weights (`leantrain export` it and set "
+            f"model.hf_checkpoint).")
 
 
 # ---- save and load during training -----------------------------------------------------------------

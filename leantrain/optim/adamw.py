@@ -217,9 +217,8 @@ class AdamW(torch.optim.Optimizer):
             return state
         layout = self._layout(group, p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        if layout.moments in quant.FORMATS:
-            fmt = quant.FORMATS[layout.moments]
-            for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        if layout.moments in quant.STORAGES:
+            for name, signed, fmt in zip(("exp_avg", "exp_avg_sq"), (True, False), quant.STORAGES[layout.moments]):
                 code = quant.initial_code(signed, fmt)
                 state[f"{name}_codes"] = (
                     sharding.packed_codes(p, code) if fmt.bits == 4 else
@@ -360,19 +359,19 @@ def _chunk(p, state, layout: ParamLayout, a: int, b: int, chunked: bool) -> tupl
     def flat(t):  # sharded tensors: the math runs on this rank's shard
         return local(t).view(-1)[a:b]
 
-    fmt = quant.FORMATS.get(layout.moments)
-
-    def scales(t):
+    def scales(t, fmt):
         t = sharding.local_scale(t, local(p).numel(), fmt)
         return t[a // fmt.block: fmt.num_blocks(b)] if chunked else t
 
-    def codes(t):  # int4: two codes per byte
+    def codes(t, fmt):  # int4: two codes per byte
         per_byte = 8 // fmt.bits
         return local(t).view(-1)[a // per_byte: b // per_byte]
 
-    if fmt is not None:
-        m, v = codes(state["exp_avg_codes"]), codes(state["exp_avg_sq_codes"])
-        m_scale, v_scale = scales(state["exp_avg_scale"]), scales(state["exp_avg_sq_scale"])
+    storage = quant.STORAGES.get(layout.moments)
+    if storage is not None:
+        m, v = codes(state["exp_avg_codes"], storage.exp_avg), codes(state["exp_avg_sq_codes"], storage.exp_avg_sq)
+        m_scale = scales(state["exp_avg_scale"], storage.exp_avg)
+        v_scale = scales(state["exp_avg_sq_scale"], storage.exp_avg_sq)
     else:
         m, v, m_scale, v_scale = flat(state["exp_avg"]), flat(state["exp_avg_sq"]), None, None
     comp = flat(state["kahan_comp"]) if layout.kahan else None

@@ -20,13 +20,13 @@ import torch
 from . import quant
 
 # The recipe's choices (config.py's choices are these)
-STATE_DTYPES = ("auto", "float32", "bfloat16", "int8", "int4")
+STATE_DTYPES = ("auto", "float32", "bfloat16", "int8", "int4", "int4-int8")
 COMPENSATIONS = ("none", "stochastic", "kahan")
 MOMENTS_ROUNDINGS = ("auto", "nearest", "stochastic")
 
 NO_FIELD = -1  # a buffer rounded to nearest uses no random field
 
-_QUANT_BUFFERS = ("exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes", "exp_avg_sq_scale")  # int8 and int4
+_QUANT_BUFFERS = ("exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes", "exp_avg_sq_scale")  # int8, int4, int4-int8
 _FLOAT_BUFFERS = ("exp_avg", "exp_avg_sq")
 
 
@@ -34,7 +34,7 @@ _FLOAT_BUFFERS = ("exp_avg", "exp_avg_sq")
 class ParamLayout:
     """How one parameter's optimizer state is stored and rounded.
 
-    moments: 'float32', 'bfloat16', 'int8' or 'int4' (codes + per-block scales: quant.FORMATS).
+    moments: 'float32', 'bfloat16', 'int8', 'int4' or 'int4-int8' (codes + per-block scales: quant.STORAGES).
     kahan: a bf16 `kahan_comp` buffer carries what the weight's rounding loses.
     weight_field, exp_avg_field, exp_avg_sq_field: the index of the random field that rounds the weight
         (with Kahan: the `kahan_comp` buffer; the weight itself is rounded to nearest), exp_avg and
@@ -75,7 +75,7 @@ class ParamLayout:
         for stochastic in rounded_stochastically:
             fields.append(count if stochastic else NO_FIELD)
             count += int(stochastic)
-        buffers = ("step", *(_QUANT_BUFFERS if moments in quant.FORMATS else _FLOAT_BUFFERS),
+        buffers = ("step", *(_QUANT_BUFFERS if moments in quant.STORAGES else _FLOAT_BUFFERS),
                    *(("kahan_comp",) if kahan else ()))
         return cls(moments, kahan, *fields, num_fields=count, buffers=buffers)
 
@@ -88,8 +88,8 @@ def rounds_moments_stochastically(compensation: str, moments_rounding: str) -> b
 def _moment_storage(state_dtype: str, param_dtype: torch.dtype, numel: int, last_dim: int) -> str:
     if state_dtype == "auto":
         return "float32" if param_dtype == torch.float32 else "bfloat16"
-    if state_dtype in quant.FORMATS:  # small tensors (norms, biases) are not worth it
-        packs = state_dtype != "int4" or last_dim % 2 == 0  # int4 codes pack pairs along the last dimension
+    if state_dtype in quant.STORAGES:  # small tensors (norms, biases) are not worth it
+        packs = not quant.STORAGES[state_dtype].packs or last_dim % 2 == 0  # int4 codes pack pairs along it
         return state_dtype if numel >= quant.MIN_NUMEL and packs else "bfloat16"
     return state_dtype
 

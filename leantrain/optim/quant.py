@@ -5,7 +5,8 @@ FlashOptim, Gonzalez Ortiz et al. 2026).
 A moment tensor is cut into blocks of consecutive elements (`Format.block`: 256 for int8, 128 for int4). Each block
 stores its absolute maximum as an fp32 `scale`, and every element a *code* k: an index into a fixed sorted map of
 values in [-1, 1] (signed) or [0, 1] (unsigned), times the scale. int8 codes are one uint8 each; int4 codes are
-packed two to a uint8 (element 2i in the low nibble, 2i + 1 in the high one).
+packed two to a uint8: byte j of a block holds element j in the low nibble and element j + 64 in the high one (a
+tail block of t elements: j and j + t / 2).
 
 The maps are companded: the codes are evenly spaced in phi(x), and a code's value is phi^-1(k / levels):
 * exp_avg (signed): phi(x) = 2x / (1 + |x|), so k in -K..K (K = 127 int8, 7 int4) stands for k / (2K - |k|):
@@ -49,7 +50,10 @@ import torch
 
 BLOCK = 256  # int8's block (the CPU chunks of adamw.py are multiples of every format's block)
 MIN_NUMEL = 4096
-CODES = "companded-1"  # the maps' version, in every checkpoint's leantrain.json (earlier: the dynamic maps)
+# The codes' version, in every checkpoint's leantrain.json: "companded-1" paired neighbouring int4 codes in a byte,
+# "companded-2" a block's halves (`_pack`); before both, the dynamic maps. Which versions each state_dtype reads:
+CODES = "companded-2"
+READS = {"int8": ("companded-1", "companded-2"), "int4": ("companded-2",), "int4-int8": ("companded-2",)}
 
 
 class Format(NamedTuple):
@@ -83,13 +87,41 @@ FORMATS = {"int8": Format("int8", 8, 256, 2), "int4": Format("int4", 4, 128, 1)}
 INT8 = FORMATS["int8"]
 
 
+class Storage(NamedTuple):
+    """A quantized state_dtype: the formats of its two moments."""
+
+    exp_avg: Format
+    exp_avg_sq: Format
+
+    @property
+    def packs(self) -> bool:
+        """Whether some moment's codes are packed two to a byte (int4) along the parameter's last dimension."""
+        return 4 in (self.exp_avg.bits, self.exp_avg_sq.bits)
+
+    @property
+    def block(self) -> int:
+        """The larger block: chunks of the update are multiples of it (and so of both)."""
+        return max(self.exp_avg.block, self.exp_avg_sq.block)
+
+
+# state_dtype -> its moments' formats. "int4-int8": 4-bit exp_avg with 8-bit exp_avg_sq, because no 4-bit second
+# moment keeps Adam's steps within 0.5% of the exact ones while 4-bit m does (benchmarks/moment_maps.py)
+STORAGES = {"int8": Storage(INT8, INT8), "int4": Storage(FORMATS["int4"], FORMATS["int4"]),
+            "int4-int8": Storage(FORMATS["int4"], INT8)}
+
+
 def _value(k: torch.Tensor, signed: bool, fmt: Format) -> torch.Tensor:
     """The map's value of (fp32, integer-valued) k: k / (2K - |k|) signed, (k / K) ** v_power unsigned. Each a
     single correctly rounded division of exact integers, so eager and compiled agree to the bit."""
     lev = fmt.levels(signed)
     if signed:
         return k / (2 * lev - k.abs())
-    return (k * k if fmt.v_power == 2 else k) / float(lev**fmt.v_power)
+    return (k * k if fmt.v_power == 2 else k) * _reciprocal(lev**fmt.v_power)
+
+
+def _reciprocal(n: int) -> float:
+    """1 / n rounded to fp32 (a multiplication by it is the same fp32 operation eagerly and compiled)."""
+    return torch.tensor(1.0 / n, dtype=torch.float32).item()
 
 
 def _floor_k(y: torch.Tensor, signed: bool, fmt: Format) -> torch.Tensor:
@@ -139,20 +171,39 @@ def _block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
     return amax
 
 
+def _halves(t: torch.Tensor, block: int) -> list[torch.Tensor]:
+    """Flat `t` (an even number of elements) as [pairs, 2, half] views: each block of `block` elements (the tail:
+    what is left) cut into its first and its second half."""
+    n = t.numel()
+    full = n // block * block
+    parts = [t[:full].view(-1, 2, block // 2)] if full else []
+    if full < n:
+        parts.append(t[full:].view(1, 2, (n - full) // 2))
+    return parts
+
+
 def _pack(code: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """int32 codes -> what the uint8 code tensor holds (int4: element 2i in the low nibble, 2i + 1 in the high)."""
+    """int32 codes -> what the uint8 code tensor holds. int4: byte j of a block holds element j (low nibble) and
+    element j + block / 2 (high nibble). Pairing the halves of a block, not neighbours, keeps every load and store
+    contiguous: interleaved nibbles made inductor's CPU kernels scalar and single-threaded (BENCHMARKS.md)."""
     if fmt.bits == 8:
         return code
-    pairs = code.view(-1, 2)
-    return pairs[:, 0] | (pairs[:, 1] << 4)
+    packed = [(h[:, 0] | (h[:, 1] << 4)).view(-1) for h in _halves(code, fmt.block)]
+    return packed[0] if len(packed) == 1 else torch.cat(packed)
 
 
 def unpack(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """The uint8 code tensor -> one int32 code per element."""
+    """The uint8 code tensor -> one int32 code per element (the inverse of `_pack`)."""
     c = codes.to(torch.int32)
     if fmt.bits == 8:
         return c
-    return torch.stack((c & 15, c >> 4), dim=-1).view(-1)
+    n = c.numel()
+    full = n // (fmt.block // 2) * (fmt.block // 2)
+    parts = [c[:full].view(-1, fmt.block // 2)] if full else []
+    if full < n:
+        parts.append(c[full:].view(1, -1))
+    out = [torch.cat((p & 15, p >> 4), dim=1).view(-1) for p in parts]
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def quantize_(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, signed: bool,
@@ -166,7 +217,7 @@ def quantize_(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, signed:
     """
     amax = _block_absmax(x, fmt.block)
     scale.copy_(amax)
-    y = _per_block(x, amax.clamp(min=torch.finfo(torch.float32).tiny), "div_", fmt.block)
+    y = _per_block(x, amax.clamp(min=torch.finfo(torch.float32).tiny).reciprocal(), "mul_", fmt.block)
     k = _floor_k(y, signed, fmt)
     lower, upper = _value(k, signed, fmt), _value(k + 1, signed, fmt)
     if rand is None:

@@ -54,9 +54,10 @@ def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars
     w_field, m_field, v_field = fields
     rand = randbits.fields(p.numel(), keys, 1 + max(fields), p.device) if max(fields) >= 0 else []
     gf = g.float()  # read only: an fp32 gradient is used as it is
-    fmt = quant.FORMATS.get(kind)
-    if fmt is not None:
-        mf, vf = quant.dequantize(m, m_scale, True, fmt), quant.dequantize(v, v_scale, False, fmt)
+    storage = quant.STORAGES.get(kind)
+    if storage is not None:
+        mf = quant.dequantize(m, m_scale, True, storage.exp_avg)
+        vf = quant.dequantize(v, v_scale, False, storage.exp_avg_sq)
     else:
         mf, vf = m.float(), v.float()  # fp32 state: the state itself, updated in place
     # The moments as stored before the step (the lost-update meter compares the new ones with them)
@@ -92,19 +93,20 @@ def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars
             counts.update(updated=updated, lost=updated - changed)
     if stored is not None:  # before the rounding, which may clobber mf and vf
         m_updated, v_updated = mf != stored[2], vf != stored[3]
-    if fmt is not None:
-        quant.quantize_(m, m_scale, mf, True, rand[m_field] if m_field >= 0 else None, fmt)
-        quant.quantize_(v, v_scale, vf, False, rand[v_field] if v_field >= 0 else None, fmt)
+    if storage is not None:
+        quant.quantize_(m, m_scale, mf, True, rand[m_field] if m_field >= 0 else None, storage.exp_avg)
+        quant.quantize_(v, v_scale, vf, False, rand[v_field] if v_field >= 0 else None, storage.exp_avg_sq)
     else:
         round_to_bf16_(m, mf, rand[m_field] if m_field >= 0 else None)  # fp32 state: a copy
         round_to_bf16_(v, vf, rand[v_field] if v_field >= 0 else None)
     if stored is not None:  # lost: the fp32 result moved, the stored bf16 bits or int8/int4 code did not
-        def same(new, old):
-            return new == old if fmt is None else quant.unpack(new, fmt) == quant.unpack(old, fmt)
+        def same(new, old, fmt):
+            return new == old if storage is None else quant.unpack(new, fmt) == quant.unpack(old, fmt)
 
+        m_fmt, v_fmt = storage or (None, None)
         counts.update(exp_avg_updated=m_updated.count_nonzero(), exp_avg_sq_updated=v_updated.count_nonzero(),
-                      exp_avg_lost=(m_updated & same(m, stored[0])).count_nonzero(),
-                      exp_avg_sq_lost=(v_updated & same(v, stored[1])).count_nonzero())
+                      exp_avg_lost=(m_updated & same(m, stored[0], m_fmt)).count_nonzero(),
+                      exp_avg_sq_lost=(v_updated & same(v, stored[1], v_fmt)).count_nonzero())
     return counts if count else None
 
 
@@ -122,7 +124,7 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
 
 def supports(kind: str, numel: int) -> bool:
     """Whether `compiled_update` takes a flat tensor of `numel` elements with this moment kind."""
-    return kind not in quant.FORMATS or numel % quant.FORMATS[kind].block == 0
+    return kind not in quant.STORAGES or numel % quant.STORAGES[kind].block == 0
 
 
 def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count):
@@ -130,10 +132,10 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(adamw_update, fullgraph=True, options={"emulate_precision_casts": True})
-    fmt = quant.FORMATS.get(kind)
-    shape, n = ((-1, fmt.block) if fmt is not None else (-1,)), p.numel()
+    storage = quant.STORAGES.get(kind)
+    shape, n = ((-1, storage.block) if storage is not None else (-1,)), p.numel()
 
-    def dyn(t):  # int8 tensors as [blocks, 256]; every size dynamic in its first dimension only
+    def dyn(t):  # quantized: tensors as [blocks, 256] (int4: 128); every size dynamic in its first dimension only
         if t is not None:
             t = t.view(shape) if t.numel() == n else t
             torch._dynamo.maybe_mark_dynamic(t, 0)
