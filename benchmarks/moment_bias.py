@@ -46,9 +46,9 @@ def stored_moments(opt, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | 
 
     st = opt.state[p]
     if "exp_avg_codes" in st:
-        fmt = quant.FORMATS[opt.layout(p).moments]
-        return (quant.dequantize(st["exp_avg_codes"].view(-1), st["exp_avg_scale"], True, fmt),
-                quant.dequantize(st["exp_avg_sq_codes"].view(-1), st["exp_avg_sq_scale"], False, fmt))
+        m_fmt, v_fmt = quant.STORAGES[opt.layout(p).moments]
+        return (quant.dequantize(st["exp_avg_codes"].view(-1), st["exp_avg_scale"], True, m_fmt),
+                quant.dequantize(st["exp_avg_sq_codes"].view(-1), st["exp_avg_sq_scale"], False, v_fmt))
     if st["exp_avg"].dtype == torch.float32:
         return None
     return st["exp_avg"].float().view(-1), st["exp_avg_sq"].float().view(-1)
@@ -123,7 +123,7 @@ def measure(name: str, seed: int, regime: str, every: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", default="bf16-int8,bf16-int8@nearest,bf16-int4,bf16-int4@nearest,bf16-sr,bf16",
+    ap.add_argument("--recipes", default="bf16-int8,bf16-int8@nearest,bf16-int4,bf16-int4@nearest,bf16-int4-int8,bf16-sr,bf16",
                     help="comma-separated; RECIPE@nearest: that recipe with optimizer.moments_rounding=nearest")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--regime", default="low", choices=list(REGIMES))

@@ -85,6 +85,8 @@ VARIANTS = {
         ps, lr=1e-3, state_dtype="int8", compensation="stochastic", moments_rounding="nearest")),
     "bf16 int4 (stochastic)": (torch.bfloat16, lambda ps: AdamW(
         ps, lr=1e-3, state_dtype="int4", compensation="stochastic")),
+    "bf16 int4-int8 (stochastic)": (torch.bfloat16, lambda ps: AdamW(
+        ps, lr=1e-3, state_dtype="int4-int8", compensation="stochastic")),
     "bf16 fp32-state": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, state_dtype="float32")),
     # A logged step: the trainer counts lost updates in it (metrics.log_freq).
     "bf16 none, lost-update meter on": (torch.bfloat16, lambda ps: _counting(AdamW(ps, lr=1e-3))),
@@ -100,6 +102,8 @@ VARIANTS = {
         ps, lr=1e-3, state_dtype="int8", compensation="stochastic", compile=True)),
     "bf16 int4 (stochastic), compiled": (torch.bfloat16, lambda ps: AdamW(
         ps, lr=1e-3, state_dtype="int4", compensation="stochastic", compile=True)),
+    "bf16 int4-int8 (stochastic), compiled": (torch.bfloat16, lambda ps: AdamW(
+        ps, lr=1e-3, state_dtype="int4-int8", compensation="stochastic", compile=True)),
 }
 
 

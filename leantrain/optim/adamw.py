@@ -24,6 +24,7 @@ State per parameter (all tensors in `self.state[p]`, on the parameter's device, 
                                int8 moments: uint8 codes (param shape) + fp32 scale per 256
                                elements (~2.03 B/param); int4: two codes per uint8 (param shape, last
                                dimension halved) + fp32 scale per 128 elements (~1.06 B/param);
+                               int4-int8: exp_avg as int4, exp_avg_sq as int8 (~1.55 B/param);
                                tensors under 4096 elements (and int4: with an odd last dimension) keep bf16
     kahan_comp                 bf16, param shape (2 B/param), only for compensation="kahan"
 Which of these a parameter has, and which random field rounds each of its bf16 buffers, is its
@@ -106,7 +107,8 @@ class AdamW(torch.optim.Optimizer):
     Args:
         params: iterable of parameters or param-group dicts (fp32 or bf16 tensors).
         lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
-        state_dtype: "auto" (the parameter's dtype), "float32", "bfloat16", "int8" or "int4".
+        state_dtype: "auto" (the parameter's dtype), "float32", "bfloat16", "int8", "int4" or "int4-int8"
+            (exp_avg int4, exp_avg_sq int8).
         compensation: "none", "stochastic" or "kahan" (bf16 parameters only).
         moments_rounding: "auto" (stochastic unless compensation="none"), "nearest" or
             "stochastic"; how bf16 moments, int8/int4 codes and the Kahan buffer are written.
