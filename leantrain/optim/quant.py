@@ -111,8 +111,9 @@ STORAGES = {"int8": Storage(INT8, INT8), "int4": Storage(FORMATS["int4"], FORMAT
 
 
 def _value(k: torch.Tensor, signed: bool, fmt: Format) -> torch.Tensor:
-    """The map's value of (fp32, integer-valued) k: k / (2K - |k|) signed, (k / K) ** v_power unsigned. Each a
-    single correctly rounded division of exact integers, so eager and compiled agree to the bit."""
+    """The map's value of (fp32, integer-valued) k: k / (2K - |k|) signed, (k / K) ** v_power unsigned (k ** v_power
+    times the fp32 reciprocal of K ** v_power). Each one correctly rounded operation on exact integers, so eager and
+    compiled agree to the bit."""
     lev = fmt.levels(signed)
     if signed:
         return k / (2 * lev - k.abs())
@@ -213,7 +214,9 @@ def quantize_(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, signed:
     Without `rand`: round to the nearest code (ties up). With `rand` (a random field: int32 uniform in [0, 2^16)):
     stochastically, to the code below or the code above, the upper one when `value - lower > u * (upper - lower)`,
     u = rand / 2^16, so that E[stored] = x (up to the 2^-16 resolution of u and the fp32 rounding of the
-    threshold). The block scale is the block's absmax. `x` is clobbered (it is divided by the block scales).
+    threshold). The block scale is the block's absmax. `x` is clobbered (multiplied by the fp32 reciprocals of the
+    block scales: one division per block instead of one per element; y may then exceed 1 by an ulp, which takes
+    the top code).
     """
     amax = _block_absmax(x, fmt.block)
     scale.copy_(amax)
