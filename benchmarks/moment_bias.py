@@ -123,7 +123,8 @@ def measure(name: str, seed: int, regime: str, every: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", default="bf16-int8,bf16-int8@nearest,bf16-int4,bf16-int4@nearest,bf16-int4-int8,bf16-sr,bf16",
+    ap.add_argument("--recipes",
+                    default="bf16-int8,bf16-int8@nearest,bf16-int4,bf16-int4@nearest,bf16-int4-int8,bf16-sr,bf16",
                     help="comma-separated; RECIPE@nearest: that recipe with optimizer.moments_rounding=nearest")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--regime", default="low", choices=list(REGIMES))

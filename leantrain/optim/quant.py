@@ -186,7 +186,7 @@ def _halves(t: torch.Tensor, block: int) -> list[torch.Tensor]:
 def _pack(code: torch.Tensor, fmt: Format) -> torch.Tensor:
     """int32 codes -> what the uint8 code tensor holds. int4: byte j of a block holds element j (low nibble) and
     element j + block / 2 (high nibble). Pairing the halves of a block, not neighbours, keeps every load and store
-    contiguous: interleaved nibbles made inductor's CPU kernels scalar and single-threaded (BENCHMARKS.md)."""
+    contiguous: interleaved nibbles made inductor's CPU code for them scalar strided loops (BENCHMARKS.md)."""
     if fmt.bits == 8:
         return code
     packed = [(h[:, 0] | (h[:, 1] << 4)).view(-1) for h in _halves(code, fmt.block)]

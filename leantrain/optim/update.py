@@ -100,8 +100,8 @@ def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars
         round_to_bf16_(m, mf, rand[m_field] if m_field >= 0 else None)  # fp32 state: a copy
         round_to_bf16_(v, vf, rand[v_field] if v_field >= 0 else None)
     if stored is not None:  # lost: the fp32 result moved, the stored bf16 bits or int8/int4 code did not
-        def same(new, old, fmt):
-            return new == old if storage is None else quant.unpack(new, fmt) == quant.unpack(old, fmt)
+        def same(new, old, fmt):  # fmt None: bf16 values
+            return new == old if fmt is None else quant.unpack(new, fmt) == quant.unpack(old, fmt)
 
         m_fmt, v_fmt = storage or (None, None)
         counts.update(exp_avg_updated=m_updated.count_nonzero(), exp_avg_sq_updated=v_updated.count_nonzero(),
