@@ -38,21 +38,35 @@ from .layout import StepScalars
 from .rounding import kahan_write_, round_to_bf16_
 
 _RECOMPILE_LIMIT = 64  # graphs per process: layouts x dtypes x meter on/off; dynamo's default is 8
-_compiled = None
+_compiled: dict = {}  # function -> its compiled form
 
 
 def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count):
     """One AdamW step of one tensor, in place; the same ops eager and compiled.
 
-    p, g: weight and gradient; m, v: the moments (int8: codes, with their block scales m_scale, v_scale); comp: the
-    Kahan buffer or None; keys: `randbits.StepKeys.tensor` (int32); fields: `ParamLayout.fields`; kind:
+    p, g: weight and gradient; m, v: the moments (int8/int4: codes, with their block scales m_scale, v_scale);
+    comp: the Kahan buffer or None; keys: `randbits.StepKeys.tensor` (int32); fields: `ParamLayout.fields`; kind:
     `ParamLayout.moments`; scalars: `StepScalars.as_tensor(...)`. Returns, when `count`, the lost-update counts
     as a dict of 0-dim tensors (`count_lost`), else None.
     """
+    rand = random_fields(p.numel(), keys, fields, p.device)
+    mf, vf, counts = update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count)
+    moment_counts = store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count)
+    return {**counts, **moment_counts} if count else None
+
+
+def random_fields(numel, keys, used, device) -> list:
+    """The random fields of `numel` elements up to the largest field number in `used` (-1: none)."""
+    return randbits.fields(numel, keys, 1 + max(used), device) if max(used) >= 0 else []
+
+
+def update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count):
+    """The first half of `adamw_update`: the new moments in fp32 and the weight written (with its rounding);
+    returns (exp_avg, exp_avg_sq, counts): the moments as new fp32 tensors (fp32 state: the state itself,
+    updated in place) and the weight's lost-update counts (a dict, empty unless `count`). rand: `random_fields`."""
     p, g, m, v, comp = (None if t is None else t.view(-1) for t in (p, g, m, v, comp))
     s = StepScalars(*scalars.unbind())
-    w_field, m_field, v_field = fields
-    rand = randbits.fields(p.numel(), keys, 1 + max(fields), p.device) if max(fields) >= 0 else []
+    w_field = fields[0]
     gf = g.float()  # read only: an fp32 gradient is used as it is
     storage = quant.STORAGES.get(kind)
     if storage is not None:
@@ -60,8 +74,6 @@ def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars
         vf = quant.dequantize(v, v_scale, False, storage.exp_avg_sq)
     else:
         mf, vf = m.float(), v.float()  # fp32 state: the state itself, updated in place
-    # The moments as stored before the step (the lost-update meter compares the new ones with them)
-    stored = (m.clone(), v.clone(), mf.clone(), vf.clone()) if count and kind != "float32" else None
     # In-place ops on temporaries (the same values as out of place; eagerly, fewer allocations and passes)
     mf += (gf - mf).mul_(s.one_minus_beta1)
     vf.mul_(s.beta2).add_((gf * gf).mul_(s.one_minus_beta2))
@@ -91,23 +103,40 @@ def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars
         if count:
             changed = (p.view(torch.int16) - old.view(torch.int16)).count_nonzero()
             counts.update(updated=updated, lost=updated - changed)
-    if stored is not None:  # before the rounding, which may clobber mf and vf
-        m_updated, v_updated = mf != stored[2], vf != stored[3]
+    return mf, vf, counts
+
+
+def store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count):
+    """The second half of `adamw_update`: the new fp32 moments `mf`, `vf` written to the state (rounded to bf16,
+    or quantized; both clobber mf and vf); returns the moments' lost-update counts (a dict, empty unless
+    `count`). rand: `random_fields`."""
+    m, v, mf, vf = (t.view(-1) for t in (m, v, mf, vf))
+    _, m_field, v_field = fields
+    storage = quant.STORAGES.get(kind)
+    counting = count and kind != "float32"
+    if counting:  # lost: the fp32 result moved, the stored bf16 bits or int8/int4 code did not
+        old_m, old_v = m.clone(), v.clone()
+        if storage is not None:
+            m_updated = mf != quant.dequantize(m, m_scale, True, storage.exp_avg)
+            v_updated = vf != quant.dequantize(v, v_scale, False, storage.exp_avg_sq)
+        else:
+            m_updated, v_updated = mf != m.float(), vf != v.float()
     if storage is not None:
         quant.quantize_(m, m_scale, mf, True, rand[m_field] if m_field >= 0 else None, storage.exp_avg)
         quant.quantize_(v, v_scale, vf, False, rand[v_field] if v_field >= 0 else None, storage.exp_avg_sq)
     else:
         round_to_bf16_(m, mf, rand[m_field] if m_field >= 0 else None)  # fp32 state: a copy
         round_to_bf16_(v, vf, rand[v_field] if v_field >= 0 else None)
-    if stored is not None:  # lost: the fp32 result moved, the stored bf16 bits or int8/int4 code did not
-        def same(new, old, fmt):  # fmt None: bf16 values
-            return new == old if fmt is None else quant.unpack(new, fmt) == quant.unpack(old, fmt)
+    if not counting:
+        return {}
 
-        m_fmt, v_fmt = storage or (None, None)
-        counts.update(exp_avg_updated=m_updated.count_nonzero(), exp_avg_sq_updated=v_updated.count_nonzero(),
-                      exp_avg_lost=(m_updated & same(m, stored[0], m_fmt)).count_nonzero(),
-                      exp_avg_sq_lost=(v_updated & same(v, stored[1], v_fmt)).count_nonzero())
-    return counts if count else None
+    def same(new, old, fmt):  # fmt None: bf16 values
+        return new == old if fmt is None else quant.unpack(new, fmt) == quant.unpack(old, fmt)
+
+    m_fmt, v_fmt = storage or (None, None)
+    return dict(exp_avg_updated=m_updated.count_nonzero(), exp_avg_sq_updated=v_updated.count_nonzero(),
+                exp_avg_lost=(m_updated & same(m, old_m, m_fmt)).count_nonzero(),
+                exp_avg_sq_lost=(v_updated & same(v, old_v, v_fmt)).count_nonzero())
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -128,14 +157,15 @@ def supports(kind: str, numel: int) -> bool:
 
 
 def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count):
-    """`adamw_update` compiled (built on first use) on flat contiguous tensors; returns what it returns."""
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(adamw_update, fullgraph=True, options={"emulate_precision_casts": True})
+    """`adamw_update` compiled (built on first use) on flat contiguous tensors; returns what it returns.
+
+    bf16 and fp32 moments: one graph. Quantized moments: two, `update_weight`'s and `store_moments'`, with the new
+    fp32 moments passed between them through memory. In one graph inductor splits the kernel at each block
+    absmax and recomputes the moments' dequantization and EMA in every loop after it (measured: ...)."""
     storage = quant.STORAGES.get(kind)
     shape, n = ((-1, storage.block) if storage is not None else (-1,)), p.numel()
 
-    def dyn(t):  # quantized: tensors as [blocks, 256] (int4: 128); every size dynamic in its first dimension only
+    def dyn(t, shape=shape):  # quantized: tensors as [blocks, 256] (int4: 128); dynamic in the first dimension only
         if t is not None:
             t = t.view(shape) if t.numel() == n else t
             torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -144,7 +174,32 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
     p, g, m, v, comp, m_scale, v_scale = map(dyn, (p, g, m, v, comp, m_scale, v_scale))
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, automatic_dynamic_shapes=False), \
             _vectorized_bitcasts():
-        return _compiled(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count)
+        if storage is None:
+            return _compile(adamw_update)(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count)
+        mf, vf, counts = _compile(_weight_stage)(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars,
+                                                 count)
+        # each moment in its own format's blocks: a [blocks, 256] input viewed as 128-element blocks takes index
+        # arithmetic modulo the dynamic size, which inductor's CPU code does not vectorize (int4-int8: 4x slower)
+        mf, vf = dyn(mf, (-1, storage.exp_avg.block)), dyn(vf, (-1, storage.exp_avg_sq.block))
+        moment_counts = _compile(_moment_stage)(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count)
+    return {**counts, **moment_counts} if count else None
+
+
+def _weight_stage(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count):
+    rand = random_fields(p.numel(), keys, fields[:1], p.device)
+    return update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count)
+
+
+def _moment_stage(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count):
+    rand = random_fields(mf.numel(), keys, fields[1:], mf.device)
+    return store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count)
+
+
+def _compile(fn):
+    """torch.compile'd `fn`, built on first use."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, fullgraph=True, options={"emulate_precision_casts": True})
+    return _compiled[fn]
 
 
 @contextlib.contextmanager
