@@ -99,12 +99,12 @@ class NonFiniteGuard:
               f"training.max_nonfinite_steps = {self.max_consecutive}).")
         return False, stop
 
-    def check_released(self, step: int, skipped_params: int, device: torch.device) -> bool:
+    def check_released(self, step: int, skipped_params: torch.Tensor) -> bool:
         """Gradient release (optim/release.py), after the backward of a step whose loss was finite: whether some
         rank skipped a parameter's update for a NaN/Inf gradient (agreed over ranks). Such a step counts as a
         skipped one (towards training.max_nonfinite_steps, and in metrics.jsonl), though the other parameters'
         updates were applied."""
-        skipped = torch.tensor(skipped_params, device=device)
+        skipped = skipped_params.clone()  # on the device: the step's one sync is below
         if self.world_size > 1:
             dist.all_reduce(skipped, op=dist.ReduceOp.MAX)  # the gloo/nccl default group, as in check
         if not int(skipped):
@@ -112,7 +112,9 @@ class NonFiniteGuard:
         self.consecutive += 1
         self.total += 1
         self.last_skipped = True
-        _warn(f"step {step}: the gradient of {int(skipped)} parameter(s) was NaN/Inf although the loss was finite: "
+        most = " (the most on one rank; under FSDP each rank skips its shard)" if self.world_size > 1 else ""
+        _warn(f"step {step}: the gradient of {int(skipped)} parameter(s){most} was NaN/Inf although the loss was "
+              f"finite: "
               f"their updates were skipped (weights and moments unchanged), the other parameters' updates of this "
               f"step were applied during the backward (optimizer.in_backward) ({self.consecutive} such step(s) in a "
               f"row; the run stops at training.max_nonfinite_steps = {self.max_consecutive}).")

@@ -108,7 +108,9 @@ def _step_in_backward(state: TrainState, batches, weights, ctx: StepContext, ste
             loss.backward()
         (released,) = result
         grad_norm = norm_from_squares(released.grad_squares, next(state.model.parameters()))
-        finite = not ctx.nonfinite.check_released(step, released.skipped_params, device)
+        finite = not ctx.nonfinite.check_released(step, released.skipped_params)
+        if not finite:  # some rank skipped a parameter's update: its step count was advanced on the host
+            ctx.release.uncount_skipped()
         updates = released.updates
     elif ctx.dist.sharded:
         parallel.reshard(state.model)  # the forward's gathered parameters, which no backward will free

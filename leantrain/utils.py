@@ -22,3 +22,17 @@ def set_default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def small_tensor(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A few host values as a tensor on `device`, without waiting for the device.
+
+    `torch.tensor(values, device=cuda)` copies from pageable memory and synchronizes the stream: the CPU would wait
+    for every kernel queued before it. The optimizer makes such tensors per parameter (its step scalars and random
+    keys), so on a GPU the copy goes through pinned memory, asynchronously (torch's caching host allocator keeps
+    the pinned block alive until the copy has run).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

@@ -694,6 +694,53 @@ def test_compiled_matches_eager_bitwise(variant, monkeypatch):
     assert sa == sb
 
 
+# Every layout eagerly; compiled (new graphs: about 7 s each) the two whose gate differs from the eager one's place in the
+# kernel: Kahan (gated outputs) and quantized moments in both formats (gated codes and scales, two graphs).
+GATE_CASES = [(variant, False) for variant in COMPILED_VARIANTS] + [
+    (dict(compensation="kahan"), True), (dict(state_dtype="int4-int8", compensation="stochastic"), True)]
+
+
+@pytest.mark.parametrize("variant, compile", GATE_CASES,
+                         ids=[f"{_ids(v) or 'bf16'}-{'compiled' if c else 'eager'}" for v, c in GATE_CASES])
+def test_gated_step_parameter_is_the_step_or_nothing(variant, compile, monkeypatch):
+    """step_parameter's device-side gate (gradient release's skip of a NaN/Inf gradient, without a host sync):
+    False leaves every weight and state buffer bitwise as it was, whatever the gradient holds, and counts nothing;
+    after `uncount_step` the next steps are those of a run that never saw the gated one; True is bitwise the
+    ungated step, lost-update counts included."""
+    monkeypatch.setattr(adamw_mod, "_CPU_CHUNK", 1024)
+    monkeypatch.setattr(adamw_mod, "_CPU_CHUNK_COMPILED", 2048)
+
+    def step(params, opt, s, gate=None, grads=None):
+        counter = adamw_mod.LostUpdateCounter()
+        for p, g in zip(params, grads or _grads(params, s)):
+            p.grad = g
+            opt.step_parameter(p, counter, gate=None if gate is None else torch.tensor(gate))
+        return counter.result()
+
+    runs = []
+    for gated in (False, True):
+        params = _params(_mixed)
+        opt = _make(params, variant)
+        opt.compile = compile
+        step(params, opt, 0)
+        if gated:
+            before = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+            nan = [torch.full_like(p, float("nan")) for p in params]
+            assert step(params, opt, 99, gate=False, grads=nan).tracked_elements == 0
+            for p in params:
+                opt.uncount_step(p)
+            assert all(torch.equal(a, b) for a, b in zip(params, before[0]))
+            state, saved = opt.state_dict()["state"], before[1]["state"]
+            assert all(torch.equal(state[i][k], saved[i][k]) for i in saved for k in saved[i])
+        counts = [step(params, opt, s, gate=True if gated else None) for s in (1, 2)]
+        runs.append((params, opt, counts))
+    (pa, oa, ca), (pb, ob, cb) = runs
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        assert all(torch.equal(v, ob.state[b][k]) for k, v in oa.state[a].items())
+    assert ca == cb and ca[-1].tracked_elements > 0
+
+
 def test_eager_sqrt_is_correctly_rounded():
     """update._sqrt: ATen's eager fp32 sqrt is not correctly rounded on CPU, the fp64 route is (equal to the
     float64 square root rounded once)."""

@@ -301,11 +301,13 @@ def test_gradient_release_is_bitwise_the_normal_step_and_frees_the_gradients(rec
     assert all(g is not None for g in grads) and all(g is None for g in released_grads)
 
 
-def test_gradient_release_skips_a_nan_loss_and_a_nan_gradient_without_touching_their_weights():
+@pytest.mark.parametrize("recipe", ["bf16-sr", "bf16-kahan", "bf16-int8", "fp32"])
+def test_gradient_release_skips_a_nan_loss_and_a_nan_gradient_without_touching_their_weights(recipe):
     """A NaN loss skips the backward (no update at all); a NaN gradient with a finite loss skips that parameter's
-    update (weights and moments unchanged) while the others are taken; both steps count as skipped, and no NaN
-    reaches any weight or moment."""
-    state, ctx, data = _release_state(True)
+    update (weights, moments and step count unchanged: decided on the device, the count taken back after the
+    step's sync) while the others are taken; both steps count as skipped, and no NaN reaches any weight or
+    moment."""
+    state, ctx, data = _release_state(True, recipe)
     train_step(state, [data.next_batch()], ctx)
 
     def same(a, b):

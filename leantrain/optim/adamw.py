@@ -267,20 +267,30 @@ class AdamW(torch.optim.Optimizer):
             self._step_one(group, p, scalars, counter)
 
     @torch.no_grad()
-    def step_parameter(self, p: torch.Tensor, counter: LostUpdateCounter | None = None) -> None:
+    def step_parameter(self, p: torch.Tensor, counter: LostUpdateCounter | None = None,
+                       gate: torch.Tensor | None = None) -> None:
         """The update of parameter `p` alone, with its gradient: what `step` does to it (gradient release,
-        release.py, calls it from the backward)."""
-        _check_grad(p)
-        self._step_one(self._group_of(p), p, {}, counter)
+        release.py, calls it from the backward).
 
-    def _step_one(self, group: dict, p: torch.Tensor, scalars: dict, counter: LostUpdateCounter | None) -> None:
+        `gate`: a 0-dim bool tensor on p's device; where False, weights and state stay bitwise as they were (the
+        update's `gate`, update.adamw_update), except the step count, which lives on the host and so has been
+        advanced: the caller, once it knows, takes it back with `uncount_step`."""
+        _check_grad(p)
+        self._step_one(self._group_of(p), p, {}, counter, gate)
+
+    def uncount_step(self, p: torch.Tensor) -> None:
+        """Take back the step count of a gated-off `step_parameter` (its update was not applied)."""
+        self.state[p]["step"] -= 1
+
+    def _step_one(self, group: dict, p: torch.Tensor, scalars: dict, counter: LostUpdateCounter | None,
+                  gate: torch.Tensor | None = None) -> None:
         state, layout = self._init_state(group, p), self._layout(group, p)
         state["step"] += 1
         step = int(state["step"].item())
         if (step, p.device) not in scalars:
             scalars[step, p.device] = StepScalars.of(group, step).as_tensor(p.device)
         keys = randbits.StepKeys(self._key(p), step, layout.num_fields)
-        self._step_param(p, state, layout, keys, scalars[step, p.device], counter)
+        self._step_param(p, state, layout, keys, scalars[step, p.device], counter, gate)
 
     def _key(self, p: torch.Tensor) -> int:
         """Parameter p's random-bits key: the seed, p's index among all parameters, the shard this rank holds."""
@@ -290,7 +300,7 @@ class AdamW(torch.optim.Optimizer):
             key = self._keys[p] = randbits.tensor_key(self.seed, index, sharding.shard_index(p))
         return key
 
-    def _step_param(self, p, state, layout: ParamLayout, keys: randbits.StepKeys, scalars, counter) -> None:
+    def _step_param(self, p, state, layout: ParamLayout, keys: randbits.StepKeys, scalars, counter, gate) -> None:
         """One parameter's update, chunk by chunk: on CPU chunks keep the fp32 temporaries in cache; everywhere
         they keep element indices within int32 (randbits). Chunking does not change the result."""
         n = local(p).numel()
@@ -303,7 +313,7 @@ class AdamW(torch.optim.Optimizer):
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             counts = run(*_chunk(p, state, layout, a, b, chunk < n), keys.tensor(a, p.device), layout.fields,
-                         layout.moments, scalars, counter is not None)
+                         layout.moments, scalars, counter is not None, gate)
             if counts is not None:
                 counter.add(counts)
 

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..utils import small_tensor
 from . import quant
 
 # The recipe's choices (config.py's choices are these)
@@ -123,4 +124,4 @@ class StepScalars(NamedTuple):
     def as_tensor(self, device) -> torch.Tensor:
         """One fp32 tensor on `device`. Python floats would be baked into the compiled graph (a recompile at every
         step for lr and the bias corrections), and even constant ones made the int8 kernel 2.3x slower."""
-        return torch.tensor(self, dtype=torch.float32, device=device)
+        return small_tensor(list(self), torch.float32, device)

@@ -208,7 +208,7 @@ def unpack(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 
 def quantize_(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, signed: bool,
-              rand: torch.Tensor | None = None, fmt: Format = INT8) -> None:
+              rand: torch.Tensor | None = None, fmt: Format = INT8, gate: torch.Tensor | None = None) -> None:
     """Quantize flat fp32 `x` into flat uint8 `codes` (int4: packed) and per-block fp32 `scale` (in place).
 
     Without `rand`: round to the nearest code (ties up). With `rand` (a random field: int32 uniform in [0, 2^16)):
@@ -216,10 +216,10 @@ def quantize_(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, signed:
     u = rand / 2^16, so that E[stored] = x (up to the 2^-16 resolution of u and the fp32 rounding of the
     threshold). The block scale is the block's absmax. `x` is clobbered (multiplied by the fp32 reciprocals of the
     block scales: one division per block instead of one per element; y may then exceed 1 by an ulp, which takes
-    the top code).
+    the top code). `gate` (a 0-dim bool tensor, or None): where False, codes and scale keep what they held.
     """
     amax = _block_absmax(x, fmt.block)
-    scale.copy_(amax)
+    scale.copy_(amax if gate is None else torch.where(gate, amax, scale))
     y = _per_block(x, amax.clamp(min=torch.finfo(torch.float32).tiny).reciprocal(), "mul_", fmt.block)
     k = _floor_k(y, signed, fmt)
     lower, upper = _value(k, signed, fmt), _value(k + 1, signed, fmt)
@@ -231,7 +231,8 @@ def quantize_(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, signed:
     if not signed:
         k = k.clamp_(min=1.0)  # v's zero code is never written (module docstring)
     code = (k + fmt.levels(True)) if signed else k
-    codes.copy_(_pack(code.to(torch.int32), fmt))
+    packed = _pack(code.to(torch.int32), fmt)
+    codes.copy_(packed if gate is None else torch.where(gate, packed, codes))
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, signed: bool, fmt: Format = INT8) -> torch.Tensor:

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from ..utils import small_tensor
+
 COUNTER_STEP = 0x9E3779B9  # odd, so the element index maps to distinct 32-bit counters
 _M1, _M2 = 0x7FEB352D, 0x846CA68B  # lowbias32's multipliers
 _M64 = (1 << 64) - 1
@@ -108,4 +110,4 @@ class StepKeys:
     def tensor(self, offset: int, device) -> torch.Tensor:
         """The keys of the chunk that starts at element `offset`, as int32 on `device` (see `fields`)."""
         shift = offset * COUNTER_STEP
-        return torch.tensor([_int32(k + shift) for k in self.keys] or [0], dtype=torch.int32, device=device)
+        return small_tensor([_int32(k + shift) for k in self.keys] or [0], torch.int32, device)

@@ -17,9 +17,13 @@ Non-finite values: the trainer checks the loss before the backward (a NaN/Inf lo
 every update, as a skipped step). A gradient can still be NaN/Inf with a finite loss (an overflow in the
 backward): that parameter's update is skipped (its weights and moments unchanged) and its gradient dropped; the
 other parameters' updates of that step have been or will be applied, so the step is reported as non-finite
-(`BackwardResult.skipped_params`) and counts towards training.max_nonfinite_steps like a skipped step. Seeing a
-gradient's finiteness costs one device-to-host sync per parameter (free on CPU; on a GPU it stalls the CPU once
-per parameter, which a device-side flag in the update kernel would avoid: not built).
+(`BackwardResult.skipped_params`) and counts towards training.max_nonfinite_steps like a skipped step.
+The skip is decided on the device, without a host sync in the backward (which on a GPU would stall the CPU once
+per parameter, so that it could not queue the next kernels): the update runs with a gate, the gradient's
+finiteness as a 0-dim bool tensor, that leaves every state tensor bitwise as it was where False
+(update.adamw_update). The host learns the count at the step's one sync (guard.check_released); only if some
+parameter was skipped does `uncount_skipped` read the gates one by one and take back those parameters' step
+counts, which live on the host.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class BackwardResult:
     """What the released updates of one backward did."""
 
     grad_squares: torch.Tensor  # fp32 sum of this rank's gradient squares (its shards: the caller reduces them)
-    skipped_params: int  # parameters whose gradient was NaN/Inf on this rank (their update skipped)
+    skipped_params: torch.Tensor  # int: parameters whose gradient was NaN/Inf on this rank (their update skipped)
     updates: UpdateStats | None  # the lost-update counts, when asked for
 
 
@@ -51,7 +55,7 @@ class GradientRelease:
         self._armed = False
         self._counter: LostUpdateCounter | None = None
         self._squares: torch.Tensor | None = None
-        self._skipped = 0
+        self._gates: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its gradient was finite) per hook
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.register_post_accumulate_grad_hook(self._hook)
@@ -59,7 +63,7 @@ class GradientRelease:
     @contextlib.contextmanager
     def backward(self, device: torch.device, count_lost_updates: bool = False) -> Iterator[list[BackwardResult]]:
         """Arm the hooks for the backward run inside the block; the result is appended to the yielded list."""
-        self._armed, self._skipped = True, 0
+        self._armed, self._gates = True, []
         self._squares = torch.zeros((), dtype=torch.float32, device=device)
         self._counter = LostUpdateCounter() if count_lost_updates else None
         out: list[BackwardResult] = []
@@ -67,8 +71,17 @@ class GradientRelease:
             yield out
         finally:
             self._armed = False
-        out.append(BackwardResult(self._squares, self._skipped,
+        finite = torch.stack([f for _, f in self._gates]) if self._gates else torch.ones(0, dtype=torch.bool)
+        skipped = (~finite).sum().to(device)
+        out.append(BackwardResult(self._squares, skipped,
                                   self._counter.result() if self._counter is not None else None))
+
+    def uncount_skipped(self) -> None:
+        """After a backward in which some rank skipped a parameter: take back the step counts of this rank's
+        skipped parameters (a host sync per parameter, on this rare path only)."""
+        for p, finite in self._gates:
+            if not bool(finite):
+                self.optimizer.uncount_step(p)
 
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
@@ -76,8 +89,7 @@ class GradientRelease:
             return
         squares = grad_squares(p.grad)
         self._squares += squares
-        if bool(torch.isfinite(squares)):  # the sync per parameter (module docstring)
-            self.optimizer.step_parameter(p, self._counter)
-        else:
-            self._skipped += 1
+        finite = torch.isfinite(squares)  # on the device: no sync (module docstring)
+        self.optimizer.step_parameter(p, self._counter, gate=finite)
+        self._gates.append((p, finite))
         p.grad = None

@@ -42,17 +42,22 @@ _RECOMPILE_LIMIT = 64  # graphs per process: layouts x dtypes x meter on/off; dy
 _compiled: dict = {}  # function -> its compiled form
 
 
-def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count):
+def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None):
     """One AdamW step of one tensor, in place; the same ops eager and compiled.
 
     p, g: weight and gradient; m, v: the moments (int8/int4: codes, with their block scales m_scale, v_scale);
     comp: the Kahan buffer or None; keys: `randbits.StepKeys.tensor` (int32); fields: `ParamLayout.fields`; kind:
     `ParamLayout.moments`; scalars: `StepScalars.as_tensor(...)`. Returns, when `count`, the lost-update counts
     as a dict of 0-dim tensors (`count_lost`), else None.
+
+    gate: None, or a 0-dim bool tensor deciding on the device whether the step is applied at all (gradient
+    release, release.py, skips a parameter whose gradient is NaN/Inf without a host sync). False leaves weight,
+    moments, scales and Kahan buffer bitwise as they were, and the counts 0, whatever the gradient holds; True is
+    bitwise the ungated step.
     """
     rand = random_fields(p.numel(), keys, fields, p.device)
-    mf, vf, counts = update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count)
-    moment_counts = store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count)
+    mf, vf, counts = update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate)
+    moment_counts = store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate)
     return {**counts, **moment_counts} if count else None
 
 
@@ -61,10 +66,11 @@ def random_fields(numel, keys, used, device) -> list:
     return randbits.fields(numel, keys, 1 + max(used), device) if max(used) >= 0 else []
 
 
-def update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count):
+def update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate=None):
     """The first half of `adamw_update`: the new moments in fp32 and the weight written (with its rounding);
     returns (exp_avg, exp_avg_sq, counts): the moments as new fp32 tensors (fp32 state: the state itself,
-    updated in place) and the weight's lost-update counts (a dict, empty unless `count`). rand: `random_fields`."""
+    updated in place, unless gated) and the weight's lost-update counts (a dict, empty unless `count`). rand:
+    `random_fields`; gate: see `adamw_update`."""
     p, g, m, v, comp = (None if t is None else t.view(-1) for t in (p, g, m, v, comp))
     s = StepScalars(*scalars.unbind())
     w_field = fields[0]
@@ -73,8 +79,10 @@ def update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalar
     if storage is not None:
         mf = quant.dequantize(m, m_scale, True, storage.exp_avg)
         vf = quant.dequantize(v, v_scale, False, storage.exp_avg_sq)
-    else:
+    elif gate is None:
         mf, vf = m.float(), v.float()  # fp32 state: the state itself, updated in place
+    else:  # written back by store_moments, gated
+        mf, vf = m.to(torch.float32, copy=True), v.to(torch.float32, copy=True)
     # In-place ops on temporaries (the same values as out of place; eagerly, fewer allocations and passes)
     mf += (gf - mf).mul_(s.one_minus_beta1)
     vf.mul_(s.beta2).add_((gf * gf).mul_(s.one_minus_beta2))
@@ -83,12 +91,18 @@ def update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalar
     pf = p.float()
     counts = {}
     if p.dtype == torch.float32:
-        p.mul_(s.decay).add_(step)
+        if gate is None:
+            p.mul_(s.decay).add_(step)
+        else:
+            p.copy_(torch.where(gate, (pf * s.decay).add_(step), pf))
     elif comp is not None:
         delta = (pf * s.neg_lr_wd).add_(step)
-        old, comp_old = (p.clone(), comp.clone()) if count else (None, None)
+        old, comp_old = (p.clone(), comp.clone()) if count or gate is not None else (None, None)
         nonzero = delta != 0 if count else None
         kahan_write_(p, comp, pf, delta, rand[w_field] if w_field >= 0 else None)
+        if gate is not None:  # the outputs gated: a zero delta could still move a weight by its buffer's rounding
+            p.copy_(torch.where(gate, p, old))
+            comp.copy_(torch.where(gate, comp, comp_old))
         if count:
             lost = nonzero & (p == old)
             counts.update(updated=nonzero.count_nonzero(), lost=lost.count_nonzero(),
@@ -96,6 +110,8 @@ def update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalar
     else:
         old = p.clone() if count else None
         new = (pf * s.decay).add_(step)
+        if gate is not None:  # the old weight is a bf16 value: either rounding writes it back unchanged
+            new = torch.where(gate, new, pf)
         # Counted on bit patterns (integer differences: cheaper than float compares and bool sums). A weight whose
         # fp32 result equals its old value keeps its bits under either rounding, so the changed weights are a
         # subset of the updated ones and lost = updated - changed.
@@ -104,13 +120,13 @@ def update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalar
         if count:
             changed = (p.view(torch.int16) - old.view(torch.int16)).count_nonzero()
             counts.update(updated=updated, lost=updated - changed)
-    return mf, vf, counts
+    return mf, vf, _gated(counts, gate)
 
 
-def store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count):
+def store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate=None):
     """The second half of `adamw_update`: the new fp32 moments `mf`, `vf` written to the state (rounded to bf16,
     or quantized; both clobber mf and vf); returns the moments' lost-update counts (a dict, empty unless
-    `count`). rand: `random_fields`."""
+    `count`). rand: `random_fields`; gate: see `adamw_update`."""
     m, v, mf, vf = (t.view(-1) for t in (m, v, mf, vf))
     _, m_field, v_field = fields
     storage = quant.STORAGES.get(kind)
@@ -122,10 +138,12 @@ def store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count):
             v_updated = vf != quant.dequantize(v, v_scale, False, storage.exp_avg_sq)
         else:
             m_updated, v_updated = mf != m.float(), vf != v.float()
-    if storage is not None:
-        quant.quantize_(m, m_scale, mf, True, rand[m_field] if m_field >= 0 else None, storage.exp_avg)
-        quant.quantize_(v, v_scale, vf, False, rand[v_field] if v_field >= 0 else None, storage.exp_avg_sq)
+    if storage is not None:  # gated on the codes and scales: re-quantizing the old values could move a code
+        quant.quantize_(m, m_scale, mf, True, rand[m_field] if m_field >= 0 else None, storage.exp_avg, gate)
+        quant.quantize_(v, v_scale, vf, False, rand[v_field] if v_field >= 0 else None, storage.exp_avg_sq, gate)
     else:
+        if gate is not None:  # the old values are bf16 (or fp32) ones: either rounding writes them back unchanged
+            mf, vf = torch.where(gate, mf, m.float()), torch.where(gate, vf, v.float())
         round_to_bf16_(m, mf, rand[m_field] if m_field >= 0 else None)  # fp32 state: a copy
         round_to_bf16_(v, vf, rand[v_field] if v_field >= 0 else None)
     if not counting:
@@ -135,9 +153,14 @@ def store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count):
         return new == old if fmt is None else quant.unpack(new, fmt) == quant.unpack(old, fmt)
 
     m_fmt, v_fmt = storage or (None, None)
-    return dict(exp_avg_updated=m_updated.count_nonzero(), exp_avg_sq_updated=v_updated.count_nonzero(),
-                exp_avg_lost=(m_updated & same(m, old_m, m_fmt)).count_nonzero(),
-                exp_avg_sq_lost=(v_updated & same(v, old_v, v_fmt)).count_nonzero())
+    return _gated(dict(exp_avg_updated=m_updated.count_nonzero(), exp_avg_sq_updated=v_updated.count_nonzero(),
+                       exp_avg_lost=(m_updated & same(m, old_m, m_fmt)).count_nonzero(),
+                       exp_avg_sq_lost=(v_updated & same(v, old_v, v_fmt)).count_nonzero()), gate)
+
+
+def _gated(counts: dict, gate) -> dict:
+    """Lost-update counts of a step that was not applied are 0 (nothing was updated)."""
+    return counts if gate is None else {k: torch.where(gate, c, 0) for k, c in counts.items()}
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +180,7 @@ def supports(kind: str, numel: int) -> bool:
     return kind not in quant.STORAGES or numel % quant.STORAGES[kind].block == 0
 
 
-def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count):
+def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None):
     """`adamw_update` compiled (built on first use) on flat contiguous tensors; returns what it returns.
 
     bf16 and fp32 moments: one graph. Quantized moments: two, `update_weight`'s and `store_moments'`, with the new
@@ -178,24 +201,25 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, automatic_dynamic_shapes=False), \
             _vectorized_bitcasts():
         if storage is None:
-            return _compile(adamw_update)(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count)
+            return _compile(adamw_update)(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count,
+                                          gate)
         mf, vf, counts = _compile(_weight_stage)(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars,
-                                                 count)
+                                                 count, gate)
         # each moment in its own format's blocks: a [blocks, 256] input viewed as 128-element blocks takes index
         # arithmetic modulo the dynamic size, which inductor's CPU code does not vectorize (int4-int8: 4x slower)
         mf, vf = dyn(mf, (-1, storage.exp_avg.block)), dyn(vf, (-1, storage.exp_avg_sq.block))
-        moment_counts = _compile(_moment_stage)(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count)
+        moment_counts = _compile(_moment_stage)(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate)
     return {**counts, **moment_counts} if count else None
 
 
-def _weight_stage(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count):
+def _weight_stage(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate):
     rand = random_fields(p.numel(), keys, fields[:1], p.device)
-    return update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count)
+    return update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate)
 
 
-def _moment_stage(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count):
+def _moment_stage(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate):
     rand = random_fields(mf.numel(), keys, fields[1:], mf.device)
-    return store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count)
+    return store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate)
 
 
 def _compile(fn):
