@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One NVIDIA GPU, at most 15 minutes (the timeouts), three parts:
 #   1. correctness first: the test suite's device-capable tests on the GPU (tests/test_device.py: the random bits
-#      there are the CPU's, the eager step is the CPU's bit for bit, the Triton kernel is the eager step);
+#      there are the CPU's, the eager step is the CPU's bit for bit, the Triton kernel is the eager step, a
+#      gradient-release backward makes no host sync);
 #   2. the optimizer step side by side (benchmarks/optimizer_step.py): leantrain's bf16-sr eager and compiled,
 #      plain bf16, torch's fused AdamW on bf16 (torchtitan's training.dtype=bfloat16) and torchao's
 #      _AdamW(bf16_stochastic_round=True);

@@ -3,8 +3,8 @@ does, before it measures), on the CPU otherwise.
 
 On an accelerator they check what the CPU suite cannot: that the random bits there are the CPU's bits (they are a
 pure function of key and element index), that the eager step there is bitwise the CPU's, and that inductor's
-Triton kernel is bitwise the eager step, for every state layout. On the CPU the compiled checks are
-tests/test_optim.py's and are skipped here.
+Triton kernel is bitwise the eager step, for every state layout, and that gradient release's backward queues its
+updates without a host sync. On the CPU the compiled checks are tests/test_optim.py's and are skipped here.
 """
 
 from __future__ import annotations
@@ -76,3 +76,39 @@ def test_compiled_step_on_the_device_is_the_eager_one(layout):
     if DEVICE.type == "cpu":
         pytest.skip("on the CPU: tests/test_optim.py::test_compiled_matches_eager_bitwise")
     _assert_same(_run(layout, DEVICE, compile=True), _run(layout, DEVICE, compile=False))
+
+
+@pytest.mark.parametrize("layout, compile", [(layout, False) for layout in LAYOUTS] +
+                         [(dict(state_dtype="int8", compensation="stochastic"), True)],
+                         ids=[f"{_ids(v)}-eager" for v in LAYOUTS] + ["int8-compiled"])
+def test_released_backward_makes_no_host_sync(layout, compile):
+    """Gradient release (optim/release.py) decides a NaN/Inf gradient's skip on the device: a backward with its
+    updates queues work without waiting for the device (CUDA: torch's sync debug mode raises on any synchronizing
+    call, the scalars' and random keys' host-to-device copies included); its result says nothing was skipped."""
+    from leantrain.optim.release import GradientRelease
+
+    if compile and DEVICE.type == "cpu":
+        pytest.skip("on the CPU: tests/test_optim.py::test_gated_step_parameter_is_the_step_or_nothing")
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False), torch.nn.Linear(256, 96))
+    model.to(DEVICE, torch.bfloat16)
+    release = GradientRelease(AdamW(model.parameters(), lr=1e-3, seed=1, compile=compile, **layout))
+    x = torch.randn(8, 256, generator=gen).to(DEVICE, torch.bfloat16)
+
+    def released_step():
+        with release.backward(DEVICE) as result:
+            model(x).float().square().mean().backward()
+        return result[0]
+
+    released_step()  # the state made, the kernels compiled
+    weight = model[0].weight.detach().clone()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = released_step()
+    finally:
+        if DEVICE.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    assert int(result.skipped_params) == 0 and not torch.equal(model[0].weight, weight)
+    assert all(p.grad is None for p in model.parameters())
