@@ -28,6 +28,7 @@ timeout 240 "$PY" benchmarks/optimizer_step.py --device "$DEVICE" --repeats 20 -
   --only "torch AdamW fused (bf16)" --only "torchao _AdamW bf16_stochastic_round" --only "bf16 none" \
   --only "bf16 stochastic" --only "bf16 none, compiled" --only "bf16 stochastic, compiled" \
   --only "bf16 kahan, compiled" --only "bf16 int8 (stochastic), compiled" --only "bf16 int4 (stochastic), compiled" \
+  --only "bf16 int4-int8 (stochastic), compiled" --only "bf16 int8 (stochastic)" \
   --only "torch AdamW foreach (bf16), compiled" --out "$OUT/optimizer_step.json" \
   || echo "optimizer step benchmark failed or timed out"
 for r in $RECIPES; do
