@@ -101,7 +101,8 @@ class NonFiniteGuard:
 
     def check_released(self, step: int, skipped_params: torch.Tensor) -> bool:
         """Gradient release (optim/release.py), after the backward of a step whose loss was finite: whether some
-        rank skipped a parameter's update for a NaN/Inf gradient (agreed over ranks). Such a step counts as a
+        rank skipped a parameter's update for a NaN/Inf gradient (agreed over ranks; release.py skips a parameter
+        on every rank that holds a shard of it, so the count is the same on all of them). Such a step counts as a
         skipped one (towards training.max_nonfinite_steps, and in metrics.jsonl), though the other parameters'
         updates were applied."""
         skipped = skipped_params.clone()  # on the device: the step's one sync is below
@@ -112,9 +113,7 @@ class NonFiniteGuard:
         self.consecutive += 1
         self.total += 1
         self.last_skipped = True
-        most = " (the most on one rank; under FSDP each rank skips its shard)" if self.world_size > 1 else ""
-        _warn(f"step {step}: the gradient of {int(skipped)} parameter(s){most} was NaN/Inf although the loss was "
-              f"finite: "
+        _warn(f"step {step}: the gradient of {int(skipped)} parameter(s) was NaN/Inf although the loss was finite: "
               f"their updates were skipped (weights and moments unchanged), the other parameters' updates of this "
               f"step were applied during the backward (optimizer.in_backward) ({self.consecutive} such step(s) in a "
               f"row; the run stops at training.max_nonfinite_steps = {self.max_consecutive}).")

@@ -199,6 +199,17 @@ def test_compile_matches_one_process_within_the_recipe_tolerance(runs, variant):
     _assert_close(_losses(runs / variant), _losses(runs / f"single-{recipe}"), TOLERANCE[recipe])
 
 
+def test_gradient_release_under_fsdp_skips_a_parameter_on_every_rank_when_one_shard_is_nan():
+    """One row of the token embedding's gradient NaN, in one rank's shard (tests/release_nan_job.py): both ranks
+    skip the whole parameter (weights, moments and step count of both shards unchanged), update every other one,
+    count the step as skipped, and train on."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "tests", "release_nan_job.py")],
+                       capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    assert "rank 0: ok" in r.stdout and "rank 1: ok" in r.stdout
+
+
 def test_gradient_release_under_fsdp_matches_one_process_without_it(runs):
     """optimizer.in_backward on 2 FSDP2 ranks (int8 moments, sharded scales) against the normal step of one process
     (both without clipping): the updates run in FSDP2's post-reduce-scatter hooks on each rank's shards."""

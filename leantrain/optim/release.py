@@ -15,7 +15,9 @@ What cannot work this way, and is refused by the config (config.validate, runpla
 
 Non-finite values: the trainer checks the loss before the backward (a NaN/Inf loss skips the backward, and with it
 every update, as a skipped step). A gradient can still be NaN/Inf with a finite loss (an overflow in the
-backward): that parameter's update is skipped (its weights and moments unchanged) and its gradient dropped; the
+backward): that parameter's update is skipped (its weights and moments unchanged) and its gradient dropped (under
+FSDP2 on every rank, if any rank's shard of it is NaN/Inf: a shard updated beside a skipped one would leave the
+parameter's shards with different step counts, so different bias corrections, where one parameter has one); the
 other parameters' updates of that step have been or will be applied, so the step is reported as non-finite
 (`BackwardResult.skipped_params`) and counts towards training.max_nonfinite_steps like a skipped step.
 The skip is decided on the device, without a host sync in the backward (which on a GPU would stall the CPU once
@@ -33,7 +35,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
+from ..distributed import is_dtensor
 from ..precision import grad_squares
 from .adamw import AdamW, UpdateStats, LostUpdateCounter
 
@@ -89,7 +93,18 @@ class GradientRelease:
             return
         squares = grad_squares(p.grad)
         self._squares += squares
-        finite = torch.isfinite(squares)  # on the device: no sync (module docstring)
+        finite = _on_every_shard(torch.isfinite(squares), p)  # on the device: no host sync (module docstring)
         self.optimizer.step_parameter(p, self._counter, gate=finite)
         self._gates.append((p, finite))
         p.grad = None
+
+
+def _on_every_shard(finite: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Whether the gradient is finite on every rank that holds a shard of `p` (FSDP2 and HSDP shard every parameter
+    over all ranks, and replicas hold the same reduced gradient: the default group is the right one). One tiny
+    all-reduce per parameter, queued on the device like the update it gates."""
+    if not is_dtensor(p):
+        return finite
+    flag = finite.to(torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.bool()
