@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leantrain.optim import AdamW  # noqa: E402
+from leantrain.precision import grad_squares  # noqa: E402
 
 
 def llama_shapes(dim=384, n_layers=6, ffn_dim=1024, vocab=8192, n_kv_heads_dim=None):
@@ -59,6 +60,28 @@ def _counting(opt: AdamW) -> AdamW:
     """Every step counts lost updates, as the trainer's logged steps do."""
     opt.step = functools.partial(opt.step, count_lost_updates=True)
     return opt
+
+
+def _per_parameter(opt: AdamW, gated: bool) -> AdamW:
+    """Each parameter's update on its own, with its gradient's squares (for the norm), as gradient release runs them
+    in the backward (optim/release.py). gated: the squares' finiteness is the update's gate (release now);
+    otherwise the host reads it and skips the update (release before the gate: a host sync per parameter, free on
+    a CPU)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def step():
+        for p in params:
+            finite = torch.isfinite(grad_squares(p.grad))
+            if gated:
+                opt.step_parameter(p, gate=finite)
+            elif bool(finite):
+                opt.step_parameter(p)
+    opt.step = step
+    return opt
+
+
+def _released(gated: bool, **kwargs):
+    return lambda ps: _per_parameter(AdamW(ps, lr=1e-3, **kwargs), gated)
 
 
 # name -> (parameter dtype, factory); torch baselines first
@@ -104,6 +127,17 @@ VARIANTS = {
         ps, lr=1e-3, state_dtype="int4", compensation="stochastic", compile=True)),
     "bf16 int4-int8 (stochastic), compiled": (torch.bfloat16, lambda ps: AdamW(
         ps, lr=1e-3, state_dtype="int4-int8", compensation="stochastic", compile=True)),
+    # optimizer.in_backward's updates, one parameter at a time: the NaN/Inf check on the host, and as the gate
+    "bf16 stochastic, per parameter": (torch.bfloat16, _released(False, compensation="stochastic")),
+    "bf16 stochastic, per parameter, gated": (torch.bfloat16, _released(True, compensation="stochastic")),
+    "bf16 stochastic, per parameter, compiled": (torch.bfloat16, _released(
+        False, compensation="stochastic", compile=True)),
+    "bf16 stochastic, per parameter, gated, compiled": (torch.bfloat16, _released(
+        True, compensation="stochastic", compile=True)),
+    "bf16 int8 (stochastic), per parameter, compiled": (torch.bfloat16, _released(
+        False, state_dtype="int8", compensation="stochastic", compile=True)),
+    "bf16 int8 (stochastic), per parameter, gated, compiled": (torch.bfloat16, _released(
+        True, state_dtype="int8", compensation="stochastic", compile=True)),
 }
 
 
