@@ -290,9 +290,12 @@ def test_gradient_release_is_bitwise_the_normal_step_and_frees_the_gradients(rec
         state, ctx, data = _release_state(in_backward, recipe)
         losses = [train_step(state, [data.next_batch()], ctx, count_lost_updates=True) for _ in range(4)]
         grads = [p.grad for p in state.model.parameters()]
-        results.append(([s.loss.item() for s in losses], [s.updates for s in losses], state, grads))
-    (losses, updates, normal, grads), (released_losses, released_updates, released, released_grads) = results
+        results.append(([s.loss.item() for s in losses], [s.updates for s in losses], state, grads,
+                        [s.grad_norm.item() for s in losses]))
+    (losses, updates, normal, grads, norms), (released_losses, released_updates, released, released_grads,
+                                              released_norms) = results
     assert released_losses == losses and released_updates == updates
+    assert released_norms == pytest.approx(norms, rel=1e-5)  # the norm summed as the gradients are made
     for (name, a), b in zip(normal.model.state_dict().items(), released.model.state_dict().values()):
         assert torch.equal(a, b), name
     for p, q in zip(normal.model.parameters(), released.model.parameters()):  # (released: in backward order)
