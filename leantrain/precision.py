@@ -225,7 +225,7 @@ def grad_squares(grad: torch.Tensor) -> torch.Tensor:
     made (island 5: gradient release, optim/release.py, frees each gradient before the next exists). The norm
     accumulated in fp32 and squared, as `grad_norm` takes each tensor's: one reduction over the bf16 gradient,
     with no fp32 copy of it (`.float().square().sum()` made two, transient fp32 copies of the largest gradient
-    in the backward whose memory release exists to save; on the CPU the step is 7% faster for it: BENCHMARKS.md)."""
+    in the backward whose memory release exists to save)."""
     return torch.linalg.vector_norm(local(grad), 2, dtype=torch.float32).square()
 
 
