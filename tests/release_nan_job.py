@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from leantrain import guard, parallel  # noqa: E402
 from leantrain.config import load_config  # noqa: E402
 from leantrain.data import ByteTokenizer, PackedDataset  # noqa: E402
+from leantrain.distributed import local as local_shard  # noqa: E402
 from leantrain.optim.release import GradientRelease  # noqa: E402
 from leantrain.runplan import resolve  # noqa: E402
 from leantrain.step import StepContext, train_step  # noqa: E402
@@ -34,7 +35,7 @@ def nan_at_first_token(module, inputs, out):
 
 
 def local(t):
-    return (t.to_local() if hasattr(t, "to_local") else t).detach().clone()
+    return local_shard(t).detach().clone()
 
 
 def main() -> None:

@@ -185,8 +185,8 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
 
     bf16 and fp32 moments: one graph. Quantized moments: two, `update_weight`'s and `store_moments'`, with the new
     fp32 moments passed between them through memory. In one graph inductor splits the kernel at each block
-    absmax and recomputes the moments' dequantization and EMA in every loop after it. Measured on one 1024x1024
-    tensor against compiled `bf16-sr` in the same run: int8 from 4.6x to 3.7x, int4 5.8x to 4.8x, int4-int8 4.9x to
+    absmax and recomputes the moments' dequantization and EMA in every loop after it. Measured (a scratch script)
+    on one 1024x1024 tensor against compiled `bf16-sr` in the same run: int8 from 4.6x to 3.7x, int4 5.8x to 4.8x, int4-int8 4.9x to
     4.6x; on benchmarks/optimizer_step.py's whole model 1-9% (BENCHMARKS.md)."""
     storage = quant.STORAGES.get(kind)
     shape, n = ((-1, storage.block) if storage is not None else (-1,)), p.numel()
