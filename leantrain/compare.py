@@ -7,7 +7,6 @@ job.seed). Each recipe runs in its own process, so its peak memory is its own.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,9 @@ from datetime import datetime
 from typing import Any
 
 from .config import RECIPES, load_config, parse_overrides
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+from .files import read_json
+from .loader import check_model_and_tokenizer
 from .metrics import plot_losses, read_metrics, write_json
 
 
@@ -51,6 +52,7 @@ def compare(recipes: list[str], out: str, train_args: list[str], config_path: st
     overrides = parse_overrides(train_args)
     for r in recipes:
         cfg = load_config(config_path, {**overrides, "recipe": r, "job.dump_folder": os.path.join(out, r)})
+        check_model_and_tokenizer(cfg)
         earlier = os.path.join(out, r, "metrics.jsonl")
         if not cfg.checkpoint.enable and os.path.exists(earlier):  # without checkpoints a run appends to it
             raise ConfigError(f"--out {out} already holds a run of recipe {r} ({earlier}); a new comparison there "
@@ -70,8 +72,7 @@ def compare(recipes: list[str], out: str, train_args: list[str], config_path: st
         proc = subprocess.run(cmd) if not finished else None
         if proc is not None and proc.returncode != 0:
             raise SystemExit(proc.returncode)
-        with open(os.path.join(folder, "summary.json")) as f:
-            summaries.append(json.load(f))
+        summaries.append(read_json(os.path.join(folder, "summary.json"), DataError))
         curves[r] = read_metrics(os.path.join(folder, "metrics.jsonl"))
 
     write_json(os.path.join(out, "summary.json"), summaries)
@@ -92,9 +93,8 @@ def compare(recipes: list[str], out: str, train_args: list[str], config_path: st
 def _finished(folder: str, steps: int) -> bool:
     """The run in ``folder`` finished at ``steps`` (a rerun would be refused: a finished run is not rewritten)."""
     try:
-        with open(os.path.join(folder, "summary.json"), encoding="utf-8") as f:
-            return json.load(f).get("steps") == steps
-    except (OSError, ValueError):
+        return read_json(os.path.join(folder, "summary.json"), DataError).get("steps") == steps
+    except DataError:
         return False
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .model import FLAVORS
 from .optim import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES
 
 
@@ -43,8 +44,9 @@ class Model:
     name: Literal["llama3"] = "llama3"
     """Architecture. Only the Llama 3 family (RMSNorm, RoPE, grouped-query attention, SwiGLU); model.hf_checkpoint
     also loads its Mistral and Qwen2/Qwen3 relatives."""
-    flavor: Literal["debug", "small", "1B", "8B", "70B"] = "small"
-    """Size preset: debug (tests), small (about 13M params, CPU), 1B/8B/70B (Llama 3.2-1B, 3.1-8B, 3.1-70B)."""
+    flavor: Literal[tuple(FLAVORS)] = "small"
+    """Size preset (leantrain.model.FLAVORS): debug (tests), small (a CPU model), 1B/3B/8B/70B (Llama 3.2-1B,
+    3.2-3B, 3.1-8B, 3.1-70B)."""
     dim: int = 0
     """Hidden size. 0: the flavor's."""
     n_layers: int = 0
@@ -247,28 +249,23 @@ class Config:
     bf16-int4-int8): a set of the keys above."""
 
 
-# A recipe is only a named set of config values; `--recipe NAME` and these keys give the same run (SPEC.md section 4).
-RECIPES: dict[str, dict[str, object]] = {
-    "fp32": {"training.dtype": "float32", "training.mixed_precision_param": "float32",
-             "optimizer.state_dtype": "auto", "optimizer.compensation": "none", "optimizer.moments_rounding": "auto"},
-    "bf16-mixed": {"training.dtype": "float32", "training.mixed_precision_param": "bfloat16",
-                   "optimizer.state_dtype": "auto", "optimizer.compensation": "none", "optimizer.moments_rounding": "auto"},
-    "bf16": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-             "optimizer.state_dtype": "auto", "optimizer.compensation": "none", "optimizer.moments_rounding": "auto"},
-    "bf16-fp32state": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-                       "optimizer.state_dtype": "float32", "optimizer.compensation": "none", "optimizer.moments_rounding": "auto"},
-    "bf16-sr": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-                "optimizer.state_dtype": "auto", "optimizer.compensation": "stochastic", "optimizer.moments_rounding": "auto"},
-    "bf16-kahan": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-                   "optimizer.state_dtype": "auto", "optimizer.compensation": "kahan", "optimizer.moments_rounding": "auto"},
-    "bf16-int8": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-                  "optimizer.state_dtype": "int8", "optimizer.compensation": "stochastic", "optimizer.moments_rounding": "auto"},
-    "bf16-int4": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-                  "optimizer.state_dtype": "int4", "optimizer.compensation": "stochastic", "optimizer.moments_rounding": "auto"},
-    "bf16-int4-int8": {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-                       "optimizer.state_dtype": "int4-int8", "optimizer.compensation": "stochastic",
-                       "optimizer.moments_rounding": "auto"},
+# A recipe is only a named set of config values; `--recipe NAME` and these keys give the same run. Every recipe
+# sets the same keys: the full-bf16 base, with what the recipe changes.
+_BF16_BASE: dict[str, object] = {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
+                                 "optimizer.state_dtype": "auto", "optimizer.compensation": "none",
+                                 "optimizer.moments_rounding": "auto"}
+_RECIPE_CHANGES: dict[str, dict[str, object]] = {
+    "fp32": {"training.dtype": "float32", "training.mixed_precision_param": "float32"},
+    "bf16-mixed": {"training.dtype": "float32"},
+    "bf16": {},
+    "bf16-fp32state": {"optimizer.state_dtype": "float32"},
+    "bf16-sr": {"optimizer.compensation": "stochastic"},
+    "bf16-kahan": {"optimizer.compensation": "kahan"},
+    "bf16-int8": {"optimizer.state_dtype": "int8", "optimizer.compensation": "stochastic"},
+    "bf16-int4": {"optimizer.state_dtype": "int4", "optimizer.compensation": "stochastic"},
+    "bf16-int4-int8": {"optimizer.state_dtype": "int4-int8", "optimizer.compensation": "stochastic"},
 }
+RECIPES: dict[str, dict[str, object]] = {name: {**_BF16_BASE, **changes} for name, changes in _RECIPE_CHANGES.items()}
 
 
 def _get(cfg: Config, key: str) -> Any:

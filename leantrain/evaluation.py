@@ -15,21 +15,18 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from . import checkpoint, parallel
-from .config import Config, load_config
-from .data import build_datasets, build_eval_dataset, build_tokenizer
-from .data.tokenizer import check_vocab
-from .errors import ConfigError
+from . import parallel
+from .config import Config
+from .data import build_datasets, build_eval_dataset
+from .loader import load_for_inference
 from .metrics import write_json
-from .model import batch_loss, check_seq_len
+from .model import batch_loss
 from .precision import IGNORE_INDEX, Precision
-from .runplan import resolve
 
 
 @dataclass(frozen=True)
@@ -86,35 +83,16 @@ def _dataset(cfg: Config, tokenizer: Any, whole_path: bool) -> tuple[Any, str]:
 
 def run_eval(checkpoint_path: str | None, overrides: dict[str, str], out: str | None = None) -> dict[str, Any]:
     """What ``leantrain eval`` does; returns the JSON it writes."""
-    hf_path = overrides.get("model.hf_checkpoint")
-    if bool(checkpoint_path) == bool(hf_path):
-        raise ConfigError("leantrain eval needs exactly one model: --checkpoint DIR (a leantrain checkpoint) or "
-                          "--model.hf_checkpoint=DIR (a Hugging Face llama, mistral, qwen2 or qwen3 folder).")
-    if checkpoint_path:
-        model, info = checkpoint.load_model(checkpoint_path)
-        run_folder = str(checkpoint.run_folder_of(Path(info["path"]), info))
-        cfg = checkpoint.saved_config(info, {"job.dump_folder": run_folder, **overrides})
-        source = {"checkpoint": info["path"], "step": info["step"]}
-        default_name = f"eval-step-{info['step']}.json"
-    else:
-        from .hf import load_hf
-
-        cfg = load_config(None, overrides)
-        source = {"hf_checkpoint": hf_path}
-        default_name = "eval.json"
-    plan = resolve(cfg)
-    device = plan.parallel.device
-    model = model.to(device) if checkpoint_path else load_hf(hf_path, plan.precision.storage, device,
-                                                              max_seq_len=cfg.data.seq_len)
-    check_seq_len(cfg.data.seq_len, model.args, source.get("checkpoint") or hf_path)
-    tokenizer = build_tokenizer(cfg.tokenizer.path)
-    check_vocab(tokenizer.vocab_size, cfg.tokenizer.path, model.args.vocab_size, hf_folder=hf_path or "")
+    loaded = load_for_inference("eval", checkpoint_path, overrides)
+    plan, model, tokenizer = loaded.plan, loaded.model, loaded.tokenizer
+    cfg, device = plan.config, plan.parallel.device
     data, split = _dataset(cfg, tokenizer, whole_path="data.path" in overrides)
     max_batches = cfg.eval.steps if "eval.steps" in overrides else None
     measured = evaluate(model, data.eval_batches(max_batches), plan.precision, device)
-    result = {**source, "loss": measured.loss, "perplexity": measured.perplexity, "tokens": measured.tokens,
+    result = {**loaded.source, "loss": measured.loss, "perplexity": measured.perplexity, "tokens": measured.tokens,
               "batches": measured.batches, "data": cfg.data.path, "format": cfg.data.format, "split": split,
               "seq_len": cfg.data.seq_len, "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    default_name = f"eval-step-{loaded.source['step']}.json" if loaded.run_folder else "eval.json"
     path = out or str(plan.paths.folder / default_name)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_json(path, result)

@@ -12,19 +12,15 @@ the same settings give the same text. Generation stops after max_new_tokens or a
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import checkpoint
-from .config import load_config
-from .data import build_tokenizer
-from .data.tokenizer import Tokenizer, check_vocab
+from .data.tokenizer import Tokenizer
 from .errors import ConfigError
+from .loader import load_for_inference
 from .model import KVCache
 from .precision import sampling_probs
-from .runplan import resolve
 
 DEFAULT_NEW_TOKENS = 64
 
@@ -90,30 +86,11 @@ def run_generate(checkpoint_path: str | None, overrides: dict[str, str], prompt:
                  max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0) -> str:
     """What ``leantrain generate`` does: prints the prompt and its continuation; returns the continuation."""
-    hf_path = overrides.get("model.hf_checkpoint")
-    if bool(checkpoint_path) == bool(hf_path):
-        raise ConfigError("leantrain generate needs exactly one model: --checkpoint DIR (a leantrain run or "
-                          "checkpoint) or --model.hf_checkpoint=DIR (a Hugging Face llama, mistral, qwen2 or qwen3 "
-                          "folder).")
     check_settings(max_new_tokens, temperature, top_p)
-    if checkpoint_path:
-        model, info = checkpoint.load_model(checkpoint_path)
-        run_folder = str(checkpoint.run_folder_of(Path(info["path"]), info))
-        cfg = checkpoint.saved_config(info, {"job.dump_folder": run_folder, **overrides})
-    else:
-        cfg = load_config(None, overrides)
-    plan = resolve(cfg)  # tokenizer.path=auto decided: an HF folder's tokenizer.json
-    device = plan.parallel.device
-    if checkpoint_path:
-        model = model.to(device)
-    else:
-        from .hf import load_hf
-
-        model = load_hf(hf_path, plan.precision.storage, device)
-    tokenizer = build_tokenizer(plan.config.tokenizer.path)
-    check_vocab(tokenizer.vocab_size, plan.config.tokenizer.path, model.args.vocab_size, hf_folder=hf_path or "")
+    loaded = load_for_inference("generate", checkpoint_path, overrides)
+    tokenizer = loaded.tokenizer
     prompt_ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(prompt)
-    new_ids = generate(model, prompt_ids, max_new_tokens, temperature, top_p, seed, tokenizer.eos_id)
+    new_ids = generate(loaded.model, prompt_ids, max_new_tokens, temperature, top_p, seed, tokenizer.eos_id)
     text = continuation(tokenizer, prompt_ids, new_ids)
     print(prompt + text, flush=True)
     return text

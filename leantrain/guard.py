@@ -2,8 +2,8 @@
 
 **Non-finite steps.** After the backward, :meth:`NonFiniteGuard.check` looks at the step's loss and global
 gradient norm. When either is NaN or Inf the trainer skips the update: ``optimizer.step()`` is not called,
-so neither the weights nor any optimizer buffer (moments, Kahan buffer, Adam's step count, the
-stochastic-rounding generator) changes, and the gradients are dropped. The step still counts: its batch is
+so neither the weights nor any optimizer buffer (moments, Kahan buffer, Adam's step count, and so the
+stochastic rounding's keyed random bits, which are a function of seed, parameter and step) changes, and the gradients are dropped. The step still counts: its batch is
 consumed and the learning-rate schedule advances (the schedule is a function of the step number, so a
 resumed or skipped-over run stays on the same curve). The step is logged to metrics.jsonl with
 ``"skipped": true`` (a NaN/Inf loss or norm is written as null, which JSON allows), every later record

@@ -36,21 +36,18 @@ Only safetensors are read: pickled ``.bin`` checkpoints can run code when loaded
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .data.tokenizer import save_tokenizer
 from .errors import CheckpointError
+from .families import (FAMILIES, MOE_KEYS, REQUIRED_VALUES, family_names, family_of, rope_of, weight_names,
+                       window_keys, window_of)
+from .files import read_json
 from .model import ModelArgs, Transformer, build_model_from_args
 
-# model_type -> the transformers class that config.json names in "architectures".
-FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}
-# Where config.json has no head_dim, the head size transformers uses (None: hidden_size / num_attention_heads).
-_DEFAULT_HEAD_DIM = {"qwen3": 128}
-_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -61,23 +58,7 @@ _CONVERT_HINT = ("Convert it to safetensors first, e.g. python -c \"from transfo
 
 
 def _hf_names(args: ModelArgs) -> dict[str, str]:
-    """leantrain parameter name -> HF tensor name (the same names in every family)."""
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    if not args.tie_embeddings:
-        names["output.weight"] = "lm_head.weight"
-    per_layer = {"attention_norm.weight": "input_layernorm.weight",
-                 "ffn_norm.weight": "post_attention_layernorm.weight",
-                 "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-                 "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-                 "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
-                 "feed_forward.w2.weight": "mlp.down_proj.weight"}
-    if args.qkv_bias:
-        per_layer.update({f"attention.w{x}.bias": f"self_attn.{x}_proj.bias" for x in "qkv"})
-    if args.qk_norm:
-        per_layer.update({f"attention.{x}_norm.weight": f"self_attn.{x}_norm.weight" for x in "qk"})
-    for i in range(args.n_layers):
-        names.update({f"layers.{i}.{ours}": f"model.layers.{i}.{theirs}" for ours, theirs in per_layer.items()})
-    return names
+    return weight_names(args.n_layers, args.tie_embeddings, args.qkv_bias, args.qk_norm)
 
 
 def _heads_of(name: str, args: ModelArgs) -> int | None:
@@ -114,150 +95,81 @@ def read_config(path: str | Path) -> dict[str, Any]:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"model.hf_checkpoint={str(path)!r} is not a folder. It must be a local Hugging Face "
-                              f"model folder ({', '.join(FAMILIES)}) with config.json and *.safetensors (what "
+                              f"model folder ({family_names()}) with config.json and *.safetensors (what "
                               f"save_pretrained writes).")
     config_file = folder / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not config_file.exists():
         raise CheckpointError(f"{folder} has no config.json; a Hugging Face model folder needs one (it gives the "
-                              f"model's dimensions).") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_file} is not readable JSON ({e}).") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_file} must hold a JSON object.")
-    return config
-
-
-def _refuse_model_type(model_type: Any, where: str) -> None:
-    """Stop at a model_type outside FAMILIES, saying what differs where it is a known relative."""
-    name = str(model_type).lower()
-    if "moe" in name or name in ("mixtral", "dbrx", "deepseek_v2", "deepseek_v3", "jamba", "llama4", "olmoe"):
-        why = "a mixture-of-experts model; leantrain's blocks have one dense SwiGLU feed-forward"
-    elif name.startswith("gemma"):
-        why = ("Gemma's norms (RMSNorm scaled by 1 + weight, and Gemma 2/3's extra norms around each block), "
-               "its scaled embeddings and GELU feed-forward differ from the Llama's")
-    else:
-        why = "not one of the Llama-shaped families leantrain has"
-    raise CheckpointError(f"{where} has model_type={model_type!r}: {why}. leantrain loads model_type "
-                          f"{', '.join(map(repr, FAMILIES))} only.")
-
-
-def _rope(config: dict[str, Any], unsupported: list[str]) -> tuple[float, dict[str, Any] | None]:
-    """RoPE's theta and Llama 3.1 scaling (transformers 4.x rope_theta/rope_scaling or 5.x rope_parameters)."""
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        unsupported.append(f"partial_rotary_factor={partial!r} (leantrain rotates the whole head)")
-    if rope_type == "llama3":
-        scaling = {k: float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor")}
-        scaling["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
-        return theta, scaling
-    if rope_type != "default":
-        unsupported.append(f"RoPE type {rope_type!r} (leantrain has 'default' and Llama 3.1's 'llama3')")
-    return theta, None
-
-
-def _sliding_window(config: dict[str, Any], family: str, n_layers: int, max_seq_len: int,
-                    unsupported: list[str]) -> int:
-    """The attention window of every layer (0: none). Mistral's ``sliding_window`` applies to all layers; Qwen's
-    only with ``use_sliding_window``, and then to the layers ``layer_types`` (or ``max_window_layers``) names.
-    leantrain has one window for all layers: a window on some layers only is refused where it would matter
-    (shorter than max_seq_len, the trained seq_len) and dropped where it changes nothing."""
-    window = int(config.get("sliding_window") or 0)
-    if family == "mistral" or not window:
-        return window
-    if family not in ("qwen2", "qwen3") or not config.get("use_sliding_window"):
-        return 0
-    types = config.get("layer_types") or ["sliding_attention" if i >= int(config.get("max_window_layers", 0))
-                                          else "full_attention" for i in range(n_layers)]
-    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
-    if len(sliding) == n_layers:
-        return window
-    if sliding and window < max_seq_len:
-        unsupported.append(f"a sliding window of {window} tokens on {len(sliding)} of the {n_layers} layers only "
-                           f"(leantrain has one window for every layer; with seq_len <= {window} it changes nothing)")
-    return 0
+                              f"model's dimensions).")
+    return read_json(config_file, lambda reason: CheckpointError(f"{reason}."))
 
 
 def model_args_from_hf(config: dict[str, Any], max_seq_len: int | None = None, where: str = "config.json") -> ModelArgs:
     """ModelArgs from the config.json of a model_type in FAMILIES; anything else it cannot represent is refused."""
-    family = config.get("model_type")
-    if family not in FAMILIES:
-        _refuse_model_type(family, where)
+    family = family_of(config.get("model_type"), where)
     # What the family's config.json may say that leantrain's model cannot represent, named.
-    unsupported = [f"{k}={config[k]!r}" for k, ok in (("hidden_act", "silu"), ("mlp_bias", False))
-                   if k in config and config[k] != ok]
-    if family in ("llama", "qwen3") and config.get("attention_bias"):
-        unsupported.append("attention_bias=true (a bias on o_proj too; leantrain has Qwen2's q/k/v bias only)")
-    unsupported += [f"{k}={config[k]!r} (mixture-of-experts)" for k in _MOE_KEYS if config.get(k)]
+    unsupported = [f"{k}={config[k]!r}" for k, ok in REQUIRED_VALUES if k in config and config[k] != ok]
+    unsupported += [f"{k}=true ({why})" for k, why in family.refused_if_true.items() if config.get(k)]
+    unsupported += [f"{k}={config[k]!r} (mixture-of-experts)" for k in MOE_KEYS if config.get(k)]
     if config.get("quantization_config"):
         unsupported.append("quantization_config (quantized weights; load the full-precision model instead)")
     try:
         dim, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         n_kv_heads, n_layers = int(config.get("num_key_value_heads") or n_heads), int(config["num_hidden_layers"])
-        head_dim = int(config.get("head_dim") or _DEFAULT_HEAD_DIM.get(family) or dim // n_heads)
+        head_dim = int(config.get("head_dim") or family.default_head_dim or dim // n_heads)
         if head_dim % 2 or n_heads % n_kv_heads:
             unsupported.append(f"head_dim={head_dim}, num_attention_heads={n_heads}, num_key_value_heads="
                                f"{n_kv_heads} (RoPE needs an even head_dim; the key/value heads must divide the heads)")
-        theta, scaling = _rope(config, unsupported)
+        theta, scaling = rope_of(config, unsupported)
         positions = int(config.get("max_position_embeddings", 2048))  # the model's own, whatever a run trains on
-        window = _sliding_window(config, family, n_layers, int(max_seq_len or positions), unsupported)
+        window = window_of(config, family, n_layers, int(max_seq_len or positions), unsupported)
         if unsupported:
-            raise CheckpointError(f"{where} (model_type {family!r}) describes a model leantrain cannot represent: "
-                                  f"{'; '.join(unsupported)}.")
+            raise CheckpointError(f"{where} (model_type {family.model_type!r}) describes a model leantrain cannot "
+                                  f"represent: {'; '.join(unsupported)}.")
         return ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                          ffn_dim=int(config["intermediate_size"]), vocab_size=int(config["vocab_size"]),
                          rope_theta=theta, rope_scaling=scaling, norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                          max_seq_len=positions, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-                         head_dim=head_dim, qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
-                         sliding_window=window, family=family)
+                         head_dim=head_dim, qkv_bias=family.qkv_bias, qk_norm=family.qk_norm,
+                         sliding_window=window, family=family.model_type)
     except KeyError as e:
-        raise CheckpointError(f"{where} lacks {e.args[0]!r}, which a {family} config.json has.") from None
+        raise CheckpointError(f"{where} lacks {e.args[0]!r}, which a {family.model_type} config.json has.") from None
 
 
 def _check_family(args: ModelArgs) -> None:
     """save_hf writes args.family: refuse a model that this model_type would not rebuild as it is."""
-    wrong = []
-    if args.family not in FAMILIES:
-        wrong.append(f"family={args.family!r} is not a model_type leantrain writes ({', '.join(FAMILIES)})")
-    if args.qkv_bias != (args.family == "qwen2"):
-        wrong.append(f"qkv_bias={args.qkv_bias} (qwen2, and only qwen2, has a q/k/v bias)")
-    if args.qk_norm != (args.family == "qwen3"):
-        wrong.append(f"qk_norm={args.qk_norm} (qwen3, and only qwen3, has q/k norms)")
-    if args.sliding_window and args.family == "llama":
-        wrong.append(f"sliding_window={args.sliding_window} (a llama has no window; use family='mistral')")
+    family = FAMILIES.get(args.family)
+    if family is None:
+        raise CheckpointError(f"This model cannot be written as a Hugging Face {args.family!r}: it is not a "
+                              f"model_type leantrain writes ({family_names()}). Set ModelArgs.family to the "
+                              f"model_type that matches it.")
+    wrong = [f"{feature}={getattr(args, feature)} (a {family.model_type} has {'' if getattr(family, feature) else 'no '}"
+             f"{what})" for feature, what in (("qkv_bias", "q/k/v bias"), ("qk_norm", "q/k norms"))
+             if getattr(args, feature) != getattr(family, feature)]
+    if args.sliding_window and family.window == "none":
+        wrong.append(f"sliding_window={args.sliding_window} (a {family.model_type} has no sliding window)")
     if wrong:
         raise CheckpointError(f"This model cannot be written as a Hugging Face {args.family!r}: {'; '.join(wrong)}. "
                               f"Set ModelArgs.family to the model_type that matches it.")
 
 
 def _config_from_args(args: ModelArgs, dtype: torch.dtype, tokenizer: Any = None) -> dict[str, Any]:
+    family = FAMILIES[args.family]
     scaling = None
     max_positions = args.max_seq_len
     if args.rope_scaling:
         scaling = {"rope_type": "llama3", **args.rope_scaling}
         max_positions = max(max_positions, int(args.rope_scaling["original_max_position_embeddings"]))
     config = {
-        "architectures": [FAMILIES[args.family]], "model_type": args.family,
+        "architectures": [family.architecture], "model_type": family.model_type,
         "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "max_position_embeddings": max_positions, "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta, "rope_scaling": scaling, "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu", "attention_dropout": 0.0,
         "initializer_range": 0.02, "use_cache": True, "torch_dtype": str(dtype).replace("torch.", ""),
+        **family.export_keys, **window_keys(family, args.sliding_window, args.n_layers),
     }
-    if args.family in ("llama", "qwen3"):
-        config.update(attention_bias=False)
-    if args.family == "llama":
-        config.update(mlp_bias=False)
-    if args.family == "mistral":
-        config.update(sliding_window=args.sliding_window or None)
-    if args.family in ("qwen2", "qwen3"):  # the window on every layer (max_window_layers=0), or on none
-        config.update(use_sliding_window=bool(args.sliding_window), sliding_window=args.sliding_window or None,
-                      max_window_layers=0 if args.sliding_window else args.n_layers)
     if tokenizer is not None:
         config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     return config
@@ -272,11 +184,10 @@ def _weight_map(folder: Path) -> dict[str, Path]:
 
     index = folder / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a readable safetensors index ({e}).") from None
-        return {name: folder / file for name, file in weight_map.items()}
+        weight_map = read_json(index, lambda reason: CheckpointError(f"{reason}; a safetensors index is one."))
+        if not isinstance(weight_map.get("weight_map"), dict):
+            raise CheckpointError(f"{index} is not a safetensors index: it has no 'weight_map' object.")
+        return {name: folder / file for name, file in weight_map["weight_map"].items()}
     files = [folder / SINGLE_FILE] if (folder / SINGLE_FILE).exists() else sorted(folder.glob("*.safetensors"))
     if not files:
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
@@ -362,8 +273,9 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer: Any = None,
     above ``max_shard_bytes``) that transformers' ``AutoModelForCausalLM.from_pretrained`` (e.g.
     ``LlamaForCausalLM``, ``Qwen3ForCausalLM``) loads, in the model's dtype.
 
-    With a ``tokenizer`` (leantrain.data), its BOS/EOS/PAD ids go into config.json, and a Hugging Face
-    tokenizer's tokenizer.json (and tokenizer_config.json beside it) is copied.
+    With a ``tokenizer`` (leantrain.data), its BOS/EOS/PAD ids go into config.json and its files beside it
+    (leantrain.data.tokenizer.save_tokenizer: the byte tokenizer as an exact tokenizer.json, a Hugging Face
+    tokenizer's own files copied), so ``AutoTokenizer.from_pretrained`` loads it too.
     """
     from safetensors.torch import save_file
 
@@ -407,9 +319,6 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer: Any = None,
                                                  indent=2) + "\n", encoding="utf-8")
     (out / "config.json").write_text(json.dumps(_config_from_args(args, dtype, tokenizer), indent=2) + "\n",
                                      encoding="utf-8")
-    tokenizer_file = getattr(tokenizer, "path", None)
-    if tokenizer_file:
-        for f in (Path(tokenizer_file), Path(tokenizer_file).parent / "tokenizer_config.json"):
-            if f.is_file():
-                shutil.copyfile(f, out / f.name)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out)
     return out

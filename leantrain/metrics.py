@@ -14,6 +14,7 @@ from torch import nn
 
 from .distributed import local
 from .errors import storage_error
+from .files import write_json_atomic
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -165,19 +166,11 @@ def summarize(records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
 
 
 def write_json(path: str, obj: Any) -> None:
+    """A run's JSON file, written atomically; a full disk is a StorageError naming the file."""
     try:
-        _write_json(path, obj)
+        write_json_atomic(path, obj)
     except OSError as e:
         raise storage_error(os.path.basename(path), path, e) from None
-
-
-def _write_json(path: str, obj: Any) -> None:
-    """Write to a temporary name, then rename: readers never see half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def plot_losses(curves: dict[str, list[dict[str, Any]]], path: str, title: str = "") -> None:

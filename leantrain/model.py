@@ -59,18 +59,24 @@ class ModelArgs:
             self.head_dim = self.dim // self.n_heads
 
 
-# 1B / 8B / 70B are the published Llama 3.2-1B, 3.1-8B and 3.1-70B (their config.json).
+# The model sizes, declared here once (config's model.flavor, the planner and the benchmarks read them). 1B / 3B /
+# 8B / 70B are the published Llama 3.2-1B, 3.2-3B, 3.1-8B and 3.1-70B (their config.json); debug and small are
+# for tests and CPUs, their vocabulary the tokenizer's (TOKENIZER_SIZED_FLAVORS).
 FLAVORS: dict[str, ModelArgs] = {
     "debug": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=259, max_seq_len=256),
     "small": ModelArgs(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_dim=1024, vocab_size=259,
                        max_seq_len=1024),
     "1B": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True,
                     rope_scaling={**LLAMA3_ROPE_SCALING_8K, "factor": 32.0}, max_seq_len=131072),
+    "3B": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True,
+                    rope_scaling={**LLAMA3_ROPE_SCALING_8K, "factor": 32.0}, max_seq_len=131072),
     "8B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                     rope_scaling=LLAMA3_ROPE_SCALING_8K, max_seq_len=131072),
     "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
                      rope_scaling=LLAMA3_ROPE_SCALING_8K, max_seq_len=131072),
 }
+
+TOKENIZER_SIZED_FLAVORS = ("debug", "small")  # vocab_size: the tokenizer's unless model.vocab_size says
 
 
 class RMSNorm(nn.Module):
@@ -112,8 +118,8 @@ def segment_mask(positions: torch.Tensor, window: int) -> torch.Tensor:
     ``positions`` [batch, seq] count from 0 in each sample, so a sample starts wherever a position is 0.
 
     SDPA with this boolean mask, not flex_attention: on CPU (torch 2.13) flex_attention has no backward at all,
-    and SDPA with the mask ran a forward and backward (batch 8, 4 heads, 512 tokens, head size 32, one thread)
-    in 70 ms against 62 ms causal, so the mask costs little here. Made once per forward, shared by the layers."""
+    and SDPA with the mask measured only a little slower than causal SDPA (a one-off measurement, torch 2.13).
+    Made once per forward, shared by the layers."""
     segment = (positions == 0).cumsum(dim=1)  # [batch, seq]: which sample of the row a token belongs to
     same = segment[:, :, None] == segment[:, None, :]
     behind = positions[:, :, None] - positions[:, None, :]  # within a sample, query position minus key position

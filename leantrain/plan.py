@@ -38,10 +38,12 @@ from typing import Any
 import torch
 
 from .config import Config, with_recipe
-from .model import Transformer, build_model, num_params
+from .data.tokenizer import Tokenizer, build_tokenizer
+from .loader import build_model_for
+from .model import Transformer, num_params
 from .optim import AdamW
 from .precision import LOSS_VOCAB_CHUNK, Precision
-from .runplan import OptimizerSpec, optimizer_spec, precision_of
+from .runplan import OptimizerSpec, optimizer_spec, precision_of, tokenizer_path
 from .utils import set_default_dtype
 
 
@@ -117,16 +119,10 @@ def parse_bytes(text: str) -> int:
         raise ConfigError(f"--gpu-memory={text!r} is not a size; write e.g. 80GiB, 80GB or 85899345920.") from None
 
 
-def _meta_model(cfg: Config, storage: torch.dtype) -> Transformer:
-    """The run's model on the meta device: the flavor with its overrides, or a Hugging Face folder's config.json."""
-    if cfg.model.hf_checkpoint:
-        from .hf import load_hf
-
-        return load_hf(cfg.model.hf_checkpoint, storage, "meta", max_seq_len=cfg.data.seq_len, weights=False)
-    vocab = 259 if cfg.model.flavor in ("debug", "small") and not cfg.model.vocab_size else cfg.model.vocab_size
-    dims = {k: getattr(cfg.model, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                                               "rope_theta", "norm_eps")}
-    return build_model(cfg.model.flavor, storage, "meta", vocab_size=vocab, max_seq_len=cfg.data.seq_len, **dims)
+def _meta_model(cfg: Config, storage: torch.dtype, tokenizer: Tokenizer | None, tokenizer_name: str) -> Transformer:
+    """The run's model on the meta device, built as train builds it (leantrain.loader), for any seq_len."""
+    return build_model_for(cfg.model, storage, None, None, tokenizer, tokenizer_name, "meta", hf_weights=False,
+                           positions=cfg.data.seq_len)
 
 
 def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dict[str, Any]:
@@ -136,10 +132,15 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
                            "seq_len": cfg.data.seq_len, "local_batch_size": cfg.data.local_batch_size,
                            "recipes": {}}
     tokens = cfg.data.seq_len * cfg.data.local_batch_size
+    # The tokenizer sizes a debug/small model and is checked against any other; an HF folder's own (auto) is not
+    # read: its config.json has the vocabulary, and the folder may hold nothing else.
+    own = cfg.model.hf_checkpoint and cfg.tokenizer.path == "auto"
+    tokenizer_name = "" if own else tokenizer_path(cfg)
+    tokenizer = None if own else build_tokenizer(tokenizer_name)
     for name, release in [(name, release) for name in recipes for release in (False, True)]:
         rcfg = with_recipe(cfg, name)
         precision = precision_of(rcfg)
-        model = _meta_model(cfg, precision.storage)
+        model = _meta_model(cfg, precision.storage, tokenizer, tokenizer_name)
         # What is planned: 'llama3 8B', or a Hugging Face folder's model_type and path.
         out["model"] = (f"{model.args.family} {cfg.model.hf_checkpoint}" if cfg.model.hf_checkpoint
                         else f"llama3 {cfg.model.flavor}")

@@ -32,10 +32,11 @@ import numpy as np
 from .data.corpus import (CHUNK_BYTES, EVAL_FRACTION, Chunk, chunk_documents, chunk_records, eval_count, iter_chunks,
                           source_files)
 from .data.prepared import (FORMAT, MANIFEST, PROGRESS, SHARD_TOKENS, VERSION, ShardWriter,
-                            token_dtype, tokenizer_identity, write_json_atomic)
+                            token_dtype, tokenizer_identity)
 from .data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
 from . import guard
 from .errors import DataError, storage_error
+from .files import read_json, write_json_atomic
 
 # --------------------------------------------------------------------------------------------
 # Workers
@@ -136,15 +137,9 @@ def _is_ours(name: str) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{str(path)!r} is not readable JSON ({e}); it is not the record of a prepare this command "
-                        "can resume. Name a new --out folder, or delete this one first.") from e
-    if not isinstance(value, dict):
-        raise DataError(f"{str(path)!r} is not a leantrain prepare record. Name a new --out folder, or delete this "
-                        "one first.")
-    return value
+    return read_json(path, lambda reason: DataError(
+        f"{reason}: it is not the record of a prepare this command can resume. Name a new --out folder, or delete "
+        "this one first."))
 
 
 def _start_state(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:

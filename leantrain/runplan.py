@@ -150,7 +150,8 @@ def tokenizer_path(cfg: Config) -> str:
     if not (Path(hf).expanduser() / "tokenizer.json").exists():
         raise ConfigError(f"model.hf_checkpoint='{hf}' has no tokenizer.json, so the model's tokenizer is unknown "
                           f"(tokenizer.path=auto takes the HF folder's). Set tokenizer.path to the model's "
-                          f"tokenizer.json, or copy it into that folder.")
+                          f"tokenizer: 'byte' (256 byte ids plus BOS, EOS, PAD: what leantrain trains with by "
+                          f"default) or the path of its tokenizer.json; or copy the tokenizer.json into that folder.")
     return str(Path(hf).expanduser() / "tokenizer.json")
 
 

@@ -14,15 +14,16 @@ from typing import Any
 import torch
 
 from . import checkpoint, guard, parallel
-from .config import LRScheduler, Model, to_toml, warn_once
+from .config import LRScheduler, to_toml, warn_once
 from .data import build_datasets, build_tokenizer
-from .data.tokenizer import check_vocab
+from .data.tokenizer import Tokenizer
 from .errors import ConfigError, storage_error
 from .evaluation import evaluate
 from .hooks import Hooks
 from .metrics import (MetricsLogger, Progress, peak_memory_bytes, plot_losses, state_bytes, summarize,
                       tensorboard_available, write_json)
-from .model import Transformer, build_model, check_seq_len, num_params
+from .loader import build_model_for, model_name
+from .model import Transformer, num_params
 from .optim import build_optimizer
 from .optim.layout import rounds_moments_stochastically
 from .optim.release import GradientRelease
@@ -34,50 +35,9 @@ from .step import StepContext, StepStats, train_step
 
 # Share of bf16 weight elements whose update was rounded away above which plain bf16 warns.
 LOST_UPDATE_WARN_FRACTION = 0.1
-_DIMS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "rope_theta", "norm_eps")
 
 
 # ---- building blocks ------------------------------------------------------------------------------------
-
-
-def build_model_for(spec: Model, precision: Precision, seq_len: int, seed: int, vocab_size: int,
-                    device: torch.device | str, tokenizer_name: str = "", hf_weights: bool = True) -> Transformer:
-    """The model.* section's flavor and overrides in the storage dtype, sized to the tokenizer for debug/small.
-    With model.hf_checkpoint: the HF folder's model (its weights unless hf_weights=False, e.g. when resuming)."""
-    dims = {k: getattr(spec, k) for k in _DIMS}
-    if spec.hf_checkpoint:
-        return _hf_model(spec, dims, precision, seq_len, vocab_size, device, tokenizer_name, hf_weights)
-    if not dims["vocab_size"] and spec.flavor in ("debug", "small"):
-        dims["vocab_size"] = vocab_size
-    try:
-        model = build_model(spec.flavor, precision.storage, device, seed=seed, **dims)
-    except ValueError as e:
-        raise ConfigError(f"The model dimensions are inconsistent: {e}. Fix the model.* keys.") from None
-    check_seq_len(seq_len, model.args, f"model.flavor={spec.flavor}")
-    check_vocab(vocab_size, tokenizer_name, model.args.vocab_size)
-    return model
-
-
-def _hf_model(spec: Model, dims: dict[str, Any], precision: Precision, seq_len: int, vocab_size: int,
-              device: torch.device | str, tokenizer_name: str, weights: bool) -> Transformer:
-    from .hf import load_hf
-
-    model = load_hf(spec.hf_checkpoint, precision.storage, device, max_seq_len=seq_len, weights=weights)
-    check_seq_len(seq_len, model.args, f"the model in model.hf_checkpoint='{spec.hf_checkpoint}'")
-    for key, value in dims.items():
-        if value and getattr(model.args, key) != value:
-            raise ConfigError(f"model.{key} = {value!r}, but the model in model.hf_checkpoint="
-                              f"'{spec.hf_checkpoint}' has {key} = {getattr(model.args, key)!r} (from its "
-                              f"config.json). Leave model.{key} unset when loading a Hugging Face model.")
-    check_vocab(vocab_size, tokenizer_name, model.args.vocab_size, hf_folder=spec.hf_checkpoint)
-    return model
-
-
-def _model_name(spec: Model, model: Transformer) -> str:
-    """'llama3 small', or for a Hugging Face folder its model_type and path ('qwen2 path/to/Qwen2.5-0.5B')."""
-    if spec.hf_checkpoint:
-        return f"{model.args.family} {spec.hf_checkpoint}"
-    return f"llama3 {spec.flavor}"
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: LRScheduler,
@@ -171,13 +131,13 @@ class Run:
         return time.perf_counter() - self.started
 
 
-def build_state(plan: RunPlan, dist: parallel.Distributed, train_data: Any, vocab_size: int,
+def build_state(plan: RunPlan, dist: parallel.Distributed, train_data: Any, tokenizer: Tokenizer,
                 hf_weights: bool = True) -> TrainState:
     """Model (parallelized: activation checkpointing, compile, FSDP2 / DDP), optimizer, schedule and training
     data, at step 0. ``hf_weights=False``: the HF model's shapes only (a resume loads its own weights)."""
     cfg, device = plan.config, dist.device
-    model = build_model_for(cfg.model, plan.precision, cfg.data.seq_len, cfg.job.seed, vocab_size,
-                            "meta" if dist.sharded else device, cfg.tokenizer.path, hf_weights=hf_weights)
+    model = build_model_for(cfg.model, plan.precision.storage, cfg.data.seq_len, cfg.job.seed, tokenizer,
+                            cfg.tokenizer.path, "meta" if dist.sharded else device, hf_weights=hf_weights)
     parallel.parallelize(model, dist, plan.precision, cfg.activation_checkpoint.mode, cfg.compile.enable)
     if dist.sharded:  # FSDP2: shapes only until now; each rank allocates and initialises only its shards
         parallel.materialize(model, device, cfg.job.seed)
@@ -209,11 +169,11 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
     tokenizer = build_tokenizer(cfg.tokenizer.path)
     train_data, eval_data = build_datasets(cfg.data, tokenizer, cfg.job.seed, rank=dist.plan.rank,
                                            world_size=dist.world_size, tokenizer_path=cfg.tokenizer.path)  # each rank: its slice of a global batch
-    state = build_state(plan, dist, train_data, tokenizer.vocab_size, hf_weights=resume_from is None)
+    state = build_state(plan, dist, train_data, tokenizer, hf_weights=resume_from is None)
     model, checkpointer = state.model, build_checkpointer(plan, hooks)
     resumed_elapsed = checkpointer.load(state, resume_from) if resume_from else 0.0
     if dist.is_main:
-        print(f"leantrain: training {_model_name(cfg.model, model)} "
+        print(f"leantrain: training {model_name(cfg.model, model)} "
               f"({num_params(model) / 1e6:.1f}M parameters), recipe {plan.recipe or 'custom'}, on "
               f"{dist.world_size} x {device.type}, {train_data.num_tokens:,} training tokens; writing "
               f"{plan.paths.folder}", flush=True)
@@ -309,7 +269,7 @@ def _record(run: Run, stats: StepStats, last_log: tuple[int, float], eval_now: b
 
 
 def _summary(run: Run, measured_state: dict[str, int], weights: Path) -> dict[str, Any]:
-    """summary.json (key order of SPEC.md section 5, then the planner's prediction beside the measurement),
+    """summary.json (key order of the README's 'Training' section, then the planner's prediction beside the measurement),
     loss.png and the closing line, written by rank 0."""
     plan, model = run.plan, run.state.model
     summary = summarize(run.logger.records, recipe=plan.recipe, num_params=num_params(model),
@@ -330,7 +290,7 @@ def _summary(run: Run, measured_state: dict[str, int], weights: Path) -> dict[st
         folder = plan.paths.folder
         write_json(os.path.join(folder, "summary.json"), summary)
         plot_losses({plan.recipe or "run": run.logger.records}, os.path.join(folder, "loss.png"),
-                    title=f"{_model_name(plan.config.model, run.state.model)}, recipe {plan.recipe or 'custom'}")
+                    title=f"{model_name(plan.config.model, run.state.model)}, recipe {plan.recipe or 'custom'}")
         print(f"leantrain: done. final loss {summary['final_loss']:.4f}, eval loss "
               f"{summary['final_eval_loss']:.4f}, {summary['state_bytes_per_param']:.2f} bytes/param of training "
               f"state. Files in {folder}; the final weights in {weights} (`leantrain export|eval|generate "

@@ -21,6 +21,7 @@ from leantrain.cli import main
 from leantrain.config import load_config
 from leantrain.data import build_datasets, build_tokenizer
 from leantrain.errors import CheckpointError
+from leantrain.families import FAMILIES
 from leantrain.hf import model_args_from_hf
 from leantrain.metrics import read_metrics
 from leantrain.model import num_params
@@ -194,6 +195,14 @@ FAMILY_VARIANTS = {
 }
 
 
+def test_every_family_of_the_registry_has_a_variant_here():
+    """Adding a family to leantrain.families.FAMILIES needs a variant in FAMILY_VARIANTS (this test fails until
+    there is one), which the load, export and training tests below then run against transformers."""
+    assert {family for family, _, _ in FAMILY_VARIANTS.values()} == set(FAMILIES)
+    for family in FAMILIES.values():  # the registry names classes transformers has
+        assert hasattr(transformers, family.architecture)
+
+
 @pytest.mark.parametrize("variant", FAMILY_VARIANTS)
 def test_family_loads_with_the_same_logits(tmp_path, variant):
     family, overrides, expected = FAMILY_VARIANTS[variant]
@@ -201,6 +210,7 @@ def test_family_loads_with_the_same_logits(tmp_path, variant):
     hf.save_pretrained(tmp_path, safe_serialization=True)
     ours = leantrain.load_hf(tmp_path, dtype=torch.float32)
     assert ours.args.family == family
+    assert (ours.args.qkv_bias, ours.args.qk_norm) == (FAMILIES[family].qkv_bias, FAMILIES[family].qk_norm)
     for key, value in expected.items():
         assert getattr(ours.args, key) == value, key
     tokens = torch.randint(0, 300, (2, 100))

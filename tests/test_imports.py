@@ -15,13 +15,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "leantrain"
 # Lowest first. A module may import modules of lower layers, and of its own package (optim.*, data.*,
 # checkpoint.*); nothing of a layer above its own, nor of another component of its own layer.
 LAYERS = [
-    {"errors", "utils", "distributed", "hooks"},  # no leantrain imports
-    {"precision"},  # numerics: the fp32 islands and the Precision value
+    {"errors", "utils", "distributed", "hooks", "files"},  # no leantrain imports
+    {"precision", "families"},  # numerics: the fp32 islands and the Precision value; the HF family registry
     {"optim", "data", "model", "metrics", "state", "guard"},
-    {"hf", "config"},  # config knows the optimizer's choices
+    {"hf", "config"},  # config knows the optimizer's choices and the model's flavors
     {"runplan"},  # config resolved into frozen values
-    {"parallel", "plan", "checkpoint"},
-    {"step", "evaluation", "generate", "prepare"},
+    {"parallel", "checkpoint"},
+    {"loader"},  # what model and tokenizer a command uses
+    {"step", "evaluation", "generate", "prepare", "plan"},
     {"train", "compare"},
     {"cli", "__init__"},
     {"__main__"},

@@ -1,4 +1,4 @@
-"""The fp32 islands of SPEC.md section 4: each test fails if its island is removed."""
+"""The fp32 islands (listed in leantrain/precision.py): each test fails if its island is removed."""
 
 import math
 

@@ -17,7 +17,7 @@ from leantrain.step import train_step
 from leantrain.train import build_state
 
 SPEC_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s", "peak_memory_bytes"}
-# SPEC.md section 5, plus the planner's prediction and the count of skipped NaN/Inf steps
+# summary.json's keys (the README's 'Training' section), plus the planner's prediction and the count of skipped NaN/Inf steps
 SUMMARY_KEYS = {"recipe", "num_params", "steps", "final_loss", "final_eval_loss", "tokens_per_sec",
                 "peak_memory_bytes", "state_bytes", "state_bytes_per_param", "planned_state_bytes",
                 "skipped_nonfinite_steps", "small_updates"}
@@ -43,8 +43,8 @@ def test_train_writes_the_run_files_and_learns(tmp_path):
     assert load_config(str(out / "config.toml")).training.steps == 60
 
 
-# SPEC.md section 4: bytes/param of training state (bf16-int8: 2 x (1 byte code + 4/256 scale) on large
-# tensors, bf16 moments on the < 4096-element norms, so about 6.03 on small). bf16-int4-int8 is not in SPEC.md:
+# The README's recipe table: bytes/param of training state (bf16-int8: 2 x (1 byte code + 4/256 scale) on large
+# tensors, bf16 moments on the < 4096-element norms, so about 6.03 on small). bf16-int4-int8:
 # bf16-int4's 5.06 with exp_avg_sq's 0.5 + 4/128 bytes per element replaced by int8's 1 + 4/256, about 5.54.
 SPEC_BYTES = {"fp32": 16.0, "bf16-mixed": 16.0, "bf16": 8.0, "bf16-fp32state": 12.0, "bf16-sr": 8.0,
               "bf16-kahan": 10.0, "bf16-int8": 6.03, "bf16-int4": 5.06, "bf16-int4-int8": 5.55}
@@ -253,7 +253,7 @@ def test_top_level_help_version_and_the_name_of_an_hf_run(capsys):
     from leantrain.cli import main
     from leantrain.config import Model
     from leantrain.model import build_model
-    from leantrain.train import _model_name
+    from leantrain.loader import model_name as _model_name
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

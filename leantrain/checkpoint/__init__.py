@@ -56,6 +56,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from .. import distributed, guard
 from ..config import Checkpoint, Config, load_config, warn_once
 from ..errors import CheckpointError, TrainingDiverged, storage_error
+from ..files import read_json
 from ..hooks import Hooks
 from ..model import ModelArgs, Transformer, build_model_from_args
 from ..optim import quant
@@ -127,12 +128,15 @@ def read_info(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"The checkpoint {path} is incomplete: it has no {INFO_FILE} (written last, when a "
                               f"save completes). It may be damaged or not a leantrain checkpoint. Move it away "
                               f"or delete it to resume from an earlier checkpoint.")
+    def damaged(reason: object) -> CheckpointError:
+        return CheckpointError(f"The checkpoint {path} has an unreadable {INFO_FILE} ({reason}); it is damaged. Move "
+                               f"it away or delete it to resume from an earlier checkpoint.")
+
+    info = read_json(info_path, damaged)
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
         files, step = info["files"], int(info["step"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"The checkpoint {path} has an unreadable {INFO_FILE} ({e}); it is damaged. Move it "
-                              f"away or delete it to resume from an earlier checkpoint.") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise damaged(e) from None
     problems = []
     for name, size in sorted(files.items()):
         f = path / name

@@ -1,13 +1,13 @@
 """Data: tokenizers, corpus loading, the train/eval split and packed pretraining batches.
 
-The trainer uses five names from here:
+What the other modules use from here:
 
-* :func:`build_tokenizer` -- ``"byte"`` or a local Hugging Face ``tokenizer.json``.
-* :func:`load_documents` -- ``"builtin"``, a ``.txt`` file, a ``.jsonl`` file or a folder of them.
-* :func:`split_documents` -- the last 5% of documents are the held-out eval split.
-* :class:`PackedDataset` -- documents tokenized once, joined with BOS/EOS, cut into windows of
-  ``seq_len + 1`` tokens and served in a seeded, resumable, infinite order.
-* :class:`Tokenizer` -- the protocol both tokenizers follow.
+* :func:`build_tokenizer` -- ``"byte"`` or a local Hugging Face ``tokenizer.json`` (the :class:`Tokenizer`
+  protocol, :class:`ByteTokenizer`, :class:`HFTokenizer`).
+* :func:`build_datasets` / :func:`build_eval_dataset` -- the train and eval datasets of any data.format, from raw
+  files (:func:`load_documents`, :func:`split_documents`: the last 5% of documents are the held-out split) or a
+  folder written by ``leantrain prepare``; text is packed into windows of ``seq_len + 1`` tokens
+  (:class:`PackedDataset`), served in a seeded, resumable, infinite order.
 
 Every bad input raises :class:`leantrain.errors.DataError` with a message that names the file
 (or key), says what is wrong and what is allowed.

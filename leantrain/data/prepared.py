@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from leantrain.errors import DataError
+from leantrain.files import read_json
 
 from .tokenizer import ByteTokenizer, Tokenizer
 
@@ -94,16 +95,6 @@ def describe_tokenizer(ident: dict[str, Any]) -> str:
 def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
     keys = ("kind", "sha256", "vocab_size", "bos_id", "eos_id", "pad_id", "chat_template")
     return all(a.get(k) == b.get(k) for k in keys)
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write, fsync, rename: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,10 +267,7 @@ def open_prepared(path: str | os.PathLike) -> PreparedCorpus:
             raise DataError(f"The prepared data {str(p)!r} is incomplete: leantrain prepare was interrupted before "
                             f"it wrote manifest.json. Run the same prepare command again; it resumes.")
         raise DataError(f"{str(p)!r} is not a prepared data folder (no manifest.json in it).")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad(p, f"manifest.json is not readable JSON ({e})") from e
+    manifest = read_json(manifest_path, lambda reason: _bad(p, reason))
     _check_manifest(p, manifest)
     dtype, samples = np.dtype(manifest["dtype"]), manifest["kind"] != "text"
     shards, masks, offsets, firsts, base = [], [], [np.zeros(1, np.int64)], [], 0

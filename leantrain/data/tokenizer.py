@@ -9,6 +9,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from leantrain.errors import ConfigError, DataError
+from leantrain.files import read_json
 
 # --------------------------------------------------------------------------------------------
 # Tokenizers
@@ -62,6 +63,76 @@ class ByteTokenizer:
         return "ByteTokenizer(vocab_size=259, bos_id=256, eos_id=257, pad_id=258)"
 
 
+# ---- the byte tokenizer as a Hugging Face tokenizer.json (export) --------------------------------------------
+
+# The names the exported byte tokenizer gives its specials (ids 256, 257, 258).
+BYTE_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+    """byte -> the printable character that the ``tokenizers`` ByteLevel pre-tokenizer maps it to (GPT-2's table:
+    printable Latin-1 bytes stand for themselves, the rest take code points from 256 on, in byte order). The
+    library applies this table but does not expose it in order, so it is written out here."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+def byte_tokenizer_json() -> str:
+    """ByteTokenizer as a ``tokenizers`` tokenizer.json: ids 0..255 the bytes (a byte-level BPE with every byte in
+    its vocabulary and no merges), 256/257/258 BOS/EOS/PAD; encoding with special tokens adds BOS, as leantrain's
+    prompts and documents start."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as _HFTok
+
+    chars = _gpt2_byte_chars()
+    tok = _HFTok(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BYTE_SPECIAL_TOKENS])
+    bos = BYTE_SPECIAL_TOKENS[0]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, ByteTokenizer.bos_id)])
+    return tok.to_str()
+
+
+def byte_tokenizer_config() -> dict[str, Any]:
+    """tokenizer_config.json of the exported byte tokenizer. ``split_special_tokens``: a text that spells a special
+    token's name is encoded as its bytes, as ByteTokenizer does, not as the special id."""
+    bos, eos, pad = BYTE_SPECIAL_TOKENS
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
+            "split_special_tokens": True, "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
+
+
+def _is_byte_tokenizer_json(path: Path) -> bool:
+    """The file is the byte tokenizer as export writes it (then leantrain reads it as ByteTokenizer)."""
+    if path.stat().st_size > 64 * 1024:  # ours is about 10 KB; a real vocabulary is far larger
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) == json.loads(byte_tokenizer_json())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def save_tokenizer(tokenizer: Tokenizer, out: Path) -> list[str]:
+    """Write a tokenizer into a Hugging Face folder so that ``AutoTokenizer.from_pretrained(out)`` loads it: the byte
+    tokenizer as :func:`byte_tokenizer_json`, an HF tokenizer's own files copied. Returns the names written."""
+    import shutil
+
+    if isinstance(tokenizer, ByteTokenizer):
+        (out / "tokenizer.json").write_text(byte_tokenizer_json(), encoding="utf-8")
+        (out / "tokenizer_config.json").write_text(json.dumps(byte_tokenizer_config(), indent=2) + "\n",
+                                                   encoding="utf-8")
+        return ["tokenizer.json", "tokenizer_config.json"]
+    source = Path(getattr(tokenizer, "path", "")).parent
+    written = []
+    for name in _TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+            written.append(name)
+    return written
+
+
 # Special-token names, in order of preference, for tokenizers without a tokenizer_config.json.
 # EOS: for pretraining the end-of-document token (<|end_of_text|>) is preferred over the chat
 # end-of-turn token (<|eot_id|>), which is only used when nothing else is there.
@@ -100,11 +171,17 @@ class HFTokenizer:
                 f"eos_id={self.eos_id}, pad_id={self.pad_id})")
 
 
+TOKENIZER_VALUES = ("tokenizer.path must be 'auto' (an HF model folder's own tokenizer.json, else byte), 'byte' "
+                    "(256 byte ids plus BOS, EOS, PAD), or a local Hugging Face tokenizer.json (or a folder that "
+                    "contains one)")
+
+
 def build_tokenizer(path: str) -> Tokenizer:
     """``tokenizer.path`` -> a tokenizer.
 
-    ``"byte"`` gives :class:`ByteTokenizer`. Anything else is a local Hugging Face
-    ``tokenizer.json`` (or a folder holding one). BOS/EOS/PAD come from ``bos_token`` /
+    ``"byte"`` gives :class:`ByteTokenizer`, and so does the byte tokenizer's own tokenizer.json (as
+    ``leantrain export`` writes it). Anything else is a local Hugging Face ``tokenizer.json`` (or a folder
+    holding one). BOS/EOS/PAD come from ``bos_token`` /
     ``eos_token`` / ``pad_token`` in a ``tokenizer_config.json`` beside it when there is one;
     otherwise from the well-known names (``<|begin_of_text|>``, ``<s>``, ``<|end_of_text|>``,
     ``</s>``, ``<|eot_id|>``, ...) and then from added tokens flagged special whose name says
@@ -115,10 +192,10 @@ def build_tokenizer(path: str) -> Tokenizer:
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / "tokenizer.json"
-    allowed = ('tokenizer.path must be "byte" or a local Hugging Face tokenizer.json '
-               "(or a folder that contains one)")
     if not p.exists():
-        raise DataError(f"Tokenizer file {str(p)!r} (tokenizer.path={path!r}) does not exist. {allowed}.")
+        raise DataError(f"Tokenizer file {str(p)!r} (tokenizer.path={path!r}) does not exist. {TOKENIZER_VALUES}.")
+    if _is_byte_tokenizer_json(p):
+        return ByteTokenizer()
     try:
         from tokenizers import Tokenizer as _HFTok
     except ImportError as e:  # pragma: no cover - tokenizers is a runtime dependency
@@ -130,7 +207,7 @@ def build_tokenizer(path: str) -> Tokenizer:
         raise DataError(
             f"Tokenizer file {str(p)!r} (tokenizer.path={path!r}) could not be loaded as a Hugging "
             f"Face tokenizer: {e}. It must be a tokenizer.json as written by "
-            f"tokenizers.Tokenizer.save() or transformers' save_pretrained(); {allowed}.") from e
+            f"tokenizers.Tokenizer.save() or transformers' save_pretrained(); {TOKENIZER_VALUES}.") from e
 
     vocab = tok.get_vocab(with_added_tokens=True)
     added = _special_added_tokens(tok)
@@ -173,15 +250,9 @@ def read_tokenizer_config(cfg_path: Path) -> dict[str, Any]:
     """A tokenizer_config.json as a dict ({} if absent): its special tokens and chat template."""
     if not cfg_path.is_file():
         return {}
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"Tokenizer config {str(cfg_path)!r} is not readable JSON ({e}); fix or "
-                        "remove it (it is optional: it names bos_token/eos_token and the chat template).") from e
-    if not isinstance(cfg, dict):
-        raise DataError(f"Tokenizer config {str(cfg_path)!r} must be a JSON object, got "
-                        f"{type(cfg).__name__}.")
-    return cfg
+    return read_json(cfg_path, lambda reason: DataError(
+        f"Tokenizer config {reason}; fix or remove it (it is optional: it names bos_token/eos_token and the chat "
+        "template)."))
 
 
 def _read_tokenizer_config(cfg_path: Path, vocab: dict[str, int]) -> dict[str, int]:

@@ -123,5 +123,5 @@ class StepScalars(NamedTuple):
 
     def as_tensor(self, device) -> torch.Tensor:
         """One fp32 tensor on `device`. Python floats would be baked into the compiled graph (a recompile at every
-        step for lr and the bias corrections), and even constant ones made the int8 kernel 2.3x slower."""
+        step for lr and the bias corrections), and even constant ones made the int8 kernel slower (measured)."""
         return small_tensor(list(self), torch.float32, device)

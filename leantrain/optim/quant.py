@@ -13,14 +13,15 @@ The maps are companded: the codes are evenly spaced in phi(x), and a code's valu
   twice the resolution near zero of a linear map, and both ends +-1 (stored as k + K);
 * exp_avg_sq (unsigned): int8 phi(x) = sqrt(x), k in 0..255 stands for (k / 255)^2 (v is a squared gradient: its
   square root spans half the decades); int4 the linear map k / 15 (Li et al.'s second moment: at 4 bits the
-  square-root map's widest gaps put Adam's steps 8.4% off, the linear map 7.0%; benchmarks/moment_maps.py).
+  square-root map's widest gaps put Adam's steps further off than the linear map; benchmarks/moment_maps.py).
 v's zero code is never written (a value below the first code is stored as that code): rounded down to 0, a small v
-makes Adam's step m / (sqrt(0) + eps) enormous (measured with the earlier maps: 0.01% of v stored as 0 made the
-steps 15% too large in aggregate). The initial state reads as 0 through its zero scale.
+makes Adam's step m / (sqrt(0) + eps) enormous (measured with the earlier maps: a few v stored as 0 made the
+steps far too large in aggregate). The initial state reads as 0 through its zero scale.
 
 Why companded maps, not the "dynamic" tree map of bitsandbytes and torchao (which this module used before): chosen
-by measurement (benchmarks/moment_bias.py, stochastic codes): with the dynamic maps int8's Adam steps ran 0.55%
-large, with these 0.38% (0.36% along the exact steps); benchmarks/moment_maps.py replays the candidates. A code is
+by measurement (benchmarks/moment_bias.py, stochastic codes; the figures in BENCHMARKS.md): int8's Adam steps run
+closer to the exact ones with these maps than with the dynamic ones; benchmarks/moment_maps.py replays the
+candidates. A code is
 found by arithmetic (phi, floor, one correction each way) rather than by table look-ups; measured, that did not
 make the compiled CPU step faster (BENCHMARKS.md). Checkpoints written with the dynamic maps are refused on resume
 (`CODES`, checked by the checkpoint module).

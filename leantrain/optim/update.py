@@ -185,9 +185,8 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
 
     bf16 and fp32 moments: one graph. Quantized moments: two, `update_weight`'s and `store_moments'`, with the new
     fp32 moments passed between them through memory. In one graph inductor splits the kernel at each block
-    absmax and recomputes the moments' dequantization and EMA in every loop after it. Measured (a scratch script)
-    on one 1024x1024 tensor against compiled `bf16-sr` in the same run: int8 from 4.6x to 3.7x, int4 5.8x to 4.8x, int4-int8 4.9x to
-    4.6x; on benchmarks/optimizer_step.py's whole model 1-9% (BENCHMARKS.md)."""
+    absmax and recomputes the moments' dequantization and EMA in every loop after it; two graphs measured faster
+    (benchmarks/optimizer_step.py; the figures are in BENCHMARKS.md, not here, where they would age)."""
     storage = quant.STORAGES.get(kind)
     shape, n = ((-1, storage.block) if storage is not None else (-1,)), p.numel()
 
@@ -206,7 +205,7 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
         mf, vf, counts = _compile(_weight_stage)(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars,
                                                  count, gate)
         # each moment in its own format's blocks: a [blocks, 256] input viewed as 128-element blocks takes index
-        # arithmetic modulo the dynamic size, which inductor's CPU code does not vectorize (int4-int8: 4x slower)
+        # arithmetic modulo the dynamic size, which inductor's CPU code does not vectorize (measured several times slower)
         mf, vf = dyn(mf, (-1, storage.exp_avg.block)), dyn(vf, (-1, storage.exp_avg_sq.block))
         moment_counts = _compile(_moment_stage)(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate)
     return {**counts, **moment_counts} if count else None
@@ -235,9 +234,9 @@ def _vectorized_bitcasts():
 
     Stochastic rounding adds random bits to an fp32 value's bit pattern (`x.view(torch.int32)`) and reads the
     result back as fp32. torch 2.13's CPU code generator has no vectorized form of `view(dtype)`: inside a
-    vectorized loop it spills each vector to an array, bit-casts it element by element and reloads it. Measured
-    on the update of 16M bf16 elements (benchmarks/optimizer_step.py's model, 2 cores, AVX-512): that made the
-    compiled `bf16-sr` step 5.9x the compiled plain-bf16 step; with a vector cast
+    vectorized loop it spills each vector to an array, bit-casts it element by element and reloads it, which
+    made the compiled `bf16-sr` step several times the compiled plain-bf16 step (benchmarks/optimizer_step.py,
+    BENCHMARKS.md); with a vector cast
     (`at::vec::cast`, a register reinterpretation) the loop stays vectorized. Only fp32 <-> int32 is changed, and
     only while `compiled_update` runs (which is when dynamo and inductor generate its code); other code compiled
     in the process is untouched. If inductor's internals move, this does nothing and the kernel is just slower.
