@@ -3,8 +3,7 @@ seq 2048, batch 1, full activation checkpointing, one GPU (no sharding), with an
 
     python benchmarks/fits.py
 
-1B, 8B and 70B are leantrain's flavors (Llama 3.2-1B, 3.1-8B, 3.1-70B); 3B is Llama 3.2-3B's shape given as
-overrides of the 1B flavor (dim 3072, 28 blocks, 24 heads, 8 key/value heads, feed-forward 8192, tied embeddings).
+The sizes are leantrain's published flavors (leantrain.model.FLAVORS: Llama 3.2-1B, 3.2-3B, 3.1-8B, 3.1-70B).
 Planned, not measured: the state bytes are exact (the optimizer lays its state out on meta tensors), the
 activations an estimate (leantrain/plan.py), and nothing is added for the allocator or the CUDA context.
 """
@@ -17,12 +16,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from leantrain.config import RECIPES, load_config  # noqa: E402
+from leantrain.model import FLAVORS, TOKENIZER_SIZED_FLAVORS  # noqa: E402
 from leantrain.plan import plan  # noqa: E402
 
-MODELS = {"1B": {"model.flavor": "1B"},
-          "3B": {"model.flavor": "1B", "model.dim": "3072", "model.n_layers": "28", "model.n_heads": "24",
-                 "model.n_kv_heads": "8", "model.ffn_dim": "8192"},
-          "8B": {"model.flavor": "8B"}, "70B": {"model.flavor": "70B"}}
+MODELS = {size: {"model.flavor": size} for size in FLAVORS if size not in TOKENIZER_SIZED_FLAVORS}
 GPUS_GIB = (24, 48, 80)
 
 
