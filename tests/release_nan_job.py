@@ -46,7 +46,7 @@ def main() -> None:
                                       "parallelism.dp_replicate": "1", "lr_scheduler.warmup_steps": "1"}))
     d = parallel.init_distributed(plan.parallel)
     data = PackedDataset(["some text to train on, " * 80], ByteTokenizer(), 16, 2, 0, rank=rank, world_size=2)
-    state = build_state(plan, d, data, 259)
+    state = build_state(plan, d, data, ByteTokenizer())
     ctx = StepContext(plan.precision, d, max_norm=0.0, weigh_tokens=False, nonfinite=guard.NonFiniteGuard(3, 2),
                       release=GradientRelease(state.optimizer))
     assert train_step(state, [data.next_batch()], ctx).finite

@@ -31,7 +31,7 @@ def make_state(cfg, rank=0, world_size=1):
     plan = resolve(cfg, env={})
     data = PackedDataset(DOCS, ByteTokenizer(), cfg.data.seq_len, cfg.data.local_batch_size, cfg.job.seed,
                          rank=rank, world_size=world_size)
-    return build_state(plan, parallel.Distributed(plan.parallel), data, 259)
+    return build_state(plan, parallel.Distributed(plan.parallel), data, ByteTokenizer())
 
 
 def checkpointer(cfg):

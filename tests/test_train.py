@@ -74,7 +74,7 @@ def test_full_bf16_keeps_every_tensor_of_the_training_state_in_bf16():
     cfg = load_config(None, {"recipe": "bf16", "model.flavor": "debug"})
     plan = resolve(cfg, env={})
     data = PackedDataset(["some text " * 20], ByteTokenizer(), 16, 2, 0)
-    state = build_state(plan, parallel.Distributed(plan.parallel), data, 259)
+    state = build_state(plan, parallel.Distributed(plan.parallel), data, ByteTokenizer())
     model, opt = state.model, state.optimizer
     model(torch.randint(0, 259, (2, 16))).float().mean().backward()
     opt.step()
@@ -158,7 +158,7 @@ def test_train_step_in_process_and_a_skipped_step_changes_only_the_step_and_the_
     plan = resolve(load_config(None, {"recipe": "bf16-sr", "model.flavor": "debug", "lr_scheduler.warmup_steps": "1"}),
                    env={})
     data = PackedDataset(["some text to train on, " * 40], ByteTokenizer(), 16, 2, 0)
-    state = build_state(plan, parallel.Distributed(plan.parallel), data, 259)
+    state = build_state(plan, parallel.Distributed(plan.parallel), data, ByteTokenizer())
     ctx = StepContext(plan.precision, parallel.Distributed(plan.parallel), max_norm=1.0, weigh_tokens=False,
                       nonfinite=guard.NonFiniteGuard(3), hooks=InfOnStep2())
     first = train_step(state, [data.next_batch()], ctx, count_lost_updates=True)
@@ -275,7 +275,7 @@ def _release_state(in_backward: bool, recipe: str = "bf16-sr"):
                    env={})
     data = PackedDataset(["some text to train on, " * 40], ByteTokenizer(), 16, 2, 0)
     dist = parallel.Distributed(plan.parallel)
-    state = build_state(plan, dist, data, 259)
+    state = build_state(plan, dist, data, ByteTokenizer())
     ctx = StepContext(plan.precision, dist, max_norm=0.0, weigh_tokens=False, nonfinite=guard.NonFiniteGuard(3),
                       release=GradientRelease(state.optimizer) if in_backward else None)
     return state, ctx, data
