@@ -223,10 +223,12 @@ class ActivationCheckpoint:
 
 @dataclass(frozen=True)
 class Compile:
-    enable: bool = False
+    enable: Literal["auto", True, False] = "auto"
     """torch.compile each transformer block (with FSDP2, per block, inside the sharding) and the optimizer's
-    per-tensor update (one fused kernel per tensor: `leantrain.optim.update`). The first steps are slower while
-    it compiles."""
+    per-tensor update (one fused kernel per tensor: `leantrain.optim.update`). auto: on where a compiler works for
+    the device (a C++ compiler and Python's headers on a CPU, Triton on a GPU), off with one warning saying why
+    where it does not. The first steps compile: their compile time is shown on the progress bar, logged as
+    compile_s, and left out of tokens/s."""
 
 
 @dataclass(frozen=True)
@@ -333,7 +335,9 @@ def _coerce(key: str, value: Any, tp: Any, from_cli: bool) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed:
+        if from_cli and isinstance(value, str) and True in allowed and value.lower() in ("true", "false"):
+            value = value.lower() == "true"  # a choice that is also a switch: --compile.enable=true
+        if not any(value == a and type(value) is type(a) for a in allowed):  # (1 == True: types too)
             hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             extra = f" Did you mean {hint[0]!r}?" if hint else ""
             raise ConfigError(f"Config key '{key}' has the value {value!r}, which is not allowed: it must be "

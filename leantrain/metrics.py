@@ -227,8 +227,14 @@ class Progress:
                    "mem": f"{record['peak_memory_bytes'] / 2**30:.2f}GiB"}
         if "eval_loss" in record:
             postfix["eval"] = f"{record['eval_loss']:.3f}"
+        if "compile_s" in record:  # (left out of tok/s)
+            postfix["compiled in"] = f"{record['compile_s']:.0f}s"
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
+
+    def note(self, text: str) -> None:
+        """A word on the bar until the first logged step replaces it (e.g. 'compiling')."""
+        self.bar.set_postfix_str(text, refresh=True)
 
     def close(self) -> None:
         if self.enabled:

@@ -191,6 +191,18 @@ def apply_compile(model: nn.Module) -> None:
         block.forward = torch.compile(block.forward, fullgraph=True)
 
 
+# torch's own timings of each compile: dynamo's frames (with their forward graphs) and AOT autograd's backward
+# graphs, which are compiled lazily at the first backward. Neither grows once everything is compiled.
+_COMPILE_TIMERS = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in torch.compile so far (0.0 where nothing was compiled)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return sum(sum(compilation_time_metrics.get(name, ())) for name in _COMPILE_TIMERS)
+
+
 def reshard(model: nn.Module) -> None:
     """Shard the parameters that a forward without backward (evaluation) left gathered under FSDP2: the root
     and the last block keep theirs after the forward for the backward that usually follows."""

@@ -9,6 +9,7 @@ sections), never the whole config, the way torchtitan's ``parallelize_llama`` ta
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -81,6 +82,7 @@ class RunPlan:
     parallel: ParallelPlan
     paths: RunPaths
     optimizer: OptimizerSpec
+    compile: bool  # compile.enable decided for this device: the blocks and (OptimizerSpec.compile) the update
 
     @property
     def config_record(self) -> dict:
@@ -96,12 +98,52 @@ def precision_of(cfg: Config) -> Precision:
     return Precision(storage=storage, compute=compute, reduce=DTYPES[t.mixed_precision_reduce])
 
 
-def optimizer_spec(cfg: Config) -> OptimizerSpec:
+def optimizer_spec(cfg: Config, compile: bool = False) -> OptimizerSpec:
     o = cfg.optimizer
     return OptimizerSpec(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                          state_dtype=o.state_dtype, compensation=o.compensation,
-                         moments_rounding=o.moments_rounding, seed=cfg.job.seed, compile=cfg.compile.enable,
+                         moments_rounding=o.moments_rounding, seed=cfg.job.seed, compile=compile,
                          in_backward=o.in_backward)
+
+
+@functools.cache
+def why_no_compiler(device_type: str) -> str | None:
+    """Why torch.compile cannot generate code for this kind of device here (None: it can). Checked by looking for
+    the toolchain inductor needs, not by compiling, so that deciding costs nothing."""
+    import sysconfig
+
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile does not support this Python ({sysconfig.get_python_version()})"
+    if device_type == "cpu":
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception:  # inductor's own search raises its own error type when it finds no compiler
+            return "no C++ compiler was found (inductor's CPU code needs one: install g++ or clang, or set CXX)"
+        if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+            return "Python's C headers (Python.h) are missing (inductor's CPU code needs them: install python3-dev)"
+        return None
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "Triton is not installed (inductor's GPU code needs it: pip install triton)"
+    return f"leantrain compiles for CPUs and CUDA GPUs only, not for {device_type}"
+
+
+def compile_enabled(setting: bool | str, device: torch.device) -> bool:
+    """compile.enable with auto decided: on where a compiler works for the device (train warns where it does not,
+    :func:`compile_off_warning`)."""
+    return bool(setting) if setting != "auto" else why_no_compiler(device.type) is None
+
+
+def compile_off_warning(setting: bool | str, device: torch.device) -> str | None:
+    """What a run that compile.enable=auto leaves uncompiled says, once; None where nothing is to be said."""
+    reason = why_no_compiler(device.type) if setting == "auto" else None
+    return reason and (f"compile.enable=auto: {reason}, so this run is not compiled and runs eagerly (slower; the "
+                       f"results are the same to rounding). Set compile.enable=false to say so and silence this.")
 
 
 def run_paths(cfg: Config, now: datetime | None = None) -> RunPaths:
@@ -163,5 +205,6 @@ def resolve(cfg: Config, env: Mapping[str, str] = os.environ) -> RunPlan:
     parallel = parallel_plan(cfg, env)
     for message in suspicious_precision_settings(cfg, dp_shard=parallel.dp_shard):  # validate() did not know it
         warn_once(message)
+    compile = compile_enabled(cfg.compile.enable, parallel.device)
     return RunPlan(config=cfg, recipe=recipe_of(cfg), precision=precision_of(cfg), parallel=parallel,
-                   paths=run_paths(cfg), optimizer=optimizer_spec(cfg))
+                   paths=run_paths(cfg), optimizer=optimizer_spec(cfg, compile), compile=compile)

@@ -29,7 +29,7 @@ from .optim.layout import rounds_moments_stochastically
 from .optim.release import GradientRelease
 from .plan import planned_state_bytes
 from .precision import Precision
-from .runplan import OptimizerSpec, RunPlan
+from .runplan import OptimizerSpec, RunPlan, compile_off_warning
 from .state import TrainState
 from .step import StepContext, StepStats, train_step
 
@@ -138,7 +138,7 @@ def build_state(plan: RunPlan, dist: parallel.Distributed, train_data: Any, toke
     cfg, device = plan.config, dist.device
     model = build_model_for(cfg.model, plan.precision.storage, cfg.data.seq_len, cfg.job.seed, tokenizer,
                             cfg.tokenizer.path, "meta" if dist.sharded else device, hf_weights=hf_weights)
-    parallel.parallelize(model, dist, plan.precision, cfg.activation_checkpoint.mode, cfg.compile.enable)
+    parallel.parallelize(model, dist, plan.precision, cfg.activation_checkpoint.mode, plan.compile)
     if dist.sharded:  # FSDP2: shapes only until now; each rank allocates and initialises only its shards
         parallel.materialize(model, device, cfg.job.seed)
     optimizer = build_optimizer_for(model, plan.optimizer)
@@ -164,6 +164,9 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
     if cfg.metrics.tensorboard and not tensorboard_available():
         raise ConfigError("metrics.tensorboard=true needs the tensorboard package, which is not installed: pip "
                           "install 'leantrain[tensorboard]' (or tensorboard), or leave metrics.tensorboard false.")
+    message = compile_off_warning(cfg.compile.enable, device)
+    if message:
+        warn_once(message)
     if dist.is_main:
         prepare_run_folder(plan.paths.folder)
     tokenizer = build_tokenizer(cfg.tokenizer.path)
@@ -221,7 +224,9 @@ def _loop(run: Run, progress: Progress) -> tuple[dict[str, int] | None, tuple[in
     bytes measured after the first update and, if a stop signal ended it, (step, checkpoint saved or None)."""
     cfg, state, dist = run.plan.config, run.state, run.dist
     steps, accum = cfg.training.steps, cfg.training.gradient_accumulation_steps
-    measured_state, stopped_at, last_log = None, None, (state.step, time.perf_counter())
+    measured_state, stopped_at, last_log = None, None, _clock(state.step)
+    if run.plan.compile:
+        progress.note("compiling")  # the first steps compile; the bar shows for how long once they have
     while state.step < steps and stopped_at is None and not run.ctx.nonfinite.diverged:
         batches = [[t.to(dist.device, non_blocking=True) for t in state.data.next_batch()] for _ in range(accum)]
         stats = train_step(state, batches, run.ctx, count_lost_updates=_log_due(state.step + 1, cfg))
@@ -236,7 +241,7 @@ def _loop(run: Run, progress: Progress) -> tuple[dict[str, int] | None, tuple[in
             record = _record(run, stats, last_log, eval_now)
             run.logger.log(run.ctx.nonfinite.annotate(record))
             progress.show(record)
-            last_log = (state.step, time.perf_counter())
+            last_log = _clock(state.step)
     return measured_state, stopped_at
 
 
@@ -244,13 +249,22 @@ def _log_due(step: int, cfg: Any) -> bool:
     return step == 1 or step % cfg.metrics.log_freq == 0 or step == cfg.training.steps
 
 
-def _record(run: Run, stats: StepStats, last_log: tuple[int, float], eval_now: bool) -> dict[str, Any]:
-    """The metrics.jsonl line of a step (the loss averaged over ranks: one collective, on logged steps only)."""
-    now, (last_step, last_time) = time.perf_counter(), last_log
+def _clock(step: int) -> tuple[int, float, float]:
+    """(step, wall time, seconds spent compiling so far): where a logging interval starts."""
+    return step, time.perf_counter(), parallel.compile_seconds()
+
+
+def _record(run: Run, stats: StepStats, last_log: tuple[int, float, float], eval_now: bool) -> dict[str, Any]:
+    """The metrics.jsonl line of a step (the loss averaged over ranks: one collective, on logged steps only).
+    tokens/s leaves out the time spent compiling in the interval; a compiled run logs compile_s, the seconds spent
+    compiling so far."""
+    (last_step, last_time, last_compile), (_, now, compiled) = last_log, _clock(stats.step)
     loss = parallel.mean_over_ranks(stats.loss, run.dist)  # each rank's loss on its part of the global batch
     record = {"step": stats.step, "loss": loss.item(), "lr": stats.lr, "grad_norm": stats.grad_norm.item(),
-              "tokens_per_sec": (stats.step - last_step) * stats.tokens / (now - last_time),
+              "tokens_per_sec": (stats.step - last_step) * stats.tokens / (now - last_time - (compiled - last_compile)),
               "elapsed_s": now - run.started, "peak_memory_bytes": peak_memory_bytes(run.dist.device)}
+    if run.plan.compile:
+        record["compile_s"] = compiled
     if stats.updates is not None and stats.updates.tracked_elements:  # bf16 weights only: fp32 ones lose nothing
         record[unchanged_update_key(run.plan.optimizer)] = float(stats.updates.lost_update_fraction)
         if stats.updates.compensated_fraction is not None:

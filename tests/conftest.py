@@ -1,14 +1,16 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny, fast run: the debug flavor on the built-in corpus.
-TINY = ["--model.flavor=debug", "--data.seq_len=64", "--data.local_batch_size=4", "--eval.steps=2",
-        "--metrics.progress=false", "--lr_scheduler.warmup_steps=2"]
+TINY = ["--model.flavor=debug", "--compile.enable=false", "--data.seq_len=64", "--data.local_batch_size=4", "--eval.steps=2",
+        "--metrics.progress=false", "--lr_scheduler.warmup_steps=2",
+        "--compile.enable=false"]
 
 
 def run_leantrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -18,6 +20,45 @@ def run_leantrain(*args: str, timeout: float = 300) -> subprocess.CompletedProce
                           timeout=timeout, env=env, cwd=ROOT)
 
 
+def _to_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def run_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`leantrain ARGS` called in this process (leantrain.cli.main, as the console script does) with its output
+    captured, for the cases where a fresh process proves nothing more (bad input, the planner, state bytes).
+    warn_once forgets what it warned about, so that each call warns as a fresh process would."""
+    import contextlib
+    import io
+
+    from leantrain import config
+    from leantrain.cli import main
+
+    config._warned.clear()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)  # leantrain's warnings to stderr, as in a process of its own
+        warnings.showwarning = _to_stderr  # (not to pytest's recorder)
+        code = main(list(args))
+    return subprocess.CompletedProcess(["leantrain", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def leantrain_cli():
     return run_leantrain
+
+
+# ---- the tiers: `make test-fast` runs what none of these markers names (pyproject.toml registers them) -------
+
+
+@pytest.fixture(autouse=True)
+def _compiles_only_where_marked(request):
+    """A test that compiles in this process must carry the `compile` marker, so that the fast tier stays free of
+    compiling (the trainer compiles by default: tests that do not mean to pass --compile.enable=false)."""
+    from leantrain.parallel import compile_seconds
+
+    before = compile_seconds()
+    yield
+    if compile_seconds() > before and request.node.get_closest_marker("compile") is None:
+        pytest.fail("this test ran torch.compile without the `compile` marker: mark it, or pass "
+                    "--compile.enable=false (compile.enable defaults to auto, which compiles)")

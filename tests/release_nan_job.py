@@ -41,7 +41,7 @@ def local(t):
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    plan = resolve(load_config(None, {"recipe": "bf16-int8", "model.flavor": "debug", "training.max_norm": "0",
+    plan = resolve(load_config(None, {"recipe": "bf16-int8", "model.flavor": "debug", "compile.enable": "false", "training.max_norm": "0",
                                       "optimizer.in_backward": "true", "parallelism.dp_shard": "2",
                                       "parallelism.dp_replicate": "1", "lr_scheduler.warmup_steps": "1"}))
     d = parallel.init_distributed(plan.parallel)

@@ -206,7 +206,7 @@ def test_bad_conversations_are_refused_naming_the_line(tmp_path, capsys, message
     with pytest.raises(DataError, match="chat.jsonl:2: .*" + says):
         from leantrain.data import load_samples
         load_samples(str(path), "chat", ByteTokenizer())
-    assert main(["train", "--data.format=chat", f"--data.path={path}", "--model.flavor=debug",
+    assert main(["train", "--data.format=chat", f"--data.path={path}", "--model.flavor=debug", "--compile.enable=false",
                  f"--job.dump_folder={tmp_path / 'run'}"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "chat.jsonl:2:" in err and says in err and "Traceback" not in err

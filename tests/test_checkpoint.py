@@ -55,7 +55,7 @@ def train_steps(state, n, all_reduce=False):
 
 
 def tiny_config(folder, recipe=None, **extra):
-    keys = {"model.flavor": "debug", "data.seq_len": "32", "data.local_batch_size": "2",
+    keys = {"model.flavor": "debug", "compile.enable": "false", "data.seq_len": "32", "data.local_batch_size": "2",
             "lr_scheduler.warmup_steps": "1", "training.steps": "10", "job.dump_folder": str(folder),
             "checkpoint.enable": "true", **({"recipe": recipe} if recipe else {}), **extra}
     return load_config(None, keys)
@@ -105,6 +105,7 @@ def _losses(folder):
     return [r["step"] for r in records], [(r["loss"], r["grad_norm"], r["lr"]) for r in records]
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("recipe", ["fp32", "bf16-sr", "bf16-int8", "bf16-int4", "bf16-int4-int8"])
 def test_crash_mid_save_then_resume_is_bit_identical(tmp_path, recipe):
     args = [*TINY, f"--recipe={recipe}", "--training.steps=6", "--metrics.log_freq=1", "--eval.interval=3",
@@ -158,6 +159,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.torchrun
 def test_two_rank_save_loads_on_one_rank(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), store=str(tmp_path / "store"),

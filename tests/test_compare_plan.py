@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, run_leantrain
+from conftest import TINY, run_in_process
 from leantrain.metrics import read_metrics
 
 
 def test_compare_writes_report_summary_and_plot(tmp_path):
     out = tmp_path / "cmp"
-    r = run_leantrain("compare", "--recipes", "fp32,bf16,bf16-sr", "--out", str(out), *TINY,
+    r = run_in_process("compare", "--recipes", "fp32,bf16,bf16-sr", "--out", str(out), *TINY,
                       "--training.steps=6", "--metrics.log_freq=1", "--eval.interval=3")
     assert r.returncode == 0, r.stderr
     summaries = json.loads((out / "summary.json").read_text())
@@ -30,7 +30,7 @@ def test_compare_refuses_an_out_folder_that_holds_an_earlier_comparison(tmp_path
     out = tmp_path / "cmp"
     (out / "bf16").mkdir(parents=True)
     (out / "bf16" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
-    r = run_leantrain("compare", "--recipes", "fp32,bf16", "--out", str(out), *TINY, "--training.steps=2")
+    r = run_in_process("compare", "--recipes", "fp32,bf16", "--out", str(out), *TINY, "--training.steps=2")
     said = " ".join(r.stderr.split())  # the message is wrapped
     assert r.returncode == 2 and "already holds a run of recipe bf16" in said and "Traceback" not in said
     assert sorted(p.name for p in out.iterdir()) == ["bf16"]  # nothing ran, nothing was touched
@@ -38,13 +38,13 @@ def test_compare_refuses_an_out_folder_that_holds_an_earlier_comparison(tmp_path
 
 
 def test_compare_rejects_unknown_recipe_before_running(tmp_path):
-    r = run_leantrain("compare", "--recipes", "fp32,bf17", "--out", str(tmp_path / "x"), *TINY)
+    r = run_in_process("compare", "--recipes", "fp32,bf17", "--out", str(tmp_path / "x"), *TINY)
     assert r.returncode == 2 and "bf17" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
 
 
 def test_plan_70B_on_8_gpus_bf16_state_fits_fp32_does_not():
-    r = run_leantrain("plan", "--model.flavor=70B", "--parallelism.dp_shard=8", "--gpu-memory=80GiB", "--json")
+    r = run_in_process("plan", "--model.flavor=70B", "--parallelism.dp_shard=8", "--gpu-memory=80GiB", "--json")
     assert r.returncode == 0, r.stderr
     p = json.loads(r.stdout)
     assert p["num_params"] == 70_553_706_496
@@ -62,7 +62,7 @@ def test_plan_takes_dp_shard_from_the_config_file_and_the_command_line_overrides
     toml.write_text('[model]\nflavor = "8B"\n[parallelism]\ndp_shard = 8\n')
     state = {}
     for extra in ([], ["--parallelism.dp_shard=2"]):
-        r = run_leantrain("plan", "--config", str(toml), "--recipe=bf16", "--json", *extra)
+        r = run_in_process("plan", "--config", str(toml), "--recipe=bf16", "--json", *extra)
         assert r.returncode == 0, r.stderr
         state[len(extra)] = sum(json.loads(r.stdout)["recipes"]["bf16"]["state_bytes_per_gpu"].values())
     assert state[0] == pytest.approx(8_030_261_248, rel=1e-6)  # 8 B/param over 8 ranks (plus FSDP padding)
@@ -70,7 +70,7 @@ def test_plan_takes_dp_shard_from_the_config_file_and_the_command_line_overrides
 
 
 def test_plan_bad_memory_size():
-    r = run_leantrain("plan", "--gpu-memory=lots")
+    r = run_in_process("plan", "--gpu-memory=lots")
     assert r.returncode == 2 and "--gpu-memory" in r.stderr
 
 
@@ -83,7 +83,7 @@ def test_plan_of_a_hugging_face_folder_plans_that_model(tmp_path):
     config.save_pretrained(tmp_path / "hf")  # config.json only: the planner reads no weights
     with torch.device("meta"):
         expected = sum(p.numel() for p in transformers.LlamaForCausalLM(config).parameters())
-    r = run_leantrain("plan", f"--model.hf_checkpoint={tmp_path / 'hf'}", "--recipe=bf16", "--json")
+    r = run_in_process("plan", f"--model.hf_checkpoint={tmp_path / 'hf'}", "--recipe=bf16", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["num_params"] == expected and str(tmp_path / "hf") in out["model"]
@@ -93,11 +93,11 @@ def test_compare_again_with_checkpoints_uses_finished_runs_and_extends_them_when
     out = tmp_path / "cmp"
     args = ["compare", "--recipes", "fp32,bf16-sr", "--out", str(out), *TINY, "--training.steps=2",
             "--checkpoint.enable=true", "--eval.interval=0"]
-    assert run_leantrain(*args).returncode == 0
-    again = run_leantrain(*args)
+    assert run_in_process(*args).returncode == 0
+    again = run_in_process(*args)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("finished in an earlier comparison") == 2
-    longer = run_leantrain(*args[:-2], "--training.steps=3", "--checkpoint.enable=true", "--eval.interval=0")
+    longer = run_in_process(*args[:-2], "--training.steps=3", "--checkpoint.enable=true", "--eval.interval=0")
     assert longer.returncode == 0, longer.stderr
     assert [r["step"] for r in read_metrics(out / "fp32" / "metrics.jsonl")][-1] == 3
 

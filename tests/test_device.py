@@ -71,6 +71,7 @@ def test_eager_step_on_the_device_is_the_cpus(layout):
     _assert_same(_run(layout, DEVICE, compile=False), _run(layout, "cpu", compile=False))
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("layout", LAYOUTS, ids=_ids)
 def test_compiled_step_on_the_device_is_the_eager_one(layout):
     if DEVICE.type == "cpu":
@@ -79,7 +80,8 @@ def test_compiled_step_on_the_device_is_the_eager_one(layout):
 
 
 @pytest.mark.parametrize("layout, compile", [(layout, False) for layout in LAYOUTS] +
-                         [(dict(state_dtype="int8", compensation="stochastic"), True)],
+                         [pytest.param(dict(state_dtype="int8", compensation="stochastic"), True,
+                                       marks=pytest.mark.compile)],
                          ids=[f"{_ids(v)}-eager" for v in LAYOUTS] + ["int8-compiled"])
 def test_released_backward_makes_no_host_sync(layout, compile):
     """Gradient release (optim/release.py) decides a NaN/Inf gradient's skip on the device: a backward with its

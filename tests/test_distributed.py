@@ -40,8 +40,10 @@ from leantrain.runplan import parallel_plan, precision_of, resolve
 from leantrain.errors import ConfigError
 from leantrain.metrics import read_metrics
 
+pytestmark = pytest.mark.torchrun
+
 STEPS = 5
-COMMON = ["--model.flavor=debug", "--data.seq_len=32", "--eval.steps=1", "--metrics.progress=false",
+COMMON = ["--model.flavor=debug", "--compile.enable=false", "--data.seq_len=32", "--eval.steps=1", "--metrics.progress=false",
           "--lr_scheduler.warmup_steps=2", f"--training.steps={STEPS}", "--metrics.log_freq=1", "--eval.interval=0",
           "--optimizer.lr=3e-3"]
 RECIPES = ["fp32", "bf16", "bf16-kahan", "bf16-int8", "bf16-int4", "bf16-int4-int8"]

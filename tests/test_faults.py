@@ -50,6 +50,8 @@ from leantrain.cli import main
 from leantrain.errors import TrainingDiverged
 from leantrain.metrics import MetricsLogger
 
+pytestmark = pytest.mark.faults
+
 STEPS = 30
 # Checkpoints every 4 steps and at step 30; eval at 10, 20, 30; every step logged.
 BASE = [*TINY, "--metrics.log_freq=1", "--eval.interval=10", "--checkpoint.enable=true", "--checkpoint.interval=4",

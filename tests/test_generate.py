@@ -153,7 +153,7 @@ def test_generation_stops_at_eos_and_at_the_models_positions():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("gen") / "run"
-    assert main(["train", "--model.flavor=debug", "--data.seq_len=32", "--data.local_batch_size=2",
+    assert main(["train", "--model.flavor=debug", "--compile.enable=false", "--data.seq_len=32", "--data.local_batch_size=2",
                  "--training.steps=2", "--eval.steps=1", "--metrics.progress=false", f"--job.dump_folder={run}"]) == 0
     assert (run / "model").is_dir()  # checkpoints off: the final model/ folder
     return run

@@ -124,7 +124,7 @@ def test_train_from_hf_then_export_loads_back_in_transformers(tmp_path, capsys):
     hf = tiny_hf_model(vocab_size=259)  # the byte tokenizer's size: this test trains it on bytes, by name
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     run = tmp_path / "run"
-    args = ["--recipe=fp32", f"--model.hf_checkpoint={tmp_path / 'hf'}", "--tokenizer.path=byte", "--data.seq_len=32",
+    args = ["--recipe=fp32", f"--model.hf_checkpoint={tmp_path / 'hf'}", "--compile.enable=false", "--tokenizer.path=byte", "--data.seq_len=32",
             "--data.local_batch_size=2", "--training.steps=2", "--lr_scheduler.warmup_steps=1", "--eval.steps=1",
             "--metrics.log_freq=1", "--metrics.progress=false", "--checkpoint.enable=true", f"--job.dump_folder={run}"]
     assert main(["train", *args]) == 0
@@ -164,7 +164,7 @@ def test_an_hf_model_trains_with_its_own_tokenizer_and_a_foreign_one_is_refused(
     size = len(json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"])
     rows = size + 300  # a padded embedding, as many checkpoints have: the folder's own tokenizer is smaller
     tiny_hf_model(vocab_size=rows).save_pretrained(folder, safe_serialization=True)
-    args = ["--recipe=fp32", f"--model.hf_checkpoint={folder}", "--data.seq_len=16", "--data.local_batch_size=2",
+    args = ["--recipe=fp32", f"--model.hf_checkpoint={folder}", "--compile.enable=false", "--data.seq_len=16", "--data.local_batch_size=2",
             "--training.steps=1", "--eval.steps=1", "--metrics.progress=false"]
     # no tokenizer.json in the folder: nothing to guess from, so no silent byte ids
     assert main(["train", *args, f"--job.dump_folder={tmp_path / 'a'}"]) == 2
@@ -255,7 +255,7 @@ def test_family_trains_in_bf16_sr_and_exports_what_transformers_loads(tmp_path, 
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     run = tmp_path / "run"
     # seq_len 32 is longer than mistral_window's window of 16: training uses the sliding window.
-    args = ["--recipe=bf16-sr", f"--model.hf_checkpoint={tmp_path / 'hf'}", "--tokenizer.path=byte", "--data.seq_len=32",
+    args = ["--recipe=bf16-sr", f"--model.hf_checkpoint={tmp_path / 'hf'}", "--compile.enable=false", "--tokenizer.path=byte", "--data.seq_len=32",
             "--data.local_batch_size=2", "--training.steps=3", "--lr_scheduler.warmup_steps=1", "--eval.steps=1",
             "--metrics.log_freq=1", "--metrics.progress=false", "--checkpoint.enable=true", f"--job.dump_folder={run}"]
     assert main(["train", *args]) == 0
@@ -433,7 +433,7 @@ def test_a_window_on_some_layers_loads_where_it_changes_nothing():
 def test_refused_folder_exits_2_with_the_reason(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(REFUSED["gemma2"][0]))
     (tmp_path / "tokenizer.json").write_text("{}")  # a real folder has one; the model is refused before it is read
-    assert main(["train", f"--model.hf_checkpoint={tmp_path}", "--training.steps=1", "--lr_scheduler.warmup_steps=1",
+    assert main(["train", f"--model.hf_checkpoint={tmp_path}", "--compile.enable=false", "--training.steps=1", "--lr_scheduler.warmup_steps=1",
                  f"--job.dump_folder={tmp_path / 'run'}"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "model_type='gemma2'" in err and "Gemma's norms" in err and "Traceback" not in err
@@ -450,7 +450,7 @@ def test_save_hf_refuses_a_model_its_family_cannot_hold(tmp_path):
 
 def test_export_keeps_the_models_own_positions_and_a_longer_seq_len_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
-    common = ["--model.flavor=debug", "--data.local_batch_size=2", "--training.steps=1", "--eval.steps=1",
+    common = ["--model.flavor=debug", "--compile.enable=false", "--data.local_batch_size=2", "--training.steps=1", "--eval.steps=1",
               "--lr_scheduler.warmup_steps=1", "--metrics.progress=false"]
     assert main(["train", *common, "--data.seq_len=32", f"--job.dump_folder={run}"]) == 0
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
@@ -462,7 +462,7 @@ def test_export_keeps_the_models_own_positions_and_a_longer_seq_len_is_refused(t
     assert "data.seq_len = 300" in err and "256 positions" in err and not any((tmp_path / "long").rglob("*"))
     # an HF model's own max_position_embeddings (128 here) is its limit too, in train and in eval
     tiny_hf_model(vocab_size=259).save_pretrained(tmp_path / "tiny", safe_serialization=True)
-    hf = [f"--model.hf_checkpoint={tmp_path / 'tiny'}", "--tokenizer.path=byte", "--data.seq_len=200"]
+    hf = [f"--model.hf_checkpoint={tmp_path / 'tiny'}", "--compile.enable=false", "--tokenizer.path=byte", "--data.seq_len=200"]
     assert main(["train", *hf, "--training.steps=1", f"--job.dump_folder={tmp_path / 'hf-run'}"]) == 2
     assert "128 positions" in " ".join(capsys.readouterr().err.split())
     assert main(["eval", *hf]) == 2

@@ -664,6 +664,7 @@ COMPILED_VARIANTS = [
 ]
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("variant", COMPILED_VARIANTS, ids=_ids)
 def test_compiled_matches_eager_bitwise(variant, monkeypatch):
     """The compiled kernel is the eager update, bit for bit: weights, every state buffer and the lost-update
@@ -697,11 +698,16 @@ def test_compiled_matches_eager_bitwise(variant, monkeypatch):
 # Every layout eagerly; compiled (new graphs: about 7 s each) the two whose gate differs from the eager one's place in the
 # kernel: Kahan (gated outputs) and quantized moments in both formats (gated codes and scales, two graphs).
 GATE_CASES = [(variant, False) for variant in COMPILED_VARIANTS] + [
-    (dict(compensation="kahan"), True), (dict(state_dtype="int4-int8", compensation="stochastic"), True)]
+    pytest.param(v, True, marks=pytest.mark.compile)
+    for v in (dict(compensation="kahan"), dict(state_dtype="int4-int8", compensation="stochastic"))]
 
 
-@pytest.mark.parametrize("variant, compile", GATE_CASES,
-                         ids=[f"{_ids(v) or 'bf16'}-{'compiled' if c else 'eager'}" for v, c in GATE_CASES])
+def _gate_id(case) -> str:
+    variant, compiled = case.values if hasattr(case, "values") else case
+    return f"{_ids(variant) or 'bf16'}-{'compiled' if compiled else 'eager'}"
+
+
+@pytest.mark.parametrize("variant, compile", GATE_CASES, ids=[_gate_id(c) for c in GATE_CASES])
 def test_gated_step_parameter_is_the_step_or_nothing(variant, compile, monkeypatch):
     """step_parameter's device-side gate (gradient release's skip of a NaN/Inf gradient, without a host sync):
     False leaves every weight and state buffer bitwise as it was, whatever the gradient holds, and counts nothing;
@@ -741,6 +747,7 @@ def test_gated_step_parameter_is_the_step_or_nothing(variant, compile, monkeypat
     assert ca == cb and ca[-1].tracked_elements > 0
 
 
+@pytest.mark.compile
 def test_eager_sqrt_is_correctly_rounded():
     """update._sqrt: ATen's eager fp32 sqrt is not correctly rounded on CPU, the fp64 route is (equal to the
     float64 square root rounded once)."""
@@ -750,6 +757,7 @@ def test_eager_sqrt_is_correctly_rounded():
     assert torch.equal(torch.compile(update._sqrt)(x), exact)
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("compensation, lost, compensated", [("none", 1.0, None), ("kahan", 1.0, 1.0)])
 def test_compiled_lost_updates_and_kahan_buffer(compensation, lost, compensated):
     p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
@@ -763,6 +771,7 @@ def test_compiled_lost_updates_and_kahan_buffer(compensation, lost, compensated)
     assert torch.allclose(total, torch.full_like(total, 1 - 3e-3), atol=2e-4) == (compensation == "kahan")
 
 
+@pytest.mark.compile
 def test_compiled_resume_is_bitwise():
     variant = dict(state_dtype="int8", compensation="stochastic", compile=True)
     params = _params(_mixed)
@@ -785,6 +794,7 @@ def test_build_optimizer_passes_compile():
         AdamW(model.parameters(), compile="yes")
 
 
+@pytest.mark.compile
 def test_compiled_stochastic_rounding_keeps_its_bitcasts_vectorized():
     """update._vectorized_bitcasts: inductor's CPU code for the bf16-sr update has vector casts, no per-element
     c10::bit_cast loop (which made the compiled bf16-sr step 5.9x the plain bf16 one, BENCHMARKS.md). A torch

@@ -170,7 +170,7 @@ def test_chat_data_builds_packed_and_padded_datasets(tmp_path):
 
 def test_train_eval_and_compare_on_chat_data(tmp_path, capsys):
     path = _chat_file(tmp_path / "chat.jsonl")
-    args = ["--data.format=chat", f"--data.path={path}", "--model.flavor=debug", "--data.seq_len=256",
+    args = ["--data.format=chat", f"--data.path={path}", "--model.flavor=debug", "--compile.enable=false", "--data.seq_len=256",
             "--data.local_batch_size=2", "--training.steps=3", "--lr_scheduler.warmup_steps=1",
             "--metrics.log_freq=1", "--metrics.progress=false"]
     run = tmp_path / "run"

@@ -105,7 +105,7 @@ def test_bad_sft_lines_name_file_and_line(tmp_path, capsys, bad, where):
     path.write_text(bad)
     with pytest.raises(DataError, match=f"sft.jsonl{where}"):
         load_sft_samples(str(path))
-    assert main(["train", "--data.format=sft", f"--data.path={path}", "--model.flavor=debug",
+    assert main(["train", "--data.format=sft", f"--data.path={path}", "--model.flavor=debug", "--compile.enable=false",
                  f"--job.dump_folder={tmp_path / 'run'}"]) == 2
     assert f"sft.jsonl{where}" in " ".join(capsys.readouterr().err.split())
 
@@ -121,7 +121,7 @@ def test_train_and_eval_on_sft_data(tmp_path, capsys):
         for i in range(40):
             f.write(json.dumps({"prompt": f"Q: what is {i} plus {i}?\nA: ", "response": f"{2 * i}"}) + "\n")
     run = tmp_path / "run"
-    args = ["--data.format=sft", f"--data.path={path}", "--model.flavor=debug", "--data.seq_len=32",
+    args = ["--data.format=sft", f"--data.path={path}", "--model.flavor=debug", "--compile.enable=false", "--data.seq_len=32",
             "--data.local_batch_size=4", "--training.steps=4", "--lr_scheduler.warmup_steps=1",
             "--metrics.log_freq=1", "--eval.steps=1", "--metrics.progress=false", "--checkpoint.enable=true",
             f"--job.dump_folder={run}"]
@@ -146,7 +146,7 @@ def test_sft_loss_is_the_token_mean_of_the_global_batch_however_it_is_split(tmp_
     losses = {}
     for batch, accum in ((2, 1), (1, 2)):
         run = tmp_path / f"b{batch}"
-        args = ["--data.format=sft", f"--data.path={path}", "--model.flavor=debug", "--data.seq_len=64",
+        args = ["--data.format=sft", f"--data.path={path}", "--model.flavor=debug", "--compile.enable=false", "--data.seq_len=64",
                 f"--data.local_batch_size={batch}", f"--training.gradient_accumulation_steps={accum}",
                 "--training.steps=3", "--recipe=fp32", "--optimizer.lr=1e-3", "--lr_scheduler.warmup_steps=0",
                 "--metrics.log_freq=1", "--eval.interval=0", "--eval.steps=1", "--metrics.progress=false",
@@ -167,7 +167,7 @@ def test_eval_loss_in_metrics_equals_leantrain_eval_on_the_same_checkpoint_and_s
                     + "\n")
     data = [f"--data.path={path}", "--data.format=sft", "--data.seq_len=48"] if fmt == "sft" else ["--data.seq_len=32"]
     run = tmp_path / "run"
-    assert main(["train", *data, "--model.flavor=debug", "--data.local_batch_size=4", "--training.steps=2",
+    assert main(["train", *data, "--model.flavor=debug", "--compile.enable=false", "--data.local_batch_size=4", "--training.steps=2",
                  "--lr_scheduler.warmup_steps=1", "--eval.steps=3", "--metrics.progress=false",
                  "--checkpoint.enable=true", f"--job.dump_folder={run}"]) == 0
     eval_loss = read_metrics(run / "metrics.jsonl")[-1]["eval_loss"]

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY, run_leantrain
+from conftest import TINY, run_in_process, run_leantrain
 from leantrain.config import load_config
 from leantrain.metrics import read_metrics
 from leantrain.plan import plan
@@ -53,7 +53,7 @@ SPEC_BYTES = {"fp32": 16.0, "bf16-mixed": 16.0, "bf16": 8.0, "bf16-fp32state": 1
 @pytest.mark.parametrize("recipe", list(SPEC_BYTES))
 def test_measured_state_bytes_match_spec_and_plan(tmp_path, recipe):
     out = tmp_path / recipe
-    r = run_leantrain("train", "--model.flavor=small", "--data.seq_len=32", "--data.local_batch_size=1",
+    r = run_in_process("train", "--model.flavor=small", "--compile.enable=false", "--data.seq_len=32", "--data.local_batch_size=1",
                       "--training.steps=1", "--eval.steps=1", "--metrics.progress=false",
                       "--lr_scheduler.warmup_steps=0", f"--recipe={recipe}", f"--job.dump_folder={out}")
     assert r.returncode == 0, r.stderr
@@ -64,14 +64,14 @@ def test_measured_state_bytes_match_spec_and_plan(tmp_path, recipe):
     param_bytes = 2 if recipe.startswith("bf16") and recipe != "bf16-mixed" else 4
     assert summary["state_bytes"]["params"] == summary["num_params"] * param_bytes
     # The planner's figure, from meta tensors, agrees with the live tensors' storage.
-    cfg = load_config(None, {"model.flavor": "small", "data.seq_len": "32"})
+    cfg = load_config(None, {"model.flavor": "small", "compile.enable": "false", "data.seq_len": "32"})
     planned = plan(cfg, [recipe], dp_shard=1, gpu_memory=2**40)["recipes"][recipe]
     assert abs(planned["state_bytes_per_param"] - measured) / measured < 0.02
     assert summary["planned_state_bytes"] == planned["state_bytes_per_gpu"]
 
 
 def test_full_bf16_keeps_every_tensor_of_the_training_state_in_bf16():
-    cfg = load_config(None, {"recipe": "bf16", "model.flavor": "debug"})
+    cfg = load_config(None, {"recipe": "bf16", "model.flavor": "debug", "compile.enable": "false"})
     plan = resolve(cfg, env={})
     data = PackedDataset(["some text " * 20], ByteTokenizer(), 16, 2, 0)
     state = build_state(plan, parallel.Distributed(plan.parallel), data, ByteTokenizer())
@@ -86,8 +86,8 @@ def test_full_bf16_keeps_every_tensor_of_the_training_state_in_bf16():
 
 def test_recipe_flag_and_explicit_keys_give_the_same_run(tmp_path):
     common = [*TINY, "--training.steps=4", "--metrics.log_freq=1", "--eval.interval=0"]
-    a = run_leantrain("train", *common, "--recipe=bf16-kahan", f"--job.dump_folder={tmp_path / 'a'}")
-    b = run_leantrain("train", *common, "--training.dtype=bfloat16", "--optimizer.compensation=kahan",
+    a = run_in_process("train", *common, "--recipe=bf16-kahan", f"--job.dump_folder={tmp_path / 'a'}")
+    b = run_in_process("train", *common, "--training.dtype=bfloat16", "--optimizer.compensation=kahan",
                       f"--job.dump_folder={tmp_path / 'b'}")
     assert a.returncode == b.returncode == 0, a.stderr + b.stderr
     la = [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")]
@@ -96,7 +96,7 @@ def test_recipe_flag_and_explicit_keys_give_the_same_run(tmp_path):
 
 
 def test_help_lists_every_key():
-    r = run_leantrain("train", "--help")
+    r = run_in_process("train", "--help")
     assert r.returncode == 0
     assert "--optimizer.compensation" in r.stdout and "stochastic rounding" in r.stdout
 
@@ -118,9 +118,9 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, case):
         "vocab_too_small": (["--model.vocab_size=100"], "model.vocab_size"),
         "missing_config": (["--config", str(tmp_path / "nope.toml")], "nope.toml"),
     }[case]
-    r = run_leantrain("train", *TINY, "--training.steps=2", f"--job.dump_folder={tmp_path / 'run'}", *args[0])
+    r = run_in_process("train", *TINY, "--training.steps=2", f"--job.dump_folder={tmp_path / 'run'}", *args[0])
     if case == "unwritable_folder":
-        r = run_leantrain("train", *TINY, "--training.steps=2", *args[0])
+        r = run_in_process("train", *TINY, "--training.steps=2", *args[0])
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     assert r.stderr.startswith("leantrain: error:") and args[1] in r.stderr
@@ -128,14 +128,14 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, case):
 
 def test_plain_bf16_at_low_lr_reports_and_warns_about_lost_updates(tmp_path):
     common = [*TINY, "--training.steps=3", "--metrics.log_freq=1", "--eval.interval=0", "--optimizer.lr=1e-5"]
-    r = run_leantrain("train", *common, "--recipe=bf16", f"--job.dump_folder={tmp_path / 'plain'}")
+    r = run_in_process("train", *common, "--recipe=bf16", f"--job.dump_folder={tmp_path / 'plain'}")
     assert r.returncode == 0, r.stderr
     records = read_metrics(tmp_path / "plain" / "metrics.jsonl")
     # lr 1e-5 on weights of about 0.02 (bf16 ulp there: 1.2e-4): nearly every update is rounded away.
     assert all(rec["lost_update_fraction"] > 0.8 for rec in records)  # the rest: weights near 0
     assert r.stderr.count("nearest rounding threw it away") == 1 and "bf16-sr" in r.stderr
     # The compensated recipe reports the meter too, and does not warn.
-    r = run_leantrain("train", *common, "--recipe=bf16-kahan", f"--job.dump_folder={tmp_path / 'kahan'}")
+    r = run_in_process("train", *common, "--recipe=bf16-kahan", f"--job.dump_folder={tmp_path / 'kahan'}")
     assert r.returncode == 0 and "threw it away" not in r.stderr
     records = read_metrics(tmp_path / "kahan" / "metrics.jsonl")
     assert all("compensated_fraction" in rec for rec in records)
@@ -155,7 +155,7 @@ def test_train_step_in_process_and_a_skipped_step_changes_only_the_step_and_the_
         def grad_norm(self, step, norm):
             return torch.full_like(norm, float("inf")) if step == 2 else norm
 
-    plan = resolve(load_config(None, {"recipe": "bf16-sr", "model.flavor": "debug", "lr_scheduler.warmup_steps": "1"}),
+    plan = resolve(load_config(None, {"recipe": "bf16-sr", "model.flavor": "debug", "compile.enable": "false", "lr_scheduler.warmup_steps": "1"}),
                    env={})
     data = PackedDataset(["some text to train on, " * 40], ByteTokenizer(), 16, 2, 0)
     state = build_state(plan, parallel.Distributed(plan.parallel), data, ByteTokenizer())
@@ -270,7 +270,7 @@ def _release_state(in_backward: bool, recipe: str = "bf16-sr"):
     from leantrain.optim.release import GradientRelease
     from leantrain.step import StepContext
 
-    plan = resolve(load_config(None, {"recipe": recipe, "model.flavor": "debug", "lr_scheduler.warmup_steps": "1",
+    plan = resolve(load_config(None, {"recipe": recipe, "model.flavor": "debug", "compile.enable": "false", "lr_scheduler.warmup_steps": "1",
                                       "training.max_norm": "0", "optimizer.in_backward": str(in_backward).lower()}),
                    env={})
     data = PackedDataset(["some text to train on, " * 40], ByteTokenizer(), 16, 2, 0)
