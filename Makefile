@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU machines get the pinned CPU build of PyTorch; where CUDA is present the user's own torch is kept.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: train test setup clean
+.PHONY: train test test-fast lint setup clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,16 @@ setup: $(VENV)/.installed
 train: setup
 	$(PY) -m leantrain train $(ARGS)
 
-test: setup
-	$(PY) -m pytest -q tests
+# Everything: lint, then every test tier, with the 15 slowest tests listed (CI's output shows where time goes).
+test: setup lint
+	$(PY) -m pytest -q tests --durations=15
+
+# The inner loop (under 3 minutes on 2 cores): no torchrun, no compile, no fault injection.
+test-fast: setup
+	$(PY) -m pytest -q tests -m "not torchrun and not compile and not faults"
+
+lint: setup
+	$(PY) -m ruff check leantrain tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs

@@ -13,7 +13,6 @@ says where reading resumes; the same command continues from there (a shard being
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import resource

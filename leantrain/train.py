@@ -28,7 +28,6 @@ from .optim import build_optimizer
 from .optim.layout import rounds_moments_stochastically
 from .optim.release import GradientRelease
 from .plan import planned_state_bytes
-from .precision import Precision
 from .runplan import OptimizerSpec, RunPlan, compile_off_warning
 from .state import TrainState
 from .step import StepContext, StepStats, train_step

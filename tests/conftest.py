@@ -8,9 +8,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny, fast run: the debug flavor on the built-in corpus.
-TINY = ["--model.flavor=debug", "--compile.enable=false", "--data.seq_len=64", "--data.local_batch_size=4", "--eval.steps=2",
-        "--metrics.progress=false", "--lr_scheduler.warmup_steps=2",
-        "--compile.enable=false"]
+TINY = ["--model.flavor=debug", "--data.seq_len=64", "--data.local_batch_size=4", "--eval.steps=2",
+        "--metrics.progress=false", "--lr_scheduler.warmup_steps=2", "--compile.enable=false"]
 
 
 def run_leantrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
