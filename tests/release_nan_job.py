@@ -65,6 +65,7 @@ def main() -> None:
     changed = [n for n, p in state.model.named_parameters() if not torch.equal(local(p), before[n])]
     assert len(changed) == len(before) - 1, f"rank {rank}: only {changed} were updated"
     assert train_step(state, [data.next_batch()], ctx).finite  # and training goes on
+    dist.barrier()  # both ranks done with every collective before the group goes (a teardown race aborted one)
     dist.destroy_process_group()
     print(f"rank {rank}: ok")
 
