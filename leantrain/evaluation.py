@@ -92,7 +92,7 @@ def run_eval(checkpoint_path: str | None, overrides: dict[str, str], out: str | 
     result = {**loaded.source, "loss": measured.loss, "perplexity": measured.perplexity, "tokens": measured.tokens,
               "batches": measured.batches, "data": cfg.data.path, "format": cfg.data.format, "split": split,
               "seq_len": cfg.data.seq_len, "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
-    default_name = f"eval-step-{loaded.source['step']}.json" if loaded.run_folder else "eval.json"
+    default_name = f"eval-step-{loaded.source['step']}.json" if "step" in loaded.source else "eval.json"
     path = out or str(plan.paths.folder / default_name)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_json(path, result)

@@ -106,7 +106,6 @@ class Loaded:
     model: Transformer  # on plan.parallel.device, in its storage dtype
     tokenizer: Tokenizer
     source: dict[str, Any]  # {"checkpoint": path, "step": N} or {"hf_checkpoint": path}
-    run_folder: Path | None  # a checkpoint's run folder (job.dump_folder); None for an HF folder
 
 
 def load_checkpoint(path: str, overrides: dict[str, Any] | None = None) -> tuple[Transformer, Config, dict]:
@@ -140,9 +139,8 @@ def load_for_inference(command: str, checkpoint_path: str | None, overrides: dic
             check_seq_len(seq_len, model.args, info["path"])
         check_vocab(tokenizer.vocab_size, cfg.tokenizer.path, model.args.vocab_size)
         source: dict[str, Any] = {"checkpoint": info["path"], "step": info["step"]}
-        run_folder = Path(cfg.job.dump_folder)
     else:
         model = build_model_for(cfg.model, plan.precision.storage, seq_len, None, tokenizer, cfg.tokenizer.path,
                                 device)
-        source, run_folder = {"hf_checkpoint": hf_path}, None
-    return Loaded(plan, model, tokenizer, source, run_folder)
+        source = {"hf_checkpoint": hf_path}
+    return Loaded(plan, model, tokenizer, source)

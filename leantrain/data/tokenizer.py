@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -79,6 +80,7 @@ def _gpt2_byte_chars() -> dict[int, str]:
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
 
+@functools.cache
 def byte_tokenizer_json() -> str:
     """ByteTokenizer as a ``tokenizers`` tokenizer.json: ids 0..255 the bytes (a byte-level BPE with every byte in
     its vocabulary and no merges), 256/257/258 BOS/EOS/PAD; encoding with special tokens adds BOS, as leantrain's
