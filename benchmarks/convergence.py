@@ -62,6 +62,14 @@ RUNS = {  # name -> config overrides (recipes by name, anchors as explicit keys)
     # peak lr), a perturbation 16x fp32's own rounding and thousands of times smaller than bf16's. Whatever
     # gap this run shows is how far two fp32 trajectories drift apart from a tiny difference, not precision.
     "fp32-perturbed (lr x 1.000001)": {"recipe": "fp32", "lr_factor": 1.000001},
+    # FactoredAdamW (optim/rules.py). Gradient release cannot clip (optim/release.py), so its pair is fp32 unclipped
+    "bf16-int8-factored": {"recipe": "bf16-int8-factored"},
+    "fp32-noclip": {"recipe": "fp32", "training.max_norm": "0"},
+    "bf16-int8-factored+release": {"recipe": "bf16-int8-factored", "optimizer.in_backward": "true",
+                                   "training.max_norm": "0"},
+    # The lr sweep (best against best: a rule whose effective step differs is compared at each one's best lr)
+    **{f"{name}-lr-x{factor:g}": {"recipe": name, "lr_factor": factor}
+       for name in ("fp32", "bf16-int8-factored") for factor in (0.5, 2, 4)},
 }
 # Smaller than the issue's measurement (dim 256, seq 256) to keep the matrix near half an hour on 2 cores (48 runs
 # now take about 50 minutes, the noise-floor run included).
@@ -69,7 +77,10 @@ MODEL = {"model.flavor": "debug", "model.dim": "128", "model.n_layers": "4", "mo
          "model.n_kv_heads": "2", "model.ffn_dim": "384", "data.seq_len": "128", "data.local_batch_size": "8",
          "optimizer.betas": "0.9,0.999", "optimizer.weight_decay": "0.01", "lr_scheduler.warmup_steps": "50",
          "lr_scheduler.decay": "cosine", "lr_scheduler.min_lr_factor": "0.1", "eval.steps": "1000",
-         "metrics.progress": "false", "metrics.log_freq": "25"}
+         "metrics.progress": "false", "metrics.log_freq": "25",
+         # eager blocks: the matrix measures the optimizer's numerics (its compiled update is bitwise the eager
+         # one), and a compile per run would cost more than it saves on this tiny model
+         "compile.enable": "false"}
 
 
 def sft_pairs(path: str, count: int = 6000) -> str:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 from .model import FLAVORS
-from .optim import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES
+from .optim import COMPENSATIONS, MOMENTS_ROUNDINGS, RULES, STATE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,10 @@ class Training:
 
 @dataclass(frozen=True)
 class Optimizer:
-    name: Literal["AdamW"] = "AdamW"
-    """The optimizer: leantrain's precision-aware AdamW (same update as torch.optim.AdamW)."""
+    name: Literal[tuple(RULES)] = "AdamW"
+    """The update rule: AdamW (m and v per element: torch.optim.AdamW's update) or FactoredAdamW (for the 2-D weights
+    of the transformer blocks v is kept as Adafactor's row and column factors, fp32, with Adam's bias correction;
+    m per element; the embedding, the output layer and the norms as AdamW). Both with the recipe's storage."""
     lr: float = 1e-3
     """Peak learning rate (reached at the end of warmup)."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -248,13 +250,13 @@ class Config:
     compile: Compile = field(default_factory=Compile)
     recipe: str = ""
     """A named precision recipe (fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8, bf16-int4,
-    bf16-int4-int8): a set of the keys above."""
+    bf16-int4-int8, bf16-int8-factored, bf16-int4-int8-factored): a set of the keys above."""
 
 
 # A recipe is only a named set of config values; `--recipe NAME` and these keys give the same run. Every recipe
 # sets the same keys: the full-bf16 base, with what the recipe changes.
 _BF16_BASE: dict[str, object] = {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-                                 "optimizer.state_dtype": "auto", "optimizer.compensation": "none",
+                                 "optimizer.name": "AdamW", "optimizer.state_dtype": "auto", "optimizer.compensation": "none",
                                  "optimizer.moments_rounding": "auto"}
 _RECIPE_CHANGES: dict[str, dict[str, object]] = {
     "fp32": {"training.dtype": "float32", "training.mixed_precision_param": "float32"},
@@ -266,6 +268,11 @@ _RECIPE_CHANGES: dict[str, dict[str, object]] = {
     "bf16-int8": {"optimizer.state_dtype": "int8", "optimizer.compensation": "stochastic"},
     "bf16-int4": {"optimizer.state_dtype": "int4", "optimizer.compensation": "stochastic"},
     "bf16-int4-int8": {"optimizer.state_dtype": "int4-int8", "optimizer.compensation": "stochastic"},
+    # FactoredAdamW: m in the named format, v factored for the blocks' matrices and int8 for every other tensor
+    "bf16-int8-factored": {"optimizer.name": "FactoredAdamW", "optimizer.state_dtype": "int8",
+                           "optimizer.compensation": "stochastic"},
+    "bf16-int4-int8-factored": {"optimizer.name": "FactoredAdamW", "optimizer.state_dtype": "int4-int8",
+                                "optimizer.compensation": "stochastic"},
 }
 RECIPES: dict[str, dict[str, object]] = {name: {**_BF16_BASE, **changes} for name, changes in _RECIPE_CHANGES.items()}
 

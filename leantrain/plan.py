@@ -31,7 +31,6 @@ fragmentation and temporary buffers come on top), unlike the state bytes, which 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -41,7 +40,7 @@ from .config import Config, with_recipe
 from .data.tokenizer import Tokenizer, build_tokenizer
 from .loader import build_model_for
 from .model import Transformer, num_params
-from .optim import AdamW
+from .optim import build_optimizer
 from .precision import LOSS_VOCAB_CHUNK, Precision
 from .runplan import OptimizerSpec, optimizer_spec, precision_of, tokenizer_path
 from .utils import set_default_dtype
@@ -51,14 +50,19 @@ def _storage_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# State that FSDP2 does not shard: every rank holds it whole (factored.py's column factors)
+REPLICATED_STATE = ("exp_avg_sq_col",)
+
+
 def state_bytes(model: torch.nn.Module, spec: OptimizerSpec, dp_shard: int = 1) -> dict[str, int]:
     """Params, grads and optimizer state on one of dp_shard FSDP ranks, laid out on meta tensors."""
     params = list(model.parameters())
-    opt = AdamW(params, lr=spec.lr, state_dtype=spec.state_dtype, compensation=spec.compensation)
+    opt = build_optimizer(model, **spec.build_kwargs())
     states = [opt.init_state(p) for p in params]
     out = {"params": _storage_bytes(params), "grads": _storage_bytes(params),
-           "optimizer": _storage_bytes(v for s in states for v in s.values())}
+           "optimizer": _storage_bytes(v for s in states for k, v in s.items() if k not in REPLICATED_STATE)}
     out = {k: -(-v // dp_shard) for k, v in out.items()}
+    out["optimizer"] += _storage_bytes(v for s in states for k, v in s.items() if k in REPLICATED_STATE)
     if spec.in_backward:
         out["grads"] = released_grad_bytes(model, dp_shard)
     return out
@@ -145,7 +149,7 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
         out["model"] = (f"{model.args.family} {cfg.model.hf_checkpoint}" if cfg.model.hf_checkpoint
                         else f"llama3 {cfg.model.flavor}")
         out["num_params"] = num_params(model)
-        spec = dataclasses.replace(optimizer_spec(rcfg), in_backward=release)
+        spec = optimizer_spec(rcfg).with_release(release)
         state = state_bytes(model, spec, dp_shard)
         name = f"{name} + in_backward" if release else name
         act = activation_bytes(precision.compute, tokens, model, checkpointing=False)

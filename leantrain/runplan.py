@@ -19,8 +19,11 @@ from typing import Mapping
 import torch
 
 from . import distributed
-from .config import Config, data_parallel_degrees, recipe_of, suspicious_precision_settings, to_dict, warn_once
+from .config import Config
+from .config import Optimizer as OptimizerConfig
+from .config import data_parallel_degrees, recipe_of, suspicious_precision_settings, to_dict, warn_once
 from .errors import ConfigError
+from .optim import HYPERPARAMETERS
 from .precision import DTYPES, Precision
 
 
@@ -58,18 +61,25 @@ class ParallelPlan:
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """The AdamW of the run: hyperparameters, the recipe's state and rounding, its seed, compiled or not."""
+    """The optimizer of the run: the config's optimizer section (its rule, hyperparameters, the recipe's state and
+    rounding, gradient release), the job's seed (the random bits' key), and whether its update is compiled."""
 
-    lr: float
-    betas: tuple[float, float]
-    eps: float
-    weight_decay: float
-    state_dtype: str
-    compensation: str
-    moments_rounding: str
+    config: OptimizerConfig
     seed: int
     compile: bool
-    in_backward: bool = False  # gradient release (optim/release.py)
+
+    @property
+    def in_backward(self) -> bool:
+        """Gradient release (optim/release.py)."""
+        return self.config.in_backward
+
+    def build_kwargs(self) -> dict:
+        """The keywords of `optim.build_optimizer`: the rule's name and every hyperparameter, named as in the config."""
+        return {"name": self.config.name, "seed": self.seed, "compile": self.compile,
+                **{name: getattr(self.config, name) for name in HYPERPARAMETERS}}
+
+    def with_release(self, in_backward: bool) -> OptimizerSpec:
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, in_backward=in_backward))
 
 
 @dataclass(frozen=True)
@@ -99,11 +109,7 @@ def precision_of(cfg: Config) -> Precision:
 
 
 def optimizer_spec(cfg: Config, compile: bool = False) -> OptimizerSpec:
-    o = cfg.optimizer
-    return OptimizerSpec(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                         state_dtype=o.state_dtype, compensation=o.compensation,
-                         moments_rounding=o.moments_rounding, seed=cfg.job.seed, compile=compile,
-                         in_backward=o.in_backward)
+    return OptimizerSpec(cfg.optimizer, seed=cfg.job.seed, compile=compile)
 
 
 @functools.cache

@@ -24,7 +24,7 @@ from .metrics import (MetricsLogger, Progress, peak_memory_bytes, plot_losses, s
                       tensorboard_available, write_json)
 from .loader import build_model_for, model_name
 from .model import Transformer, num_params
-from .optim import build_optimizer
+from .optim import LeanOptimizer, build_optimizer
 from .optim.layout import rounds_moments_stochastically
 from .optim.release import GradientRelease
 from .plan import planned_state_bytes
@@ -56,10 +56,8 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: LRScheduler,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_optimizer_for(model: torch.nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
-    return build_optimizer(model, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay,
-                           state_dtype=spec.state_dtype, compensation=spec.compensation,
-                           moments_rounding=spec.moments_rounding, seed=spec.seed, compile=spec.compile)
+def build_optimizer_for(model: torch.nn.Module, spec: OptimizerSpec) -> LeanOptimizer:
+    return build_optimizer(model, **spec.build_kwargs())
 
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.toml")  # a folder holding any of these holds a run
@@ -295,7 +293,7 @@ def _summary(run: Run, measured_state: dict[str, int], weights: Path) -> dict[st
                                        "tokens_per_sec", "peak_memory_bytes", "state_bytes",
                                        "state_bytes_per_param", "planned_state_bytes")}
     summary["skipped_nonfinite_steps"] = run.ctx.nonfinite.total  # steps whose NaN/Inf loss or norm was skipped
-    summary["small_updates"] = (SMALL_UPDATES[plan.optimizer.compensation] if plan.precision.storage == torch.bfloat16
+    summary["small_updates"] = (SMALL_UPDATES[plan.optimizer.config.compensation] if plan.precision.storage == torch.bfloat16
                                 else "applied: fp32 weights take every update")
     if run.dist.world_size > 1:  # state_bytes are then rank 0's own (its shards); bytes/param per local parameter
         summary["world_size"] = run.dist.world_size
@@ -332,14 +330,14 @@ def unchanged_update_key(spec: OptimizerSpec) -> str:
     """What metrics.jsonl calls the share of bf16 weights whose nonzero update left them unchanged this step: lost
     under nearest rounding; under stochastic rounding (and Kahan's buffer) such an update is not lost, it is
     applied in expectation (or carried), so the name says only that the weight did not move."""
-    return "lost_update_fraction" if spec.compensation == "none" else "unchanged_update_fraction"
+    return "lost_update_fraction" if spec.config.compensation == "none" else "unchanged_update_fraction"
 
 
 def moment_update_key(spec: OptimizerSpec, name: str) -> str:
     """What metrics.jsonl calls the share of a low-precision moment's elements whose fp32 result changed while the
     stored bf16 value or int8 code did not: lost when rounded to nearest, unchanged (applied in expectation) when
     rounded stochastically, as for the weights."""
-    stochastic = rounds_moments_stochastically(spec.compensation, spec.moments_rounding)
+    stochastic = rounds_moments_stochastically(spec.config.compensation, spec.config.moments_rounding)
     return f"{name}_{'unchanged' if stochastic else 'lost'}_fraction"
 
 
@@ -353,7 +351,7 @@ SMALL_UPDATES = {  # summary.json's small_updates: what the recipe does with an 
 
 def _warn_if_updates_lost(spec: OptimizerSpec, record: dict[str, Any]) -> None:
     lost = record.get("lost_update_fraction")
-    if lost is None or spec.compensation != "none" or lost < LOST_UPDATE_WARN_FRACTION:
+    if lost is None or spec.config.compensation != "none" or lost < LOST_UPDATE_WARN_FRACTION:
         return
     warn_once(f"At step {record['step']}, {lost:.0%} of the bfloat16 weights did not change although their update "
               f"was not zero: the update was smaller than half a bfloat16 step and nearest rounding threw it away. "

@@ -106,7 +106,8 @@ def _losses(folder):
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("recipe", ["fp32", "bf16-sr", "bf16-int8", "bf16-int4", "bf16-int4-int8"])
+@pytest.mark.parametrize("recipe", ["fp32", "bf16-sr", "bf16-int8", "bf16-int4", "bf16-int4-int8",
+                                    "bf16-int8-factored"])
 def test_crash_mid_save_then_resume_is_bit_identical(tmp_path, recipe):
     args = [*TINY, f"--recipe={recipe}", "--training.steps=6", "--metrics.log_freq=1", "--eval.interval=3",
             "--checkpoint.enable=true", "--checkpoint.interval=2"]

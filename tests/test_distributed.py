@@ -46,9 +46,9 @@ STEPS = 5
 COMMON = ["--model.flavor=debug", "--compile.enable=false", "--data.seq_len=32", "--eval.steps=1", "--metrics.progress=false",
           "--lr_scheduler.warmup_steps=2", f"--training.steps={STEPS}", "--metrics.log_freq=1", "--eval.interval=0",
           "--optimizer.lr=3e-3"]
-RECIPES = ["fp32", "bf16", "bf16-kahan", "bf16-int8", "bf16-int4", "bf16-int4-int8"]
+RECIPES = ["fp32", "bf16", "bf16-kahan", "bf16-int8", "bf16-int4", "bf16-int4-int8", "bf16-int8-factored"]
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-3, "bf16-kahan": 1e-3, "bf16-int8": 3e-3, "bf16-int4": 3e-3,
-             "bf16-int4-int8": 3e-3}
+             "bf16-int4-int8": 3e-3, "bf16-int8-factored": 3e-3}
 MODES = {"fsdp": ["--parallelism.dp_shard=2", "--parallelism.dp_replicate=1"],
          "ddp": ["--parallelism.dp_shard=1", "--parallelism.dp_replicate=2"]}
 # Extra 2-rank runs: activation checkpointing under FSDP2, and compile (the blocks and the optimizer's update) with
@@ -60,7 +60,10 @@ VARIANTS = {"ac-full": ("bf16", [*MODES["fsdp"], "--activation_checkpoint.mode=f
             # sharded int8 state through the compiled optimizer (shards whose size is no multiple of 256 stay eager)
             "compile-fsdp-int8": ("bf16-int8", [*MODES["fsdp"], "--compile.enable=true"]),
             # gradient release: FSDP2 calls each sharded parameter's hook after its reduce-scatter
-            "release-fsdp": ("bf16-int8", [*MODES["fsdp"], "--optimizer.in_backward=true", "--training.max_norm=0"])}
+            "release-fsdp": ("bf16-int8", [*MODES["fsdp"], "--optimizer.in_backward=true", "--training.max_norm=0"]),
+            # the factored rule's column statistics all-reduced inside the backward's hooks
+            "release-fsdp-factored": ("bf16-int8-factored", [*MODES["fsdp"], "--optimizer.in_backward=true",
+                                                             "--training.max_norm=0"])}
 
 
 def _env() -> dict[str, str]:
@@ -102,10 +105,11 @@ def runs(tmp_path_factory):
         for recipe in RECIPES:
             train(resolve(load_config(None, parse_overrides([*COMMON, f"--recipe={recipe}", "--data.local_batch_size=8",
                                                              f"--job.dump_folder={root / f'single-{recipe}'}"]))))
-        # the reference of gradient release: the normal step, without clipping
-        train(resolve(load_config(None, parse_overrides([*COMMON, "--recipe=bf16-int8", "--data.local_batch_size=8",
-                                                         "--training.max_norm=0",
-                                                         f"--job.dump_folder={root / 'single-noclip'}"]))))
+        # the references of gradient release: the normal step, without clipping
+        for recipe in ("bf16-int8", "bf16-int8-factored"):
+            train(resolve(load_config(None, parse_overrides([*COMMON, f"--recipe={recipe}", "--data.local_batch_size=8",
+                                                             "--training.max_norm=0",
+                                                             f"--job.dump_folder={root / f'single-noclip-{recipe}'}"]))))
         train(resolve(load_config(None, parse_overrides([*COMMON, *chat, "--data.local_batch_size=8",
                                                          f"--job.dump_folder={root / 'single-chat'}"]))))
     finally:
@@ -215,7 +219,9 @@ def test_gradient_release_under_fsdp_skips_a_parameter_on_every_rank_when_one_sh
 def test_gradient_release_under_fsdp_matches_one_process_without_it(runs):
     """optimizer.in_backward on 2 FSDP2 ranks (int8 moments, sharded scales) against the normal step of one process
     (both without clipping): the updates run in FSDP2's post-reduce-scatter hooks on each rank's shards."""
-    _assert_close(_losses(runs / "release-fsdp"), _losses(runs / "single-noclip"), TOLERANCE["bf16-int8"])
+    _assert_close(_losses(runs / "release-fsdp"), _losses(runs / "single-noclip-bf16-int8"), TOLERANCE["bf16-int8"])
+    _assert_close(_losses(runs / "release-fsdp-factored"), _losses(runs / "single-noclip-bf16-int8-factored"),
+                  TOLERANCE["bf16-int8-factored"])
     assert json.loads((runs / "release-fsdp" / "summary.json").read_text())["state_bytes"]["grads"] == 0
 
 
@@ -312,14 +318,14 @@ def one_rank_group():
 
 
 @pytest.mark.parametrize("recipe", ["fp32", "bf16", "bf16-sr", "bf16-kahan", "bf16-int8", "bf16-int4",
-                                    "bf16-int4-int8"])
+                                    "bf16-int4-int8", "bf16-int8-factored"])
 def test_adamw_on_sharded_parameters_equals_adamw_on_plain_ones(one_rank_group, recipe):
     """Every state kind (fp32 / bf16 moments, Kahan buffer, int8 codes and scales) lives on the local shard of a
     DTensor parameter, and a one-shard DTensor steps exactly like a plain tensor (shard 0 keeps the seeds)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    from leantrain.optim import AdamW
+    from leantrain.optim import OPTIMIZERS
 
     cfg = load_config(None, {"recipe": recipe})
     dtype, o = precision_of(cfg).storage, cfg.optimizer
@@ -328,7 +334,8 @@ def test_adamw_on_sharded_parameters_equals_adamw_on_plain_ones(one_rank_group, 
     values = [torch.randn(96, 64, generator=gen).to(dtype), torch.randn(64, generator=gen).to(dtype)]
     plain = [torch.nn.Parameter(v.clone()) for v in values]
     sharded = [torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])) for v in values]
-    opts = [AdamW(ps, lr=1e-2, state_dtype=o.state_dtype, compensation=o.compensation, seed=3)
+    opts = [OPTIMIZERS[o.name]([{"params": ps, **({"factored": True} if o.name == "FactoredAdamW" else {})}],
+                               lr=1e-2, state_dtype=o.state_dtype, compensation=o.compensation, seed=3)
             for ps in (plain, sharded)]
     for _ in range(3):
         grads = [torch.randn(v.shape, generator=gen).to(dtype) for v in values]

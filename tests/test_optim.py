@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from leantrain.optim import AdamW, ParamLayout, UpdateStats, build_optimizer, stochastic_round
-from leantrain.optim import adamw as adamw_mod
+from leantrain.optim import OPTIMIZERS, AdamW, ParamLayout, UpdateStats, build_optimizer, stochastic_round
+from leantrain.optim import optimizer as optimizer_mod
 from leantrain.optim import quant, randbits, update
 from leantrain.optim.rounding import kahan_write_
 
@@ -25,6 +25,9 @@ VARIANTS = [
     dict(compensation="kahan", moments_rounding="nearest"),
     dict(compensation="none", moments_rounding="stochastic"),
     dict(state_dtype="int4-int8", compensation="stochastic"),
+] + [  # FactoredAdamW: the 2-D parameters (a [1, 4096] row and a [70, 80] matrix whose rows cut int8 blocks) factored
+    dict(rule="FactoredAdamW", state_dtype=sd, compensation=c)
+    for sd, c in (("int8", "stochastic"), ("int4-int8", "stochastic"), ("auto", "none"), ("float32", "kahan"))
 ]
 
 
@@ -332,8 +335,11 @@ def _grads(params, step):
 
 
 def _make(params, variant, seed=3):
-    groups = [{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0, "lr": 5e-3}]
-    return AdamW(groups, lr=1e-2, weight_decay=0.1, seed=seed, **variant)
+    variant = dict(variant)
+    cls = OPTIMIZERS[variant.pop("rule", "AdamW")]
+    marks = {"factored": True} if cls.rule.factors_matrices else {}
+    groups = [{"params": params[:3], **marks}, {"params": params[3:], "weight_decay": 0.0, "lr": 5e-3, **marks}]
+    return cls(groups, lr=1e-2, weight_decay=0.1, seed=seed, **variant)
 
 
 def _steps(params, opt, start, stop, count_lost_updates=False):
@@ -354,7 +360,7 @@ def test_chunking_does_not_change_the_result(variant, monkeypatch):
     """Chunks (with tails, int8 blocks cut at chunk edges) get the bits and the math of the whole tensor."""
     results = []
     for chunk in (1 << 18, 1024):
-        monkeypatch.setattr(adamw_mod, "_CPU_CHUNK", chunk)
+        monkeypatch.setattr(optimizer_mod, "_CPU_CHUNK", chunk)
         params = _params(_mixed)
         opt = _make(params, variant)
         _steps(params, opt, 0, 3)
@@ -661,6 +667,8 @@ COMPILED_VARIANTS = [
     dict(), dict(compensation="stochastic"), dict(compensation="kahan"),
     dict(state_dtype="int8", compensation="stochastic"), dict(state_dtype="int4", compensation="stochastic"),
     dict(state_dtype="int4-int8", compensation="stochastic"), dict(state_dtype="float32"),
+    dict(rule="FactoredAdamW", state_dtype="int8", compensation="stochastic"),
+    dict(rule="FactoredAdamW", compensation="kahan"),
 ]
 
 
@@ -670,8 +678,8 @@ def test_compiled_matches_eager_bitwise(variant, monkeypatch):
     """The compiled kernel is the eager update, bit for bit: weights, every state buffer and the lost-update
     counts after 3 steps (chunked differently, with tails, an int8 tensor whose size is no multiple of 256 left
     eager). Kahan compiled without emulate_precision_casts differed in half of its elements."""
-    monkeypatch.setattr(adamw_mod, "_CPU_CHUNK", 1024)
-    monkeypatch.setattr(adamw_mod, "_CPU_CHUNK_COMPILED", 2048)
+    monkeypatch.setattr(optimizer_mod, "_CPU_CHUNK", 1024)
+    monkeypatch.setattr(optimizer_mod, "_CPU_CHUNK_COMPILED", 2048)
     calls = []
     compiled_update = update.compiled_update
     monkeypatch.setattr(update, "compiled_update", lambda *a: calls.append(1) or compiled_update(*a))
@@ -713,11 +721,11 @@ def test_gated_step_parameter_is_the_step_or_nothing(variant, compile, monkeypat
     False leaves every weight and state buffer bitwise as it was, whatever the gradient holds, and counts nothing;
     after `uncount_step` the next steps are those of a run that never saw the gated one; True is bitwise the
     ungated step, lost-update counts included."""
-    monkeypatch.setattr(adamw_mod, "_CPU_CHUNK", 1024)
-    monkeypatch.setattr(adamw_mod, "_CPU_CHUNK_COMPILED", 2048)
+    monkeypatch.setattr(optimizer_mod, "_CPU_CHUNK", 1024)
+    monkeypatch.setattr(optimizer_mod, "_CPU_CHUNK_COMPILED", 2048)
 
     def step(params, opt, s, gate=None, grads=None):
-        counter = adamw_mod.LostUpdateCounter()
+        counter = optimizer_mod.LostUpdateCounter()
         for p, g in zip(params, grads or _grads(params, s)):
             p.grad = g
             opt.step_parameter(p, counter, gate=None if gate is None else torch.tensor(gate))
@@ -805,8 +813,8 @@ def test_compiled_stochastic_rounding_keeps_its_bitcasts_vectorized():
     p, g = torch.randn(n).bfloat16(), torch.randn(n).bfloat16()
     m, v = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
     keys = randbits.StepKeys(randbits.tensor_key(0, 0), 1, 3).tensor(0, "cpu")
-    scalars = adamw_mod.StepScalars.of(dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8), 1).as_tensor("cpu")
-    fn = torch.compile(update.adamw_update, fullgraph=True, options={"emulate_precision_casts": True})
+    scalars = optimizer_mod.StepScalars.of(dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8), 1).as_tensor("cpu")
+    fn = torch.compile(update.elementwise_update, fullgraph=True, options={"emulate_precision_casts": True})
     with update._vectorized_bitcasts(), torch._inductor.config.patch(force_disable_caches=True):  # generated now
         _, code = run_and_get_code(fn, p, g, m, v, None, None, None, keys, (0, 1, 2), "bfloat16", scalars, False)
     kernels = "\n".join(code)

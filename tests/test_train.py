@@ -46,8 +46,11 @@ def test_train_writes_the_run_files_and_learns(tmp_path):
 # The README's recipe table: bytes/param of training state (bf16-int8: 2 x (1 byte code + 4/256 scale) on large
 # tensors, bf16 moments on the < 4096-element norms, so about 6.03 on small). bf16-int4-int8:
 # bf16-int4's 5.06 with exp_avg_sq's 0.5 + 4/128 bytes per element replaced by int8's 1 + 4/256, about 5.54.
+# The factored recipes on `small`: bf16-int8's 6.03 less exp_avg_sq's 1 + 4/256 bytes per element of the blocks'
+# matrices (about 0.98 of small's parameters: 5.05), plus their fp32 row and column factors; bf16-int4-int8 likewise.
 SPEC_BYTES = {"fp32": 16.0, "bf16-mixed": 16.0, "bf16": 8.0, "bf16-fp32state": 12.0, "bf16-sr": 8.0,
-              "bf16-kahan": 10.0, "bf16-int8": 6.03, "bf16-int4": 5.06, "bf16-int4-int8": 5.55}
+              "bf16-kahan": 10.0, "bf16-int8": 6.03, "bf16-int4": 5.06, "bf16-int4-int8": 5.55,
+              "bf16-int8-factored": 5.05, "bf16-int4-int8-factored": 4.57}
 
 
 @pytest.mark.parametrize("recipe", list(SPEC_BYTES))

@@ -29,6 +29,7 @@ NO_FIELD = -1  # a buffer rounded to nearest uses no random field
 
 _QUANT_BUFFERS = ("exp_avg_codes", "exp_avg_scale", "exp_avg_sq_codes", "exp_avg_sq_scale")  # int8, int4, int4-int8
 _FLOAT_BUFFERS = ("exp_avg", "exp_avg_sq")
+FACTOR_BUFFERS = ("exp_avg_sq_row", "exp_avg_sq_col")  # a factored v (factored.py), in place of exp_avg_sq
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ParamLayout:
     """How one parameter's optimizer state is stored and rounded.
 
     moments: 'float32', 'bfloat16', 'int8', 'int4' or 'int4-int8' (codes + per-block scales: quant.STORAGES).
+    factored: v is kept as fp32 row and column factors (factored.py), not per element; m as `moments` says.
     kahan: a bf16 `kahan_comp` buffer carries what the weight's rounding loses.
     weight_field, exp_avg_field, exp_avg_sq_field: the index of the random field that rounds the weight
         (with Kahan: the `kahan_comp` buffer; the weight itself is rounded to nearest), exp_avg and
@@ -46,6 +48,7 @@ class ParamLayout:
     """
 
     moments: str
+    factored: bool
     kahan: bool
     weight_field: int
     exp_avg_field: int
@@ -60,9 +63,9 @@ class ParamLayout:
 
     @classmethod
     def decide(cls, *, state_dtype: str, compensation: str, moments_rounding: str, param_dtype: torch.dtype,
-               numel: int, last_dim: int = 2) -> ParamLayout:
+               numel: int, last_dim: int = 2, factored: bool = False) -> ParamLayout:
         """The layout of a parameter of `param_dtype` and `numel` elements (a DTensor's: global), whose last
-        dimension has `last_dim` elements, under a recipe."""
+        dimension has `last_dim` elements, under a recipe; `factored`: its rule keeps v as factors (a matrix)."""
         moments = _moment_storage(state_dtype, param_dtype, numel, last_dim)
         bf16_weight = param_dtype == torch.bfloat16
         kahan = compensation == "kahan" and bf16_weight  # an fp32 weight takes the fp32 result exactly
@@ -71,14 +74,16 @@ class ParamLayout:
         rounded_moments = stochastic_moments and moments != "float32"  # bf16 values or int8 codes
         rounded_stochastically = (stochastic_weight or (kahan and stochastic_moments),  # weight or kahan_comp
                                   rounded_moments,  # exp_avg
-                                  rounded_moments)  # exp_avg_sq
+                                  rounded_moments and not factored)  # exp_avg_sq (factors: fp32)
         fields, count = [], 0
         for stochastic in rounded_stochastically:
             fields.append(count if stochastic else NO_FIELD)
             count += int(stochastic)
-        buffers = ("step", *(_QUANT_BUFFERS if moments in quant.STORAGES else _FLOAT_BUFFERS),
-                   *(("kahan_comp",) if kahan else ()))
-        return cls(moments, kahan, *fields, num_fields=count, buffers=buffers)
+        moment_buffers = _QUANT_BUFFERS if moments in quant.STORAGES else _FLOAT_BUFFERS
+        if factored:
+            moment_buffers = (*moment_buffers[:len(moment_buffers) // 2], *FACTOR_BUFFERS)
+        buffers = ("step", *moment_buffers, *(("kahan_comp",) if kahan else ()))
+        return cls(moments, factored, kahan, *fields, num_fields=count, buffers=buffers)
 
 
 def rounds_moments_stochastically(compensation: str, moments_rounding: str) -> bool:

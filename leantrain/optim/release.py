@@ -1,9 +1,9 @@
-"""Gradient release: each parameter's AdamW update runs during the backward, and its gradient is freed at once.
+"""Gradient release: each parameter's update runs during the backward, and its gradient is freed at once.
 
 `GradientRelease(optimizer)` registers a post-accumulate-grad hook on every parameter of the optimizer. While a
 backward is *armed* (`with release.backward(...)`), the hook of a parameter whose gradient is complete adds the
 gradient's squared norm to the step's total (fp32, for metrics: nothing is clipped), updates the parameter with
-`AdamW.step_parameter` (the very update `AdamW.step` runs, so with the same gradients the weights and state come
+`LeanOptimizer.step_parameter` (the very update its `step` runs, so with the same gradients the weights and state come
 out bit for bit the same) and drops the gradient. So no full set of gradients ever exists: one parameter's
 gradient (under FSDP2, one block's reduce-scattered shards, on which FSDP2 calls these hooks) at a time.
 
@@ -23,7 +23,7 @@ other parameters' updates of that step have been or will be applied, so the step
 The skip is decided on the device, without a host sync in the backward (which on a GPU would stall the CPU once
 per parameter, so that it could not queue the next kernels): the update runs with a gate, the gradient's
 finiteness as a 0-dim bool tensor, that leaves every state tensor bitwise as it was where False
-(update.adamw_update). The host learns the count at the step's one sync (guard.check_released); only if some
+(update.elementwise_update). The host learns the count at the step's one sync (guard.check_released); only if some
 parameter was skipped does `uncount_skipped` read the gates one by one and take back those parameters' step
 counts, which live on the host.
 """
@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from ..distributed import is_dtensor
 from ..precision import grad_squares
-from .adamw import AdamW, UpdateStats, LostUpdateCounter
+from .optimizer import LeanOptimizer, LostUpdateCounter, UpdateStats
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class BackwardResult:
 class GradientRelease:
     """The optimizer's updates inside the backward (see the module docstring)."""
 
-    def __init__(self, optimizer: AdamW):
+    def __init__(self, optimizer: LeanOptimizer):
         self.optimizer = optimizer
         self._armed = False
         self._counter: LostUpdateCounter | None = None

@@ -1,6 +1,6 @@
 """The AdamW update of one tensor (on CPU: one chunk of it), written once: run eagerly, or compiled into one kernel.
 
-`adamw_update` is the whole step of one flat tensor: upcast, moments, denominator, weight, the random bits
+`elementwise_update` is the whole step of one flat tensor: upcast, moments, denominator, weight, the random bits
 (randbits.py), every rounding, the lost-update counts. The eager path (the default) calls it as it is; with
 `compile=True` (the trainer's `compile.enable`) `compiled_update` calls it through torch.compile, which fuses it
 into one loop whose temporaries, random bits included, never leave registers. The two give bitwise equal results
@@ -34,15 +34,15 @@ import contextlib
 
 import torch
 
-from . import quant, randbits
+from . import codecs, quant, randbits
 from .layout import StepScalars
-from .rounding import kahan_write_, round_to_bf16_
 
 _RECOMPILE_LIMIT = 64  # graphs per process: layouts x dtypes x meter on/off; dynamo's default is 8
 _compiled: dict = {}  # function -> its compiled form
 
 
-def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None):
+def elementwise_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None,
+                       factored=False):
     """One AdamW step of one tensor, in place; the same ops eager and compiled.
 
     p, g: weight and gradient; m, v: the moments (int8/int4: codes, with their block scales m_scale, v_scale);
@@ -54,10 +54,13 @@ def adamw_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars
     release, release.py, skips a parameter whose gradient is NaN/Inf without a host sync). False leaves weight,
     moments, scales and Kahan buffer bitwise as they were, and the counts 0, whatever the gradient holds; True is
     bitwise the ungated step.
+
+    factored: v comes from its factors (`update_weight`), and only m is stored here.
     """
     rand = random_fields(p.numel(), keys, fields, p.device)
-    mf, vf, counts = update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate)
-    moment_counts = store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate)
+    mf, vf, counts = update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate,
+                                   factored)
+    moment_counts = store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate, factored)
     return {**counts, **moment_counts} if count else None
 
 
@@ -66,96 +69,55 @@ def random_fields(numel, keys, used, device) -> list:
     return randbits.fields(numel, keys, 1 + max(used), device) if max(used) >= 0 else []
 
 
-def update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate=None):
-    """The first half of `adamw_update`: the new moments in fp32 and the weight written (with its rounding);
-    returns (exp_avg, exp_avg_sq, counts): the moments as new fp32 tensors (fp32 state: the state itself,
-    updated in place, unless gated) and the weight's lost-update counts (a dict, empty unless `count`). rand:
-    `random_fields`; gate: see `adamw_update`."""
+def update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate=None, factored=False):
+    """The first half of `elementwise_update`: the new moments in fp32 and the weight written (through its codec,
+    codecs.py); returns (exp_avg, exp_avg_sq, counts): the moments as new fp32 tensors (fp32 state: the state
+    itself, updated in place, unless gated) and the weight's lost-update counts (a dict, empty unless `count`).
+    rand: `random_fields`; gate: see `elementwise_update`.
+
+    factored: v is not stored per element but read from its factors (factored.py): `v` holds this chunk's rows of
+    the EMA of g²'s row means, `v_scale` the EMA of its column means divided by their mean, both already updated
+    with this step's gradient; their outer product is Adafactor's estimate of v, bias-corrected as Adam's v."""
     p, g, m, v, comp = (None if t is None else t.view(-1) for t in (p, g, m, v, comp))
     s = StepScalars(*scalars.unbind())
-    w_field = fields[0]
     gf = g.float()  # read only: an fp32 gradient is used as it is
-    storage = quant.STORAGES.get(kind)
-    if storage is not None:
-        mf = quant.dequantize(m, m_scale, True, storage.exp_avg)
-        vf = quant.dequantize(v, v_scale, False, storage.exp_avg_sq)
-    elif gate is None:
-        mf, vf = m.float(), v.float()  # fp32 state: the state itself, updated in place
-    else:  # written back by store_moments, gated
-        mf, vf = m.to(torch.float32, copy=True), v.to(torch.float32, copy=True)
+    m_codec, v_codec = codecs.moment_codecs(kind)
+    copy = gate is not None  # fp32 state is then written back by store_moments, gated
     # In-place ops on temporaries (the same values as out of place; eagerly, fewer allocations and passes)
+    mf = m_codec.load(m, m_scale, copy)
     mf += (gf - mf).mul_(s.one_minus_beta1)
-    vf.mul_(s.beta2).add_((gf * gf).mul_(s.one_minus_beta2))
+    if factored:
+        vf = (v.view(-1, 1) * v_scale.view(1, -1)).view(-1)
+    else:
+        vf = v_codec.load(v, v_scale, copy)
+        vf.mul_(s.beta2).add_((gf * gf).mul_(s.one_minus_beta2))
     denom = _sqrt(vf).div_(s.bc2_sqrt).add_(s.eps)
     step = (mf * s.neg_step_size).div_(denom)
-    pf = p.float()
-    counts = {}
-    if p.dtype == torch.float32:
-        if gate is None:
-            p.mul_(s.decay).add_(step)
-        else:
-            p.copy_(torch.where(gate, (pf * s.decay).add_(step), pf))
-    elif comp is not None:
-        delta = (pf * s.neg_lr_wd).add_(step)
-        old, comp_old = (p.clone(), comp.clone()) if count or gate is not None else (None, None)
-        nonzero = delta != 0 if count else None
-        kahan_write_(p, comp, pf, delta, rand[w_field] if w_field >= 0 else None)
-        if gate is not None:  # the outputs gated: a zero delta could still move a weight by its buffer's rounding
-            p.copy_(torch.where(gate, p, old))
-            comp.copy_(torch.where(gate, comp, comp_old))
-        if count:
-            lost = nonzero & (p == old)
-            counts.update(updated=nonzero.count_nonzero(), lost=lost.count_nonzero(),
-                          compensated=(lost & (comp != comp_old)).count_nonzero())
-    else:
-        old = p.clone() if count else None
-        new = (pf * s.decay).add_(step)
-        if gate is not None:  # the old weight is a bf16 value: either rounding writes it back unchanged
-            new = torch.where(gate, new, pf)
-        # Counted on bit patterns (integer differences: cheaper than float compares and bool sums). A weight whose
-        # fp32 result equals its old value keeps its bits under either rounding, so the changed weights are a
-        # subset of the updated ones and lost = updated - changed.
-        updated = (new.view(torch.int32) - pf.view(torch.int32)).count_nonzero() if count else None
-        round_to_bf16_(p, new, rand[w_field] if w_field >= 0 else None)
-        if count:
-            changed = (p.view(torch.int16) - old.view(torch.int16)).count_nonzero()
-            counts.update(updated=updated, lost=updated - changed)
+    w_field = fields[0]
+    counts = codecs.weight_codec(p.dtype, comp is not None).write_(
+        p, comp, p.float(), step, s, rand[w_field] if w_field >= 0 else None, gate, count)
     return mf, vf, _gated(counts, gate)
 
 
-def store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate=None):
-    """The second half of `adamw_update`: the new fp32 moments `mf`, `vf` written to the state (rounded to bf16,
-    or quantized; both clobber mf and vf); returns the moments' lost-update counts (a dict, empty unless
-    `count`). rand: `random_fields`; gate: see `adamw_update`."""
-    m, v, mf, vf = (t.view(-1) for t in (m, v, mf, vf))
-    _, m_field, v_field = fields
-    storage = quant.STORAGES.get(kind)
+def store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate=None, factored=False):
+    """The second half of `elementwise_update`: the new fp32 moments `mf`, `vf` written to the state through their codecs
+    (both clobbered; factored: v's factors were written before the update, `vf` is dropped); returns the moments'
+    lost-update counts (a dict, empty unless `count`). rand: `random_fields`; gate: see `elementwise_update`."""
+    m_codec, v_codec = codecs.moment_codecs(kind)
+    moments = [("exp_avg", m_codec, m.view(-1), m_scale, mf.view(-1), fields[1])]
+    if not factored:
+        moments.append(("exp_avg_sq", v_codec, v.view(-1), v_scale, vf.view(-1), fields[2]))
     counting = count and kind != "float32"
-    if counting:  # lost: the fp32 result moved, the stored bf16 bits or int8/int4 code did not
-        old_m, old_v = m.clone(), v.clone()
-        if storage is not None:
-            m_updated = mf != quant.dequantize(m, m_scale, True, storage.exp_avg)
-            v_updated = vf != quant.dequantize(v, v_scale, False, storage.exp_avg_sq)
-        else:
-            m_updated, v_updated = mf != m.float(), vf != v.float()
-    if storage is not None:  # gated on the codes and scales: re-quantizing the old values could move a code
-        quant.quantize_(m, m_scale, mf, True, rand[m_field] if m_field >= 0 else None, storage.exp_avg, gate)
-        quant.quantize_(v, v_scale, vf, False, rand[v_field] if v_field >= 0 else None, storage.exp_avg_sq, gate)
-    else:
-        if gate is not None:  # the old values are bf16 (or fp32) ones: either rounding writes them back unchanged
-            mf, vf = torch.where(gate, mf, m.float()), torch.where(gate, vf, v.float())
-        round_to_bf16_(m, mf, rand[m_field] if m_field >= 0 else None)  # fp32 state: a copy
-        round_to_bf16_(v, vf, rand[v_field] if v_field >= 0 else None)
-    if not counting:
-        return {}
-
-    def same(new, old, fmt):  # fmt None: bf16 values
-        return new == old if fmt is None else quant.unpack(new, fmt) == quant.unpack(old, fmt)
-
-    m_fmt, v_fmt = storage or (None, None)
-    return _gated(dict(exp_avg_updated=m_updated.count_nonzero(), exp_avg_sq_updated=v_updated.count_nonzero(),
-                       exp_avg_lost=(m_updated & same(m, old_m, m_fmt)).count_nonzero(),
-                       exp_avg_sq_lost=(v_updated & same(v, old_v, v_fmt)).count_nonzero()), gate)
+    # lost: the fp32 result moved, the stored bf16 bits or int8/int4 code did not
+    old = [(stored.clone(), x != codec.load(stored, scale, False)) for _, codec, stored, scale, x, _ in moments] \
+        if counting else []
+    for _, codec, stored, scale, x, field in moments:
+        codec.store_(stored, scale, x, rand[field] if field >= 0 else None, gate)
+    counts = {}
+    for (name, codec, stored, *_), (before, updated) in zip(moments, old):
+        counts[f"{name}_updated"] = updated.count_nonzero()
+        counts[f"{name}_lost"] = (updated & codec.same(stored, before)).count_nonzero()
+    return _gated(counts, gate)
 
 
 def _gated(counts: dict, gate) -> dict:
@@ -180,8 +142,9 @@ def supports(kind: str, numel: int) -> bool:
     return kind not in quant.STORAGES or numel % quant.STORAGES[kind].block == 0
 
 
-def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None):
-    """`adamw_update` compiled (built on first use) on flat contiguous tensors; returns what it returns.
+def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None,
+                    factored=False):
+    """`elementwise_update` compiled (built on first use) on flat contiguous tensors; returns what it returns.
 
     bf16 and fp32 moments: one graph. Quantized moments: two, `update_weight`'s and `store_moments'`, with the new
     fp32 moments passed between them through memory. In one graph inductor splits the kernel at each block
@@ -191,7 +154,7 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
     shape, n = ((-1, storage.block) if storage is not None else (-1,)), p.numel()
 
     def dyn(t, shape=shape):  # quantized: tensors as [blocks, 256] (int4: 128); dynamic in the first dimension only
-        if t is not None:
+        if t is not None and not (factored and t is v_scale):  # factored: the columns' factor, a graph per width
             t = t.view(shape) if t.numel() == n else t
             torch._dynamo.maybe_mark_dynamic(t, 0)
         return t
@@ -200,25 +163,26 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, automatic_dynamic_shapes=False), \
             _vectorized_bitcasts():
         if storage is None:
-            return _compile(adamw_update)(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count,
-                                          gate)
+            return _compile(elementwise_update)(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars,
+                                                count, gate, factored)
         mf, vf, counts = _compile(_weight_stage)(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars,
-                                                 count, gate)
+                                                 count, gate, factored)
         # each moment in its own format's blocks: a [blocks, 256] input viewed as 128-element blocks takes index
         # arithmetic modulo the dynamic size, which inductor's CPU code does not vectorize (measured several times slower)
-        mf, vf = dyn(mf, (-1, storage.exp_avg.block)), dyn(vf, (-1, storage.exp_avg_sq.block))
-        moment_counts = _compile(_moment_stage)(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate)
+        mf, vf = dyn(mf, (-1, storage.exp_avg.block)), None if factored else dyn(vf, (-1, storage.exp_avg_sq.block))
+        moment_counts = _compile(_moment_stage)(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate,
+                                                factored)
     return {**counts, **moment_counts} if count else None
 
 
-def _weight_stage(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate):
+def _weight_stage(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate, factored):
     rand = random_fields(p.numel(), keys, fields[:1], p.device)
-    return update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate)
+    return update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate, factored)
 
 
-def _moment_stage(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate):
+def _moment_stage(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate, factored):
     rand = random_fields(mf.numel(), keys, fields[1:], mf.device)
-    return store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate)
+    return store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate, factored)
 
 
 def _compile(fn):

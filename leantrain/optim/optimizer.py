@@ -1,4 +1,12 @@
-"""AdamW for full-bfloat16 training: fp32 arithmetic, bf16 (or fp32, int8, int4) storage.
+"""The optimizer's driver, `LeanOptimizer`, and its rules as optimizers: `AdamW`, `FactoredAdamW` (`OPTIMIZERS`).
+
+The driver owns what every rule shares: the state and each parameter's layout (layout.py), chunking, the
+finiteness gate, the lost-update statistics, the eager or compiled backend and the state dict. A rule (rules.py)
+says what is computed; the stored formats are the codecs' (codecs.py). The train state, gradient release and the
+planner use the driver's protocol only (`init_state`, `layout`, `step`, `step_parameter`, `uncount_step`,
+`state_dict`), never a rule's name.
+
+AdamW for full-bfloat16 training: fp32 arithmetic, bf16 (or fp32, int8, int4) storage.
 
 Every step upcasts weight, gradient and moments to fp32, computes the torch.optim.AdamW update
 (decoupled weight decay, bias corrections, eps after sqrt(v_hat)) and rounds each stored tensor
@@ -27,6 +35,9 @@ State per parameter (all tensors in `self.state[p]`, on the parameter's device, 
                                int4-int8: exp_avg as int4, exp_avg_sq as int8 (~1.55 B/param);
                                tensors under 4096 elements (and int4: with an odd last dimension) keep bf16
     kahan_comp                 bf16, param shape (2 B/param), only for compensation="kahan"
+    exp_avg_sq_row, exp_avg_sq_col
+                               FactoredAdamW's matrices: v as fp32 row and column factors (factored.py), in place
+                               of exp_avg_sq (or its codes and scale)
 Which of these a parameter has, and which random field rounds each of its bf16 buffers, is its
 `ParamLayout` (layout.py, `AdamW.layout(p)`): decided once, from its group's recipe and its dtype
 and size, when its state is initialised; the step, `load_state_dict`'s check
@@ -42,7 +53,7 @@ Sharded parameters: the math runs on each rank's local shard, and every state te
 its parameter (DCP saves each rank's part). int8/int4 blocks are cut from the local shard; their scales form a
 [shards, blocks] DTensor, one row per shard. The lost-update statistics are this rank's (its shards').
 
-The update of one tensor is one function, `update.adamw_update`, run per tensor, and on CPU per chunk of 2^18
+The update of one tensor is one function, `update.elementwise_update`, run per tensor, and on CPU per chunk of 2^18
 elements so the fp32 temporaries stay in cache. `compile=True` (the trainer's `compile.enable`) runs the same
 function through torch.compile, one fused kernel per tensor (CPU: per chunk of 2^20); the results are bitwise
 those of the eager path (update.py says how). There is no foreach path: torch's _foreach ops have no integer
@@ -60,14 +71,17 @@ saving global state. The tests use torchao as a cross-check when it is installed
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 
 from ..distributed import is_dtensor, local
-from . import quant, randbits, sharding, update
+from . import factored, quant, randbits, sharding, update
 from .layout import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES, ParamLayout, StepScalars
+from .rules import ADAMW, FACTORED_ADAMW, Rule
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16)
 _CPU_CHUNK = 1 << 18  # elements per chunk on CPU (a multiple of quant.BLOCK)
@@ -101,12 +115,14 @@ class UpdateStats:
     exp_avg_sq_lost_fraction: float | None = None
 
 
-class AdamW(torch.optim.Optimizer):
-    """AdamW with fp32 math and bf16 / fp32 / int8 state; see the module docstring.
+class LeanOptimizer(torch.optim.Optimizer):
+    """The driver of a rule (`rule`), with fp32 math and bf16 / fp32 / int8 / int4 state; see the module docstring.
+    Its rules are its subclasses, `AdamW` and `FactoredAdamW`.
 
     Args:
         params: iterable of parameters or param-group dicts (fp32 or bf16 tensors).
         lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
+        A param group with "factored": True holds matrices whose v the rule keeps as factors (FactoredAdamW).
         state_dtype: "auto" (the parameter's dtype), "float32", "bfloat16", "int8", "int4" or "int4-int8"
             (exp_avg int4, exp_avg_sq int8).
         compensation: "none", "stochastic" or "kahan" (bf16 parameters only).
@@ -119,6 +135,8 @@ class AdamW(torch.optim.Optimizer):
     `step(count_lost_updates=True)` returns the step's `UpdateStats` (how many bf16 weight updates the
     rounding lost); `layout(p)` says how parameter p's state is stored.
     """
+
+    rule: Rule
 
     def __init__(
         self,
@@ -154,6 +172,9 @@ class AdamW(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
+            if group.get("factored") and not self.rule.factors_matrices:
+                raise ValueError(f"{self.rule.name}: a param group marked factored, but this rule keeps v per element "
+                                 f"(FactoredAdamW factors it)")
             for p in group["params"]:
                 if p.dtype not in _PARAM_DTYPES:
                     raise ValueError(
@@ -200,7 +221,7 @@ class AdamW(torch.optim.Optimizer):
             cached = self._groups_by_param = (signature, {id(q): g for g in self.param_groups for q in g["params"]})
         group = cached[1].get(id(p))
         if group is None:
-            raise ValueError("AdamW: this tensor is not one of the optimizer's parameters")
+            raise ValueError(f"{self.rule.name}: this tensor is not one of the optimizer's parameters")
         return group
 
     def _layout(self, group: dict, p: torch.Tensor) -> ParamLayout:
@@ -209,9 +230,12 @@ class AdamW(torch.optim.Optimizer):
             layout = self._layouts[p] = ParamLayout.decide(
                 state_dtype=group["state_dtype"], compensation=group["compensation"],
                 moments_rounding=group["moments_rounding"], param_dtype=p.dtype, numel=p.numel(),
-                last_dim=p.shape[-1] if p.ndim else 1,
+                last_dim=p.shape[-1] if p.ndim else 1, factored=self._factored(group, p),
             )
         return layout
+
+    def _factored(self, group: dict, p: torch.Tensor) -> bool:
+        return bool(group.get("factored")) and self.rule.factors_matrices and p.ndim == 2
 
     def _init_state(self, group: dict, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -219,8 +243,9 @@ class AdamW(torch.optim.Optimizer):
             return state
         layout = self._layout(group, p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        names = ("exp_avg",) if layout.factored else ("exp_avg", "exp_avg_sq")
         if layout.moments in quant.STORAGES:
-            for name, signed, fmt in zip(("exp_avg", "exp_avg_sq"), (True, False), quant.STORAGES[layout.moments]):
+            for name, signed, fmt in zip(names, (True, False), quant.STORAGES[layout.moments]):
                 code = quant.initial_code(signed, fmt)
                 state[f"{name}_codes"] = (
                     sharding.packed_codes(p, code) if fmt.bits == 4 else
@@ -230,8 +255,10 @@ class AdamW(torch.optim.Optimizer):
                                                       device=p.device))
         else:
             dtype = getattr(torch, layout.moments)
-            for name in ("exp_avg", "exp_avg_sq"):
+            for name in names:
                 state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        if layout.factored:
+            state["exp_avg_sq_row"], state["exp_avg_sq_col"] = factored.allocate(p)
         if layout.kahan:
             state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return state
@@ -290,7 +317,10 @@ class AdamW(torch.optim.Optimizer):
         if (step, p.device) not in scalars:
             scalars[step, p.device] = StepScalars.of(group, step).as_tensor(p.device)
         keys = randbits.StepKeys(self._key(p), step, layout.num_fields)
-        self._step_param(p, state, layout, keys, scalars[step, p.device], counter, gate)
+        # per matrix first (the factors see the whole gradient), then element-wise, chunk by chunk
+        col = factored.update_(p, state["exp_avg_sq_row"], state["exp_avg_sq_col"], group["betas"][1], gate) \
+            if layout.factored else None
+        self._step_param(p, state, layout, keys, scalars[step, p.device], counter, gate, col)
 
     def _key(self, p: torch.Tensor) -> int:
         """Parameter p's random-bits key: the seed, p's index among all parameters, the shard this rank holds."""
@@ -300,20 +330,24 @@ class AdamW(torch.optim.Optimizer):
             key = self._keys[p] = randbits.tensor_key(self.seed, index, sharding.shard_index(p))
         return key
 
-    def _step_param(self, p, state, layout: ParamLayout, keys: randbits.StepKeys, scalars, counter, gate) -> None:
+    def _step_param(self, p, state, layout: ParamLayout, keys: randbits.StepKeys, scalars, counter, gate,
+                    col: torch.Tensor | None) -> None:
         """One parameter's update, chunk by chunk: on CPU chunks keep the fp32 temporaries in cache; everywhere
-        they keep element indices within int32 (randbits). Chunking does not change the result."""
+        they keep element indices within int32 (randbits). Chunking does not change the result. col: a factored
+        matrix's column factor over its mean (factored.update_); its chunks are whole rows."""
         n = local(p).numel()
         if n >= 1 << 32:
             raise ValueError(f"AdamW: a (local shard of a) parameter has {n} elements; at most 2^32 - 1 are "
                              "supported (the random bits index elements with 32 bits)")
         compiled = self.compile and update.supports(layout.moments, n)
         chunk = (_CPU_CHUNK_COMPILED if compiled else _CPU_CHUNK) if p.device.type == "cpu" else _MAX_CHUNK
-        run = update.compiled_update if compiled else update.adamw_update
+        run = update.compiled_update if compiled else update.elementwise_update
+        if layout.factored:
+            chunk = _whole_rows(chunk, p.shape[1], layout.moments)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            counts = run(*_chunk(p, state, layout, a, b, chunk < n), keys.tensor(a, p.device), layout.fields,
-                         layout.moments, scalars, counter is not None, gate)
+            counts = run(*_chunk(p, state, layout, a, b, chunk < n, col), keys.tensor(a, p.device), layout.fields,
+                         layout.moments, scalars, counter is not None, gate, layout.factored)
             if counts is not None:
                 counter.add(counts)
 
@@ -327,14 +361,14 @@ class AdamW(torch.optim.Optimizer):
         groups[0].pop("rng_state", None)  # the generator of versions before randbits.py: the bits now need no state
         if len(groups) != len(self.param_groups):
             raise ValueError(
-                f"AdamW: the state dict has {len(groups)} parameter groups, this optimizer "
+                f"{self.rule.name}: the state dict has {len(groups)} parameter groups, this optimizer "
                 f"{len(self.param_groups)}"
             )
         for saved, ours in zip(groups, self.param_groups):
             for key in ("state_dtype", "compensation", "moments_rounding"):
                 if key in saved and saved[key] != ours[key]:
                     raise ValueError(
-                        f"AdamW: the state dict was saved with {key}={saved[key]!r}, this "
+                        f"{self.rule.name}: the state dict was saved with {key}={saved[key]!r}, this "
                         f"optimizer has {key}={ours[key]!r}; they must match to resume"
                     )
         saved_state = state_dict["state"]
@@ -347,7 +381,7 @@ class AdamW(torch.optim.Optimizer):
                 got = set(saved_state[pid])
                 if got != expected:
                     raise ValueError(
-                        f"AdamW: saved state for a parameter of shape {tuple(p.shape)} has "
+                        f"{self.rule.name}: saved state for a parameter of shape {tuple(p.shape)} has "
                         f"buffers {sorted(got)}, this optimizer expects {sorted(expected)}"
                     )
                 self.state[p] = {
@@ -366,8 +400,16 @@ def _check_grad(p: torch.Tensor) -> None:
         )
 
 
-def _chunk(p, state, layout: ParamLayout, a: int, b: int, chunked: bool) -> tuple:
-    """Flat views of elements [a, b) of p's local tensors: (p, g, m, v, comp, m_scale, v_scale)."""
+def _whole_rows(chunk: int, cols: int, moments: str) -> int:
+    """A chunk of about `chunk` elements made of whole rows of `cols`, and (quantized m) of whole blocks."""
+    block = quant.STORAGES[moments].block if moments in quant.STORAGES else 1
+    rows_step = block // math.gcd(cols, block)  # rows per chunk: a multiple of this keeps the blocks whole
+    return max(rows_step, chunk // cols // rows_step * rows_step) * cols
+
+
+def _chunk(p, state, layout: ParamLayout, a: int, b: int, chunked: bool, col: torch.Tensor | None) -> tuple:
+    """Flat views of elements [a, b) of p's local tensors: (p, g, m, v, comp, m_scale, v_scale); a factored
+    layout's v is its rows' part of the row factor, its v_scale `col` (factored.update_)."""
     def flat(t):  # sharded tensors: the math runs on this rank's shard
         return local(t).view(-1)[a:b]
 
@@ -381,11 +423,17 @@ def _chunk(p, state, layout: ParamLayout, a: int, b: int, chunked: bool) -> tupl
 
     storage = quant.STORAGES.get(layout.moments)
     if storage is not None:
-        m, v = codes(state["exp_avg_codes"], storage.exp_avg), codes(state["exp_avg_sq_codes"], storage.exp_avg_sq)
-        m_scale = scales(state["exp_avg_scale"], storage.exp_avg)
+        m, m_scale = codes(state["exp_avg_codes"], storage.exp_avg), scales(state["exp_avg_scale"], storage.exp_avg)
+    else:
+        m, m_scale = flat(state["exp_avg"]), None
+    if layout.factored:
+        cols = p.shape[1]
+        v, v_scale = local(state["exp_avg_sq_row"])[a // cols: b // cols], col
+    elif storage is not None:
+        v = codes(state["exp_avg_sq_codes"], storage.exp_avg_sq)
         v_scale = scales(state["exp_avg_sq_scale"], storage.exp_avg_sq)
     else:
-        m, v, m_scale, v_scale = flat(state["exp_avg"]), flat(state["exp_avg_sq"]), None, None
+        v, v_scale = flat(state["exp_avg_sq"]), None
     comp = flat(state["kahan_comp"]) if layout.kahan else None
     return flat(p), local(p.grad).reshape(-1)[a:b], m, v, comp, m_scale, v_scale
 
@@ -418,3 +466,21 @@ class LostUpdateCounter:
                            compensated_fraction=share("compensated", "updated") if "compensated" in sums else None,
                            exp_avg_lost_fraction=share("exp_avg_lost", "exp_avg_updated"),
                            exp_avg_sq_lost_fraction=share("exp_avg_sq_lost", "exp_avg_sq_updated"))
+
+
+class AdamW(LeanOptimizer):
+    """AdamW (rules.ADAMW): m and v per element."""
+
+    rule = ADAMW
+
+
+class FactoredAdamW(LeanOptimizer):
+    """AdamW with a factored v for the matrices of the param groups marked "factored" (rules.FACTORED_ADAMW)."""
+
+    rule = FACTORED_ADAMW
+
+
+OPTIMIZERS: dict[str, type[LeanOptimizer]] = {cls.rule.name: cls for cls in (AdamW, FactoredAdamW)}
+# The keywords a rule's optimizer takes from the config's optimizer section (config.Optimizer names them alike)
+HYPERPARAMETERS = tuple(name for name in inspect.signature(LeanOptimizer.__init__).parameters
+                        if name not in ("self", "params", "seed", "compile"))

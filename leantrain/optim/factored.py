@@ -1,0 +1,70 @@
+"""Adafactor's factored second moment (Shazeer & Stern 2018), as FactoredAdamW keeps it for a matrix.
+
+Instead of v per element, two fp32 vectors: R, the EMA of g²'s row means, and C, the EMA of its column means. The
+estimate of v is their outer product over their mean, v_ij ~ R_i C_j / mean(C) (mean(C) = mean(R) = the EMA of
+g²'s mean): exact when g² is a rank-1 matrix, Adafactor's estimator otherwise. Both EMAs start at 0 and are
+updated with Adam's beta2, so the estimate carries Adam's bias (1 - beta2^t), which the update divides out as
+Adam's does. Memory: rows + cols fp32 values per matrix instead of rows * cols.
+
+Under FSDP2 (and HSDP), a matrix is sharded by rows: each rank holds whole rows, so the row means are local; the
+column means need every row, and are all-reduced (sum) over the mesh dimensions that shard the rows, one small
+all-reduce per matrix and step, on the device. So R is a DTensor sharded like the rows and C a replicated one;
+DCP saves each as such.
+
+The statistics are computed eagerly once per matrix and step (one read of the gradient), before the update, which
+then runs chunk by chunk (whole rows) and reads its rows of R and the scaled C (update.update_weight).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..distributed import is_dtensor, local
+
+
+def allocate(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero (row, column) factors for matrix `p`: a DTensor's row factor is sharded like its rows, its column
+    factor replicated."""
+    rows, cols = p.shape
+    if not is_dtensor(p):
+        return (torch.zeros(rows, dtype=torch.float32, device=p.device),
+                torch.zeros(cols, dtype=torch.float32, device=p.device))
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if any(pl.is_shard() and pl.dim != 0 for pl in p.placements):
+        raise ValueError(f"FactoredAdamW: factored matrices must be sharded by rows (dim 0), got {p.placements}")
+    mesh = p.device_mesh
+    row_placements = [Shard(0) if pl.is_shard() else Replicate() for pl in p.placements]
+    row = DTensor.from_local(torch.zeros(local(p).shape[0], dtype=torch.float32, device=p.device), mesh,
+                             row_placements, shape=torch.Size((rows,)), stride=(1,))
+    col = DTensor.from_local(torch.zeros(cols, dtype=torch.float32, device=p.device), mesh,
+                             [Replicate()] * mesh.ndim, shape=torch.Size((cols,)), stride=(1,))
+    return row, col
+
+
+def update_(p: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2: float,
+            gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Fold p's gradient into the factors (in place) and return the column factor over its mean, the vector the
+    update multiplies this rank's rows of R with. `gate` (0-dim bool or None): where False the factors keep their
+    bits (a NaN/Inf gradient's statistics are not folded in)."""
+    g2 = local(p.grad).float().square()
+    row_mean = g2.mean(dim=1)
+    col_mean = g2.sum(dim=0)
+    _sum_over_row_shards(col_mean, p)
+    col_mean.div_(p.shape[0])
+    r, c = local(row), local(col)
+    for stored, new in ((r, row_mean), (c, col_mean)):
+        ema = stored * beta2 + new * (1.0 - beta2)
+        stored.copy_(ema if gate is None else torch.where(gate, ema, stored))
+    # mean(C) is g²'s mean: the estimate R_i C_j / mean(C). tiny: a zero gradient so far gives v = 0, not NaN
+    return c / c.mean().clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def _sum_over_row_shards(col_sum: torch.Tensor, p: torch.Tensor) -> None:
+    """All-reduce this rank's column sums over the ranks that hold p's other rows (none for a plain tensor)."""
+    if not is_dtensor(p):
+        return
+    for dim, placement in enumerate(p.placements):
+        if placement.is_shard():
+            dist.all_reduce(col_sum, op=dist.ReduceOp.SUM, group=p.device_mesh.get_group(dim))
