@@ -1,4 +1,4 @@
-"""Time one optimizer step of each leantrain AdamW variant against torch.optim.AdamW.
+"""Time one optimizer step of each leantrain optimizer variant (AdamW, FactoredAdamW) against torch.optim.AdamW.
 
 The parameters are shaped like a ~15M-parameter Llama (embedding, per-layer attention and
 SwiGLU matrices, RMSNorm weights, output head). Each variant gets its own copy of the same
@@ -27,7 +27,7 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # first step o
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from leantrain.optim import AdamW  # noqa: E402
+from leantrain.optim import AdamW, FactoredAdamW  # noqa: E402
 from leantrain.precision import grad_squares  # noqa: E402
 
 
@@ -80,6 +80,16 @@ def _per_parameter(opt: AdamW, gated: bool) -> AdamW:
     return opt
 
 
+def _factored(**kwargs):
+    """FactoredAdamW as the trainer builds it: the blocks' matrices (every 2-D tensor but the embedding and the
+    output head) factored, the rest per element."""
+    def make(ps):
+        blocks = [p for p in ps[1:-1] if p.ndim == 2]
+        rest = [p for p in ps if all(p is not q for q in blocks)]
+        return FactoredAdamW([{"params": blocks, "factored": True}, {"params": rest}], lr=1e-3, **kwargs)
+    return make
+
+
 def _released(gated: bool, **kwargs):
     return lambda ps: _per_parameter(AdamW(ps, lr=1e-3, **kwargs), gated)
 
@@ -127,6 +137,12 @@ VARIANTS = {
         ps, lr=1e-3, state_dtype="int4", compensation="stochastic", compile=True)),
     "bf16 int4-int8 (stochastic), compiled": (torch.bfloat16, lambda ps: AdamW(
         ps, lr=1e-3, state_dtype="int4-int8", compensation="stochastic", compile=True)),
+    # FactoredAdamW (recipes bf16-int8-factored, bf16-int4-int8-factored)
+    "bf16 int8-factored (stochastic)": (torch.bfloat16, _factored(state_dtype="int8", compensation="stochastic")),
+    "bf16 int8-factored (stochastic), compiled": (torch.bfloat16, _factored(
+        state_dtype="int8", compensation="stochastic", compile=True)),
+    "bf16 int4-int8-factored (stochastic), compiled": (torch.bfloat16, _factored(
+        state_dtype="int4-int8", compensation="stochastic", compile=True)),
     # optimizer.in_backward's updates, one parameter at a time: the NaN/Inf check on the host, and as the gate
     "bf16 stochastic, per parameter": (torch.bfloat16, _released(False, compensation="stochastic")),
     "bf16 stochastic, per parameter, gated": (torch.bfloat16, _released(True, compensation="stochastic")),

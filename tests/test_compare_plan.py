@@ -26,6 +26,19 @@ def test_compare_writes_report_summary_and_plot(tmp_path):
     assert first[1] == first[2]  # bf16 and bf16-sr compute the same first forward bit for bit
 
 
+def test_compare_runs_the_factored_recipes_with_gradient_release(tmp_path):
+    """compare takes the FactoredAdamW recipes like any other, with optimizer.in_backward for all of them."""
+    out = tmp_path / "cmp"
+    r = run_in_process("compare", "--recipes", "bf16-int8,bf16-int8-factored", "--out", str(out), *TINY,
+                       "--training.steps=3", "--optimizer.in_backward=true", "--training.max_norm=0",
+                       "--eval.interval=0")
+    assert r.returncode == 0, r.stderr
+    summaries = {s["recipe"]: s for s in json.loads((out / "summary.json").read_text())}
+    assert set(summaries) == {"bf16-int8", "bf16-int8-factored"}
+    assert summaries["bf16-int8-factored"]["state_bytes_per_param"] < summaries["bf16-int8"]["state_bytes_per_param"]
+    assert "| bf16-int8-factored |" in (out / "report.md").read_text()
+
+
 def test_compare_refuses_an_out_folder_that_holds_an_earlier_comparison(tmp_path):
     out = tmp_path / "cmp"
     (out / "bf16").mkdir(parents=True)
