@@ -6,7 +6,8 @@ Trains the convergence benchmark's tiny Llama (benchmarks/convergence.py: dim 12
 built-in corpus, its "low" regime: peak lr 1e-4, 600 steps) with each recipe, and keeps beside the optimizer a
 *shadow* copy of both moments: exact fp32 EMAs of the very gradients the optimizer received (a step post-hook).
 Every `--every` steps it compares the optimizer's stored moments (dequantized for int8) with the shadow ones,
-over the tensors whose moments the recipe stores in low precision (int8, int4: tensors of 4096 elements or more):
+over the tensors whose moments the recipe stores in low precision (int8, int4: tensors of 4096 elements or more;
+FactoredAdamW's matrices: v read from its row and column factors, the estimate the update uses):
 
     v_ratio        sum(v_stored) / sum(v_exact)                     (the second moment's aggregate bias; int8, int4
                                                                      dequantized)
@@ -45,6 +46,12 @@ def stored_moments(opt, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | 
     from leantrain.optim import quant
 
     st = opt.state[p]
+    if opt.layout(p).factored:  # FactoredAdamW: v is the factors' estimate (the rule's error, not a rounding's)
+        m_fmt = quant.STORAGES[opt.layout(p).moments].exp_avg if "exp_avg_codes" in st else None
+        m = (quant.dequantize(st["exp_avg_codes"].view(-1), st["exp_avg_scale"], True, m_fmt) if m_fmt
+             else st["exp_avg"].float().view(-1))
+        row, col = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+        return m, (torch.outer(row, col) / col.mean()).view(-1)
     if "exp_avg_codes" in st:
         m_fmt, v_fmt = quant.STORAGES[opt.layout(p).moments]
         return (quant.dequantize(st["exp_avg_codes"].view(-1), st["exp_avg_scale"], True, m_fmt),
