@@ -67,6 +67,12 @@ RUNS = {  # name -> config overrides (recipes by name, anchors as explicit keys)
     "fp32-noclip": {"recipe": "fp32", "training.max_norm": "0"},
     "bf16-int8-factored+release": {"recipe": "bf16-int8-factored", "optimizer.in_backward": "true",
                                    "training.max_norm": "0"},
+    # Clipping under gradient release (training.release_clipping), paired with exact clipping at max_norm 1.0 (the
+    # recipe's normal step), and each again with a loss spike: at step SPIKE_AT the batch is random tokens
+    **{f"bf16-int8-factored+release-{rule}{spike}": {
+        "recipe": "bf16-int8-factored", "optimizer.in_backward": "true", "training.release_clipping": rule,
+        **({"spike": True} if spike else {})} for rule in ("per_tensor", "previous_norm") for spike in ("", "-spike")},
+    "bf16-int8-factored-spike": {"recipe": "bf16-int8-factored", "spike": True},
     # The lr sweep (best against best: a rule whose effective step differs is compared at each one's best lr)
     **{f"{name}-lr-x{factor:g}": {"recipe": name, "lr_factor": factor}
        for name in ("fp32", "bf16-int8-factored") for factor in (0.5, 2, 4)},
@@ -81,6 +87,30 @@ MODEL = {"model.flavor": "debug", "model.dim": "128", "model.n_layers": "4", "mo
          # eager blocks: the matrix measures the optimizer's numerics (its compiled update is bitwise the eager
          # one), and a compile per run would cost more than it saves on this tiny model
          "compile.enable": "false"}
+
+
+SPIKE_AT = 100  # the step whose batch a "spike" run replaces with random tokens (finetune: 300 steps, warmup 30)
+SPIKE_LOSSES = 40  # a spike run records its training loss at every step from SPIKE_AT to SPIKE_AT + this
+
+
+def _spike_hooks():
+    """Hooks that give step SPIKE_AT a batch of uniformly random tokens, every one a label: a loss spike."""
+    import torch
+
+    from leantrain.hooks import Hooks
+
+    class Spike(Hooks):
+        def batches(self, step, batches):
+            if step != SPIKE_AT:
+                return batches
+            gen = torch.Generator().manual_seed(step)
+            out = []
+            for inputs, labels, *rest in batches:
+                tokens = torch.randint(0, 256, (inputs.shape[0], inputs.shape[1] + 1), generator=gen)
+                out.append([tokens[:, :-1].to(inputs), tokens[:, 1:].to(labels), *rest])
+            return out
+
+    return Spike()
 
 
 def sft_pairs(path: str, count: int = 6000) -> str:
@@ -153,6 +183,9 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
     steps = max(60, int(REGIMES[regime]["training.steps"] * steps_scale))
     run = dict(RUNS[name])
     lr = float(REGIMES[regime]["optimizer.lr"]) * run.pop("lr_factor", 1.0)
+    spike = run.pop("spike", False)
+    if spike:
+        run["metrics.log_freq"] = "1"  # the loss of every step around the spike
     model_keys = _finetune_overrides(seed, out) if regime == "finetune" else MODEL
     overrides = {**model_keys, **run, "optimizer.lr": repr(lr),
                  "training.steps": str(steps), "eval.interval": str(max(1, steps // 6)), "job.seed": str(seed),
@@ -163,7 +196,7 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
     shutil.rmtree(cfg.job.dump_folder, ignore_errors=True)
     start = time.perf_counter()
     plan = resolve(cfg)
-    summary, model = train(plan)
+    summary, model = train(plan, _spike_hooks()) if spike else train(plan)
     # The same weights, upcast, through an fp32 forward: what was learned, without inference rounding.
     fp32_cfg = load_config(None, {**{k: v for k, v in overrides.items() if not k.startswith(("recipe", "optimizer.",
                                                                                             "training."))},
@@ -188,6 +221,8 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
             "state_bytes_per_param": summary["state_bytes_per_param"],
             "mean_lost_update_fraction": statistics.mean(lost) if lost else None,
             "curve": [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
+            **({"spike_losses": [(r["step"], r["loss"]) for r in records
+                                 if SPIKE_AT <= r["step"] <= SPIKE_AT + SPIKE_LOSSES and "loss" in r]} if spike else {}),
             "seconds": time.perf_counter() - start}
 
 

@@ -4,8 +4,8 @@
 #      there are the CPU's, the eager step is the CPU's bit for bit, the Triton kernel is the eager step, a
 #      gradient-release backward makes no host sync);
 #   2. the optimizer step side by side (benchmarks/optimizer_step.py): leantrain's bf16-sr eager and compiled,
-#      plain bf16, torch's fused AdamW on bf16 (torchtitan's training.dtype=bfloat16) and torchao's
-#      _AdamW(bf16_stochastic_round=True);
+#      plain bf16, the quantized and factored (FactoredAdamW) steps, torch's fused AdamW on bf16 (torchtitan's
+#      training.dtype=bfloat16) and torchao's _AdamW(bf16_stochastic_round=True);
 #   3. training: the 1B flavor (Llama 3.2-1B dimensions) with torch.compile under each recipe, the default bf16-sr
 #      among them; tokens/s, MFU and peak torch.cuda.max_memory_allocated.
 #
@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 FLAVOR=${FLAVOR:-1B}; SEQ=${SEQ:-2048}; BATCH=${BATCH:-4}; STEPS=${STEPS:-30}; COMPILE=${COMPILE:-true}
-RECIPES=${RECIPES:-"fp32 bf16-mixed bf16 bf16-sr bf16-kahan bf16-int8 bf16-int4"}
+RECIPES=${RECIPES:-"fp32 bf16-mixed bf16 bf16-sr bf16-kahan bf16-int8 bf16-int4 bf16-int8-factored"}
 OUT=${OUT:-benchmarks/results/gpu}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
@@ -29,6 +29,7 @@ timeout 240 "$PY" benchmarks/optimizer_step.py --device "$DEVICE" --repeats 20 -
   --only "bf16 stochastic" --only "bf16 none, compiled" --only "bf16 stochastic, compiled" \
   --only "bf16 kahan, compiled" --only "bf16 int8 (stochastic), compiled" --only "bf16 int4 (stochastic), compiled" \
   --only "bf16 int4-int8 (stochastic), compiled" --only "bf16 int8 (stochastic)" \
+  --only "bf16 int8-factored (stochastic), compiled" --only "bf16 int4-int8-factored (stochastic), compiled" \
   --only "torch AdamW foreach (bf16), compiled" --out "$OUT/optimizer_step.json" \
   || echo "optimizer step benchmark failed or timed out"
 for r in $RECIPES; do

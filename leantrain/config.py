@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 from .model import FLAVORS
-from .optim import COMPENSATIONS, MOMENTS_ROUNDINGS, RULES, STATE_DTYPES
+from .optim import COMPENSATIONS, MOMENTS_ROUNDINGS, RELEASE_CLIPPING, RULES, STATE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,15 @@ class Training:
     reduce_dtype). No effect without FSDP2 (DDP and one device reduce in the gradients' dtype) or under full
     bfloat16, whose gradients are reduced in bfloat16."""
     max_norm: float = 1.0
-    """Clip the global gradient norm (computed in fp32) to this value. 0 disables clipping."""
+    """Clip the global gradient norm (computed in fp32) to this value. 0 disables clipping. With gradient release
+    (optimizer.in_backward) the global norm is known only after the updates; training.release_clipping says how
+    release clips instead."""
+    release_clipping: Literal[RELEASE_CLIPPING] = "per_tensor"
+    """How gradient release clips (training.max_norm > 0 with optimizer.in_backward=true): per_tensor (each
+    gradient to its share of max_norm, max_norm * sqrt(its elements / all elements), in the backward: the norm of
+    the whole gradient then stays within max_norm, as with exact clipping) or previous_norm (every gradient by the
+    factor exact clipping would have used at the previous step: the clip lags one step). The step's true norm is
+    still measured and logged as grad_norm. No effect without gradient release, where clipping is exact."""
     gradient_accumulation_steps: int = 1
     """Micro-batches whose gradients are summed before each optimizer step."""
     max_nonfinite_steps: int = 10
@@ -157,8 +165,9 @@ class Optimizer:
     optimizers do, for comparison (int8/int4 codes: on leantrain's companded maps, not their dynamic ones)."""
     in_backward: bool = False
     """Gradient release: run each parameter's update during the backward, as soon as its gradient is complete, and
-    free the gradient at once, so no full set of gradients exists (2 bytes/param less in full bf16). Needs
-    training.max_norm = 0 and training.gradient_accumulation_steps = 1, and FSDP2 or one process (not DDP)."""
+    free the gradient at once, so no full set of gradients exists (2 bytes/param less in full bf16). Clips by
+    training.release_clipping's rule; needs training.gradient_accumulation_steps = 1, and FSDP2 or one process
+    (not DDP)."""
 
 
 @dataclass(frozen=True)
@@ -486,13 +495,14 @@ def validate(cfg: Config, warn: bool = True) -> None:
     _require(0 <= t.max_norm < math.inf, "training.max_norm", t.max_norm, "0 (no clipping) or a positive number")
     _require(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps",
              t.gradient_accumulation_steps, "at least 1")
-    if o.in_backward and (t.max_norm > 0 or t.gradient_accumulation_steps > 1):
+    if o.in_backward and t.gradient_accumulation_steps > 1:
         raise ConfigError(
-            f"optimizer.in_backward=true updates each parameter during the backward, before the other gradients "
-            f"exist, so it cannot clip by the global gradient norm (training.max_norm = {t.max_norm}) or sum "
-            f"micro-batches (training.gradient_accumulation_steps = {t.gradient_accumulation_steps}). Set "
-            f"training.max_norm=0 and training.gradient_accumulation_steps=1 (a larger data.local_batch_size gives "
-            f"the same global batch), or leave optimizer.in_backward at false.")
+            f"optimizer.in_backward=true updates each parameter during the backward, as soon as its gradient of "
+            f"this micro-batch is complete, so it cannot sum micro-batches (training.gradient_accumulation_steps = "
+            f"{t.gradient_accumulation_steps}): the first micro-batch's update would be taken before the others' "
+            f"gradients exist. Set training.gradient_accumulation_steps=1 and a larger data.local_batch_size (the "
+            f"same global batch in one micro-batch; activation_checkpoint.mode=full keeps its activations small), "
+            f"or leave optimizer.in_backward at false.")
     _require(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", t.max_nonfinite_steps,
              "at least 1 (1: stop at the first NaN/Inf step)")
     _require(d.seq_len >= 1, "data.seq_len", d.seq_len, "at least 1")

@@ -19,3 +19,7 @@ class Hooks:
     def grad_norm(self, step: int, norm: torch.Tensor) -> torch.Tensor:
         """The gradient norm that step ``step``'s guard sees (and logs); the gradients themselves are untouched."""
         return norm
+
+    def batches(self, step: int, batches: list) -> list:
+        """The micro-batches step ``step`` trains on (a benchmark swaps in a batch of random tokens: a loss spike)."""
+        return batches

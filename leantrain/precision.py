@@ -251,9 +251,13 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
     params = list(params)
     total = grad_norm(params)
     if max_norm > 0:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_([local(p.grad) for p in params if p.grad is not None], coef)
+        torch._foreach_mul_([local(p.grad) for p in params if p.grad is not None], clip_coefficient(total, max_norm))
     return total
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:
+    """The factor that scales a gradient of this (fp32) norm to at most max_norm: 1 when it is within it."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
 def init_normal_(param: torch.Tensor, std: float, generator: torch.Generator | None = None) -> None:

@@ -8,6 +8,8 @@
     optimizer.param_groups.<i>.*    hyperparameters, the recipe keys, the group's parameter names (the
                                     stochastic-rounding bits need no state: optim/randbits.py)
     lr_scheduler.*                  LambdaLR.state_dict()
+    release.previous_coef           gradient release's clip factor, only under "previous_norm" clipping
+                                    (optim/release.py)
     data.*                          the position in the training data (epoch, position) and its identity
     rng.torch / rng.cuda            the global RNG state (leantrain seeds every rank the same, so one copy)
 """
@@ -44,6 +46,7 @@ class TrainState(Stateful):
     scheduler: torch.optim.lr_scheduler.LambdaLR
     data: Any  # PackedDataset | SftDataset | PackedSftDataset: next_batch(), state_dict(), load_state_dict()
     step: int = 0
+    release: Any = None  # optim.release.GradientRelease, with optimizer.in_backward
 
     def allocate_optimizer_state(self) -> None:
         """Every optimizer buffer, as the first step would create it (zeros, step 0), if not there yet: a
@@ -56,7 +59,12 @@ class TrainState(Stateful):
         self.allocate_optimizer_state()
         return {"step": self.step, "model": get_model_state_dict(self.model),
                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer),
-                "lr_scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(), "rng": _rng_state()}
+                "lr_scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(), "rng": _rng_state(),
+                **({"release": self.release.state_dict()} if self._release_has_state else {})}
+
+    @property
+    def _release_has_state(self) -> bool:
+        return self.release is not None and self.release.has_state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from a state dict shaped like :meth:`state_dict` (DCP has loaded the values into it)."""
@@ -71,6 +79,8 @@ class TrainState(Stateful):
             group["lr"] = lr
         self.scheduler._last_lr = lrs
         self.data.load_state_dict(state_dict["data"])
+        if self._release_has_state:
+            self.release.load_state_dict(state_dict["release"], next(self.model.parameters()).device)
         torch.set_rng_state(state_dict["rng"]["torch"])
         if "cuda" in state_dict["rng"]:
             torch.cuda.set_rng_state(state_dict["rng"]["cuda"])

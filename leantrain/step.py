@@ -4,7 +4,7 @@ Forward and backward over the step's micro-batches (gradients summed), the fp32 
 the non-finite guard's decision (agreed over ranks), then the update, unless that decision skips it, and the
 learning-rate schedule, which advances in either case. With gradient release (optimizer.in_backward,
 optim/release.py) the update runs inside the backward instead: the guard looks at the loss before the backward,
-and the gradient norm is only reported. Tests call it in process.
+clipping follows training.release_clipping, and the gradient norm is reported. Tests call it in process.
 """
 
 from __future__ import annotations
@@ -95,8 +95,9 @@ def train_step(state: TrainState, batches: list[tuple[torch.Tensor, ...]], ctx: 
 
 def _step_in_backward(state: TrainState, batches, weights, ctx: StepContext, step: int,
                       count_lost_updates: bool) -> StepStats:
-    """Gradient release: one micro-batch (config.validate), no clipping; the guard decides on the loss before the
-    backward (a NaN/Inf loss skips the backward and every update), the updates run in the backward's hooks."""
+    """Gradient release: one micro-batch (config.validate), clipped in the hooks by the release's rule; the guard
+    decides on the loss before the backward (a NaN/Inf loss skips the backward and every update), the updates run
+    in the backward's hooks."""
     (batch,), (weight,), device = batches, weights, ctx.dist.device
     with ctx.precision.autocast(device, ctx.dist.sharded):
         loss = batch_loss(state.model, batch) * weight
@@ -108,6 +109,7 @@ def _step_in_backward(state: TrainState, batches, weights, ctx: StepContext, ste
             loss.backward()
         (released,) = result
         grad_norm = norm_from_squares(released.grad_squares, next(state.model.parameters()))
+        ctx.release.observe_norm(grad_norm)  # "previous_norm" clipping's factor for the next step
         finite = not ctx.nonfinite.check_released(step, released.skipped_params)
         if not finite:  # some rank skipped a parameter's update: its step count was advanced on the host
             ctx.release.uncount_skipped()

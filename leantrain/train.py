@@ -170,6 +170,8 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
     train_data, eval_data = build_datasets(cfg.data, tokenizer, cfg.job.seed, rank=dist.plan.rank,
                                            world_size=dist.world_size, tokenizer_path=cfg.tokenizer.path)  # each rank: its slice of a global batch
     state = build_state(plan, dist, train_data, tokenizer, hf_weights=resume_from is None)
+    if plan.optimizer.in_backward:
+        state.release = GradientRelease(state.optimizer, cfg.training.max_norm, cfg.training.release_clipping)
     model, checkpointer = state.model, build_checkpointer(plan, hooks)
     resumed_elapsed = checkpointer.load(state, resume_from) if resume_from else 0.0
     if dist.is_main:
@@ -177,14 +179,16 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
               f"({num_params(model) / 1e6:.1f}M parameters), recipe {plan.recipe or 'custom'}, on "
               f"{dist.world_size} x {device.type}, {train_data.num_tokens:,} training tokens; writing "
               f"{plan.paths.folder}", flush=True)
+        if state.release is not None and cfg.training.max_norm > 0:
+            print(f"leantrain: gradient release clips by training.release_clipping={cfg.training.release_clipping} "
+                  f"(max_norm {cfg.training.max_norm}; the logged grad_norm is the step's unclipped norm)", flush=True)
         _write_config(plan.paths.folder / "config.toml", cfg)  # once every input has loaded
     logger = MetricsLogger(str(plan.paths.folder), enabled=dist.is_main,
                            resume_step=state.step if cfg.checkpoint.enable else None,
                            tensorboard=cfg.metrics.tensorboard)
     nonfinite = guard.NonFiniteGuard(cfg.training.max_nonfinite_steps, dist.world_size, logger.records)
-    release = GradientRelease(state.optimizer) if plan.optimizer.in_backward else None
     ctx = StepContext(plan.precision, dist, cfg.training.max_norm, weigh_tokens=cfg.data.format != "text",
-                      nonfinite=nonfinite, hooks=hooks, release=release)
+                      nonfinite=nonfinite, hooks=hooks, release=state.release)
     return Run(plan, dist, state, eval_data, checkpointer, logger, ctx,
                started=time.perf_counter() - resumed_elapsed)  # a resumed run continues the interrupted clock
 
@@ -226,6 +230,7 @@ def _loop(run: Run, progress: Progress) -> tuple[dict[str, int] | None, tuple[in
         progress.note("compiling")  # the first steps compile; the bar shows for how long once they have
     while state.step < steps and stopped_at is None and not run.ctx.nonfinite.diverged:
         batches = [[t.to(dist.device, non_blocking=True) for t in state.data.next_batch()] for _ in range(accum)]
+        batches = run.ctx.hooks.batches(state.step + 1, batches)
         stats = train_step(state, batches, run.ctx, count_lost_updates=_log_due(state.step + 1, cfg))
         progress.advance(state.step)
         if measured_state is None and stats.finite:  # after the first update every state buffer exists

@@ -21,6 +21,7 @@ import torch
 
 from .layout import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES, ParamLayout
 from .optimizer import HYPERPARAMETERS, OPTIMIZERS, AdamW, FactoredAdamW, LeanOptimizer, UpdateStats
+from .release import RELEASE_CLIPPING
 from .rounding import stochastic_round
 from .rules import RULES
 
@@ -30,6 +31,7 @@ __all__ = [
     "HYPERPARAMETERS",
     "LeanOptimizer",
     "OPTIMIZERS",
+    "RELEASE_CLIPPING",
     "ParamLayout",
     "RULES",
     "UpdateStats",

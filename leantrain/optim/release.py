@@ -7,9 +7,19 @@ gradient's squared norm to the step's total (fp32, for metrics: nothing is clipp
 out bit for bit the same) and drops the gradient. So no full set of gradients ever exists: one parameter's
 gradient (under FSDP2, one block's reduce-scattered shards, on which FSDP2 calls these hooks) at a time.
 
+Clipping (training.max_norm > 0): the global norm is known only once every gradient has been made, after the
+updates, so release clips by one of two rules (`RELEASE_CLIPPING`, training.release_clipping), each gradient
+scaled in place before its update, as exact clipping scales it (the norm logged is still the step's true one):
+* "per_tensor": each gradient to its share of the budget, max_norm * sqrt(n / N) (n its elements, N all of the
+  model's): the clipped gradients' global norm is within max_norm (the shares' squares sum to max_norm²), at the
+  step of a spike too. Under FSDP2 a parameter's squares are all-reduced over its shards first;
+* "previous_norm": every gradient by the factor exact clipping used at the previous step, min(1, max_norm /
+  norm_{t-1}) (1 at the first step; a non-finite norm keeps the factor it had). The factor lags one step: a spike
+  passes unclipped, and the step after it is shrunk. It is state: a checkpoint saves it (`state_dict`).
+Which rule, was measured (BENCHMARKS.md: paired against exact clipping, 3 seeds, and on a provoked spike).
+
 What cannot work this way, and is refused by the config (config.validate, runplan.resolve):
 * gradient accumulation: the update of the first micro-batch would be taken before the others' gradients exist;
-* global-norm clipping: the norm is known only once every gradient has been made, after the updates;
 * DDP (dp_replicate > 1 without sharding): its all-reduce completes after the hooks have seen the local gradient.
   FSDP2 (and HSDP) reduce before they call the hooks.
 
@@ -37,8 +47,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from ..distributed import is_dtensor
-from ..precision import grad_squares
+from ..distributed import is_dtensor, local
+from ..precision import clip_coefficient, grad_squares, norm_from_squares
 from .optimizer import LeanOptimizer, LostUpdateCounter, UpdateStats
 
 
@@ -51,11 +61,19 @@ class BackwardResult:
     updates: UpdateStats | None  # the lost-update counts, when asked for
 
 
-class GradientRelease:
-    """The optimizer's updates inside the backward (see the module docstring)."""
+RELEASE_CLIPPING = ("per_tensor", "previous_norm")
 
-    def __init__(self, optimizer: LeanOptimizer):
-        self.optimizer = optimizer
+
+class GradientRelease:
+    """The optimizer's updates inside the backward (see the module docstring); `max_norm` > 0 clips by `clipping`."""
+
+    def __init__(self, optimizer: LeanOptimizer, max_norm: float = 0.0, clipping: str = "per_tensor"):
+        if clipping not in RELEASE_CLIPPING:
+            raise ValueError(f"GradientRelease: clipping={clipping!r} is not one of {RELEASE_CLIPPING}")
+        self.optimizer, self.max_norm, self.clipping = optimizer, float(max_norm), clipping
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._numel = sum(p.numel() for p in params)  # a DTensor's numel is the whole parameter's
+        self._previous_coef: torch.Tensor | None = None  # "previous_norm": the factor of the step before (None: 1)
         self._armed = False
         self._counter: LostUpdateCounter | None = None
         self._squares: torch.Tensor | None = None
@@ -80,6 +98,26 @@ class GradientRelease:
         out.append(BackwardResult(self._squares, skipped,
                                   self._counter.result() if self._counter is not None else None))
 
+    def observe_norm(self, norm: torch.Tensor) -> None:
+        """After a backward: the step's global gradient norm (all ranks'), from which "previous_norm" clips the next
+        step. On the device, no host sync; a non-finite norm keeps the factor."""
+        if self.max_norm > 0 and self.clipping == "previous_norm":
+            old = self._previous_coef if self._previous_coef is not None else torch.ones_like(norm)
+            self._previous_coef = torch.where(torch.isfinite(norm), clip_coefficient(norm, self.max_norm), old)
+
+    @property
+    def has_state(self) -> bool:
+        """Whether a resume needs `state_dict` ("previous_norm" clipping's factor); the other rules keep none."""
+        return self.max_norm > 0 and self.clipping == "previous_norm"
+
+    def state_dict(self) -> dict:
+        """What a resume needs: "previous_norm"'s factor (1.0 before the first step)."""
+        return {"previous_coef": (self._previous_coef if self._previous_coef is not None
+                                  else torch.ones((), dtype=torch.float32)).detach().cpu()}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self._previous_coef = state["previous_coef"].to(device=device, dtype=torch.float32)
+
     def uncount_skipped(self) -> None:
         """After a backward in which some rank skipped a parameter: take back the step counts of this rank's
         skipped parameters (a host sync per parameter, on this rare path only)."""
@@ -94,9 +132,19 @@ class GradientRelease:
         squares = grad_squares(p.grad)
         self._squares += squares
         finite = _on_every_shard(torch.isfinite(squares), p)  # on the device: no host sync (module docstring)
+        if self.max_norm > 0:
+            local(p.grad).mul_(self._coefficient(p, squares))  # as exact clipping scales a gradient
         self.optimizer.step_parameter(p, self._counter, gate=finite)
         self._gates.append((p, finite))
         p.grad = None
+
+
+    def _coefficient(self, p: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
+        """The clip factor of p's gradient (this rank's squares of it given) under the rule in force."""
+        if self.clipping == "previous_norm":
+            return self._previous_coef if self._previous_coef is not None else torch.ones_like(squares)
+        share = self.max_norm * (p.numel() / self._numel) ** 0.5
+        return clip_coefficient(norm_from_squares(squares, p), share)
 
 
 def _on_every_shard(finite: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
