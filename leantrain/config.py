@@ -141,9 +141,11 @@ class Training:
 @dataclass(frozen=True)
 class Optimizer:
     name: Literal[tuple(RULES)] = "AdamW"
-    """The update rule: AdamW (m and v per element: torch.optim.AdamW's update) or FactoredAdamW (for the 2-D weights
+    """The update rule: AdamW (m and v per element: torch.optim.AdamW's update), FactoredAdamW (for the 2-D weights
     of the transformer blocks v is kept as Adafactor's row and column factors, fp32, with Adam's bias correction;
-    m per element; the embedding, the output layer and the norms as AdamW). Both with the recipe's storage."""
+    m per element; the embedding, the output layer and the norms as AdamW) or Adafactor (FactoredAdamW's v and no
+    m: the step is g / (sqrt(v) + eps), each tensor's clipped to an RMS of 1; betas[0] unused). Each with the
+    recipe's storage."""
     lr: float = 1e-3
     """Peak learning rate (reached at the end of warmup)."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -259,7 +261,7 @@ class Config:
     compile: Compile = field(default_factory=Compile)
     recipe: str = ""
     """A named precision recipe (fp32, bf16-mixed, bf16, bf16-fp32state, bf16-sr, bf16-kahan, bf16-int8, bf16-int4,
-    bf16-int4-int8, bf16-int8-factored, bf16-int4-int8-factored): a set of the keys above."""
+    bf16-int4-int8, bf16-int8-factored, bf16-int4-int8-factored, bf16-factored-no-m): a set of the keys above."""
 
 
 # A recipe is only a named set of config values; `--recipe NAME` and these keys give the same run. Every recipe
@@ -282,6 +284,9 @@ _RECIPE_CHANGES: dict[str, dict[str, object]] = {
                            "optimizer.compensation": "stochastic"},
     "bf16-int4-int8-factored": {"optimizer.name": "FactoredAdamW", "optimizer.state_dtype": "int4-int8",
                                 "optimizer.compensation": "stochastic"},
+    # Adafactor (no m): v factored for the blocks' matrices and int8 for every other tensor, nothing else
+    "bf16-factored-no-m": {"optimizer.name": "Adafactor", "optimizer.state_dtype": "int8",
+                           "optimizer.compensation": "stochastic"},
 }
 RECIPES: dict[str, dict[str, object]] = {name: {**_BF16_BASE, **changes} for name, changes in _RECIPE_CHANGES.items()}
 

@@ -1,4 +1,4 @@
-"""FactoredAdamW: Adafactor's factored v (optim/factored.py) against a float64 reference, its layout and bytes."""
+"""FactoredAdamW and Adafactor: the factored v (optim/factored.py) against float64 references, layouts and bytes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from leantrain.model import build_model
-from leantrain.optim import AdamW, FactoredAdamW, build_optimizer, param_groups
+from leantrain.optim import Adafactor, AdamW, FactoredAdamW, build_optimizer, param_groups
 
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -28,9 +28,28 @@ def reference_factored(p0, grads, lr, betas, eps, weight_decay):
     return p
 
 
+def reference_adafactor(p0, grads, lr, betas, eps, weight_decay, factored=True):
+    """Adafactor as the rule states it, in float64: no m, u = g / (sqrt(v_hat) + eps), u scaled to RMS <= 1."""
+    p = p0.double().clone()
+    r, c, v = torch.zeros(p.shape[0], dtype=torch.float64), torch.zeros(p.shape[1], dtype=torch.float64), 0.0
+    b2 = betas[1]
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        if factored:
+            r = b2 * r + (1 - b2) * (g * g).mean(dim=1)
+            c = b2 * c + (1 - b2) * (g * g).mean(dim=0)
+            v = torch.outer(r, c) / c.mean()
+        else:
+            v = b2 * v + (1 - b2) * g * g
+        u = g / ((v / (1 - b2**t)).sqrt() + eps)
+        u = u / max(1.0, u.square().mean().sqrt().item())
+        p = p * (1 - lr * weight_decay) - lr * u
+    return p
+
+
 def _run(cls, p0, grads, **kw):
     p = torch.nn.Parameter(p0.clone())
-    group = {"params": [p], "factored": True} if cls is FactoredAdamW else {"params": [p]}
+    group = {"params": [p], "factored": True} if cls.rule.factors_matrices else {"params": [p]}
     opt = cls([group], **{**HP, **kw})
     for g in grads:
         p.grad = g.clone()
@@ -127,3 +146,45 @@ def test_gated_off_step_keeps_the_factors():
     opt.step_parameter(p, gate=torch.tensor(False))
     opt.uncount_step(p)
     assert all(torch.equal(before[k], v) for k, v in opt.state[p].items())
+
+
+@pytest.mark.parametrize("factored", [True, False])
+def test_adafactor_fp32_matches_the_float64_reference(factored):
+    """No m, and each step clipped to RMS 1: the early steps (v lags g², which grows) are clipped, the rest not."""
+    shape = (96, 80)
+    p0, grads = torch.randn(shape, generator=torch.Generator().manual_seed(1)), _grads(shape, 6)
+    p = torch.nn.Parameter(p0.clone())
+    opt = Adafactor([{"params": [p], "factored": factored}], **{**HP, "state_dtype": "float32"})
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(p.double(), reference_adafactor(p0, grads, **HP, factored=factored), rtol=0, atol=1e-5)
+    assert "exp_avg" not in opt.state[p] and "exp_avg_codes" not in opt.state[p]
+
+
+def test_adafactor_clips_a_step_whose_v_lags():
+    """A gradient 100 times the one v has seen: unclipped the step's RMS would be far above 1."""
+    p = torch.nn.Parameter(torch.zeros(64, 32))
+    opt = Adafactor([{"params": [p], "factored": True}], lr=1.0, weight_decay=0.0, state_dtype="float32")
+    gen = torch.Generator().manual_seed(0)
+    p.grad = torch.randn(64, 32, generator=gen) * 0.01
+    opt.step()
+    before = p.detach().clone()
+    p.grad = torch.randn(64, 32, generator=gen)
+    opt.step()
+    step = p.detach() - before
+    assert step.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_adafactor_recipe_stores_no_m_and_meets_the_8b_target():
+    """bf16-factored-no-m with gradient release: at most 2.3 bytes/param of training state on Llama 3 8B."""
+    from leantrain.config import load_config
+    from leantrain.plan import plan
+
+    model = build_model("debug")
+    opt = build_optimizer(model, "Adafactor", lr=1e-3, state_dtype="int8")
+    assert all(not any(k.startswith("exp_avg_") and "sq" not in k or k == "exp_avg" for k in opt.init_state(p))
+               for p in model.parameters())
+    p = plan(load_config(None, {"model.flavor": "8B"}), ["bf16-factored-no-m"], dp_shard=1,
+             gpu_memory=24 * 2**30)["recipes"]
+    assert p["bf16-factored-no-m + in_backward"]["state_bytes_per_param"] <= 2.3

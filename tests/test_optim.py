@@ -28,7 +28,7 @@ VARIANTS = [
 ] + [  # FactoredAdamW: the 2-D parameters (a [1, 4096] row and a [70, 80] matrix whose rows cut int8 blocks) factored
     dict(rule="FactoredAdamW", state_dtype=sd, compensation=c)
     for sd, c in (("int8", "stochastic"), ("int4-int8", "stochastic"), ("auto", "none"), ("float32", "kahan"))
-]
+] + [dict(rule="Adafactor", state_dtype=sd, compensation=c) for sd, c in (("int8", "stochastic"), ("auto", "kahan"))]
 
 
 def _ids(v):
@@ -669,6 +669,7 @@ COMPILED_VARIANTS = [
     dict(state_dtype="int4-int8", compensation="stochastic"), dict(state_dtype="float32"),
     dict(rule="FactoredAdamW", state_dtype="int8", compensation="stochastic"),
     dict(rule="FactoredAdamW", compensation="kahan"),
+    dict(rule="Adafactor", state_dtype="int8", compensation="stochastic"),
 ]
 
 

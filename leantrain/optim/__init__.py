@@ -1,7 +1,7 @@
 """The precision-aware optimizer: update rules with fp32 math and bf16 / fp32 / int8 / int4 state.
 
     optimizer.py  the driver (LeanOptimizer: state, steps, chunks, gate, statistics, state_dict) and the rules as
-                  optimizers: AdamW, FactoredAdamW (OPTIMIZERS, by optimizer.name)
+                  optimizers: AdamW, FactoredAdamW, Adafactor (OPTIMIZERS, by optimizer.name)
     rules.py      the update rules: what each computes, element-wise or per matrix
     codecs.py     the stored formats: each tensor's load as fp32 and store (bf16 nearest / stochastic / Kahan,
                   int8, int4)
@@ -20,12 +20,13 @@ from __future__ import annotations
 import torch
 
 from .layout import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES, ParamLayout
-from .optimizer import HYPERPARAMETERS, OPTIMIZERS, AdamW, FactoredAdamW, LeanOptimizer, UpdateStats
+from .optimizer import HYPERPARAMETERS, OPTIMIZERS, Adafactor, AdamW, FactoredAdamW, LeanOptimizer, UpdateStats
 from .release import RELEASE_CLIPPING
 from .rounding import stochastic_round
 from .rules import RULES
 
 __all__ = [
+    "Adafactor",
     "AdamW",
     "FactoredAdamW",
     "HYPERPARAMETERS",

@@ -38,6 +38,7 @@ class ParamLayout:
 
     moments: 'float32', 'bfloat16', 'int8', 'int4' or 'int4-int8' (codes + per-block scales: quant.STORAGES).
     factored: v is kept as fp32 row and column factors (factored.py), not per element; m as `moments` says.
+    first_moment: m is kept (False: a rule without one, whose update takes the gradient itself).
     kahan: a bf16 `kahan_comp` buffer carries what the weight's rounding loses.
     weight_field, exp_avg_field, exp_avg_sq_field: the index of the random field that rounds the weight
         (with Kahan: the `kahan_comp` buffer; the weight itself is rounded to nearest), exp_avg and
@@ -49,6 +50,7 @@ class ParamLayout:
 
     moments: str
     factored: bool
+    first_moment: bool
     kahan: bool
     weight_field: int
     exp_avg_field: int
@@ -63,7 +65,7 @@ class ParamLayout:
 
     @classmethod
     def decide(cls, *, state_dtype: str, compensation: str, moments_rounding: str, param_dtype: torch.dtype,
-               numel: int, last_dim: int = 2, factored: bool = False) -> ParamLayout:
+               numel: int, last_dim: int = 2, factored: bool = False, first_moment: bool = True) -> ParamLayout:
         """The layout of a parameter of `param_dtype` and `numel` elements (a DTensor's: global), whose last
         dimension has `last_dim` elements, under a recipe; `factored`: its rule keeps v as factors (a matrix)."""
         moments = _moment_storage(state_dtype, param_dtype, numel, last_dim)
@@ -73,17 +75,18 @@ class ParamLayout:
         stochastic_weight = compensation == "stochastic" and bf16_weight
         rounded_moments = stochastic_moments and moments != "float32"  # bf16 values or int8 codes
         rounded_stochastically = (stochastic_weight or (kahan and stochastic_moments),  # weight or kahan_comp
-                                  rounded_moments,  # exp_avg
+                                  rounded_moments and first_moment,  # exp_avg
                                   rounded_moments and not factored)  # exp_avg_sq (factors: fp32)
         fields, count = [], 0
         for stochastic in rounded_stochastically:
             fields.append(count if stochastic else NO_FIELD)
             count += int(stochastic)
-        moment_buffers = _QUANT_BUFFERS if moments in quant.STORAGES else _FLOAT_BUFFERS
-        if factored:
-            moment_buffers = (*moment_buffers[:len(moment_buffers) // 2], *FACTOR_BUFFERS)
-        buffers = ("step", *moment_buffers, *(("kahan_comp",) if kahan else ()))
-        return cls(moments, factored, kahan, *fields, num_fields=count, buffers=buffers)
+        per_moment = _QUANT_BUFFERS if moments in quant.STORAGES else _FLOAT_BUFFERS
+        half = len(per_moment) // 2
+        m_buffers = per_moment[:half] if first_moment else ()
+        v_buffers = FACTOR_BUFFERS if factored else per_moment[half:]
+        buffers = ("step", *m_buffers, *v_buffers, *(("kahan_comp",) if kahan else ()))
+        return cls(moments, factored, first_moment, kahan, *fields, num_fields=count, buffers=buffers)
 
 
 def rounds_moments_stochastically(compensation: str, moments_rounding: str) -> bool:
@@ -117,11 +120,13 @@ class StepScalars(NamedTuple):
     eps: float
 
     @classmethod
-    def of(cls, group: dict, step: float) -> StepScalars:
+    def of(cls, group: dict, step: float, first_moment: bool = True) -> StepScalars:
+        """`first_moment` False: a rule without m (its step takes the gradient, which needs no bias correction)."""
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             raise ValueError("AdamW: a tensor lr is not supported; use a float")
         lr, wd, (beta1, beta2) = float(lr), group["weight_decay"], group["betas"]
+        beta1 = beta1 if first_moment else 0.0
         return cls(decay=1 - lr * wd, neg_lr_wd=-lr * wd, neg_step_size=-(lr / (1 - beta1**step)),
                    bc2_sqrt=math.sqrt(1 - beta2**step), one_minus_beta1=1 - beta1, beta2=beta2,
                    one_minus_beta2=1 - beta2, eps=group["eps"])

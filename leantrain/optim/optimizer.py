@@ -79,9 +79,10 @@ from typing import Iterable
 import torch
 
 from ..distributed import is_dtensor, local
-from . import factored, quant, randbits, sharding, update
+from ..precision import norm_from_squares
+from . import codecs, factored, quant, randbits, sharding, update
 from .layout import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES, ParamLayout, StepScalars
-from .rules import ADAMW, FACTORED_ADAMW, Rule
+from .rules import ADAFACTOR, ADAMW, FACTORED_ADAMW, Rule
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16)
 _CPU_CHUNK = 1 << 18  # elements per chunk on CPU (a multiple of quant.BLOCK)
@@ -231,6 +232,7 @@ class LeanOptimizer(torch.optim.Optimizer):
                 state_dtype=group["state_dtype"], compensation=group["compensation"],
                 moments_rounding=group["moments_rounding"], param_dtype=p.dtype, numel=p.numel(),
                 last_dim=p.shape[-1] if p.ndim else 1, factored=self._factored(group, p),
+                first_moment=self.rule.first_moment,
             )
         return layout
 
@@ -243,9 +245,11 @@ class LeanOptimizer(torch.optim.Optimizer):
             return state
         layout = self._layout(group, p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        names = ("exp_avg",) if layout.factored else ("exp_avg", "exp_avg_sq")
+        names = ("exp_avg",) * layout.first_moment + ("exp_avg_sq",) * (not layout.factored)
         if layout.moments in quant.STORAGES:
-            for name, signed, fmt in zip(names, (True, False), quant.STORAGES[layout.moments]):
+            for name, signed, fmt in zip(("exp_avg", "exp_avg_sq"), (True, False), quant.STORAGES[layout.moments]):
+                if name not in names:
+                    continue
                 code = quant.initial_code(signed, fmt)
                 state[f"{name}_codes"] = (
                     sharding.packed_codes(p, code) if fmt.bits == 4 else
@@ -315,12 +319,37 @@ class LeanOptimizer(torch.optim.Optimizer):
         state["step"] += 1
         step = int(state["step"].item())
         if (step, p.device) not in scalars:
-            scalars[step, p.device] = StepScalars.of(group, step).as_tensor(p.device)
+            scalars[step, p.device] = StepScalars.of(group, step, self.rule.first_moment).as_tensor(p.device)
         keys = randbits.StepKeys(self._key(p), step, layout.num_fields)
         # per matrix first (the factors see the whole gradient), then element-wise, chunk by chunk
         col = factored.update_(p, state["exp_avg_sq_row"], state["exp_avg_sq_col"], group["betas"][1], gate) \
             if layout.factored else None
-        self._step_param(p, state, layout, keys, scalars[step, p.device], counter, gate, col)
+        step_scalars = scalars[step, p.device]
+        if self.rule.update_clip > 0:
+            step_scalars = self._clip_step(p, state, layout, step_scalars, col)
+        self._step_param(p, state, layout, keys, step_scalars, counter, gate, col)
+
+    def _clip_step(self, p, state, layout: ParamLayout, scalars: torch.Tensor, col) -> torch.Tensor:
+        """The step's scalars with the step size scaled so that p's step has an RMS of at most the rule's
+        `update_clip` (Adafactor's update clipping): a first pass over p's gradient and v, chunk by chunk, sums
+        u² for u = g / (sqrt(v_hat) + eps), the step before the lr (over every shard of p); on the device."""
+        s = StepScalars(*scalars.unbind())
+        n, cols = local(p).numel(), p.shape[1] if layout.factored else 1
+        chunk = _CPU_CHUNK if p.device.type == "cpu" else _MAX_CHUNK
+        chunk = _whole_rows(chunk, cols, layout.moments) if layout.factored else chunk
+        _, v_codec = codecs.moment_codecs(layout.moments)
+        total = torch.zeros((), dtype=torch.float32, device=p.device)
+        for a in range(0, n, chunk):
+            _, g, _, v, _, _, v_scale = _chunk(p, state, layout, a, min(n, a + chunk), chunk < n, col)
+            g = g.float()
+            if layout.factored:
+                vf = (v.view(-1, 1) * v_scale.view(1, -1)).view(-1)
+            else:
+                vf = v_codec.load(v, v_scale, True).mul_(s.beta2).add_((g * g).mul_(s.one_minus_beta2))
+            total += (g / vf.sqrt().div_(s.bc2_sqrt).add_(s.eps)).square().sum()
+        rms = norm_from_squares(total, p) / math.sqrt(p.numel())
+        factor = torch.clamp(self.rule.update_clip / rms, max=1.0)
+        return torch.cat([scalars[:2], scalars[2:3] * factor, scalars[3:]])  # neg_step_size (StepScalars' order)
 
     def _key(self, p: torch.Tensor) -> int:
         """Parameter p's random-bits key: the seed, p's index among all parameters, the shard this rank holds."""
@@ -422,7 +451,9 @@ def _chunk(p, state, layout: ParamLayout, a: int, b: int, chunked: bool, col: to
         return local(t).view(-1)[a // per_byte: b // per_byte]
 
     storage = quant.STORAGES.get(layout.moments)
-    if storage is not None:
+    if not layout.first_moment:
+        m, m_scale = None, None
+    elif storage is not None:
         m, m_scale = codes(state["exp_avg_codes"], storage.exp_avg), scales(state["exp_avg_scale"], storage.exp_avg)
     else:
         m, m_scale = flat(state["exp_avg"]), None
@@ -480,7 +511,14 @@ class FactoredAdamW(LeanOptimizer):
     rule = FACTORED_ADAMW
 
 
-OPTIMIZERS: dict[str, type[LeanOptimizer]] = {cls.rule.name: cls for cls in (AdamW, FactoredAdamW)}
+class Adafactor(LeanOptimizer):
+    """No first moment, factored v for the matrices of the groups marked "factored", update clipping
+    (rules.ADAFACTOR). betas[0] is not used."""
+
+    rule = ADAFACTOR
+
+
+OPTIMIZERS: dict[str, type[LeanOptimizer]] = {cls.rule.name: cls for cls in (AdamW, FactoredAdamW, Adafactor)}
 # The keywords a rule's optimizer takes from the config's optimizer section (config.Optimizer names them alike)
 HYPERPARAMETERS = tuple(name for name in inspect.signature(LeanOptimizer.__init__).parameters
                         if name not in ("self", "params", "seed", "compile"))

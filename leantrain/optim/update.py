@@ -84,8 +84,11 @@ def update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalar
     m_codec, v_codec = codecs.moment_codecs(kind)
     copy = gate is not None  # fp32 state is then written back by store_moments, gated
     # In-place ops on temporaries (the same values as out of place; eagerly, fewer allocations and passes)
-    mf = m_codec.load(m, m_scale, copy)
-    mf += (gf - mf).mul_(s.one_minus_beta1)
+    if m is None:  # a rule without a first moment: the step takes the gradient (its beta1 is 0)
+        mf = gf
+    else:
+        mf = m_codec.load(m, m_scale, copy)
+        mf += (gf - mf).mul_(s.one_minus_beta1)
     if factored:
         vf = (v.view(-1, 1) * v_scale.view(1, -1)).view(-1)
     else:
@@ -104,7 +107,7 @@ def store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gat
     (both clobbered; factored: v's factors were written before the update, `vf` is dropped); returns the moments'
     lost-update counts (a dict, empty unless `count`). rand: `random_fields`; gate: see `elementwise_update`."""
     m_codec, v_codec = codecs.moment_codecs(kind)
-    moments = [("exp_avg", m_codec, m.view(-1), m_scale, mf.view(-1), fields[1])]
+    moments = [] if m is None else [("exp_avg", m_codec, m.view(-1), m_scale, mf.view(-1), fields[1])]
     if not factored:
         moments.append(("exp_avg_sq", v_codec, v.view(-1), v_scale, vf.view(-1), fields[2]))
     counting = count and kind != "float32"
@@ -169,7 +172,10 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
                                                  count, gate, factored)
         # each moment in its own format's blocks: a [blocks, 256] input viewed as 128-element blocks takes index
         # arithmetic modulo the dynamic size, which inductor's CPU code does not vectorize (measured several times slower)
-        mf, vf = dyn(mf, (-1, storage.exp_avg.block)), None if factored else dyn(vf, (-1, storage.exp_avg_sq.block))
+        if m is None and factored:  # nothing stored per element
+            return counts if count else None
+        mf = None if m is None else dyn(mf, (-1, storage.exp_avg.block))
+        vf = None if factored else dyn(vf, (-1, storage.exp_avg_sq.block))
         moment_counts = _compile(_moment_stage)(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate,
                                                 factored)
     return {**counts, **moment_counts} if count else None
@@ -181,7 +187,7 @@ def _weight_stage(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalar
 
 
 def _moment_stage(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate, factored):
-    rand = random_fields(mf.numel(), keys, fields[1:], mf.device)
+    rand = random_fields((vf if mf is None else mf).numel(), keys, fields[1:], (vf if mf is None else mf).device)
     return store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate, factored)
 
 
