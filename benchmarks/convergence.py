@@ -73,6 +73,12 @@ RUNS = {  # name -> config overrides (recipes by name, anchors as explicit keys)
         "recipe": "bf16-int8-factored", "optimizer.in_backward": "true", "training.release_clipping": rule,
         **({"spike": True} if spike else {})} for rule in ("per_tensor", "previous_norm") for spike in ("", "-spike")},
     "bf16-int8-factored-spike": {"recipe": "bf16-int8-factored", "spike": True},
+    # Adafactor (no m): its update clipping (RMS 1) against none, with exact clipping and with release's
+    "bf16-factored-no-m": {"recipe": "bf16-factored-no-m"},
+    "bf16-factored-no-m-noupdateclip": {"recipe": "bf16-factored-no-m", "update_clip": 0.0},
+    "bf16-factored-no-m+release": {"recipe": "bf16-factored-no-m", "optimizer.in_backward": "true"},
+    **{f"bf16-factored-no-m-lr-x{factor:g}": {"recipe": "bf16-factored-no-m", "lr_factor": factor}
+       for factor in (0.25, 0.5, 2, 4)},
     # The lr sweep (best against best: a rule whose effective step differs is compared at each one's best lr)
     **{f"{name}-lr-x{factor:g}": {"recipe": name, "lr_factor": factor}
        for name in ("fp32", "bf16-int8-factored") for factor in (0.5, 2, 4)},
@@ -174,6 +180,28 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
     import torch
 
     torch.set_num_threads(1)  # the workers share the cores; one thread each is fastest for a tiny model
+    run = dict(RUNS[name])
+    lr = float(REGIMES[regime]["optimizer.lr"]) * run.pop("lr_factor", 1.0)
+    spike = run.pop("spike", False)
+    update_clip = run.pop("update_clip", None)
+    if update_clip is None:
+        return _one_run_with(name, seed, regime, steps_scale, out, run, lr, spike)
+    import dataclasses
+
+    from leantrain.optim import optimizer as optim_module
+
+    rule = optim_module.Adafactor.rule  # Adafactor's update clipping threshold, set in this worker for this run
+    optim_module.Adafactor.rule = dataclasses.replace(rule, update_clip=update_clip)
+    try:
+        return _one_run_with(name, seed, regime, steps_scale, out, run, lr, spike)
+    finally:
+        optim_module.Adafactor.rule = rule
+
+
+def _one_run_with(name: str, seed: int, regime: str, steps_scale: float, out: str, run: dict, lr: float,
+                  spike: bool) -> dict:
+    import torch
+
     from leantrain.config import load_config
     from leantrain.data import PackedDataset, build_tokenizer, load_documents, split_documents
     from leantrain.evaluation import evaluate
@@ -181,9 +209,6 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
     from leantrain.train import train
 
     steps = max(60, int(REGIMES[regime]["training.steps"] * steps_scale))
-    run = dict(RUNS[name])
-    lr = float(REGIMES[regime]["optimizer.lr"]) * run.pop("lr_factor", 1.0)
-    spike = run.pop("spike", False)
     if spike:
         run["metrics.log_freq"] = "1"  # the loss of every step around the spike
     model_keys = _finetune_overrides(seed, out) if regime == "finetune" else MODEL
