@@ -101,7 +101,7 @@ def _compare(opts: dict[str, Any], overrides: dict[str, str], hooks: Any) -> int
 
 def _plan(opts: dict[str, Any], overrides: dict[str, str], hooks: Any) -> int:
     from .config import RECIPES, load_config
-    from .plan import format_plan, parse_bytes, plan, to_json
+    from .plan import format_largest, format_plan, largest, parse_bytes, plan, to_json
 
     recipe = opts["recipe"]
     recipes = list(RECIPES) if recipe in (None, "all") else recipe.split(",")
@@ -112,6 +112,13 @@ def _plan(opts: dict[str, Any], overrides: dict[str, str], hooks: Any) -> int:
     # The degree of the GPUs being planned for, not of this process (which runplan.resolve would decide):
     # -1 ("every rank") means one process here, so no sharding.
     dp_shard = max(1, cfg.parallelism.dp_shard)
+    if opts["largest"]:
+        if cfg.model.hf_checkpoint:
+            raise ConfigError("plan --largest compares leantrain's Llama 3 flavors (1B, 3B, 8B, 70B); it does not "
+                              "take model.hf_checkpoint. Leave --largest out to plan that model.")
+        result = largest(cfg, recipes, dp_shard, parse_bytes(opts["gpu-memory"]))
+        print(to_json(result) if opts["json"] else format_largest(result))
+        return 0
     result = plan(cfg, recipes, dp_shard, parse_bytes(opts["gpu-memory"]))
     print(to_json(result) if opts["json"] else format_plan(result))
     return 0
@@ -193,6 +200,7 @@ Train options are those of `leantrain train --help`.
 PLAN_USAGE = """usage: leantrain plan [--model.flavor=70B | --model.hf_checkpoint=DIR] [--recipe=NAME|all]
                       [--parallelism.dp_shard=N]
                       [--gpu-memory=80GiB] [--data.seq_len=S] [--data.local_batch_size=B] [--json]
+       leantrain plan --largest [--gpu-memory=24GiB] [--data.seq_len=2048] [--recipe=NAME|all] [--json]
 
 Counts the model's parameters exactly (built on the meta device) and prints, per GPU and recipe, the
 bytes of weights, gradients and optimizer state (laid out by the optimizer itself, divided by the FSDP
@@ -200,6 +208,9 @@ degree dp_shard), an activation estimate with and without activation checkpointi
 whether it fits in --gpu-memory. Any train option (model.*, data.*) applies; with model.hf_checkpoint,
 only the folder's config.json is read (no weights are needed). The activation formula is
 explained in leantrain/plan.py and the README.
+
+--largest: per recipe, the largest Llama 3 flavor (1B, 3B, 8B, 70B) whose full fine-tune fits in
+--gpu-memory with full activation checkpointing and the chunked loss, and each flavor's total.
 """
 
 EVAL_USAGE = """usage: leantrain eval (--checkpoint DIR | --model.hf_checkpoint=DIR) [--data.path=PATH] [--out FILE]
@@ -300,7 +311,8 @@ COMMANDS: dict[str, Command] = {
         COMPARE_USAGE, _compare, (Option("recipes"), _OUT, _CONFIG)),
     "plan": Command(
         "will this model and recipe fit in GPU memory? bytes per GPU, counted on the meta device",
-        PLAN_USAGE, _plan, (Option("recipe"), Option("gpu-memory", default="80GiB"), _CONFIG, Option("json", bool))),
+        PLAN_USAGE, _plan, (Option("recipe"), Option("gpu-memory", default="80GiB"), _CONFIG, Option("json", bool),
+                            Option("largest", bool))),
     "eval": Command(
         "loss and perplexity of a run's model or a Hugging Face model on held-out or given data",
         EVAL_USAGE, _eval, (_CHECKPOINT, _OUT)),

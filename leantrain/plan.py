@@ -31,6 +31,7 @@ fragmentation and temporary buffers come on top), unlike the state bytes, which 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -39,11 +40,14 @@ import torch
 from .config import Config, with_recipe
 from .data.tokenizer import Tokenizer, build_tokenizer
 from .loader import build_model_for
-from .model import Transformer, num_params
+from .model import FLAVORS, TOKENIZER_SIZED_FLAVORS, Transformer, num_params
 from .optim import build_optimizer
 from .precision import LOSS_VOCAB_CHUNK, Precision
 from .runplan import OptimizerSpec, optimizer_spec, precision_of, tokenizer_path
 from .utils import set_default_dtype
+
+
+LLAMA3_FLAVORS = tuple(size for size in FLAVORS if size not in TOKENIZER_SIZED_FLAVORS)  # 1B, 3B, 8B, 70B
 
 
 def _storage_bytes(tensors) -> int:
@@ -162,6 +166,40 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
             "state_fits": sum(state.values()) <= gpu_memory, "fits": total <= gpu_memory, "fits_checkpointed": sum(state.values()) + act_ckpt <= gpu_memory,
         }
     return out
+
+
+def largest(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dict[str, Any]:
+    """Per recipe (and with gradient release): the largest of leantrain's Llama 3 flavors (1B, 3B, 8B, 70B) whose
+    full fine-tune fits in `gpu_memory` per GPU with full activation checkpointing and the chunked loss, at the
+    config's seq_len and local_batch_size, and every flavor's planned total."""
+    totals: dict[str, dict[str, int]] = {}
+    for size in LLAMA3_FLAVORS:
+        sized = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, flavor=size, hf_checkpoint=""))
+        for name, r in plan(sized, recipes, dp_shard, gpu_memory)["recipes"].items():
+            totals.setdefault(name, {})[size] = r["total_bytes_per_gpu_checkpointed"]
+    return {"gpu_memory_bytes": gpu_memory, "dp_shard": dp_shard, "seq_len": cfg.data.seq_len,
+            "local_batch_size": cfg.data.local_batch_size,
+            "recipes": {name: {"largest": largest_that_fits(row, gpu_memory), "total_bytes_checkpointed": row}
+                        for name, row in totals.items()}}
+
+
+def largest_that_fits(totals: dict[str, int], gpu_memory: int) -> str | None:
+    """The largest flavor whose planned total (flavor -> bytes per GPU) is within gpu_memory, or None."""
+    return next((size for size in reversed(LLAMA3_FLAVORS) if totals[size] <= gpu_memory), None)
+
+
+def format_largest(p: dict[str, Any]) -> str:
+    gib = 2**30
+    lines = [f"The largest Llama 3 that fully fine-tunes on one of dp_shard={p['dp_shard']} GPUs of "
+             f"{p['gpu_memory_bytes'] / gib:.1f} GiB: seq_len={p['seq_len']}, local_batch_size={p['local_batch_size']}"
+             f", full activation checkpointing, the chunked loss (planned totals per GPU)",
+             "", "| recipe | largest | " + " | ".join(f"{s} (GiB)" for s in LLAMA3_FLAVORS) + " |",
+             "|---" * (2 + len(LLAMA3_FLAVORS)) + "|"]
+    for name, r in p["recipes"].items():
+        row = r["total_bytes_checkpointed"]
+        lines.append(f"| {name} | {r['largest'] or 'none'} | "
+                     + " | ".join(f"{row[s] / gib:.1f}" for s in LLAMA3_FLAVORS) + " |")
+    return "\n".join(lines)
 
 
 def format_plan(p: dict[str, Any]) -> str:

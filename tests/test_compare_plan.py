@@ -143,3 +143,17 @@ def test_factored_recipes_meet_the_8b_state_targets():
     assert p["bf16-int8-factored"]["state_bytes_per_param"] <= 5.2
     assert p["bf16-int8-factored + in_backward"]["state_bytes_per_param"] <= 3.3
     assert p["bf16-int4-int8-factored + in_backward"]["state_bytes_per_param"] <= 2.9
+
+
+def test_plan_largest_names_the_largest_flavor_per_recipe_and_8b_fits_24_gib_without_m():
+    """`plan --largest --gpu-memory=24GiB`: issue 35's question; bf16-factored-no-m with release fully fine-tunes
+    8B on 24 GiB at seq 2048 (full activation checkpointing, chunked loss) and fp32 only 1B."""
+    r = run_in_process("plan", "--largest", "--gpu-memory=24GiB", "--data.seq_len=2048", "--data.local_batch_size=1",
+                       "--recipe=fp32,bf16-factored-no-m", "--json")
+    assert r.returncode == 0, r.stderr
+    recipes = json.loads(r.stdout)["recipes"]
+    assert recipes["bf16-factored-no-m + in_backward"]["largest"] == "8B"
+    assert recipes["bf16-factored-no-m + in_backward"]["total_bytes_checkpointed"]["8B"] <= 24 * 2**30
+    assert recipes["fp32"]["largest"] == "1B"
+    refused = run_in_process("plan", "--largest", "--model.hf_checkpoint=somewhere")
+    assert refused.returncode == 2 and "--largest" in refused.stderr
