@@ -251,8 +251,8 @@ def _one_run_with(name: str, seed: int, regime: str, steps_scale: float, out: st
             "seconds": time.perf_counter() - start}
 
 
-def gaps(results: list[dict], key: str) -> dict[tuple[str, str], list[float]]:
-    base = {(r["regime"], r["seed"]): r[key] for r in results if r["name"] == "fp32"}
+def gaps(results: list[dict], key: str, baseline: str = "fp32") -> dict[tuple[str, str], list[float]]:
+    base = {(r["regime"], r["seed"]): r[key] for r in results if r["name"] == baseline}
     out: dict[tuple[str, str], list[float]] = {}
     for r in results:
         b = base.get((r["regime"], r["seed"]))
@@ -315,18 +315,38 @@ def plot(results: list[dict], regimes: list[str], path: str) -> None:
     plt.close(fig)
 
 
-def pooled(dirs: list[str], regimes: list[str]) -> str:
-    """Paired gaps (own precision) over every seed in the results.json of several --out folders."""
-    results = [r for d in dirs for r in json.load(open(os.path.join(d, "results.json")))["results"]]
-    own = gaps(results, "eval_loss")
-    lines = ["| recipe | regime | seeds | mean gap | sd | standard error | per seed |", "|---|---|---|---|---|---|---|"]
+def pooled(dirs: list[str], regimes: list[str], baseline: str = "fp32") -> str:
+    """Paired gaps (own precision) to `baseline`'s run of the same seed over every seed in the runs.jsonl of several
+    --out folders."""
+    results = []
+    for d in dirs:
+        with open(os.path.join(d, "runs.jsonl")) as f:
+            results += [json.loads(line) for line in f if line.strip()]
+    own = gaps(results, "eval_loss", baseline)
+    lines = [f"| run | regime | seeds | mean gap to {baseline} | sd | standard error | per seed |",
+             "|---|---|---|---|---|---|---|"]
     for name in RUNS:
         for g in regimes:
             o = own.get((name, g))
-            if o and name != "fp32":
+            if o and name != baseline:
                 sd = statistics.stdev(o) if len(o) > 1 else 0.0
                 lines.append(f"| {name} | {g} | {len(o)} | {statistics.mean(o):+.2f}% | {sd:.2f}% | "
                              f"{sd / len(o) ** 0.5:.2f}% | " + ", ".join(f"{x:+.2f}" for x in o) + " |")
+    spikes = [r for r in results if "spike_losses" in r]
+    if spikes:
+        lines += ["", f"Spike runs (step {SPIKE_AT}'s batch is random tokens): the loss of that batch, the mean training "
+                  f"loss of the 10 steps after it and of steps {SPIKE_AT + 11}-{SPIKE_AT + SPIKE_LOSSES}, the final eval "
+                  "loss (means over seeds)", "",
+                  "| run | seeds | spike batch loss | steps +1..+10 | steps +11..+40 | final eval loss |",
+                  "|---|---|---|---|---|---|"]
+        for name in RUNS:
+            mine = [r for r in spikes if r["name"] == name]
+            if mine:
+                def mean_over(lo, hi):
+                    return statistics.mean(statistics.mean(v for s, v in r["spike_losses"] if lo <= s - SPIKE_AT <= hi)
+                                           for r in mine)
+                lines.append(f"| {name} | {len(mine)} | {mean_over(0, 0):.3f} | {mean_over(1, 10):.4f} | "
+                             f"{mean_over(11, SPIKE_LOSSES):.4f} | {statistics.mean(r['eval_loss'] for r in mine):.4f} |")
     return "\n".join(lines)
 
 
@@ -340,9 +360,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/convergence")
     ap.add_argument("--pool", nargs="+", metavar="DIR", default=None,
                     help="run nothing: print the gaps over all seeds of these --out folders together")
+    ap.add_argument("--baseline", default="fp32", help="--pool: the run every gap is paired with")
     args = ap.parse_args()
     if args.pool:
-        print(pooled(args.pool, args.regimes.split(",")))
+        print(pooled(args.pool, args.regimes.split(","), args.baseline))
         return
     seeds, regimes = [int(s) for s in args.seeds.split(",")], args.regimes.split(",")
     names = [n for n in RUNS if n in args.runs.split(",")]

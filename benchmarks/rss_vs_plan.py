@@ -1,0 +1,82 @@
+"""Measured, not only planned: a CPU run's peak RSS against what `leantrain plan` predicts for the same settings.
+
+    python benchmarks/rss_vs_plan.py --out benchmarks/results/rss_vs_plan.json
+
+The run: the 1B flavor cut to 4 blocks with an 8192-entry vocabulary (260M parameters), seq 512, batch 2, 3 steps,
+gradient release with clipping at 1.0 (the recipe a 24 GB fine-tune uses: bf16-factored-no-m by default), no
+activation checkpointing, each in a fresh process. The planner counts what the model and its training need
+(weights, gradients alive at once, optimizer state, activations); the process also holds Python, torch's
+libraries, the tokenizer and the data, which no plan of a GPU would count. So the same command is run once more
+with the `debug` flavor (0.1M parameters: nothing but that runtime), and the comparison is of the differences:
+
+    measured = peak RSS(260M run) - peak RSS(debug run)
+    planned  = plan total(260M run) - plan total(debug run)   (params + grads + optimizer + activations, AC none)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+RUN = {"data.seq_len": "512", "data.local_batch_size": "2", "training.steps": "3", "eval.steps": "1",
+       "eval.interval": "0", "lr_scheduler.warmup_steps": "0", "optimizer.in_backward": "true",
+       "training.max_norm": "1.0", "activation_checkpoint.mode": "none", "compile.enable": "false"}
+MODELS = {"260M": {"model.flavor": "1B", "model.n_layers": "4", "model.vocab_size": "8192"},
+          "debug": {"model.flavor": "debug"}}
+
+
+def measured_peak(overrides: dict) -> dict:
+    folder = tempfile.mkdtemp()
+    args = [f"--{k}={v}" for k, v in overrides.items()]
+    subprocess.run([sys.executable, "-m", "leantrain", "train", "--metrics.progress=false",
+                    f"--job.dump_folder={folder}", *args], check=True, cwd=ROOT, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": ROOT})
+    with open(os.path.join(folder, "summary.json")) as f:
+        return json.load(f)
+
+
+def planned_total(overrides: dict, recipe: str) -> int:
+    from leantrain.config import load_config
+    from leantrain.plan import plan
+
+    cfg = load_config(None, {k: v for k, v in overrides.items() if k != "recipe"})
+    return plan(cfg, [recipe], 1, 2**40)["recipes"][f"{recipe} + in_backward"]["total_bytes_per_gpu"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="bf16-factored-no-m")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    mib = 2**20
+    rows = {}
+    for name, model in MODELS.items():
+        overrides = {**RUN, **model, "recipe": args.recipe}
+        summary = measured_peak(overrides)
+        rows[name] = {"num_params": summary["num_params"], "peak_rss_bytes": summary["peak_memory_bytes"],
+                      "planned_total_bytes": planned_total(overrides, args.recipe),
+                      "state_bytes_per_param": summary["state_bytes_per_param"]}
+    measured = rows["260M"]["peak_rss_bytes"] - rows["debug"]["peak_rss_bytes"]
+    planned = rows["260M"]["planned_total_bytes"] - rows["debug"]["planned_total_bytes"]
+    print(f"recipe {args.recipe} + in_backward, max_norm 1.0, seq 512, batch 2, AC none\n")
+    print("| model | parameters | peak RSS (MiB) | planned total (MiB) |")
+    print("|---|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['num_params']:,} | {r['peak_rss_bytes'] / mib:.0f} | {r['planned_total_bytes'] / mib:.0f} |")
+    print(f"\nmeasured (260M - debug): {measured / mib:.0f} MiB; planned: {planned / mib:.0f} MiB; "
+          f"measured / planned = {measured / planned:.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"recipe": args.recipe, "run": RUN, "rows": rows, "measured_bytes": measured,
+                       "planned_bytes": planned, "ratio": measured / planned}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
