@@ -103,3 +103,16 @@ def test_previous_norm_clipping_resumes_exactly(tmp_path):
     logged = [[(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(f / "metrics.jsonl")] for f in (whole, cut)]
     assert logged[0] == logged[1]
     assert json.loads((whole / "summary.json").read_text())["final_loss"] > 0
+
+
+def test_the_24gb_fine_tune_command_runs(tmp_path):
+    """Issue 35's command, on the debug model: the no-m recipe with gradient release and clipping at 1.0."""
+    out = tmp_path / "run"
+    r = run_in_process("train", *TINY, "--recipe=bf16-factored-no-m", "--optimizer.in_backward=true",
+                       "--training.max_norm=1.0", "--training.steps=4", "--eval.interval=0", f"--job.dump_folder={out}")
+    assert r.returncode == 0, r.stderr
+    assert "training.release_clipping=per_tensor" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recipe"] == "bf16-factored-no-m" and summary["state_bytes"]["grads"] == 0
+    losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    assert len(losses) >= 1 and all(loss == loss for loss in losses)
