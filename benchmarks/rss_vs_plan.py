@@ -2,7 +2,7 @@
 
     python benchmarks/rss_vs_plan.py --out benchmarks/results/rss_vs_plan.json
 
-The run: the 1B flavor cut to 4 blocks with an 8192-entry vocabulary (260M parameters), seq 512, batch 2, 3 steps,
+The run: the 1B flavor cut to 4 blocks with an 8192-entry vocabulary (260M parameters), seq 256, batch 4, 3 steps,
 gradient release with clipping at 1.0 (the recipe a 24 GB fine-tune uses: bf16-factored-no-m by default), no
 activation checkpointing, each in a fresh process. The planner counts what the model and its training need
 (weights, gradients alive at once, optimizer state, activations); the process also holds Python, torch's
@@ -25,7 +25,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-RUN = {"data.seq_len": "512", "data.local_batch_size": "2", "training.steps": "3", "eval.steps": "1",
+RUN = {"data.seq_len": "256", "data.local_batch_size": "4", "training.steps": "3", "eval.steps": "1",
        "eval.interval": "0", "lr_scheduler.warmup_steps": "0", "optimizer.in_backward": "true",
        "training.max_norm": "1.0", "activation_checkpoint.mode": "none", "compile.enable": "false"}
 MODELS = {"260M": {"model.flavor": "1B", "model.n_layers": "4", "model.vocab_size": "8192"},
@@ -65,7 +65,7 @@ def main() -> None:
                       "state_bytes_per_param": summary["state_bytes_per_param"]}
     measured = rows["260M"]["peak_rss_bytes"] - rows["debug"]["peak_rss_bytes"]
     planned = rows["260M"]["planned_total_bytes"] - rows["debug"]["planned_total_bytes"]
-    print(f"recipe {args.recipe} + in_backward, max_norm 1.0, seq 512, batch 2, AC none\n")
+    print(f"recipe {args.recipe} + in_backward, max_norm 1.0, seq 256, batch 4, AC none\n")
     print("| model | parameters | peak RSS (MiB) | planned total (MiB) |")
     print("|---|---:|---:|---:|")
     for name, r in rows.items():

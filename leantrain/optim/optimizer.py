@@ -1,4 +1,4 @@
-"""The optimizer's driver, `LeanOptimizer`, and its rules as optimizers: `AdamW`, `FactoredAdamW` (`OPTIMIZERS`).
+"""The optimizer's driver, `LeanOptimizer`, and its rules as optimizers: `AdamW`, `FactoredAdamW`, `Adafactor`.
 
 The driver owns what every rule shares: the state and each parameter's layout (layout.py), chunking, the
 finiteness gate, the lost-update statistics, the eager or compiled backend and the state dict. A rule (rules.py)
@@ -118,7 +118,7 @@ class UpdateStats:
 
 class LeanOptimizer(torch.optim.Optimizer):
     """The driver of a rule (`rule`), with fp32 math and bf16 / fp32 / int8 / int4 state; see the module docstring.
-    Its rules are its subclasses, `AdamW` and `FactoredAdamW`.
+    Its rules are its subclasses: `AdamW`, `FactoredAdamW` and `Adafactor`.
 
     Args:
         params: iterable of parameters or param-group dicts (fp32 or bf16 tensors).

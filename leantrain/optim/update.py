@@ -1,7 +1,9 @@
-"""The AdamW update of one tensor (on CPU: one chunk of it), written once: run eagerly, or compiled into one kernel.
+"""The element-wise update of one tensor (on CPU: one chunk of it), written once: run eagerly, or compiled into one kernel.
 
 `elementwise_update` is the whole step of one flat tensor: upcast, moments, denominator, weight, the random bits
-(randbits.py), every rounding, the lost-update counts. The eager path (the default) calls it as it is; with
+(randbits.py), every rounding (through the stored formats' codecs, codecs.py), the lost-update counts. It is
+AdamW's update, and every rule's element-wise part: a factored v is read from its factors, a rule without m
+steps with the gradient (rules.py). The eager path (the default) calls it as it is; with
 `compile=True` (the trainer's `compile.enable`) `compiled_update` calls it through torch.compile, which fuses it
 into one loop whose temporaries, random bits included, never leave registers. The two give bitwise equal results
 for every layout (`tests/test_optim.py::test_compiled_matches_eager_bitwise`), because
