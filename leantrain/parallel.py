@@ -230,6 +230,12 @@ def sum_over_ranks(value: torch.Tensor, d: Distributed) -> torch.Tensor:
     return total
 
 
+def barrier(d: Distributed) -> None:
+    """Wait until every rank is here (nothing on one process)."""
+    if d.world_size > 1:
+        dist.barrier()
+
+
 def same_on_all_ranks(obj: Any, d: Distributed) -> Any:
     """Rank 0's value of ``obj`` on every rank (e.g. a run folder named after rank 0's clock)."""
     if d.world_size == 1:

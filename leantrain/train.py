@@ -158,6 +158,9 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
     torch.manual_seed(cfg.job.seed)
     resume_from = checkpoint.find_resume(plan)  # checked against this run before any file is written
     check_run_folder(plan, resume_from)
+    # Every rank has looked at the folder before rank 0 writes into it: a rank that lagged (a loaded machine) would
+    # otherwise find rank 0's config.toml there and refuse the folder as another run's.
+    parallel.barrier(dist)
     if cfg.metrics.tensorboard and not tensorboard_available():
         raise ConfigError("metrics.tensorboard=true needs the tensorboard package, which is not installed: pip "
                           "install 'leantrain[tensorboard]' (or tensorboard), or leave metrics.tensorboard false.")
