@@ -9,7 +9,8 @@ activation checkpointing, each in a fresh process. The planner counts what the m
 libraries, the tokenizer and the data, which no plan of a GPU would count. So the same command is run once more
 with the `debug` flavor (0.1M parameters: nothing but that runtime), and the comparison is of the differences:
 
-    measured = peak RSS(260M run) - peak RSS(debug run)
+    measured = peak RSS(260M run) - peak RSS(debug run)      (while training: the last step's logged peak, before
+                                                             the final weights are saved)
     planned  = plan total(260M run) - plan total(debug run)   (params + grads + optimizer + activations, AC none)
 """
 
@@ -27,7 +28,8 @@ sys.path.insert(0, ROOT)
 
 RUN = {"data.seq_len": "256", "data.local_batch_size": "4", "training.steps": "3", "eval.steps": "1",
        "eval.interval": "0", "lr_scheduler.warmup_steps": "0", "optimizer.in_backward": "true",
-       "training.max_norm": "1.0", "activation_checkpoint.mode": "none", "compile.enable": "false"}
+       "training.max_norm": "1.0", "activation_checkpoint.mode": "none", "compile.enable": "false",
+       "metrics.log_freq": "1"}
 MODELS = {"260M": {"model.flavor": "1B", "model.n_layers": "4", "model.vocab_size": "8192"},
           "debug": {"model.flavor": "debug"}}
 
@@ -39,7 +41,10 @@ def measured_peak(overrides: dict) -> dict:
                     f"--job.dump_folder={folder}", *args], check=True, cwd=ROOT, capture_output=True,
                    env={**os.environ, "PYTHONPATH": ROOT})
     with open(os.path.join(folder, "summary.json")) as f:
-        return json.load(f)
+        summary = json.load(f)
+    with open(os.path.join(folder, "metrics.jsonl")) as f:  # the peak while training, before the final save
+        summary["training_peak_rss_bytes"] = [json.loads(line) for line in f][-1]["peak_memory_bytes"]
+    return summary
 
 
 def planned_total(overrides: dict, recipe: str) -> int:
@@ -60,16 +65,18 @@ def main() -> None:
     for name, model in MODELS.items():
         overrides = {**RUN, **model, "recipe": args.recipe}
         summary = measured_peak(overrides)
-        rows[name] = {"num_params": summary["num_params"], "peak_rss_bytes": summary["peak_memory_bytes"],
+        rows[name] = {"num_params": summary["num_params"], "peak_rss_bytes": summary["training_peak_rss_bytes"],
+                      "peak_rss_bytes_with_final_save": summary["peak_memory_bytes"],
                       "planned_total_bytes": planned_total(overrides, args.recipe),
                       "state_bytes_per_param": summary["state_bytes_per_param"]}
     measured = rows["260M"]["peak_rss_bytes"] - rows["debug"]["peak_rss_bytes"]
     planned = rows["260M"]["planned_total_bytes"] - rows["debug"]["planned_total_bytes"]
     print(f"recipe {args.recipe} + in_backward, max_norm 1.0, seq 256, batch 4, AC none\n")
-    print("| model | parameters | peak RSS (MiB) | planned total (MiB) |")
-    print("|---|---:|---:|---:|")
+    print("| model | parameters | peak RSS while training (MiB) | with the final save (MiB) | planned total (MiB) |")
+    print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['num_params']:,} | {r['peak_rss_bytes'] / mib:.0f} | {r['planned_total_bytes'] / mib:.0f} |")
+        print(f"| {name} | {r['num_params']:,} | {r['peak_rss_bytes'] / mib:.0f} | "
+              f"{r['peak_rss_bytes_with_final_save'] / mib:.0f} | {r['planned_total_bytes'] / mib:.0f} |")
     print(f"\nmeasured (260M - debug): {measured / mib:.0f} MiB; planned: {planned / mib:.0f} MiB; "
           f"measured / planned = {measured / planned:.3f}")
     if args.out:
