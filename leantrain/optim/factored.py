@@ -11,8 +11,9 @@ column means need every row, and are all-reduced (sum) over the mesh dimensions 
 all-reduce per matrix and step, on the device. So R is a DTensor sharded like the rows and C a replicated one;
 DCP saves each as such.
 
-The statistics are computed eagerly once per matrix and step (one read of the gradient), before the update, which
-then runs chunk by chunk (whole rows) and reads its rows of R and the scaled C (update.update_weight).
+The statistics are computed eagerly once per matrix and step (one read of the gradient, a block of rows at a time),
+before the update, which then runs chunk by chunk (whole rows) and reads its rows of R and the scaled C
+(update.update_weight).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import is_dtensor, local
+
+_CPU_CHUNK = 1 << 18  # elements of g² in fp32 at a time (1 MiB: in cache on a CPU)
+_CHUNK = 1 << 24  # elsewhere (64 MiB)
 
 
 def allocate(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,9 +52,7 @@ def update_(p: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2: float,
     """Fold p's gradient into the factors (in place) and return the column factor over its mean, the vector the
     update multiplies this rank's rows of R with. `gate` (0-dim bool or None): where False the factors keep their
     bits (a NaN/Inf gradient's statistics are not folded in)."""
-    g2 = local(p.grad).float().square()
-    row_mean = g2.mean(dim=1)
-    col_mean = g2.sum(dim=0)
+    row_mean, col_mean = _square_means(local(p.grad))
     _sum_over_row_shards(col_mean, p)
     col_mean.div_(p.shape[0])
     r, c = local(row), local(col)
@@ -59,6 +61,21 @@ def update_(p: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2: float,
         stored.copy_(ema if gate is None else torch.where(gate, ema, stored))
     # mean(C) is g²'s mean: the estimate R_i C_j / mean(C). tiny: a zero gradient so far gives v = 0, not NaN
     return c / c.mean().clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def _square_means(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """g²'s row means and column sums in fp32, a block of rows at a time: no fp32 copy of the whole gradient exists
+    (Llama 3 8B's largest matrix would make a 235 MiB one, in the memory gradient release exists to save)."""
+    rows, cols = g.shape
+    row_mean = torch.empty(rows, dtype=torch.float32, device=g.device)
+    col_sum = torch.zeros(cols, dtype=torch.float32, device=g.device)
+    chunk = _CPU_CHUNK if g.device.type == "cpu" else _CHUNK
+    step = max(1, chunk // max(cols, 1))
+    for a in range(0, rows, step):
+        g2 = g[a:a + step].float().square()  # not in place: an fp32 gradient is the gradient itself
+        row_mean[a:a + step] = g2.mean(dim=1)
+        col_sum += g2.sum(dim=0)
+    return row_mean, col_sum
 
 
 def _sum_over_row_shards(col_sum: torch.Tensor, p: torch.Tensor) -> None:
