@@ -297,14 +297,16 @@ def plot(results: list[dict], regimes: list[str], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(regimes), figsize=(7 * len(regimes), 5), dpi=110, squeeze=False)
+    present = [name for name in RUNS if any(r["name"] == name for r in results)]  # one colour each (up to 20)
+    colours = plt.get_cmap("tab20" if len(present) > 10 else "tab10")
     for ax, g in zip(axes[0], regimes):
-        for i, name in enumerate(RUNS):
+        for i, name in enumerate(present):
             rows = [r for r in results if r["name"] == name and r["regime"] == g]
             if not rows:
                 continue
             steps = [s for s, _ in rows[0]["curve"]]
             mean = [statistics.mean(r["curve"][k][1] for r in rows) for k in range(len(steps))]
-            ax.plot(steps, mean, marker="o", ms=3, color=f"C{i}", label=name)
+            ax.plot(steps, mean, marker="o", ms=3, color=colours(i), label=name)
         ax.set_title(f"{g}: held-out loss, mean over seeds")
         ax.set_xlabel("step")
         ax.set_ylabel("eval loss (nats/token)")

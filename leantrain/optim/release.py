@@ -2,7 +2,7 @@
 
 `GradientRelease(optimizer)` registers a post-accumulate-grad hook on every parameter of the optimizer. While a
 backward is *armed* (`with release.backward(...)`), the hook of a parameter whose gradient is complete adds the
-gradient's squared norm to the step's total (fp32, for metrics: nothing is clipped), updates the parameter with
+gradient's squared norm to the step's total (fp32, for metrics: the unclipped norm), clips it (below), updates it with
 `LeanOptimizer.step_parameter` (the very update its `step` runs, so with the same gradients the weights and state come
 out bit for bit the same) and drops the gradient. So no full set of gradients ever exists: one parameter's
 gradient (under FSDP2, one block's reduce-scattered shards, on which FSDP2 calls these hooks) at a time.
@@ -137,7 +137,6 @@ class GradientRelease:
         self.optimizer.step_parameter(p, self._counter, gate=finite)
         self._gates.append((p, finite))
         p.grad = None
-
 
     def _coefficient(self, p: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
         """The clip factor of p's gradient (this rank's squares of it given) under the rule in force."""
