@@ -593,6 +593,9 @@ def suspicious_precision_settings(cfg: Config, dp_shard: int | None = None) -> l
     if t.dtype == "float32" and o.state_dtype == "bfloat16":
         out.append("optimizer.state_dtype=bfloat16 with training.dtype=float32 stores the Adam moments in less "
                    "precision than the weights; this saves 4 bytes/param but is not a recipe we measure.")
+    if t.release_clipping != "per_tensor" and not (o.in_backward and t.max_norm > 0):
+        out.append(f"training.release_clipping={t.release_clipping} has no effect: it is how gradient release clips, "
+                   "and this run clips exactly (optimizer.in_backward=false) or not at all (training.max_norm=0).")
     return out
 
 

@@ -116,3 +116,12 @@ def test_the_24gb_fine_tune_command_runs(tmp_path):
     assert summary["recipe"] == "bf16-factored-no-m" and summary["state_bytes"]["grads"] == 0
     losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
     assert len(losses) >= 1 and all(loss == loss for loss in losses)
+
+
+def test_a_release_clipping_rule_without_release_warns():
+    from leantrain.config import suspicious_precision_settings
+
+    said = suspicious_precision_settings(load_config(None, {"training.release_clipping": "previous_norm"}))
+    assert any("release_clipping=previous_norm has no effect" in s for s in said)
+    assert not any("release_clipping" in s for s in suspicious_precision_settings(load_config(None, {
+        "training.release_clipping": "previous_norm", "optimizer.in_backward": "true"})))
