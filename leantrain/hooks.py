@@ -3,7 +3,8 @@
 The two moments that tests of the fault matrix need (tests/faults_runner.py builds them from its command line):
 the middle of a checkpoint save, after DCP has written the data but before leantrain.json and the rename (a kill
 or a signal there must leave the previous checkpoint the latest complete one), and the gradient norm of a step
-(an Inf norm, as if a gradient had overflowed, must skip that step's update)."""
+(an Inf norm, as if a gradient had overflowed, must skip that step's update). A benchmark uses a third: the
+batches of a step (benchmarks/convergence.py swaps in random tokens to provoke a loss spike)."""
 
 from __future__ import annotations
 

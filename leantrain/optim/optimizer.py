@@ -80,7 +80,7 @@ import torch
 
 from ..distributed import is_dtensor, local
 from ..precision import norm_from_squares
-from . import codecs, factored, quant, randbits, sharding, update
+from . import factored, quant, randbits, sharding, update
 from .layout import COMPENSATIONS, MOMENTS_ROUNDINGS, STATE_DTYPES, ParamLayout, StepScalars
 from .rules import ADAFACTOR, ADAMW, FACTORED_ADAMW, Rule
 
@@ -304,7 +304,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         release.py, calls it from the backward).
 
         `gate`: a 0-dim bool tensor on p's device; where False, weights and state stay bitwise as they were (the
-        update's `gate`, update.adamw_update), except the step count, which lives on the host and so has been
+        update's `gate`, update.elementwise_update), except the step count, which lives on the host and so has been
         advanced: the caller, once it knows, takes it back with `uncount_step`."""
         _check_grad(p)
         self._step_one(self._group_of(p), p, {}, counter, gate)
@@ -337,16 +337,12 @@ class LeanOptimizer(torch.optim.Optimizer):
         n, cols = local(p).numel(), p.shape[1] if layout.factored else 1
         chunk = _CPU_CHUNK if p.device.type == "cpu" else _MAX_CHUNK
         chunk = _whole_rows(chunk, cols, layout.moments) if layout.factored else chunk
-        _, v_codec = codecs.moment_codecs(layout.moments)
         total = torch.zeros((), dtype=torch.float32, device=p.device)
         for a in range(0, n, chunk):
             _, g, _, v, _, _, v_scale = _chunk(p, state, layout, a, min(n, a + chunk), chunk < n, col)
             g = g.float()
-            if layout.factored:
-                vf = (v.view(-1, 1) * v_scale.view(1, -1)).view(-1)
-            else:
-                vf = v_codec.load(v, v_scale, True).mul_(s.beta2).add_((g * g).mul_(s.one_minus_beta2))
-            total += (g / vf.sqrt().div_(s.bc2_sqrt).add_(s.eps)).square().sum()
+            vf = update.second_moment(g, v, v_scale, layout.moments, s, layout.factored, copy=True)
+            total += (g / update.denominator(vf, s)).square().sum()
         rms = norm_from_squares(total, p) / math.sqrt(p.numel())
         factor = torch.clamp(self.rule.update_clip / rms, max=1.0)
         return torch.cat([scalars[:2], scalars[2:3] * factor, scalars[3:]])  # neg_step_size (StepScalars' order)
@@ -476,7 +472,7 @@ class LostUpdateCounter:
         self.sums: dict[str, torch.Tensor] = {}
 
     def add(self, counts: dict[str, torch.Tensor]) -> None:
-        """The counts (0-dim tensors) of one tensor, as `update.adamw_update` returns them: elements with a
+        """The counts (0-dim tensors) of one tensor, as `update.elementwise_update` returns them: elements with a
         nonzero update and those of them whose bf16 weight did not change (bf16 weights), those of the latter
         whose compensation buffer took the update (Kahan), and per low-precision moment the elements whose fp32
         result changed and those of them whose stored value did not."""

@@ -49,7 +49,7 @@ from typing import NamedTuple
 
 import torch
 
-BLOCK = 256  # int8's block (the CPU chunks of adamw.py are multiples of every format's block)
+BLOCK = 256  # int8's block (the CPU chunks of optimizer.py are multiples of every format's block)
 MIN_NUMEL = 4096
 # The codes' version, in every checkpoint's leantrain.json: "companded-1" paired neighbouring int4 codes in a byte,
 # "companded-2" a block's halves (`_pack`); before both, the dynamic maps. Which versions each state_dtype reads:

@@ -83,25 +83,33 @@ def update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalar
     p, g, m, v, comp = (None if t is None else t.view(-1) for t in (p, g, m, v, comp))
     s = StepScalars(*scalars.unbind())
     gf = g.float()  # read only: an fp32 gradient is used as it is
-    m_codec, v_codec = codecs.moment_codecs(kind)
     copy = gate is not None  # fp32 state is then written back by store_moments, gated
     # In-place ops on temporaries (the same values as out of place; eagerly, fewer allocations and passes)
     if m is None:  # a rule without a first moment: the step takes the gradient (its beta1 is 0)
         mf = gf
     else:
-        mf = m_codec.load(m, m_scale, copy)
+        mf = codecs.moment_codecs(kind)[0].load(m, m_scale, copy)
         mf += (gf - mf).mul_(s.one_minus_beta1)
-    if factored:
-        vf = (v.view(-1, 1) * v_scale.view(1, -1)).view(-1)
-    else:
-        vf = v_codec.load(v, v_scale, copy)
-        vf.mul_(s.beta2).add_((gf * gf).mul_(s.one_minus_beta2))
-    denom = _sqrt(vf).div_(s.bc2_sqrt).add_(s.eps)
-    step = (mf * s.neg_step_size).div_(denom)
+    vf = second_moment(gf, v, v_scale, kind, s, factored, copy)
+    step = (mf * s.neg_step_size).div_(denominator(vf, s))
     w_field = fields[0]
     counts = codecs.weight_codec(p.dtype, comp is not None).write_(
         p, comp, p.float(), step, s, rand[w_field] if w_field >= 0 else None, gate, count)
     return mf, vf, _gated(counts, gate)
+
+
+def second_moment(gf, v, v_scale, kind, s: StepScalars, factored: bool, copy: bool) -> torch.Tensor:
+    """This step's v in fp32 (flat): the stored v's EMA with the gradient `gf` (`copy`: even an fp32 v comes as a
+    new tensor), or for a factored v the outer product of its factors (already updated: `update_weight`)."""
+    if factored:
+        return (v.view(-1, 1) * v_scale.view(1, -1)).view(-1)
+    vf = codecs.moment_codecs(kind)[1].load(v, v_scale, copy)
+    return vf.mul_(s.beta2).add_((gf * gf).mul_(s.one_minus_beta2))
+
+
+def denominator(vf: torch.Tensor, s: StepScalars) -> torch.Tensor:
+    """sqrt(v_hat) + eps, Adam's (and every rule's) divisor, from this step's v."""
+    return _sqrt(vf).div_(s.bc2_sqrt).add_(s.eps)
 
 
 def store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate=None, factored=False):
