@@ -8,7 +8,12 @@ batch 8) on the same random token batches:
     leantrain   `leantrain.train.train` itself (data pipeline, logging, leantrain's AdamW);
     hand        a minimal loop: the same model, torch.optim.AdamW(foreach=True), loss on fp32 logits,
                 autocast for bf16-mixed: the floor of overhead;
-    fabric      Lightning Fabric with precision "32-true", "bf16-mixed" or "bf16-true" and torch AdamW.
+    fabric      Lightning Fabric with precision "32-true", "bf16-mixed" or "bf16-true" and torch AdamW;
+    plain       benchmarks/plain_llama.py: a Llama and loop written as a new user would, all in the parameters'
+                dtype with no fp32 islands (bf16 RMSNorm statistics, RoPE and logits; torch AdamW), eager;
+    plain-compiled  the same with torch.compile(model).
+leantrain runs with compile.enable as --compile says (default auto: its default settings, compiled on a CPU
+with a C++ compiler). plain and plain-compiled have fp32 and bf16 rows only.
 Each (implementation, precision) runs in a fresh process; repeats are interleaved (every combination
 once per repeat) so a noisy neighbour slows all alike. Reported: the median over repeats of each run's
 median step time after 3 warm-up steps, as tokens/s, and ratios taken within a repeat.
@@ -89,7 +94,7 @@ def run_fabric(recipe: str, steps: int) -> list[float]:
     return times
 
 
-def run_leantrain(recipe: str, steps: int, compile: bool = False) -> list[float]:
+def run_leantrain(recipe: str, steps: int, compile: str = "auto") -> list[float]:
     from leantrain.config import load_config
     from leantrain.metrics import read_metrics
     from leantrain.runplan import resolve
@@ -100,7 +105,7 @@ def run_leantrain(recipe: str, steps: int, compile: bool = False) -> list[float]
                              "data.local_batch_size": str(BATCH), "training.steps": str(steps),
                              "metrics.log_freq": "5", "eval.interval": "0", "eval.steps": "1",
                              "metrics.progress": "false", "lr_scheduler.warmup_steps": "0",
-                             "job.dump_folder": folder, "compile.enable": str(compile).lower()})
+                             "job.dump_folder": folder, "compile.enable": compile})
     train(resolve(cfg))
     # tokens_per_sec of a record covers the steps since the previous one (logging and the lost-update meter
     # included, as in a real run; the final eval runs after the last interval is timed). The first record
@@ -109,9 +114,20 @@ def run_leantrain(recipe: str, steps: int, compile: bool = False) -> list[float]
     return [0.0] * WARMUP + [SEQ * BATCH / r["tokens_per_sec"] for r in records for _ in range(5)]
 
 
-def worker(impl: str, recipe: str, steps: int, compile: bool) -> None:
+def run_plain(recipe: str, steps: int, compile: bool) -> list[float]:
+    import torch
+
+    from plain_llama import run_plain as plain
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[recipe]
+    return plain("small", dtype, _batches(steps, 259), compile)
+
+
+def worker(impl: str, recipe: str, steps: int, compile: str) -> None:
     if impl == "leantrain":
         times = run_leantrain(recipe, steps, compile)
+    elif impl.startswith("plain"):
+        times = run_plain(recipe, steps, compile=impl == "plain-compiled")
     else:
         times = {"hand": run_hand, "fabric": run_fabric}[impl](recipe, steps)
     step = statistics.median(times[WARMUP:])
@@ -126,23 +142,23 @@ def main() -> None:
     ap.add_argument("--recipes", default="fp32,bf16-mixed,bf16")
     ap.add_argument("--impls", default="hand,leantrain,fabric")
     ap.add_argument("--out", default="")
-    ap.add_argument("--compile", action="store_true",
-                    help="leantrain with compile.enable=true (model and optimizer compiled; leantrain only)")
+    ap.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+                    help="leantrain's compile.enable (default auto, leantrain's default: compiled where a compiler works)")
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "RECIPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        sys.path.insert(0, ROOT)
+        sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
         worker(*args.worker, args.steps, args.compile)
         return
-    if args.compile and args.impls != "leantrain":
-        ap.error("--compile measures leantrain only: pass --impls leantrain")
-    combos = [(i, r) for r in args.recipes.split(",") for i in args.impls.split(",")
-              if i == "leantrain" or r not in PEER]
+    # each implementation's run of each recipe (the peers run a leantrain-only recipe's PEER), once
+    combos = [(i, r if i == "leantrain" else PEER.get(r, r)) for r in args.recipes.split(",")
+              for i in args.impls.split(",")]
+    combos = list(dict.fromkeys(c for c in combos if not c[0].startswith("plain") or c[1] in ("fp32", "bf16")))
     runs: dict[tuple[str, str], list[dict]] = {c: [] for c in combos}
     for rep in range(args.repeats):
         for impl, recipe in combos:
             out = subprocess.run([sys.executable, __file__, "--worker", impl, recipe, "--steps", str(args.steps)]
-                                 + (["--compile"] if args.compile else []),
+                                 + ["--compile", args.compile],
                                  capture_output=True, text=True, check=True, cwd=ROOT)
             runs[(impl, recipe)].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"repeat {rep}: {impl:9s} {recipe:10s} {runs[(impl, recipe)][-1]['tokens_per_sec']:.0f} tok/s",
@@ -159,19 +175,21 @@ def main() -> None:
                                  for x, y in zip(runs[key(*a)], runs[key(*b)]))
 
     recipes, impls = args.recipes.split(","), args.impls.split(",")
-    peers = [i for i in ("hand", "fabric") if i in impls and "leantrain" in impls]
+    peers = [i for i in ("hand", "fabric", "plain", "plain-compiled") if i in impls and "leantrain" in impls]
     lines = ["| precision | " + " | ".join(f"{i} tok/s" for i in impls) + " | "
              + "".join(f"leantrain / {i} | " for i in peers) + "peak RSS MiB (" + ", ".join(impls) + ") |",
              "|---" * (len(impls) + len(peers) + 2) + "|"]
     for r in recipes:
-        name = f"{r} (hand, fabric: {PEER[r]})" if r in PEER and peers else r
-        lines.append(f"| {name} | " + " | ".join(f"{med(i, r):.0f}" for i in impls) + " | "
-                     + "".join(f"{ratio(('leantrain', r), (i, r)):.3f} | " for i in peers)
-                     + ", ".join(f"{med(i, r, 'peak_rss_bytes') / 2**20:.0f}" for i in impls) + " |")
+        name = f"{r} (peers: {PEER[r]})" if r in PEER and peers else r
+        lines.append(f"| {name} | " + " | ".join(f"{med(i, r):.0f}" if key(i, r) in runs else "-" for i in impls) + " | "
+                     + "".join(f"{ratio(('leantrain', r), (i, r)):.3f} | " if key(i, r) in runs else "- | "
+                               for i in peers)
+                     + ", ".join(f"{med(i, r, 'peak_rss_bytes') / 2**20:.0f}" if key(i, r) in runs else "-"
+                                 for i in impls) + " |")
     if "bf16-sr" in recipes and "bf16" in recipes:
         lines.append("")
         lines.append(f"leantrain bf16-sr / leantrain bf16: {ratio(('leantrain', 'bf16-sr'), ('leantrain', 'bf16')):.3f}x"
-                     + (" (compiled)" if args.compile else " (eager)"))
+                     + f" (compile.enable={args.compile})")
     if "fp32" in recipes and "bf16" in recipes and "fabric" in peers:
         lines.append("")
         lines.append(f"leantrain bf16 / leantrain fp32: {ratio(('leantrain', 'bf16'), ('leantrain', 'fp32')):.2f}x; "
