@@ -26,8 +26,11 @@ test: setup lint
 test-fast: setup
 	$(PY) -m pytest -q tests -m "not torchrun and not compile and not faults"
 
+# ruff's lint rules and its formatter (pyproject.toml's [tool.ruff]); `ruff format leantrain tests benchmarks` fixes
+# what the format check finds.
 lint: setup
 	$(PY) -m ruff check leantrain tests benchmarks
+	$(PY) -m ruff format --check leantrain tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs

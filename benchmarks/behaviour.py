@@ -9,7 +9,8 @@ and a resume (4 steps with checkpoints, then the same folder extended to 8). Wha
 key that the model's numbers decide (loss, grad_norm, lr, eval_loss, lost_update_fraction,
 compensated_fraction), as exact floats. The SFT runs pass --data.packing=false: they were recorded with one
 sample per padded row (before packing existed, and the default since), and check that padded SFT still computes
-exactly that; packed SFT sees other batches (rows of several samples), so its losses differ by design. `--allow KEY@RUN` names a key that may change in one run (the SFT
+exactly that; packed SFT sees other batches (rows of several samples), so its losses differ by design.
+`--allow KEY@RUN` names a key that may change in one run (the SFT
 eval_loss when the eval mean changes), and the check prints by how much.
 """
 
@@ -23,9 +24,17 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model.flavor=debug", "--data.seq_len=64", "--data.local_batch_size=4", "--eval.steps=2",
-        "--metrics.progress=false", "--lr_scheduler.warmup_steps=2", "--metrics.log_freq=1", "--eval.interval=4",
-        "--compile.enable=false"]  # recorded eagerly (compiled blocks round differently)
+TINY = [
+    "--model.flavor=debug",
+    "--data.seq_len=64",
+    "--data.local_batch_size=4",
+    "--eval.steps=2",
+    "--metrics.progress=false",
+    "--lr_scheduler.warmup_steps=2",
+    "--metrics.log_freq=1",
+    "--eval.interval=4",
+    "--compile.enable=false",
+]  # recorded eagerly (compiled blocks round differently)
 KEYS = ("loss", "grad_norm", "lr", "eval_loss", "lost_update_fraction", "compensated_fraction")
 # The same count, named by what the recipe does with it (stochastic rounding and Kahan lose nothing): compared
 # as lost_update_fraction, so records from before the rename still match.
@@ -36,17 +45,32 @@ def _sft_file(folder: str, n: int = 60) -> str:
     path = os.path.join(folder, f"sft{n}.jsonl")
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
-            f.write(json.dumps({"prompt": f"Q: what is {i} plus {i * 3}?\nA: ",
-                                "response": f"{i + 3 * i}" + " (checked)" * (i % 4)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"Q: what is {i} plus {i * 3}?\nA: ",
+                        "response": f"{i + 3 * i}" + " (checked)" * (i % 4),
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
 def _run(args: list[str], folder: str, nproc: int = 1) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
-    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "leantrain"]
-                if nproc > 1 else [sys.executable, "-m", "leantrain"])
-    proc = subprocess.run([*launcher, "train", *TINY, *args, f"--job.dump_folder={folder}"], env=env, cwd=ROOT,
-                          capture_output=True, text=True)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "leantrain"]
+        if nproc > 1
+        else [sys.executable, "-m", "leantrain"]
+    )
+    proc = subprocess.run(
+        [*launcher, "train", *TINY, *args, f"--job.dump_folder={folder}"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"run {args} failed:\n{proc.stderr[-3000:]}")
     with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as f:
@@ -59,16 +83,35 @@ def record(tmp: str) -> dict[str, list[dict]]:
     out = {}
     for recipe in ("fp32", "bf16-sr", "bf16-kahan", "bf16-int8"):
         out[recipe] = _run([f"--recipe={recipe}", "--training.steps=8"], os.path.join(tmp, recipe))
-    out["fsdp2-bf16-sr"] = _run(["--recipe=bf16-sr", "--training.steps=6", "--parallelism.dp_shard=2"],
-                                os.path.join(tmp, "fsdp"), nproc=2)
-    out["sft"] = _run(["--recipe=bf16-sr", "--training.steps=8", "--data.format=sft", "--data.packing=false",
-                       f"--data.path={_sft_file(tmp)}",
-                       "--data.seq_len=48", "--training.gradient_accumulation_steps=2"], os.path.join(tmp, "sft"))
+    out["fsdp2-bf16-sr"] = _run(
+        ["--recipe=bf16-sr", "--training.steps=6", "--parallelism.dp_shard=2"], os.path.join(tmp, "fsdp"), nproc=2
+    )
+    out["sft"] = _run(
+        [
+            "--recipe=bf16-sr",
+            "--training.steps=8",
+            "--data.format=sft",
+            "--data.packing=false",
+            f"--data.path={_sft_file(tmp)}",
+            "--data.seq_len=48",
+            "--training.gradient_accumulation_steps=2",
+        ],
+        os.path.join(tmp, "sft"),
+    )
     # 10 eval samples of different lengths in batches of 4, 4 and 2: the token-weighted eval mean differs from
     # the mean of the batch means here.
-    out["sft-eval"] = _run(["--recipe=bf16-sr", "--training.steps=4", "--data.format=sft", "--data.packing=false",
-                            "--eval.steps=3",
-                            f"--data.path={_sft_file(tmp, 200)}", "--data.seq_len=48"], os.path.join(tmp, "sft-eval"))
+    out["sft-eval"] = _run(
+        [
+            "--recipe=bf16-sr",
+            "--training.steps=4",
+            "--data.format=sft",
+            "--data.packing=false",
+            "--eval.steps=3",
+            f"--data.path={_sft_file(tmp, 200)}",
+            "--data.seq_len=48",
+        ],
+        os.path.join(tmp, "sft-eval"),
+    )
     resumed = os.path.join(tmp, "resume")
     common = ["--recipe=bf16-int8", "--checkpoint.enable=true", "--checkpoint.interval=2"]
     _run([*common, "--training.steps=4"], resumed)

@@ -42,9 +42,11 @@ from concurrent.futures import ProcessPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-REGIMES = {"low": {"optimizer.lr": "1e-4", "training.steps": 600},
-           "pretrain": {"optimizer.lr": "1e-3", "training.steps": 1000},
-           "finetune": {"optimizer.lr": "2e-5", "training.steps": 300}}
+REGIMES = {
+    "low": {"optimizer.lr": "1e-4", "training.steps": 600},
+    "pretrain": {"optimizer.lr": "1e-3", "training.steps": 1000},
+    "finetune": {"optimizer.lr": "2e-5", "training.steps": 300},
+}
 BASE = {"optimizer.lr": "1e-3", "training.steps": "600"}  # the finetune regime's fp32 pretraining
 RUNS = {  # name -> config overrides (recipes by name, anchors as explicit keys)
     "fp32": {"recipe": "fp32"},
@@ -54,10 +56,16 @@ RUNS = {  # name -> config overrides (recipes by name, anchors as explicit keys)
     "bf16-int8": {"recipe": "bf16-int8"},
     "bf16-int4": {"recipe": "bf16-int4"},
     "bf16-int4-int8": {"recipe": "bf16-int4-int8"},
-    "sr-weights (torchao)": {"training.dtype": "bfloat16", "optimizer.compensation": "stochastic",
-                             "optimizer.moments_rounding": "nearest"},
-    "kahan-nearest (optimi)": {"training.dtype": "bfloat16", "optimizer.compensation": "kahan",
-                               "optimizer.moments_rounding": "nearest"},
+    "sr-weights (torchao)": {
+        "training.dtype": "bfloat16",
+        "optimizer.compensation": "stochastic",
+        "optimizer.moments_rounding": "nearest",
+    },
+    "kahan-nearest (optimi)": {
+        "training.dtype": "bfloat16",
+        "optimizer.compensation": "kahan",
+        "optimizer.moments_rounding": "nearest",
+    },
     # The noise floor of a paired comparison: fp32 again, with every update scaled by 1 + 1e-6 (through the
     # peak lr), a perturbation 16x fp32's own rounding and thousands of times smaller than bf16's. Whatever
     # gap this run shows is how far two fp32 trajectories drift apart from a tiny difference, not precision.
@@ -65,34 +73,62 @@ RUNS = {  # name -> config overrides (recipes by name, anchors as explicit keys)
     # FactoredAdamW (optim/rules.py). Gradient release cannot clip (optim/release.py), so its pair is fp32 unclipped
     "bf16-int8-factored": {"recipe": "bf16-int8-factored"},
     "fp32-noclip": {"recipe": "fp32", "training.max_norm": "0"},
-    "bf16-int8-factored+release": {"recipe": "bf16-int8-factored", "optimizer.in_backward": "true",
-                                   "training.max_norm": "0"},
+    "bf16-int8-factored+release": {
+        "recipe": "bf16-int8-factored",
+        "optimizer.in_backward": "true",
+        "training.max_norm": "0",
+    },
     # Clipping under gradient release (training.release_clipping), paired with exact clipping at max_norm 1.0 (the
     # recipe's normal step), and each again with a loss spike: at step SPIKE_AT the batch is random tokens
-    **{f"bf16-int8-factored+release-{rule}{spike}": {
-        "recipe": "bf16-int8-factored", "optimizer.in_backward": "true", "training.release_clipping": rule,
-        **({"spike": True} if spike else {})} for rule in ("per_tensor", "previous_norm") for spike in ("", "-spike")},
+    **{
+        f"bf16-int8-factored+release-{rule}{spike}": {
+            "recipe": "bf16-int8-factored",
+            "optimizer.in_backward": "true",
+            "training.release_clipping": rule,
+            **({"spike": True} if spike else {}),
+        }
+        for rule in ("per_tensor", "previous_norm")
+        for spike in ("", "-spike")
+    },
     "bf16-int8-factored-spike": {"recipe": "bf16-int8-factored", "spike": True},
     # Adafactor (no m): its update clipping (RMS 1) against none, with exact clipping and with release's
     "bf16-factored-no-m": {"recipe": "bf16-factored-no-m"},
     "bf16-factored-no-m-noupdateclip": {"recipe": "bf16-factored-no-m", "update_clip": 0.0},
     "bf16-factored-no-m+release": {"recipe": "bf16-factored-no-m", "optimizer.in_backward": "true"},
-    **{f"bf16-factored-no-m-lr-x{factor:g}": {"recipe": "bf16-factored-no-m", "lr_factor": factor}
-       for factor in (0.25, 0.5, 2, 4, 8, 16)},
+    **{
+        f"bf16-factored-no-m-lr-x{factor:g}": {"recipe": "bf16-factored-no-m", "lr_factor": factor}
+        for factor in (0.25, 0.5, 2, 4, 8, 16)
+    },
     # The lr sweep (best against best: a rule whose effective step differs is compared at each one's best lr)
-    **{f"{name}-lr-x{factor:g}": {"recipe": name, "lr_factor": factor}
-       for name in ("fp32", "bf16-int8-factored") for factor in (0.5, 2, 4, 8, 16)},
+    **{
+        f"{name}-lr-x{factor:g}": {"recipe": name, "lr_factor": factor}
+        for name in ("fp32", "bf16-int8-factored")
+        for factor in (0.5, 2, 4, 8, 16)
+    },
 }
 # Smaller than the issue's measurement (dim 256, seq 256) to keep the matrix near half an hour on 2 cores (48 runs
 # now take about 50 minutes, the noise-floor run included).
-MODEL = {"model.flavor": "debug", "model.dim": "128", "model.n_layers": "4", "model.n_heads": "4",
-         "model.n_kv_heads": "2", "model.ffn_dim": "384", "data.seq_len": "128", "data.local_batch_size": "8",
-         "optimizer.betas": "0.9,0.999", "optimizer.weight_decay": "0.01", "lr_scheduler.warmup_steps": "50",
-         "lr_scheduler.decay": "cosine", "lr_scheduler.min_lr_factor": "0.1", "eval.steps": "1000",
-         "metrics.progress": "false", "metrics.log_freq": "25",
-         # eager blocks: the matrix measures the optimizer's numerics (its compiled update is bitwise the eager
-         # one), and a compile per run would cost more than it saves on this tiny model
-         "compile.enable": "false"}
+MODEL = {
+    "model.flavor": "debug",
+    "model.dim": "128",
+    "model.n_layers": "4",
+    "model.n_heads": "4",
+    "model.n_kv_heads": "2",
+    "model.ffn_dim": "384",
+    "data.seq_len": "128",
+    "data.local_batch_size": "8",
+    "optimizer.betas": "0.9,0.999",
+    "optimizer.weight_decay": "0.01",
+    "lr_scheduler.warmup_steps": "50",
+    "lr_scheduler.decay": "cosine",
+    "lr_scheduler.min_lr_factor": "0.1",
+    "eval.steps": "1000",
+    "metrics.progress": "false",
+    "metrics.log_freq": "25",
+    # eager blocks: the matrix measures the optimizer's numerics (its compiled update is bitwise the eager
+    # one), and a compile per run would cost more than it saves on this tiny model
+    "compile.enable": "false",
+}
 
 
 SPIKE_AT = 100  # the step whose batch a "spike" run replaces with random tokens (finetune: 300 steps, warmup 30)
@@ -132,10 +168,12 @@ def sft_pairs(path: str, count: int = 6000) -> str:
     words = re.findall(r"[a-z]{3,12}", text.lower())
     vocab = sorted(set(words))
     rng = random.Random(0)
-    tasks = [("Reverse the word: {w}", lambda w, i: w[::-1]),
-             ("Write in capitals: {w}", lambda w, i: w.upper()),
-             ("Spell out: {w}", lambda w, i: "-".join(w)),
-             ("Which word follows '{w}' in the text?", lambda w, i: words[i + 1])]
+    tasks = [
+        ("Reverse the word: {w}", lambda w, i: w[::-1]),
+        ("Write in capitals: {w}", lambda w, i: w.upper()),
+        ("Spell out: {w}", lambda w, i: "-".join(w)),
+        ("Which word follows '{w}' in the text?", lambda w, i: words[i + 1]),
+    ]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         for _ in range(count):
@@ -161,8 +199,17 @@ def base_model(seed: int, out: str) -> str:
     if os.path.exists(os.path.join(folder, "hf", "config.json")):
         return os.path.join(folder, "hf")
     shutil.rmtree(folder, ignore_errors=True)
-    cfg = load_config(None, {**MODEL, **BASE, "recipe": "fp32", "eval.interval": "0", "job.seed": str(seed),
-                             "job.dump_folder": os.path.join(folder, "run")})
+    cfg = load_config(
+        None,
+        {
+            **MODEL,
+            **BASE,
+            "recipe": "fp32",
+            "eval.interval": "0",
+            "job.seed": str(seed),
+            "job.dump_folder": os.path.join(folder, "run"),
+        },
+    )
     _, model = train(resolve(cfg))
     save_hf(model, os.path.join(folder, "hf"))
     return os.path.join(folder, "hf")
@@ -171,9 +218,14 @@ def base_model(seed: int, out: str) -> str:
 def _finetune_overrides(seed: int, out: str) -> dict:
     """The finetune regime's keys: the model from its pretrained folder, SFT data."""
     keys = {k: v for k, v in MODEL.items() if not k.startswith("model.")}
-    return {**keys, "model.hf_checkpoint": os.path.join(out, "finetune", f"base-seed{seed}", "hf"),
-            "tokenizer.path": "byte", "data.format": "sft", "data.path": os.path.join(out, "finetune", "sft.jsonl"),
-            "lr_scheduler.warmup_steps": "30"}
+    return {
+        **keys,
+        "model.hf_checkpoint": os.path.join(out, "finetune", f"base-seed{seed}", "hf"),
+        "tokenizer.path": "byte",
+        "data.format": "sft",
+        "data.path": os.path.join(out, "finetune", "sft.jsonl"),
+        "lr_scheduler.warmup_steps": "30",
+    }
 
 
 def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> dict:
@@ -198,8 +250,9 @@ def one_run(name: str, seed: int, regime: str, steps_scale: float, out: str) -> 
         optim_module.Adafactor.rule = rule
 
 
-def _one_run_with(name: str, seed: int, regime: str, steps_scale: float, out: str, run: dict, lr: float,
-                  spike: bool) -> dict:
+def _one_run_with(
+    name: str, seed: int, regime: str, steps_scale: float, out: str, run: dict, lr: float, spike: bool
+) -> dict:
     import torch
 
     from leantrain.config import load_config
@@ -212,9 +265,15 @@ def _one_run_with(name: str, seed: int, regime: str, steps_scale: float, out: st
     if spike:
         run["metrics.log_freq"] = "1"  # the loss of every step around the spike
     model_keys = _finetune_overrides(seed, out) if regime == "finetune" else MODEL
-    overrides = {**model_keys, **run, "optimizer.lr": repr(lr),
-                 "training.steps": str(steps), "eval.interval": str(max(1, steps // 6)), "job.seed": str(seed),
-                 "job.dump_folder": os.path.join(out, regime, f"seed{seed}", name.split()[0])}
+    overrides = {
+        **model_keys,
+        **run,
+        "optimizer.lr": repr(lr),
+        "training.steps": str(steps),
+        "eval.interval": str(max(1, steps // 6)),
+        "job.seed": str(seed),
+        "job.dump_folder": os.path.join(out, regime, f"seed{seed}", name.split()[0]),
+    }
     cfg = load_config(None, overrides)
     # A fresh folder: without checkpoints leantrain appends to an existing metrics.jsonl, which would mix an
     # earlier run's curve into this one's.
@@ -223,9 +282,13 @@ def _one_run_with(name: str, seed: int, regime: str, steps_scale: float, out: st
     plan = resolve(cfg)
     summary, model = train(plan, _spike_hooks()) if spike else train(plan)
     # The same weights, upcast, through an fp32 forward: what was learned, without inference rounding.
-    fp32_cfg = load_config(None, {**{k: v for k, v in overrides.items() if not k.startswith(("recipe", "optimizer.",
-                                                                                            "training."))},
-                                  "recipe": "fp32"})
+    fp32_cfg = load_config(
+        None,
+        {
+            **{k: v for k, v in overrides.items() if not k.startswith(("recipe", "optimizer.", "training."))},
+            "recipe": "fp32",
+        },
+    )
     tok = build_tokenizer(plan.config.tokenizer.path)  # tokenizer.path=auto decided
     if regime == "finetune":  # the held-out pairs, as the trainer's evaluation reads them
         from leantrain.data import build_datasets
@@ -234,21 +297,44 @@ def _one_run_with(name: str, seed: int, regime: str, steps_scale: float, out: st
     else:
         _, eval_docs = split_documents(load_documents(cfg.data.path))
         eval_data = PackedDataset(eval_docs, tok, cfg.data.seq_len, cfg.data.local_batch_size, seed, shuffle=False)
-    fp32_eval = evaluate(copy.deepcopy(model).float(), eval_data.eval_batches(fp32_cfg.eval.steps),
-                         precision_of(fp32_cfg), torch.device("cpu")).loss
+    fp32_eval = evaluate(
+        copy.deepcopy(model).float(),
+        eval_data.eval_batches(fp32_cfg.eval.steps),
+        precision_of(fp32_cfg),
+        torch.device("cpu"),
+    ).loss
     from leantrain.metrics import read_metrics
 
     records = read_metrics(os.path.join(cfg.job.dump_folder, "metrics.jsonl"))
-    lost = [r.get("lost_update_fraction", r.get("unchanged_update_fraction")) for r in records
-            if "lost_update_fraction" in r or "unchanged_update_fraction" in r]
-    return {"name": name, "seed": seed, "regime": regime, "steps": steps, "eval_loss": summary["final_eval_loss"],
-            "eval_loss_fp32_forward": fp32_eval, "final_loss": summary["final_loss"],
-            "state_bytes_per_param": summary["state_bytes_per_param"],
-            "mean_lost_update_fraction": statistics.mean(lost) if lost else None,
-            "curve": [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
-            **({"spike_losses": [(r["step"], r["loss"]) for r in records
-                                 if SPIKE_AT <= r["step"] <= SPIKE_AT + SPIKE_LOSSES and "loss" in r]} if spike else {}),
-            "seconds": time.perf_counter() - start}
+    lost = [
+        r.get("lost_update_fraction", r.get("unchanged_update_fraction"))
+        for r in records
+        if "lost_update_fraction" in r or "unchanged_update_fraction" in r
+    ]
+    return {
+        "name": name,
+        "seed": seed,
+        "regime": regime,
+        "steps": steps,
+        "eval_loss": summary["final_eval_loss"],
+        "eval_loss_fp32_forward": fp32_eval,
+        "final_loss": summary["final_loss"],
+        "state_bytes_per_param": summary["state_bytes_per_param"],
+        "mean_lost_update_fraction": statistics.mean(lost) if lost else None,
+        "curve": [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
+        **(
+            {
+                "spike_losses": [
+                    (r["step"], r["loss"])
+                    for r in records
+                    if SPIKE_AT <= r["step"] <= SPIKE_AT + SPIKE_LOSSES and "loss" in r
+                ]
+            }
+            if spike
+            else {}
+        ),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def gaps(results: list[dict], key: str, baseline: str = "fp32") -> dict[tuple[str, str], list[float]]:
@@ -264,7 +350,8 @@ def gaps(results: list[dict], key: str, baseline: str = "fp32") -> dict[tuple[st
 def table(results: list[dict], regimes: list[str]) -> str:
     own, f32 = gaps(results, "eval_loss"), gaps(results, "eval_loss_fp32_forward")
     head = "| recipe | bytes/param | " + " | ".join(
-        f"{g}: gap, own precision (mean [min, max]) | {g}: gap, fp32 forward | {g}: unchanged weights" for g in regimes)
+        f"{g}: gap, own precision (mean [min, max]) | {g}: gap, fp32 forward | {g}: unchanged weights" for g in regimes
+    )
     lines = [head + " |", "|---" * (2 + 3 * len(regimes)) + "|"]
     for name in RUNS:
         rows = [r for r in results if r["name"] == name]
@@ -273,20 +360,26 @@ def table(results: list[dict], regimes: list[str]) -> str:
         cells = [name, f"{rows[0]['state_bytes_per_param']:.2f}"]
         for g in regimes:
             o, f = own.get((name, g), []), f32.get((name, g), [])
-            lost = [r["mean_lost_update_fraction"] for r in rows if r["regime"] == g
-                    and r["mean_lost_update_fraction"] is not None]
+            lost = [
+                r["mean_lost_update_fraction"]
+                for r in rows
+                if r["regime"] == g and r["mean_lost_update_fraction"] is not None
+            ]
             cells.append(f"{statistics.mean(o):+.2f}% [{min(o):+.2f}, {max(o):+.2f}]" if o else "")
             cells.append(f"{statistics.mean(f):+.2f}%" if f else "")
             cells.append(f"{statistics.mean(lost):.1%}" if lost else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Unchanged weights: mean over logged steps of lost_update_fraction, the share of bf16 weight elements "
-                 "whose nonzero update left the stored value unchanged (lost for good under nearest rounding; "
-                 "under stochastic rounding or Kahan, carried in expectation or in the buffer).")
+    lines.append(
+        "Unchanged weights: mean over logged steps of lost_update_fraction, the share of bf16 weight elements "
+        "whose nonzero update left the stored value unchanged (lost for good under nearest rounding; "
+        "under stochastic rounding or Kahan, carried in expectation or in the buffer)."
+    )
     fp32 = {g: [r["eval_loss"] for r in results if r["name"] == "fp32" and r["regime"] == g] for g in regimes}
     lines.append("")
-    lines.append("fp32 eval loss per seed: " + "; ".join(
-        f"{g}: " + ", ".join(f"{v:.4f}" for v in fp32[g]) for g in regimes))
+    lines.append(
+        "fp32 eval loss per seed: " + "; ".join(f"{g}: " + ", ".join(f"{v:.4f}" for v in fp32[g]) for g in regimes)
+    )
     return "\n".join(lines)
 
 
@@ -327,30 +420,43 @@ def pooled(dirs: list[str], regimes: list[str], baseline: str = "fp32") -> str:
                 unique.setdefault((r["name"], r["seed"], r["regime"], r["steps"]), r)
     results = list(unique.values())
     own = gaps(results, "eval_loss", baseline)
-    lines = [f"| run | regime | seeds | mean gap to {baseline} | sd | standard error | per seed |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| run | regime | seeds | mean gap to {baseline} | sd | standard error | per seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in RUNS:
         for g in regimes:
             o = own.get((name, g))
             if o and name != baseline:
                 sd = statistics.stdev(o) if len(o) > 1 else 0.0
-                lines.append(f"| {name} | {g} | {len(o)} | {statistics.mean(o):+.2f}% | {sd:.2f}% | "
-                             f"{sd / len(o) ** 0.5:.2f}% | " + ", ".join(f"{x:+.2f}" for x in o) + " |")
+                lines.append(
+                    f"| {name} | {g} | {len(o)} | {statistics.mean(o):+.2f}% | {sd:.2f}% | "
+                    f"{sd / len(o) ** 0.5:.2f}% | " + ", ".join(f"{x:+.2f}" for x in o) + " |"
+                )
     spikes = [r for r in results if "spike_losses" in r]
     if spikes:
-        lines += ["", f"Spike runs (step {SPIKE_AT}'s batch is random tokens): the loss of that batch, the mean training "
-                  f"loss of the 10 steps after it and of steps {SPIKE_AT + 11}-{SPIKE_AT + SPIKE_LOSSES}, the final eval "
-                  "loss (means over seeds)", "",
-                  "| run | seeds | spike batch loss | steps +1..+10 | steps +11..+40 | final eval loss |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Spike runs (step {SPIKE_AT}'s batch is random tokens): the loss of that batch, the mean training "
+            f"loss of the 10 steps after it and of steps {SPIKE_AT + 11}-{SPIKE_AT + SPIKE_LOSSES}, the final eval "
+            "loss (means over seeds)",
+            "",
+            "| run | seeds | spike batch loss | steps +1..+10 | steps +11..+40 | final eval loss |",
+            "|---|---|---|---|---|---|",
+        ]
         for name in RUNS:
             mine = [r for r in spikes if r["name"] == name]
             if mine:
+
                 def mean_over(lo, hi):
-                    return statistics.mean(statistics.mean(v for s, v in r["spike_losses"] if lo <= s - SPIKE_AT <= hi)
-                                           for r in mine)
-                lines.append(f"| {name} | {len(mine)} | {mean_over(0, 0):.3f} | {mean_over(1, 10):.4f} | "
-                             f"{mean_over(11, SPIKE_LOSSES):.4f} | {statistics.mean(r['eval_loss'] for r in mine):.4f} |")
+                    return statistics.mean(
+                        statistics.mean(v for s, v in r["spike_losses"] if lo <= s - SPIKE_AT <= hi) for r in mine
+                    )
+
+                lines.append(
+                    f"| {name} | {len(mine)} | {mean_over(0, 0):.3f} | {mean_over(1, 10):.4f} | "
+                    f"{mean_over(11, SPIKE_LOSSES):.4f} | {statistics.mean(r['eval_loss'] for r in mine):.4f} |"
+                )
     return "\n".join(lines)
 
 
@@ -362,8 +468,13 @@ def main() -> None:
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply each regime's steps (quick looks)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/convergence")
-    ap.add_argument("--pool", nargs="+", metavar="DIR", default=None,
-                    help="run nothing: print the gaps over all seeds of these --out folders together")
+    ap.add_argument(
+        "--pool",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="run nothing: print the gaps over all seeds of these --out folders together",
+    )
     ap.add_argument("--baseline", default="fp32", help="--pool: the run every gap is paired with")
     args = ap.parse_args()
     if args.pool:
@@ -379,15 +490,21 @@ def main() -> None:
         with open(log_path) as f:
             done = [json.loads(line) for line in f if line.strip()]
     finished = {(r["name"], r["seed"], r["regime"], r["steps"]) for r in done}
-    jobs = [(n, s, g) for g in regimes for s in seeds for n in names
-            if (n, s, g, max(60, int(REGIMES[g]["training.steps"] * args.steps_scale))) not in finished]
+    jobs = [
+        (n, s, g)
+        for g in regimes
+        for s in seeds
+        for n in names
+        if (n, s, g, max(60, int(REGIMES[g]["training.steps"] * args.steps_scale))) not in finished
+    ]
     wanted = {(n, s, g) for g in regimes for s in seeds for n in names}
     results = [r for r in done if (r["name"], r["seed"], r["regime"]) in wanted]
     with ProcessPoolExecutor(max_workers=args.workers) as pool, open(log_path, "a") as log:
         if any(g == "finetune" for _, _, g in jobs):  # the pretrained starting points first
             sft_pairs(os.path.join(args.out, "finetune", "sft.jsonl"))
-            for fut in [pool.submit(base_model, s, args.out) for s in sorted({s for _, s, g in jobs
-                                                                              if g == "finetune"})]:
+            for fut in [
+                pool.submit(base_model, s, args.out) for s in sorted({s for _, s, g in jobs if g == "finetune"})
+            ]:
                 fut.result()
         futures = [pool.submit(one_run, n, s, g, args.steps_scale, args.out) for n, s, g in jobs]
         for fut in futures:
@@ -395,8 +512,11 @@ def main() -> None:
             results.append(r)
             log.write(json.dumps(r) + "\n")
             log.flush()
-            print(f"{r['regime']:8s} seed {r['seed']} {r['name']:24s} eval {r['eval_loss']:.4f} "
-                  f"(fp32 forward {r['eval_loss_fp32_forward']:.4f}) {r['seconds']:.0f}s", flush=True)
+            print(
+                f"{r['regime']:8s} seed {r['seed']} {r['name']:24s} eval {r['eval_loss']:.4f} "
+                f"(fp32 forward {r['eval_loss_fp32_forward']:.4f}) {r['seconds']:.0f}s",
+                flush=True,
+            )
     results.sort(key=lambda r: (regimes.index(r["regime"]), r["seed"], names.index(r["name"])))
     text = table(results, regimes)
     print(text)

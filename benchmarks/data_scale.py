@@ -70,8 +70,12 @@ def build_tokenizer(corpus: Path, path: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts(), trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"],
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts(),
+        trainers.BpeTrainer(
+            vocab_size=VOCAB, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tok.save(str(path))
     return path
 
@@ -91,8 +95,12 @@ print(json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens}))
 
 
 def _env(threads: int) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "RAYON_NUM_THREADS": str(threads),
-            "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "RAYON_NUM_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(os.cpu_count() or 1),
+    }
 
 
 def _run(cmd: list[str], env: dict[str, str], first_line: Path | None = None) -> dict:
@@ -120,22 +128,59 @@ def measure_limit(tokenizer: Path, corpus: Path, threads: int) -> dict:
 
 
 def measure_prepare(corpus: Path, tokenizer: Path, out: Path, workers: int) -> dict:
-    r = _run([sys.executable, "-m", "leantrain", "prepare", f"--data.path={corpus}", f"--tokenizer.path={tokenizer}",
-              f"--out={out}", f"--workers={workers}"], _env(1))
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "leantrain",
+            "prepare",
+            f"--data.path={corpus}",
+            f"--tokenizer.path={tokenizer}",
+            f"--out={out}",
+            f"--workers={workers}",
+        ],
+        _env(1),
+    )
     run = json.loads((out / "manifest.json").read_text())["run"]
-    return {"mb_per_s_wall": corpus.stat().st_size / 1e6 / r["wall_s"], "mb_per_s_loop": run["mb_per_s"],
-            "wall_s": r["wall_s"], "peak_rss_main": run["peak_rss_main"], "peak_rss_worker": run["peak_rss_worker"],
-            "tokens": json.loads((out / "manifest.json").read_text())["tokens"]}
+    return {
+        "mb_per_s_wall": corpus.stat().st_size / 1e6 / r["wall_s"],
+        "mb_per_s_loop": run["mb_per_s"],
+        "wall_s": r["wall_s"],
+        "peak_rss_main": run["peak_rss_main"],
+        "peak_rss_worker": run["peak_rss_worker"],
+        "tokens": json.loads((out / "manifest.json").read_text())["tokens"],
+    }
 
 
 def measure_train(data: Path, tokenizer: Path, folder: Path, steps: int) -> dict:
-    r = _run([sys.executable, "-m", "leantrain", "train", f"--data.path={data}", f"--tokenizer.path={tokenizer}",
-              "--model.flavor=small", "--data.seq_len=256", "--data.local_batch_size=8", f"--training.steps={steps}",
-              "--metrics.log_freq=1", "--eval.interval=0", "--eval.steps=1", "--metrics.progress=false",
-              f"--job.dump_folder={folder}"], _env(os.cpu_count() or 1), first_line=folder / "metrics.jsonl")
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "leantrain",
+            "train",
+            f"--data.path={data}",
+            f"--tokenizer.path={tokenizer}",
+            "--model.flavor=small",
+            "--data.seq_len=256",
+            "--data.local_batch_size=8",
+            f"--training.steps={steps}",
+            "--metrics.log_freq=1",
+            "--eval.interval=0",
+            "--eval.steps=1",
+            "--metrics.progress=false",
+            f"--job.dump_folder={folder}",
+        ],
+        _env(os.cpu_count() or 1),
+        first_line=folder / "metrics.jsonl",
+    )
     summary = json.loads((folder / "summary.json").read_text())
-    return {"first_step_s": r["first_step_s"], "peak_rss_bytes": r["peak_rss_bytes"],
-            "tokens_per_sec": summary["tokens_per_sec"], "wall_s": r["wall_s"]}
+    return {
+        "first_step_s": r["first_step_s"],
+        "peak_rss_bytes": r["peak_rss_bytes"],
+        "tokens_per_sec": summary["tokens_per_sec"],
+        "wall_s": r["wall_s"],
+    }
 
 
 def main() -> None:
@@ -151,8 +196,13 @@ def main() -> None:
     sizes = {"10MB": 10 * 10**6, "100MB": 100 * 10**6, "large": int(args.gb * 10**9)}
     corpora = {name: build_corpus(work / f"corpus-{name}.jsonl", size) for name, size in sizes.items()}
     tokenizer = build_tokenizer(corpora["10MB"], work / "tokenizer.json")
-    result: dict = {"gb": args.gb, "workers": args.workers, "vocab": VOCAB, "steps": args.steps,
-                    "corpus_bytes": {k: v.stat().st_size for k, v in corpora.items()}}
+    result: dict = {
+        "gb": args.gb,
+        "workers": args.workers,
+        "vocab": VOCAB,
+        "steps": args.steps,
+        "corpus_bytes": {k: v.stat().st_size for k, v in corpora.items()},
+    }
     result["limit"] = measure_limit(tokenizer, corpora["large"], args.workers)
     print("limit", result["limit"], flush=True)
     result["prepare"] = {}
@@ -163,8 +213,11 @@ def main() -> None:
         print("prepare", name, result["prepare"][name], flush=True)
     result["prepare_vs_limit"] = result["prepare"]["large"]["mb_per_s_wall"] / result["limit"]["mb_per_s"]
     result["train"] = {}
-    for name, data in (("raw-10MB", corpora["10MB"]), ("prepared-10MB", work / "prepared-10MB"),
-                       ("prepared-large", work / "prepared-large")):
+    for name, data in (
+        ("raw-10MB", corpora["10MB"]),
+        ("prepared-10MB", work / "prepared-10MB"),
+        ("prepared-large", work / "prepared-large"),
+    ):
         folder = work / f"run-{name}"
         subprocess.run(["rm", "-rf", str(folder)], check=True)
         result["train"][name] = measure_train(data, tokenizer, folder, args.steps)

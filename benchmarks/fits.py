@@ -24,18 +24,31 @@ GPUS_GIB = (24, 48, 80)
 
 def main() -> None:
     gib = 2**30
-    cfg = load_config(None, {"data.seq_len": "2048", "data.local_batch_size": "1",
-                             "activation_checkpoint.mode": "full"})
+    cfg = load_config(
+        None, {"data.seq_len": "2048", "data.local_batch_size": "1", "activation_checkpoint.mode": "full"}
+    )
     result = largest(cfg, list(RECIPES), dp_shard=1, gpu_memory=GPUS_GIB[0] * gib)
-    per_param = {name: r["state_bytes_per_param"]
-                 for name, r in plan(load_config(None, {"model.flavor": "8B"}), list(RECIPES), 1, gib)["recipes"].items()}
-    print("| recipe | state bytes/param (8B) | " + " | ".join(f"{s} (GiB)" for s in LLAMA3_FLAVORS) + " | "
-          + " | ".join(f"largest on {g} GiB" for g in GPUS_GIB) + " |")
+    per_param = {
+        name: r["state_bytes_per_param"]
+        for name, r in plan(load_config(None, {"model.flavor": "8B"}), list(RECIPES), 1, gib)["recipes"].items()
+    }
+    print(
+        "| recipe | state bytes/param (8B) | "
+        + " | ".join(f"{s} (GiB)" for s in LLAMA3_FLAVORS)
+        + " | "
+        + " | ".join(f"largest on {g} GiB" for g in GPUS_GIB)
+        + " |"
+    )
     print("|---" * (2 + len(LLAMA3_FLAVORS) + len(GPUS_GIB)) + "|")
     for name, r in result["recipes"].items():
         row = r["total_bytes_checkpointed"]
-        print(f"| {name} | {per_param[name]:.2f} | " + " | ".join(f"{row[s] / gib:.1f}" for s in LLAMA3_FLAVORS)
-              + " | " + " | ".join(largest_that_fits(row, g * gib) or "none" for g in GPUS_GIB) + " |")
+        print(
+            f"| {name} | {per_param[name]:.2f} | "
+            + " | ".join(f"{row[s] / gib:.1f}" for s in LLAMA3_FLAVORS)
+            + " | "
+            + " | ".join(largest_that_fits(row, g * gib) or "none" for g in GPUS_GIB)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

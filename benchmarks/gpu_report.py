@@ -52,8 +52,10 @@ def main() -> None:
         a = model_args(cfg.model.flavor)
         flops = 6 * s["num_params"] + 12 * a.n_layers * a.dim * cfg.data.seq_len
         mfu = f"{100 * s['tokens_per_sec'] * flops / peak:.1f}%" if peak else "n/a"
-        print(f"| {r} | {cfg.recipe} | {cfg.model.flavor} | {cfg.compile.enable} | {s['tokens_per_sec']:.0f} | {mfu} | "
-              f"{s['peak_memory_bytes'] / 2**30:.1f} | {s['state_bytes_per_param']:.2f} | {s['final_loss']:.3f} |")
+        print(
+            f"| {r} | {cfg.recipe} | {cfg.model.flavor} | {cfg.compile.enable} | {s['tokens_per_sec']:.0f} | {mfu} | "
+            f"{s['peak_memory_bytes'] / 2**30:.1f} | {s['state_bytes_per_param']:.2f} | {s['final_loss']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

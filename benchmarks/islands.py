@@ -101,26 +101,42 @@ def main() -> None:
     runs: dict[tuple[str, str], list[float]] = {c: [] for c in combos}
     for rep in range(args.repeats):
         for variant, compile in combos:
-            out = subprocess.run([sys.executable, __file__, "--worker", variant, compile, "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", variant, compile, "--steps", str(args.steps)],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+            )
             runs[(variant, compile)].append(json.loads(out.stdout.strip().splitlines()[-1])["step_s"])
-            print(f"repeat {rep}: compile={compile} {variant:9s} {runs[(variant, compile)][-1]:.3f} s/step",
-                  file=sys.stderr, flush=True)
-    lines = ["| variant | " + " | ".join(f"compile={c}: s/step | share of the step" for c in args.compile.split(","))
-             + " |", "|---" * (1 + 2 * len(args.compile.split(","))) + "|"]
+            print(
+                f"repeat {rep}: compile={compile} {variant:9s} {runs[(variant, compile)][-1]:.3f} s/step",
+                file=sys.stderr,
+                flush=True,
+            )
+    lines = [
+        "| variant | " + " | ".join(f"compile={c}: s/step | share of the step" for c in args.compile.split(",")) + " |",
+        "|---" * (1 + 2 * len(args.compile.split(","))) + "|",
+    ]
     for v in variants:
         cells = []
         for c in args.compile.split(","):
             base = runs[("islands", c)]
             share = statistics.median((b - x) / b for x, b in zip(runs[(v, c)], base))
-            cells.append(f"{statistics.median(runs[(v, c)]):.3f} | {share * 100:+.1f}%" if v != "islands"
-                         else f"{statistics.median(base):.3f} | -")
+            cells.append(
+                f"{statistics.median(runs[(v, c)]):.3f} | {share * 100:+.1f}%"
+                if v != "islands"
+                else f"{statistics.median(base):.3f} | -"
+            )
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "table": lines,
-                       "runs": {f"{v}/compile={c}": x for (v, c), x in runs.items()}}, f, indent=1)
+            json.dump(
+                {"args": vars(args), "table": lines, "runs": {f"{v}/compile={c}": x for (v, c), x in runs.items()}},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

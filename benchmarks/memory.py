@@ -25,20 +25,49 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = ["fp32", "bf16-mixed", "bf16", "bf16-fp32state", "bf16-sr", "bf16-kahan", "bf16-int8", "bf16-int4",
-           "bf16-int4-int8"]
-STATE_RUN = ["--model.flavor=1B", "--model.n_layers=4", "--model.vocab_size=8192", "--data.seq_len=32",
-             "--data.local_batch_size=1", "--training.steps=2", "--eval.steps=1", "--lr_scheduler.warmup_steps=0",
-             "--training.max_norm=0"]
-AC_RUN = ["--model.flavor=small", "--data.seq_len=512", "--data.local_batch_size=8", "--training.steps=3",
-          "--eval.steps=1", "--lr_scheduler.warmup_steps=0", "--recipe=bf16", "--metrics.log_freq=1"]
+RECIPES = [
+    "fp32",
+    "bf16-mixed",
+    "bf16",
+    "bf16-fp32state",
+    "bf16-sr",
+    "bf16-kahan",
+    "bf16-int8",
+    "bf16-int4",
+    "bf16-int4-int8",
+]
+STATE_RUN = [
+    "--model.flavor=1B",
+    "--model.n_layers=4",
+    "--model.vocab_size=8192",
+    "--data.seq_len=32",
+    "--data.local_batch_size=1",
+    "--training.steps=2",
+    "--eval.steps=1",
+    "--lr_scheduler.warmup_steps=0",
+    "--training.max_norm=0",
+]
+AC_RUN = [
+    "--model.flavor=small",
+    "--data.seq_len=512",
+    "--data.local_batch_size=8",
+    "--training.steps=3",
+    "--eval.steps=1",
+    "--lr_scheduler.warmup_steps=0",
+    "--recipe=bf16",
+    "--metrics.log_freq=1",
+]
 
 
 def run(args: list[str]) -> tuple[dict, list[dict]]:
     folder = tempfile.mkdtemp()
-    subprocess.run([sys.executable, "-m", "leantrain", "train", "--metrics.progress=false",
-                    f"--job.dump_folder={folder}", *args], check=True, cwd=ROOT, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": ROOT})
+    subprocess.run(
+        [sys.executable, "-m", "leantrain", "train", "--metrics.progress=false", f"--job.dump_folder={folder}", *args],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     with open(os.path.join(folder, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(folder, "metrics.jsonl")) as f:
@@ -54,22 +83,31 @@ def main() -> None:
     args = ap.parse_args()
     mib = 2**20
     out: dict = {"recipes": {}, "activation_checkpoint": {}}
-    print("| recipe | optimizer.in_backward | state bytes/param (measured) | planned | "
-          "params + grads + optimizer (MiB) | peak RSS (MiB) | peak RSS saved by release, bytes/param |")
+    print(
+        "| recipe | optimizer.in_backward | state bytes/param (measured) | planned | "
+        "params + grads + optimizer (MiB) | peak RSS (MiB) | peak RSS saved by release, bytes/param |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in args.recipes.split(","):
         for release in (False, True):
             s, _ = run([*STATE_RUN, f"--recipe={r}", f"--optimizer.in_backward={str(release).lower()}"])
             planned = sum(s["planned_state_bytes"].values()) / s["num_params"]
             name = f"{r} + in_backward" if release else r
-            out["recipes"][name] = {"state_bytes_per_param": s["state_bytes_per_param"],
-                                    "planned_bytes_per_param": planned, "state_bytes": s["state_bytes"],
-                                    "peak_rss_bytes": s["peak_memory_bytes"]}
-            saved = ((out["recipes"][r]["peak_rss_bytes"] - s["peak_memory_bytes"]) / s["num_params"] if release
-                     else None)
-            print(f"| {r} | {str(release).lower()} | {s['state_bytes_per_param']:.3f} | {planned:.3f} | "
-                  f"{sum(s['state_bytes'].values()) / mib:.0f} | {s['peak_memory_bytes'] / mib:.0f} | "
-                  f"{'' if saved is None else f'{saved:.2f}'} |", flush=True)
+            out["recipes"][name] = {
+                "state_bytes_per_param": s["state_bytes_per_param"],
+                "planned_bytes_per_param": planned,
+                "state_bytes": s["state_bytes"],
+                "peak_rss_bytes": s["peak_memory_bytes"],
+            }
+            saved = (
+                (out["recipes"][r]["peak_rss_bytes"] - s["peak_memory_bytes"]) / s["num_params"] if release else None
+            )
+            print(
+                f"| {r} | {str(release).lower()} | {s['state_bytes_per_param']:.3f} | {planned:.3f} | "
+                f"{sum(s['state_bytes'].values()) / mib:.0f} | {s['peak_memory_bytes'] / mib:.0f} | "
+                f"{'' if saved is None else f'{saved:.2f}'} |",
+                flush=True,
+            )
     if {"fp32", "bf16"} <= set(out["recipes"]):
         fp32, bf16 = out["recipes"]["fp32"]["peak_rss_bytes"], out["recipes"]["bf16"]["peak_rss_bytes"]
         print(f"\npeak RSS bf16 / fp32: {bf16 / fp32:.2f}\n")

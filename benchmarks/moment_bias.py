@@ -48,14 +48,19 @@ def stored_moments(opt, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | 
     st = opt.state[p]
     if opt.layout(p).factored:  # FactoredAdamW: v is the factors' estimate (the rule's error, not a rounding's)
         m_fmt = quant.STORAGES[opt.layout(p).moments].exp_avg if "exp_avg_codes" in st else None
-        m = (quant.dequantize(st["exp_avg_codes"].view(-1), st["exp_avg_scale"], True, m_fmt) if m_fmt
-             else st["exp_avg"].float().view(-1))
+        m = (
+            quant.dequantize(st["exp_avg_codes"].view(-1), st["exp_avg_scale"], True, m_fmt)
+            if m_fmt
+            else st["exp_avg"].float().view(-1)
+        )
         row, col = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
         return m, (torch.outer(row, col) / col.mean()).view(-1)
     if "exp_avg_codes" in st:
         m_fmt, v_fmt = quant.STORAGES[opt.layout(p).moments]
-        return (quant.dequantize(st["exp_avg_codes"].view(-1), st["exp_avg_scale"], True, m_fmt),
-                quant.dequantize(st["exp_avg_sq_codes"].view(-1), st["exp_avg_sq_scale"], False, v_fmt))
+        return (
+            quant.dequantize(st["exp_avg_codes"].view(-1), st["exp_avg_scale"], True, m_fmt),
+            quant.dequantize(st["exp_avg_sq_codes"].view(-1), st["exp_avg_sq_scale"], False, v_fmt),
+        )
     if st["exp_avg"].dtype == torch.float32:
         return None
     return st["exp_avg"].float().view(-1), st["exp_avg_sq"].float().view(-1)
@@ -80,8 +85,18 @@ def measure(name: str, seed: int, regime: str, every: int) -> list[dict]:
         def hook(optimizer, _args, _kwargs):
             count[0] += 1
             step = count[0]
-            sums = dict(v_stored=0.0, v_exact=0.0, v_zero=0, v_pos=0, m_stored=0.0, m_exact=0.0,
-                        u_stored=0.0, u_exact=0.0, u_along=0.0, elements=0)
+            sums = dict(
+                v_stored=0.0,
+                v_exact=0.0,
+                v_zero=0,
+                v_pos=0,
+                m_stored=0.0,
+                m_exact=0.0,
+                u_stored=0.0,
+                u_exact=0.0,
+                u_along=0.0,
+                elements=0,
+            )
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
@@ -107,32 +122,50 @@ def measure(name: str, seed: int, regime: str, every: int) -> list[dict]:
                     sums["u_along"] += (u_stored * u_exact.sign()).sum().item()
                     sums["elements"] += g.numel()
             if sums["elements"]:
-                rows.append(dict(recipe=name, seed=seed, step=step, elements=sums["elements"],
-                                 v_ratio=sums["v_stored"] / sums["v_exact"],
-                                 v_zero=sums["v_zero"] / max(1, sums["v_pos"]),
-                                 m_ratio=sums["m_stored"] / sums["m_exact"],
-                                 step_ratio=sums["u_stored"] / sums["u_exact"],
-                                 step_bias=sums["u_along"] / sums["u_exact"]))
+                rows.append(
+                    dict(
+                        recipe=name,
+                        seed=seed,
+                        step=step,
+                        elements=sums["elements"],
+                        v_ratio=sums["v_stored"] / sums["v_exact"],
+                        v_zero=sums["v_zero"] / max(1, sums["v_pos"]),
+                        m_ratio=sums["m_stored"] / sums["m_exact"],
+                        step_ratio=sums["u_stored"] / sums["u_exact"],
+                        step_bias=sums["u_along"] / sums["u_exact"],
+                    )
+                )
 
         opt.register_step_post_hook(hook)
         return opt
 
     lt.build_optimizer = build_with_shadow
     recipe, _, rounding = name.partition("@")  # bf16-int8@nearest: the recipe's keys, moments_rounding=nearest
-    keys = ({**{k: str(v) for k, v in RECIPES[recipe].items()}, "optimizer.moments_rounding": rounding} if rounding
-            else {"recipe": recipe})
-    overrides = {**MODEL, **keys, "optimizer.lr": REGIMES[regime]["optimizer.lr"],
-                 "training.steps": str(REGIMES[regime]["training.steps"]), "eval.interval": "0",
-                 "job.seed": str(seed), "job.dump_folder": tempfile.mkdtemp()}
+    keys = (
+        {**{k: str(v) for k, v in RECIPES[recipe].items()}, "optimizer.moments_rounding": rounding}
+        if rounding
+        else {"recipe": recipe}
+    )
+    overrides = {
+        **MODEL,
+        **keys,
+        "optimizer.lr": REGIMES[regime]["optimizer.lr"],
+        "training.steps": str(REGIMES[regime]["training.steps"]),
+        "eval.interval": "0",
+        "job.seed": str(seed),
+        "job.dump_folder": tempfile.mkdtemp(),
+    }
     lt.train(resolve(load_config(None, overrides)))
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes",
-                    default="bf16-int8,bf16-int8@nearest,bf16-int4,bf16-int4@nearest,bf16-int4-int8,bf16-sr,bf16",
-                    help="comma-separated; RECIPE@nearest: that recipe with optimizer.moments_rounding=nearest")
+    ap.add_argument(
+        "--recipes",
+        default="bf16-int8,bf16-int8@nearest,bf16-int4,bf16-int4@nearest,bf16-int4-int8,bf16-sr,bf16",
+        help="comma-separated; RECIPE@nearest: that recipe with optimizer.moments_rounding=nearest",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--regime", default="low", choices=list(REGIMES))
     ap.add_argument("--every", type=int, default=50)
@@ -143,16 +176,23 @@ def main() -> None:
     print("| recipe | step | v_ratio | v stored as 0 | m_ratio | step_ratio | step_bias |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['recipe']} | {r['step']} | {r['v_ratio']:.4f} | {100 * r['v_zero']:.3f}% | "
-              f"{r['m_ratio']:.4f} | {r['step_ratio']:.4f} | {r['step_bias']:.4f} |")
+        print(
+            f"| {r['recipe']} | {r['step']} | {r['v_ratio']:.4f} | {100 * r['v_zero']:.3f}% | "
+            f"{r['m_ratio']:.4f} | {r['step_ratio']:.4f} | {r['step_bias']:.4f} |"
+        )
     print("\nover the whole run (every measured step):\n")
     print("| recipe | max abs(v_ratio - 1) | max abs(step_ratio - 1) | max abs(step_bias - 1) |")
     print("|---|---:|---:|---:|")
     for name in args.recipes.split(","):
         mine = [r for r in rows if r["recipe"] == name]
         if mine:
-            print(f"| {name} | " + " | ".join(f"{max(abs(r[key] - 1) for r in mine):.4f}"
-                                              for key in ("v_ratio", "step_ratio", "step_bias")) + " |")
+            print(
+                f"| {name} | "
+                + " | ".join(
+                    f"{max(abs(r[key] - 1) for r in mine):.4f}" for key in ("v_ratio", "step_ratio", "step_bias")
+                )
+                + " |"
+            )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -56,9 +56,15 @@ def record_gradients(regime: str) -> list[tuple[tuple[int, ...], torch.Tensor]]:
         return opt
 
     lt.build_optimizer = build_recording
-    overrides = {**MODEL, "recipe": "bf16-sr", "optimizer.lr": REGIMES[regime]["optimizer.lr"],
-                 "training.steps": str(REGIMES[regime]["training.steps"]), "eval.interval": "0", "job.seed": "0",
-                 "job.dump_folder": tempfile.mkdtemp()}
+    overrides = {
+        **MODEL,
+        "recipe": "bf16-sr",
+        "optimizer.lr": REGIMES[regime]["optimizer.lr"],
+        "training.steps": str(REGIMES[regime]["training.steps"]),
+        "eval.interval": "0",
+        "job.seed": "0",
+        "job.dump_folder": tempfile.mkdtemp(),
+    }
     lt.train(resolve(load_config(None, overrides)))
     lt.build_optimizer = build
     return [(shape, torch.stack(gs)) for shape, gs in grads.values()]
@@ -121,9 +127,14 @@ def replay(grads, m_store, v_store, every: int = 50) -> list[dict]:
                 sums["u_exact"] += u_exact.abs().sum().item()
                 sums["u_along"] += (u_stored * u_exact.sign()).sum().item()
         if (t + 1) % every == 0:
-            rows.append(dict(step=t + 1, v_ratio=sums["v_stored"] / sums["v_exact"],
-                             step_ratio=sums["u_stored"] / sums["u_exact"],
-                             step_bias=sums["u_along"] / sums["u_exact"]))
+            rows.append(
+                dict(
+                    step=t + 1,
+                    v_ratio=sums["v_stored"] / sums["v_exact"],
+                    step_ratio=sums["u_stored"] / sums["u_exact"],
+                    step_bias=sums["u_along"] / sums["u_exact"],
+                )
+            )
     return rows
 
 
@@ -142,14 +153,18 @@ def candidates() -> dict[str, tuple[Candidate | None, Candidate | None]]:
     int8, int4 = FORMATS["int8"], FORMATS["int4"]
     sqrt4 = [(k / 15) ** 2 for k in range(16)]
     return {
-        "int8 dynamic m + dynamic v, b256 (torchao's maps)": (Candidate(dynamic(True), "b256", True),
-                                                             Candidate(dynamic(False), "b256", False)),
+        "int8 dynamic m + dynamic v, b256 (torchao's maps)": (
+            Candidate(dynamic(True), "b256", True),
+            Candidate(dynamic(False), "b256", False),
+        ),
         "int8 dynamic m, exact v": (Candidate(dynamic(True), "b256", True), None),
         "int8 exact m, dynamic v": (None, Candidate(dynamic(False), "b256", False)),
         "int8 companded m, exact v": (Candidate(int8.map(True), "b256", True), None),
         "int8 exact m, companded (sqrt) v": (None, Candidate(int8.map(False), "b256", False)),
-        "int8 companded m + v, b256 (bf16-int8)": (Candidate(int8.map(True), "b256", True),
-                                                  Candidate(int8.map(False), "b256", False)),
+        "int8 companded m + v, b256 (bf16-int8)": (
+            Candidate(int8.map(True), "b256", True),
+            Candidate(int8.map(False), "b256", False),
+        ),
         "int4 dynamic m, exact v": (Candidate(dynamic(True, 3, 4), "b128", True), None),
         "int4 companded m, exact v": (Candidate(int4.map(True), "b128", True), None),
         "int4 exact m, linear v, b128": (None, Candidate(int4.map(False), "b128", False)),
@@ -158,10 +173,14 @@ def candidates() -> dict[str, tuple[Candidate | None, Candidate | None]]:
         "int4 exact m, sqrt v, b128": (None, Candidate(sqrt4, "b128", False)),
         "int4 exact m, sqrt v, rank-1": (None, Candidate(sqrt4, "rank1", False)),
         "int4 exact m, dynamic v, b128": (None, Candidate(dynamic(False, 3, 4), "b128", False)),
-        "int4 companded m + linear v, b128 (bf16-int4)": (Candidate(int4.map(True), "b128", True),
-                                                         Candidate(int4.map(False), "b128", False)),
+        "int4 companded m + linear v, b128 (bf16-int4)": (
+            Candidate(int4.map(True), "b128", True),
+            Candidate(int4.map(False), "b128", False),
+        ),
         "int4 companded m, b128 + int8 companded (sqrt) v, b256 (mixed)": (
-            Candidate(int4.map(True), "b128", True), Candidate(int8.map(False), "b256", False)),
+            Candidate(int4.map(True), "b128", True),
+            Candidate(int8.map(False), "b256", False),
+        ),
     }
 
 
@@ -180,8 +199,12 @@ def main() -> None:
         if args.only and not any(part in name for part in args.only.split(",")):
             continue
         rows = results[name] = replay(grads, m_store, v_store)
-        print(f"| {name} | " + " | ".join(f"{max(abs(r[k] - 1) for r in rows):.4f}"
-                                          for k in ("v_ratio", "step_ratio", "step_bias")) + " |", flush=True)
+        print(
+            f"| {name} | "
+            + " | ".join(f"{max(abs(r[k] - 1) for r in rows):.4f}" for k in ("v_ratio", "step_ratio", "step_bias"))
+            + " |",
+            flush=True,
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)

@@ -76,6 +76,7 @@ def _per_parameter(opt: AdamW, gated: bool) -> AdamW:
                 opt.step_parameter(p, gate=finite)
             elif bool(finite):
                 opt.step_parameter(p)
+
     opt.step = step
     return opt
 
@@ -83,10 +84,12 @@ def _per_parameter(opt: AdamW, gated: bool) -> AdamW:
 def _factored(**kwargs):
     """FactoredAdamW as the trainer builds it: the blocks' matrices (every 2-D tensor but the embedding and the
     output head) factored, the rest per element."""
+
     def make(ps):
         blocks = [p for p in ps[1:-1] if p.ndim == 2]
         rest = [p for p in ps if all(p is not q for q in blocks)]
         return FactoredAdamW([{"params": blocks, "factored": True}, {"params": rest}], lr=1e-3, **kwargs)
+
     return make
 
 
@@ -107,53 +110,87 @@ VARIANTS = {
     "fp32 (auto)": (torch.float32, lambda ps: AdamW(ps, lr=1e-3)),
     "bf16 none": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3)),
     "bf16 stochastic": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compensation="stochastic")),
-    "bf16 stochastic, nearest moments": (torch.bfloat16, lambda ps: AdamW(
-        ps, lr=1e-3, compensation="stochastic", moments_rounding="nearest")),
+    "bf16 stochastic, nearest moments": (
+        torch.bfloat16,
+        lambda ps: AdamW(ps, lr=1e-3, compensation="stochastic", moments_rounding="nearest"),
+    ),
     "bf16 kahan": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compensation="kahan")),
-    "bf16 kahan, nearest moments": (torch.bfloat16, lambda ps: AdamW(
-        ps, lr=1e-3, compensation="kahan", moments_rounding="nearest")),
-    "bf16 int8 (stochastic)": (torch.bfloat16, lambda ps: AdamW(
-        ps, lr=1e-3, state_dtype="int8", compensation="stochastic")),
-    "bf16 int8, nearest codes": (torch.bfloat16, lambda ps: AdamW(
-        ps, lr=1e-3, state_dtype="int8", compensation="stochastic", moments_rounding="nearest")),
-    "bf16 int4 (stochastic)": (torch.bfloat16, lambda ps: AdamW(
-        ps, lr=1e-3, state_dtype="int4", compensation="stochastic")),
-    "bf16 int4-int8 (stochastic)": (torch.bfloat16, lambda ps: AdamW(
-        ps, lr=1e-3, state_dtype="int4-int8", compensation="stochastic")),
+    "bf16 kahan, nearest moments": (
+        torch.bfloat16,
+        lambda ps: AdamW(ps, lr=1e-3, compensation="kahan", moments_rounding="nearest"),
+    ),
+    "bf16 int8 (stochastic)": (
+        torch.bfloat16,
+        lambda ps: AdamW(ps, lr=1e-3, state_dtype="int8", compensation="stochastic"),
+    ),
+    "bf16 int8, nearest codes": (
+        torch.bfloat16,
+        lambda ps: AdamW(ps, lr=1e-3, state_dtype="int8", compensation="stochastic", moments_rounding="nearest"),
+    ),
+    "bf16 int4 (stochastic)": (
+        torch.bfloat16,
+        lambda ps: AdamW(ps, lr=1e-3, state_dtype="int4", compensation="stochastic"),
+    ),
+    "bf16 int4-int8 (stochastic)": (
+        torch.bfloat16,
+        lambda ps: AdamW(ps, lr=1e-3, state_dtype="int4-int8", compensation="stochastic"),
+    ),
     "bf16 fp32-state": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, state_dtype="float32")),
     # A logged step: the trainer counts lost updates in it (metrics.log_freq).
     "bf16 none, lost-update meter on": (torch.bfloat16, lambda ps: _counting(AdamW(ps, lr=1e-3))),
-    "bf16 stochastic, lost-update meter on": (torch.bfloat16, lambda ps: _counting(AdamW(
-        ps, lr=1e-3, compensation="stochastic"))),
+    "bf16 stochastic, lost-update meter on": (
+        torch.bfloat16,
+        lambda ps: _counting(AdamW(ps, lr=1e-3, compensation="stochastic")),
+    ),
     # compile=True (the trainer's compile.enable): each tensor's step as one torch.compile'd kernel
     "fp32 (auto), compiled": (torch.float32, lambda ps: AdamW(ps, lr=1e-3, compile=True)),
     "bf16 none, compiled": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compile=True)),
-    "bf16 stochastic, compiled": (torch.bfloat16, lambda ps: AdamW(
-        ps, lr=1e-3, compensation="stochastic", compile=True)),
+    "bf16 stochastic, compiled": (
+        torch.bfloat16,
+        lambda ps: AdamW(ps, lr=1e-3, compensation="stochastic", compile=True),
+    ),
     "bf16 kahan, compiled": (torch.bfloat16, lambda ps: AdamW(ps, lr=1e-3, compensation="kahan", compile=True)),
-    "bf16 int8 (stochastic), compiled": (torch.bfloat16, lambda ps: AdamW(
-        ps, lr=1e-3, state_dtype="int8", compensation="stochastic", compile=True)),
-    "bf16 int4 (stochastic), compiled": (torch.bfloat16, lambda ps: AdamW(
-        ps, lr=1e-3, state_dtype="int4", compensation="stochastic", compile=True)),
-    "bf16 int4-int8 (stochastic), compiled": (torch.bfloat16, lambda ps: AdamW(
-        ps, lr=1e-3, state_dtype="int4-int8", compensation="stochastic", compile=True)),
+    "bf16 int8 (stochastic), compiled": (
+        torch.bfloat16,
+        lambda ps: AdamW(ps, lr=1e-3, state_dtype="int8", compensation="stochastic", compile=True),
+    ),
+    "bf16 int4 (stochastic), compiled": (
+        torch.bfloat16,
+        lambda ps: AdamW(ps, lr=1e-3, state_dtype="int4", compensation="stochastic", compile=True),
+    ),
+    "bf16 int4-int8 (stochastic), compiled": (
+        torch.bfloat16,
+        lambda ps: AdamW(ps, lr=1e-3, state_dtype="int4-int8", compensation="stochastic", compile=True),
+    ),
     # FactoredAdamW (recipes bf16-int8-factored, bf16-int4-int8-factored)
     "bf16 int8-factored (stochastic)": (torch.bfloat16, _factored(state_dtype="int8", compensation="stochastic")),
-    "bf16 int8-factored (stochastic), compiled": (torch.bfloat16, _factored(
-        state_dtype="int8", compensation="stochastic", compile=True)),
-    "bf16 int4-int8-factored (stochastic), compiled": (torch.bfloat16, _factored(
-        state_dtype="int4-int8", compensation="stochastic", compile=True)),
+    "bf16 int8-factored (stochastic), compiled": (
+        torch.bfloat16,
+        _factored(state_dtype="int8", compensation="stochastic", compile=True),
+    ),
+    "bf16 int4-int8-factored (stochastic), compiled": (
+        torch.bfloat16,
+        _factored(state_dtype="int4-int8", compensation="stochastic", compile=True),
+    ),
     # optimizer.in_backward's updates, one parameter at a time: the NaN/Inf check on the host, and as the gate
     "bf16 stochastic, per parameter": (torch.bfloat16, _released(False, compensation="stochastic")),
     "bf16 stochastic, per parameter, gated": (torch.bfloat16, _released(True, compensation="stochastic")),
-    "bf16 stochastic, per parameter, compiled": (torch.bfloat16, _released(
-        False, compensation="stochastic", compile=True)),
-    "bf16 stochastic, per parameter, gated, compiled": (torch.bfloat16, _released(
-        True, compensation="stochastic", compile=True)),
-    "bf16 int8 (stochastic), per parameter, compiled": (torch.bfloat16, _released(
-        False, state_dtype="int8", compensation="stochastic", compile=True)),
-    "bf16 int8 (stochastic), per parameter, gated, compiled": (torch.bfloat16, _released(
-        True, state_dtype="int8", compensation="stochastic", compile=True)),
+    "bf16 stochastic, per parameter, compiled": (
+        torch.bfloat16,
+        _released(False, compensation="stochastic", compile=True),
+    ),
+    "bf16 stochastic, per parameter, gated, compiled": (
+        torch.bfloat16,
+        _released(True, compensation="stochastic", compile=True),
+    ),
+    "bf16 int8 (stochastic), per parameter, compiled": (
+        torch.bfloat16,
+        _released(False, state_dtype="int8", compensation="stochastic", compile=True),
+    ),
+    "bf16 int8 (stochastic), per parameter, gated, compiled": (
+        torch.bfloat16,
+        _released(True, state_dtype="int8", compensation="stochastic", compile=True),
+    ),
 }
 
 
@@ -164,10 +201,19 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    ap.add_argument("--only", action="append", default=None, metavar="VARIANT",
-                    help="run this variant (repeatable; the torch foreach baselines always run)")
-    ap.add_argument("--profile", default=None, metavar="VARIANT",
-                    help="instead of timing: the torch.profiler table of 3 steps of this variant (after 2 warm-up)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="VARIANT",
+        help="run this variant (repeatable; the torch foreach baselines always run)",
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="VARIANT",
+        help="instead of timing: the torch.profiler table of 3 steps of this variant (after 2 warm-up)",
+    )
     args = ap.parse_args()
     unknown = set(args.only or []) | ({args.profile} if args.profile else set())
     if unknown - set(VARIANTS):
@@ -222,39 +268,65 @@ def main() -> None:
             if r >= args.warmup:
                 times.append(dt)
 
-    base = {torch.float32: statistics.median(runs["torch AdamW foreach (fp32)"][2]),
-            torch.bfloat16: statistics.median(runs["torch AdamW foreach (bf16)"][2])}
+    base = {
+        torch.float32: statistics.median(runs["torch AdamW foreach (fp32)"][2]),
+        torch.bfloat16: statistics.median(runs["torch AdamW foreach (bf16)"][2]),
+    }
     compiled = runs.get("torch AdamW foreach (bf16), compiled")
     compiled_base = statistics.median(compiled[2]) if compiled else None
     rows = []
     for name, (ps, opt, times) in runs.items():
         dtype = VARIANTS[name][0]
-        state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values()
-                          for k, t in st.items() if k != "step" and isinstance(t, torch.Tensor))
+        state_bytes = sum(
+            t.numel() * t.element_size()
+            for st in opt.state.values()
+            for k, t in st.items()
+            if k != "step" and isinstance(t, torch.Tensor)
+        )
         med = statistics.median(times)
-        rows.append(dict(variant=name, param_dtype=str(dtype).replace("torch.", ""),
-                         median_ms=med * 1e3, min_ms=min(times) * 1e3,
-                         ratio_to_torch_foreach=med / base[dtype], first_step_s=first.get(name),
-                         ratio_to_torch_foreach_compiled=(med / compiled_base if compiled_base and
-                                                          dtype == torch.bfloat16 else None),
-                         state_bytes_per_param=state_bytes / numel))
+        rows.append(
+            dict(
+                variant=name,
+                param_dtype=str(dtype).replace("torch.", ""),
+                median_ms=med * 1e3,
+                min_ms=min(times) * 1e3,
+                ratio_to_torch_foreach=med / base[dtype],
+                first_step_s=first.get(name),
+                ratio_to_torch_foreach_compiled=(
+                    med / compiled_base if compiled_base and dtype == torch.bfloat16 else None
+                ),
+                state_bytes_per_param=state_bytes / numel,
+            )
+        )
 
-    print(f"{numel / 1e6:.1f}M parameters in {len(shapes)} tensors, {device}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"median of {args.repeats} interleaved steps\n")
-    print("| variant | params | median ms | ratio to torch foreach (same dtype) | ratio to torch foreach compiled "
-          "(bf16) | state B/param | first step s |")
+    print(
+        f"{numel / 1e6:.1f}M parameters in {len(shapes)} tensors, {device}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"median of {args.repeats} interleaved steps\n"
+    )
+    print(
+        "| variant | params | median ms | ratio to torch foreach (same dtype) | ratio to torch foreach compiled "
+        "(bf16) | state B/param | first step s |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         vs_compiled = r["ratio_to_torch_foreach_compiled"]
-        print(f"| {r['variant']} | {r['param_dtype']} | {r['median_ms']:.1f} | "
-              f"{r['ratio_to_torch_foreach']:.2f} | {'' if vs_compiled is None else f'{vs_compiled:.2f}'} | "
-              f"{r['state_bytes_per_param']:.2f} | {r['first_step_s']:.2f} |")
+        print(
+            f"| {r['variant']} | {r['param_dtype']} | {r['median_ms']:.1f} | "
+            f"{r['ratio_to_torch_foreach']:.2f} | {'' if vs_compiled is None else f'{vs_compiled:.2f}'} | "
+            f"{r['state_bytes_per_param']:.2f} | {r['first_step_s']:.2f} |"
+        )
     if args.out:
-        meta = dict(numel=numel, tensors=len(shapes), device=str(device),
-                    threads=torch.get_num_threads(), torch=torch.__version__,
-                    machine=platform.machine(), processor=platform.processor(),
-                    repeats=args.repeats)
+        meta = dict(
+            numel=numel,
+            tensors=len(shapes),
+            device=str(device),
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            machine=platform.machine(),
+            processor=platform.processor(),
+            repeats=args.repeats,
+        )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
         print(f"\nwrote {args.out}")

@@ -36,7 +36,7 @@ def write_samples(path: str, seed: int = 0) -> dict:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    mu = np.log(MEAN_LEN) - SIGMA ** 2 / 2  # the mean of a lognormal is exp(mu + sigma^2 / 2)
+    mu = np.log(MEAN_LEN) - SIGMA**2 / 2  # the mean of a lognormal is exp(mu + sigma^2 / 2)
     lengths = np.clip(np.rint(rng.lognormal(mu, SIGMA, SAMPLES)), 8, SEQ_LEN + 1).astype(int)
     letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     ", dtype=np.uint8)
     with open(path, "w", encoding="utf-8") as f:
@@ -44,16 +44,32 @@ def write_samples(path: str, seed: int = 0) -> dict:
             text = letters[rng.integers(0, len(letters), n - 2)].tobytes().decode()
             cut = max(1, min(n - 3, round(PROMPT_SHARE * (n - 2))))
             f.write(json.dumps({"prompt": text[:cut], "response": text[cut:]}) + "\n")
-    return {"samples": SAMPLES, "mean_tokens": float(lengths.mean()), "median_tokens": float(np.median(lengths)),
-            "p90_tokens": float(np.percentile(lengths, 90)), "max_tokens": int(lengths.max()),
-            "seq_len": SEQ_LEN, "prompt_share": PROMPT_SHARE}
+    return {
+        "samples": SAMPLES,
+        "mean_tokens": float(lengths.mean()),
+        "median_tokens": float(np.median(lengths)),
+        "p90_tokens": float(np.percentile(lengths, 90)),
+        "max_tokens": int(lengths.max()),
+        "seq_len": SEQ_LEN,
+        "prompt_share": PROMPT_SHARE,
+    }
 
 
 def _args(data: str, packing: bool, steps: int) -> list[str]:
-    return [*MODEL, "--data.format=sft", f"--data.path={data}", f"--data.seq_len={SEQ_LEN}",
-            f"--data.local_batch_size={BATCH}", f"--data.packing={str(packing).lower()}", f"--training.steps={steps}",
-            "--eval.interval=0", "--eval.steps=1", f"--metrics.log_freq={FIRST}", "--metrics.progress=false",
-            "--lr_scheduler.warmup_steps=2"]
+    return [
+        *MODEL,
+        "--data.format=sft",
+        f"--data.path={data}",
+        f"--data.seq_len={SEQ_LEN}",
+        f"--data.local_batch_size={BATCH}",
+        f"--data.packing={str(packing).lower()}",
+        f"--training.steps={steps}",
+        "--eval.interval=0",
+        "--eval.steps=1",
+        f"--metrics.log_freq={FIRST}",
+        "--metrics.progress=false",
+        "--lr_scheduler.warmup_steps=2",
+    ]
 
 
 def labelled_tokens(args: list[str], steps: int) -> tuple[int, int]:
@@ -76,17 +92,28 @@ def labelled_tokens(args: list[str], steps: int) -> tuple[int, int]:
 def run(data: str, packing: bool, steps: int, folder: str) -> dict:
     args = _args(data, packing, steps)
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-m", "leantrain", "train", *args, f"--job.dump_folder={folder}"],
-                          env=env, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "leantrain", "train", *args, f"--job.dump_folder={folder}"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"run failed:\n{proc.stderr[-3000:]}")
     with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as f:
         records = {r["step"]: r for r in map(json.loads, f)}
     seconds = records[steps]["elapsed_s"] - records[FIRST]["elapsed_s"]
     labelled, positions = labelled_tokens(args, steps)
-    return {"packing": packing, "steps_timed": steps - FIRST, "seconds": seconds, "labelled_tokens": labelled,
-            "labelled_tokens_per_sec": labelled / seconds, "input_positions_per_sec": positions / seconds,
-            "labelled_fraction": labelled / positions}
+    return {
+        "packing": packing,
+        "steps_timed": steps - FIRST,
+        "seconds": seconds,
+        "labelled_tokens": labelled,
+        "labelled_tokens_per_sec": labelled / seconds,
+        "input_positions_per_sec": positions / seconds,
+        "labelled_fraction": labelled / positions,
+    }
 
 
 def main() -> None:
@@ -107,14 +134,22 @@ def main() -> None:
                 print(json.dumps(pair[packing]), flush=True)
             runs += [pair[True], pair[False]]
             ratios.append(pair[True]["labelled_tokens_per_sec"] / pair[False]["labelled_tokens_per_sec"])
-    result = {"command": "python benchmarks/packing.py " + " ".join(sys.argv[1:]), "data": lengths,
-              "model": MODEL, "batch": BATCH, "runs": runs, "ratios": ratios,
-              "median_ratio_packed_over_padded": statistics.median(ratios)}
+    result = {
+        "command": "python benchmarks/packing.py " + " ".join(sys.argv[1:]),
+        "data": lengths,
+        "model": MODEL,
+        "batch": BATCH,
+        "runs": runs,
+        "ratios": ratios,
+        "median_ratio_packed_over_padded": statistics.median(ratios),
+    }
     os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     with open(opts.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    print(f"labelled tokens/s, packed / padded: {', '.join(f'{x:.2f}' for x in ratios)} "
-          f"(median {result['median_ratio_packed_over_padded']:.2f}); written to {opts.out}")
+    print(
+        f"labelled tokens/s, packed / padded: {', '.join(f'{x:.2f}' for x in ratios)} "
+        f"(median {result['median_ratio_packed_over_padded']:.2f}); written to {opts.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,20 +29,35 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-RUN = {"data.seq_len": "256", "data.local_batch_size": "4", "training.steps": "3", "eval.steps": "1",
-       "eval.interval": "0", "lr_scheduler.warmup_steps": "0", "optimizer.in_backward": "true",
-       "training.max_norm": "1.0", "activation_checkpoint.mode": "none", "compile.enable": "false",
-       "metrics.log_freq": "1"}
-MODELS = {"260M": {"model.flavor": "1B", "model.n_layers": "4", "model.vocab_size": "8192"},
-          "debug": {"model.flavor": "debug"}}
+RUN = {
+    "data.seq_len": "256",
+    "data.local_batch_size": "4",
+    "training.steps": "3",
+    "eval.steps": "1",
+    "eval.interval": "0",
+    "lr_scheduler.warmup_steps": "0",
+    "optimizer.in_backward": "true",
+    "training.max_norm": "1.0",
+    "activation_checkpoint.mode": "none",
+    "compile.enable": "false",
+    "metrics.log_freq": "1",
+}
+MODELS = {
+    "260M": {"model.flavor": "1B", "model.n_layers": "4", "model.vocab_size": "8192"},
+    "debug": {"model.flavor": "debug"},
+}
 
 
 def measured_peak(overrides: dict) -> dict:
     folder = tempfile.mkdtemp()
     args = [f"--{k}={v}" for k, v in overrides.items()]
-    subprocess.run([sys.executable, "-m", "leantrain", "train", "--metrics.progress=false",
-                    f"--job.dump_folder={folder}", *args], check=True, cwd=ROOT, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": ROOT})
+    subprocess.run(
+        [sys.executable, "-m", "leantrain", "train", "--metrics.progress=false", f"--job.dump_folder={folder}", *args],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     with open(os.path.join(folder, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(folder, "metrics.jsonl")) as f:  # the peak while training, before the final save
@@ -76,8 +91,15 @@ def phases(recipe: str) -> None:
     from leantrain.train import build_run
 
     rows.append(("imports", *_rss_mib()))
-    overrides = {**RUN, **MODELS["260M"], "recipe": recipe, "data.seq_len": "32", "data.local_batch_size": "1",
-                 "metrics.progress": "false", "job.dump_folder": tempfile.mkdtemp()}
+    overrides = {
+        **RUN,
+        **MODELS["260M"],
+        "recipe": recipe,
+        "data.seq_len": "32",
+        "data.local_batch_size": "1",
+        "metrics.progress": "false",
+        "job.dump_folder": tempfile.mkdtemp(),
+    }
     run = build_run(resolve(load_config(None, overrides)))
     rows.append(("built", *_rss_mib()))
     for i in range(3):
@@ -94,8 +116,14 @@ def breakdown(recipe: str) -> None:
     print("|---|---:|---:|---:|---:|")
     out = []
     for env in ({}, {"MALLOC_MMAP_THRESHOLD_": "131072"}):
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--phases", "--recipe", recipe], check=True,
-                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, **env})
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--phases", "--recipe", recipe],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": ROOT, **env},
+        )
         out.append([json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")])
     for a, b in zip(*out):
         print(f"| {a['phase']} | {a['rss_mib']} | {a['hwm_mib']} | {b['rss_mib']} | {b['hwm_mib']} |")
@@ -109,18 +137,36 @@ def gpu(args) -> None:
 
     gib, free = 2**30, torch.cuda.mem_get_info()[1]
     for flavor in ("8B", "1B"):
-        overrides = {**RUN, "model.flavor": flavor, "data.seq_len": "2048", "data.local_batch_size": "1",
-                     "activation_checkpoint.mode": "full", "compile.enable": "true", "recipe": args.recipe}
+        overrides = {
+            **RUN,
+            "model.flavor": flavor,
+            "data.seq_len": "2048",
+            "data.local_batch_size": "1",
+            "activation_checkpoint.mode": "full",
+            "compile.enable": "true",
+            "recipe": args.recipe,
+        }
         planned = planned_total(overrides, args.recipe, checkpointed=True)
         if planned < 0.9 * free:
             break
     measured = measured_peak(overrides)["training_peak_rss_bytes"]
-    print(f"{args.recipe} + in_backward on {torch.cuda.get_device_name()}, llama3 {flavor}, seq 2048, batch 1, AC full: "
-          f"peak allocated {measured / gib:.2f} GiB, planned {planned / gib:.2f} GiB, ratio {measured / planned:.3f}")
+    print(
+        f"{args.recipe} + in_backward on {torch.cuda.get_device_name()}, llama3 {flavor}, seq 2048, batch 1, AC full: "
+        f"peak allocated {measured / gib:.2f} GiB, planned {planned / gib:.2f} GiB, ratio {measured / planned:.3f}"
+    )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"recipe": args.recipe, "flavor": flavor, "measured_bytes": measured, "planned_bytes": planned,
-                       "ratio": measured / planned}, f, indent=1)
+            json.dump(
+                {
+                    "recipe": args.recipe,
+                    "flavor": flavor,
+                    "measured_bytes": measured,
+                    "planned_bytes": planned,
+                    "ratio": measured / planned,
+                },
+                f,
+                indent=1,
+            )
 
 
 def main() -> None:
@@ -128,8 +174,11 @@ def main() -> None:
     ap.add_argument("--recipe", default="bf16-factored-no-m")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default="")
-    ap.add_argument("--breakdown", action="store_true",
-                    help="instead: where the 260M run's memory goes, phase by phase, at seq 32 (activations negligible)")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="instead: where the 260M run's memory goes, phase by phase, at seq 32 (activations negligible)",
+    )
     ap.add_argument("--phases", action="store_true", help=argparse.SUPPRESS)  # --breakdown's child process
     args = ap.parse_args()
     if args.phases:
@@ -143,24 +192,41 @@ def main() -> None:
     for name, model in MODELS.items():
         overrides = {**RUN, **model, "recipe": args.recipe}
         summary = measured_peak(overrides)
-        rows[name] = {"num_params": summary["num_params"], "peak_rss_bytes": summary["training_peak_rss_bytes"],
-                      "peak_rss_bytes_with_final_save": summary["peak_memory_bytes"],
-                      "planned_total_bytes": planned_total(overrides, args.recipe),
-                      "state_bytes_per_param": summary["state_bytes_per_param"]}
+        rows[name] = {
+            "num_params": summary["num_params"],
+            "peak_rss_bytes": summary["training_peak_rss_bytes"],
+            "peak_rss_bytes_with_final_save": summary["peak_memory_bytes"],
+            "planned_total_bytes": planned_total(overrides, args.recipe),
+            "state_bytes_per_param": summary["state_bytes_per_param"],
+        }
     measured = rows["260M"]["peak_rss_bytes"] - rows["debug"]["peak_rss_bytes"]
     planned = rows["260M"]["planned_total_bytes"] - rows["debug"]["planned_total_bytes"]
     print(f"recipe {args.recipe} + in_backward, max_norm 1.0, seq 256, batch 4, AC none\n")
     print("| model | parameters | peak RSS while training (MiB) | with the final save (MiB) | planned total (MiB) |")
     print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['num_params']:,} | {r['peak_rss_bytes'] / mib:.0f} | "
-              f"{r['peak_rss_bytes_with_final_save'] / mib:.0f} | {r['planned_total_bytes'] / mib:.0f} |")
-    print(f"\nmeasured (260M - debug): {measured / mib:.0f} MiB; planned: {planned / mib:.0f} MiB; "
-          f"measured / planned = {measured / planned:.3f}")
+        print(
+            f"| {name} | {r['num_params']:,} | {r['peak_rss_bytes'] / mib:.0f} | "
+            f"{r['peak_rss_bytes_with_final_save'] / mib:.0f} | {r['planned_total_bytes'] / mib:.0f} |"
+        )
+    print(
+        f"\nmeasured (260M - debug): {measured / mib:.0f} MiB; planned: {planned / mib:.0f} MiB; "
+        f"measured / planned = {measured / planned:.3f}"
+    )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"recipe": args.recipe, "run": RUN, "rows": rows, "measured_bytes": measured,
-                       "planned_bytes": planned, "ratio": measured / planned}, f, indent=1)
+            json.dump(
+                {
+                    "recipe": args.recipe,
+                    "run": RUN,
+                    "rows": rows,
+                    "measured_bytes": measured,
+                    "planned_bytes": planned,
+                    "ratio": measured / planned,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

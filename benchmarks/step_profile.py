@@ -66,10 +66,22 @@ def main() -> None:
     torch.Tensor.backward = _marked(torch.Tensor.backward, "backward")
     train_module.train_step = profiled_step
     folder = tempfile.mkdtemp()
-    cfg = load_config(None, {"recipe": args.recipe, "model.flavor": "small", "data.seq_len": "256",
-                             "data.local_batch_size": "8", "training.steps": str(args.steps), "metrics.log_freq": "5",
-                             "eval.interval": "0", "eval.steps": "1", "metrics.progress": "false",
-                             "job.dump_folder": folder, "compile.enable": args.compile})
+    cfg = load_config(
+        None,
+        {
+            "recipe": args.recipe,
+            "model.flavor": "small",
+            "data.seq_len": "256",
+            "data.local_batch_size": "8",
+            "training.steps": str(args.steps),
+            "metrics.log_freq": "5",
+            "eval.interval": "0",
+            "eval.steps": "1",
+            "metrics.progress": "false",
+            "job.dump_folder": folder,
+            "compile.enable": args.compile,
+        },
+    )
     plan = resolve(cfg)
     build_run = train_module.build_run
 
@@ -82,12 +94,19 @@ def main() -> None:
     train_module.train(plan)
     events = prof.key_averages()
     total = next(e for e in events if e.key == "step").cpu_time_total
-    rows = [{"name": name, "share": next(e.cpu_time_total for e in events if e.key == name) / total}
-            for name in PHASES[:-1] if any(e.key == name for e in events)]
+    rows = [
+        {"name": name, "share": next(e.cpu_time_total for e in events if e.key == name) / total}
+        for name in PHASES[:-1]
+        if any(e.key == name for e in events)
+    ]
     rows.append({"name": "rest (data to device, guard, meter, logging)", "share": 1 - sum(r["share"] for r in rows)})
     ops = sorted((e for e in events if e.key not in PHASES), key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
-    lines = [f"recipe {args.recipe}, compile.enable={args.compile}: one step {total / 4 / 1e3:.0f} ms (4 steps)", "",
-             "| phase | share of the step |", "|---|---|"]
+    lines = [
+        f"recipe {args.recipe}, compile.enable={args.compile}: one step {total / 4 / 1e3:.0f} ms (4 steps)",
+        "",
+        "| phase | share of the step |",
+        "|---|---|",
+    ]
     lines += [f"| {r['name']} | {100 * r['share']:.1f}% |" for r in rows]
     lines += ["", "| op | self time share |", "|---|---|"]
     lines += [f"| {e.key} | {100 * e.self_cpu_time_total / total:.1f}% |" for e in ops]

@@ -1,6 +1,7 @@
 """Training throughput of leantrain vs a hand-written PyTorch loop vs Lightning Fabric, same model and data.
 
-    python benchmarks/throughput.py --repeats 5 --steps 20 --recipes fp32,bf16-mixed,bf16,bf16-sr --out benchmarks/results/throughput.json
+    python benchmarks/throughput.py --repeats 5 --steps 20 --recipes fp32,bf16-mixed,bf16,bf16-sr \
+        --out benchmarks/results/throughput.json
 
 For each precision (fp32, bf16-mixed, bf16; and leantrain's default bf16-sr, whose hand and fabric
 counterparts are their plain bf16 runs) three implementations train the `small` Llama (seq 256,
@@ -101,11 +102,23 @@ def run_leantrain(recipe: str, steps: int, compile: str = "auto") -> list[float]
     from leantrain.train import train
 
     folder = tempfile.mkdtemp()
-    cfg = load_config(None, {"recipe": recipe, "model.flavor": "small", "data.seq_len": str(SEQ),
-                             "data.local_batch_size": str(BATCH), "training.steps": str(steps),
-                             "metrics.log_freq": "5", "eval.interval": "0", "eval.steps": "1",
-                             "metrics.progress": "false", "lr_scheduler.warmup_steps": "0",
-                             "job.dump_folder": folder, "compile.enable": compile})
+    cfg = load_config(
+        None,
+        {
+            "recipe": recipe,
+            "model.flavor": "small",
+            "data.seq_len": str(SEQ),
+            "data.local_batch_size": str(BATCH),
+            "training.steps": str(steps),
+            "metrics.log_freq": "5",
+            "eval.interval": "0",
+            "eval.steps": "1",
+            "metrics.progress": "false",
+            "lr_scheduler.warmup_steps": "0",
+            "job.dump_folder": folder,
+            "compile.enable": compile,
+        },
+    )
     train(resolve(cfg))
     # tokens_per_sec of a record covers the steps since the previous one (logging and the lost-update meter
     # included, as in a real run; the final eval runs after the last interval is timed). The first record
@@ -131,8 +144,17 @@ def worker(impl: str, recipe: str, steps: int, compile: str) -> None:
     else:
         times = {"hand": run_hand, "fabric": run_fabric}[impl](recipe, steps)
     step = statistics.median(times[WARMUP:])
-    print(json.dumps({"impl": impl, "recipe": recipe, "step_s": step, "tokens_per_sec": SEQ * BATCH / step,
-                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(
+        json.dumps(
+            {
+                "impl": impl,
+                "recipe": recipe,
+                "step_s": step,
+                "tokens_per_sec": SEQ * BATCH / step,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -142,8 +164,12 @@ def main() -> None:
     ap.add_argument("--recipes", default="fp32,bf16-mixed,bf16")
     ap.add_argument("--impls", default="hand,leantrain,fabric")
     ap.add_argument("--out", default="")
-    ap.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
-                    help="leantrain's compile.enable (default auto, leantrain's default: compiled where a compiler works)")
+    ap.add_argument(
+        "--compile",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="leantrain's compile.enable (default auto, leantrain's default: compiled where a compiler works)",
+    )
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "RECIPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -151,18 +177,27 @@ def main() -> None:
         worker(*args.worker, args.steps, args.compile)
         return
     # each implementation's run of each recipe (the peers run a leantrain-only recipe's PEER), once
-    combos = [(i, r if i == "leantrain" else PEER.get(r, r)) for r in args.recipes.split(",")
-              for i in args.impls.split(",")]
+    combos = [
+        (i, r if i == "leantrain" else PEER.get(r, r)) for r in args.recipes.split(",") for i in args.impls.split(",")
+    ]
     combos = list(dict.fromkeys(c for c in combos if not c[0].startswith("plain") or c[1] in ("fp32", "bf16")))
     runs: dict[tuple[str, str], list[dict]] = {c: [] for c in combos}
     for rep in range(args.repeats):
         for impl, recipe in combos:
-            out = subprocess.run([sys.executable, __file__, "--worker", impl, recipe, "--steps", str(args.steps)]
-                                 + ["--compile", args.compile],
-                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", impl, recipe, "--steps", str(args.steps)]
+                + ["--compile", args.compile],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+            )
             runs[(impl, recipe)].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"repeat {rep}: {impl:9s} {recipe:10s} {runs[(impl, recipe)][-1]['tokens_per_sec']:.0f} tok/s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"repeat {rep}: {impl:9s} {recipe:10s} {runs[(impl, recipe)][-1]['tokens_per_sec']:.0f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def key(impl, recipe):
         return (impl, recipe if impl == "leantrain" else PEER.get(recipe, recipe))
@@ -171,35 +206,51 @@ def main() -> None:
         return statistics.median(r[k] for r in runs[key(impl, recipe)])
 
     def ratio(a, b):  # within-repeat ratios, then the median
-        return statistics.median(x["tokens_per_sec"] / y["tokens_per_sec"]
-                                 for x, y in zip(runs[key(*a)], runs[key(*b)]))
+        return statistics.median(
+            x["tokens_per_sec"] / y["tokens_per_sec"] for x, y in zip(runs[key(*a)], runs[key(*b)])
+        )
 
     recipes, impls = args.recipes.split(","), args.impls.split(",")
     peers = [i for i in ("hand", "fabric", "plain", "plain-compiled") if i in impls and "leantrain" in impls]
-    lines = ["| precision | " + " | ".join(f"{i} tok/s" for i in impls) + " | "
-             + "".join(f"leantrain / {i} | " for i in peers) + "peak RSS MiB (" + ", ".join(impls) + ") |",
-             "|---" * (len(impls) + len(peers) + 2) + "|"]
+    lines = [
+        "| precision | "
+        + " | ".join(f"{i} tok/s" for i in impls)
+        + " | "
+        + "".join(f"leantrain / {i} | " for i in peers)
+        + "peak RSS MiB ("
+        + ", ".join(impls)
+        + ") |",
+        "|---" * (len(impls) + len(peers) + 2) + "|",
+    ]
     for r in recipes:
         name = f"{r} (peers: {PEER[r]})" if r in PEER and peers else r
-        lines.append(f"| {name} | " + " | ".join(f"{med(i, r):.0f}" if key(i, r) in runs else "-" for i in impls) + " | "
-                     + "".join(f"{ratio(('leantrain', r), (i, r)):.3f} | " if key(i, r) in runs else "- | "
-                               for i in peers)
-                     + ", ".join(f"{med(i, r, 'peak_rss_bytes') / 2**20:.0f}" if key(i, r) in runs else "-"
-                                 for i in impls) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{med(i, r):.0f}" if key(i, r) in runs else "-" for i in impls)
+            + " | "
+            + "".join(f"{ratio(('leantrain', r), (i, r)):.3f} | " if key(i, r) in runs else "- | " for i in peers)
+            + ", ".join(f"{med(i, r, 'peak_rss_bytes') / 2**20:.0f}" if key(i, r) in runs else "-" for i in impls)
+            + " |"
+        )
     if "bf16-sr" in recipes and "bf16" in recipes:
         lines.append("")
-        lines.append(f"leantrain bf16-sr / leantrain bf16: {ratio(('leantrain', 'bf16-sr'), ('leantrain', 'bf16')):.3f}x"
-                     + f" (compile.enable={args.compile})")
+        lines.append(
+            f"leantrain bf16-sr / leantrain bf16: {ratio(('leantrain', 'bf16-sr'), ('leantrain', 'bf16')):.3f}x"
+            + f" (compile.enable={args.compile})"
+        )
     if "fp32" in recipes and "bf16" in recipes and "fabric" in peers:
         lines.append("")
-        lines.append(f"leantrain bf16 / leantrain fp32: {ratio(('leantrain', 'bf16'), ('leantrain', 'fp32')):.2f}x; "
-                     f"leantrain bf16 / fabric bf16-true: {ratio(('leantrain', 'bf16'), ('fabric', 'bf16')):.2f}x")
+        lines.append(
+            f"leantrain bf16 / leantrain fp32: {ratio(('leantrain', 'bf16'), ('leantrain', 'fp32')):.2f}x; "
+            f"leantrain bf16 / fabric bf16-true: {ratio(('leantrain', 'bf16'), ('fabric', 'bf16')):.2f}x"
+        )
     print("\n".join(lines))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "table": lines,
-                       "runs": {f"{i}/{r}": v for (i, r), v in runs.items()}}, f, indent=1)
+            json.dump(
+                {"args": vars(args), "table": lines, "runs": {f"{i}/{r}": v for (i, r), v in runs.items()}}, f, indent=1
+            )
 
 
 if __name__ == "__main__":

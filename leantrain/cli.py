@@ -94,8 +94,9 @@ def _compare(opts: dict[str, Any], overrides: dict[str, str], hooks: Any) -> int
     from .compare import compare, default_out
 
     train_args = [f"--{key}={value}" for key, value in overrides.items()]
-    compare((opts["recipes"] or "fp32,bf16,bf16-sr").split(","), opts["out"] or default_out(), train_args,
-            opts["config"])
+    compare(
+        (opts["recipes"] or "fp32,bf16,bf16-sr").split(","), opts["out"] or default_out(), train_args, opts["config"]
+    )
     return 0
 
 
@@ -114,8 +115,10 @@ def _plan(opts: dict[str, Any], overrides: dict[str, str], hooks: Any) -> int:
     dp_shard = max(1, cfg.parallelism.dp_shard)
     if opts["largest"]:
         if cfg.model.hf_checkpoint:
-            raise ConfigError("plan --largest compares leantrain's Llama 3 flavors (1B, 3B, 8B, 70B); it does not "
-                              "take model.hf_checkpoint. Leave --largest out to plan that model.")
+            raise ConfigError(
+                "plan --largest compares leantrain's Llama 3 flavors (1B, 3B, 8B, 70B); it does not "
+                "take model.hf_checkpoint. Leave --largest out to plan that model."
+            )
         result = largest(cfg, recipes, dp_shard, parse_bytes(opts["gpu-memory"]))
         print(to_json(result) if opts["json"] else format_largest(result))
         return 0
@@ -136,8 +139,10 @@ def _export(opts: dict[str, Any], overrides: dict[str, str], hooks: Any) -> int:
     if not checkpoint_path or not out:
         raise ConfigError("leantrain export needs --checkpoint DIR and --out HF_DIR.")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--out {out} is an existing file; export writes a folder (config.json, safetensors, "
-                          f"tokenizer.json). Name a new or empty folder.")
+        raise ConfigError(
+            f"--out {out} is an existing file; export writes a folder (config.json, safetensors, "
+            f"tokenizer.json). Name a new or empty folder."
+        )
     from .errors import DataError
     from .hf import save_hf
     from .loader import load_checkpoint, load_tokenizer
@@ -149,8 +154,11 @@ def _export(opts: dict[str, Any], overrides: dict[str, str], hooks: Any) -> int:
         warnings.warn(f"The run's tokenizer could not be loaded ({e}); exporting the weights without it.")
         tokenizer = None
     save_hf(model, out, tokenizer=tokenizer)
-    print(f"leantrain: exported {info['path']} (step {info['step']}) to {out} as a Hugging Face "
-          f"{model.args.family} folder.", flush=True)
+    print(
+        f"leantrain: exported {info['path']} (step {info['step']}) to {out} as a Hugging Face "
+        f"{model.args.family} folder.",
+        flush=True,
+    )
     return 0
 
 
@@ -159,8 +167,15 @@ def _generate(opts: dict[str, Any], overrides: dict[str, str], hooks: Any) -> in
         raise ConfigError("leantrain generate needs --prompt TEXT (the text to continue).")
     from .generate import run_generate
 
-    run_generate(opts["checkpoint"], overrides, opts["prompt"], opts["max_new_tokens"], opts["temperature"],
-                 opts["top_p"], opts["seed"])
+    run_generate(
+        opts["checkpoint"],
+        overrides,
+        opts["prompt"],
+        opts["max_new_tokens"],
+        opts["temperature"],
+        opts["top_p"],
+        opts["seed"],
+    )
     return 0
 
 
@@ -173,12 +188,21 @@ def _prepare(opts: dict[str, Any], overrides: dict[str, str], hooks: Any) -> int
     if not opts["out"] or "data.path" not in overrides:
         raise ConfigError(f"leantrain prepare needs --data.path=SRC and --out DIR. {_takes(COMMANDS['prepare'])}")
     if opts["workers"] < 0:
-        raise ConfigError(f"--workers={opts['workers']}: give a positive number of processes (0 or absent: every "
-                          f"core).")
+        raise ConfigError(
+            f"--workers={opts['workers']}: give a positive number of processes (0 or absent: every core)."
+        )
     cfg = load_config(None, overrides)
     shard_tokens = SHARD_TOKENS if opts["shard-tokens"] is None else opts["shard-tokens"]
-    prepare(cfg.data.path, tokenizer_path(cfg), opts["out"], opts["workers"], cfg.data.text_field, shard_tokens,
-            progress_bar=sys.stderr.isatty(), kind=cfg.data.format)
+    prepare(
+        cfg.data.path,
+        tokenizer_path(cfg),
+        opts["out"],
+        opts["workers"],
+        cfg.data.text_field,
+        shard_tokens,
+        progress_bar=sys.stderr.isatty(),
+        kind=cfg.data.format,
+    )
     return 0
 
 
@@ -189,7 +213,8 @@ command line (which wins). --recipe sets a named group of precision keys (config
 {recipes}.
 """
 
-COMPARE_USAGE = """usage: leantrain compare --recipes fp32,bf16,bf16-sr [--out DIR] [--config FILE.toml] [train options ...]
+COMPARE_USAGE = """usage: leantrain compare --recipes fp32,bf16,bf16-sr [--out DIR] [--config FILE.toml]
+                         [train options ...]
 
 Trains the same model from the same initial weights on the same batches under each recipe (each in
 its own process), then writes DIR/<recipe>/ run folders, DIR/summary.json, DIR/report.md (final
@@ -283,8 +308,13 @@ class Command:
 def _takes(command: Command) -> str:
     """'It takes only --a, --b and --section.key.': what a command accepts, for its refusals."""
     names = [f"--{o.name}" for o in command.options] + [f"--{k}" for k in command.keys or ()]
-    return f"It takes only {', '.join(names[:-1])} and {names[-1]}." if len(names) > 1 else \
-        f"It takes only {names[0]}." if names else "It takes no options."
+    return (
+        f"It takes only {', '.join(names[:-1])} and {names[-1]}."
+        if len(names) > 1
+        else f"It takes only {names[0]}."
+        if names
+        else "It takes no options."
+    )
 
 
 _CHECKPOINT, _OUT, _CONFIG = Option("checkpoint"), Option("out"), Option("config")
@@ -305,35 +335,70 @@ def _families_text() -> str:
 COMMANDS: dict[str, Command] = {
     "train": Command(
         "train a model (one process, or every rank under torchrun); resumes from its checkpoints",
-        TRAIN_USAGE, _train, (_CONFIG,)),
+        TRAIN_USAGE,
+        _train,
+        (_CONFIG,),
+    ),
     "compare": Command(
         "train the same model under several precision recipes, same init and batches; a report",
-        COMPARE_USAGE, _compare, (Option("recipes"), _OUT, _CONFIG)),
+        COMPARE_USAGE,
+        _compare,
+        (Option("recipes"), _OUT, _CONFIG),
+    ),
     "plan": Command(
         "will this model and recipe fit in GPU memory? bytes per GPU, counted on the meta device",
-        PLAN_USAGE, _plan, (Option("recipe"), Option("gpu-memory", default="80GiB"), _CONFIG, Option("json", bool),
-                            Option("largest", bool))),
+        PLAN_USAGE,
+        _plan,
+        (
+            Option("recipe"),
+            Option("gpu-memory", default="80GiB"),
+            _CONFIG,
+            Option("json", bool),
+            Option("largest", bool),
+        ),
+    ),
     "eval": Command(
         "loss and perplexity of a run's model or a Hugging Face model on held-out or given data",
-        EVAL_USAGE, _eval, (_CHECKPOINT, _OUT)),
+        EVAL_USAGE,
+        _eval,
+        (_CHECKPOINT, _OUT),
+    ),
     "export": Command(
         "write a run's model and tokenizer as a Hugging Face folder (config.json, safetensors, tokenizer.json)",
-        EXPORT_USAGE, _export, (_CHECKPOINT, _OUT), keys=()),
+        EXPORT_USAGE,
+        _export,
+        (_CHECKPOINT, _OUT),
+        keys=(),
+    ),
     "generate": Command(
         "continue a prompt with a run's model or a Hugging Face model (greedy or sampled, KV cache)",
-        GENERATE_USAGE, _generate, (_CHECKPOINT, Option("prompt"), Option("max_new_tokens", int),
-                                    Option("temperature", float, 0.0), Option("top_p", float, 1.0),
-                                    Option("seed", int, 0))),
+        GENERATE_USAGE,
+        _generate,
+        (
+            _CHECKPOINT,
+            Option("prompt"),
+            Option("max_new_tokens", int),
+            Option("temperature", float, 0.0),
+            Option("top_p", float, 1.0),
+            Option("seed", int, 0),
+        ),
+    ),
     "prepare": Command(
         "tokenize a corpus once, in parallel, into memory-mapped shards that train reads at any size",
-        PREPARE_USAGE, _prepare, (_OUT, Option("workers", int, 0), Option("shard-tokens", int)),
-        keys=("data.path", "data.format", "data.text_field", "tokenizer.path", "model.hf_checkpoint")),
+        PREPARE_USAGE,
+        _prepare,
+        (_OUT, Option("workers", int, 0), Option("shard-tokens", int)),
+        keys=("data.path", "data.format", "data.text_field", "tokenizer.path", "model.hf_checkpoint"),
+    ),
 }
 
-TOP_USAGE = ("usage: leantrain COMMAND [options]   (leantrain COMMAND --help for its options)\n\n"
-             "Memory-lean precision training for Llama-style models: full bfloat16 that converges like fp32.\n\n"
-             "commands:\n" + "\n".join(f"  {name:<9} {c.summary}" for name, c in COMMANDS.items()) +
-             "\n\n  --version  the installed version")
+TOP_USAGE = (
+    "usage: leantrain COMMAND [options]   (leantrain COMMAND --help for its options)\n\n"
+    "Memory-lean precision training for Llama-style models: full bfloat16 that converges like fp32.\n\n"
+    "commands:\n"
+    + "\n".join(f"  {name:<9} {c.summary}" for name, c in COMMANDS.items())
+    + "\n\n  --version  the installed version"
+)
 
 
 def _check_keys(name: str, command: Command, overrides: dict[str, str]) -> None:

@@ -27,25 +27,34 @@ def _gap(value: float | None, base: float | None) -> float | None:
 def report_table(summaries: list[dict[str, Any]]) -> str:
     """The markdown table of report.md: gaps are to the first recipe's eval loss."""
     base = summaries[0].get("final_eval_loss")
-    lines = [f"| recipe | final train loss | eval loss | eval gap to {summaries[0]['recipe']} | bytes/param | "
-             "tokens/s | peak memory (MiB) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| recipe | final train loss | eval loss | eval gap to {summaries[0]['recipe']} | bytes/param | "
+        "tokens/s | peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in summaries:
         gap = _gap(s.get("final_eval_loss"), base)
-        lines.append(f"| {s['recipe']} | {s['final_loss']:.4f} | {s['final_eval_loss']:.4f} | "
-                     f"{'' if gap is None else f'{gap:+.2f}%'} | {s['state_bytes_per_param']:.2f} | "
-                     f"{s['tokens_per_sec']:.0f} | {s['peak_memory_bytes'] / 2**20:.0f} |")
+        lines.append(
+            f"| {s['recipe']} | {s['final_loss']:.4f} | {s['final_eval_loss']:.4f} | "
+            f"{'' if gap is None else f'{gap:+.2f}%'} | {s['state_bytes_per_param']:.2f} | "
+            f"{s['tokens_per_sec']:.0f} | {s['peak_memory_bytes'] / 2**20:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def compare(recipes: list[str], out: str, train_args: list[str], config_path: str | None = None) -> list[dict]:
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown or not recipes:
-        raise ConfigError(f"--recipes has {', '.join(unknown) or 'no recipe'}; allowed: {', '.join(RECIPES)} "
-                          f"(comma-separated, the first is the baseline of the gaps).")
+        raise ConfigError(
+            f"--recipes has {', '.join(unknown) or 'no recipe'}; allowed: {', '.join(RECIPES)} "
+            f"(comma-separated, the first is the baseline of the gaps)."
+        )
     repeated = sorted({r for r in recipes if recipes.count(r) > 1})
     if repeated:
-        raise ConfigError(f"--recipes names {', '.join(repeated)} more than once; each recipe trains once, into its "
-                          f"own folder under --out. List each recipe once.")
+        raise ConfigError(
+            f"--recipes names {', '.join(repeated)} more than once; each recipe trains once, into its "
+            f"own folder under --out. List each recipe once."
+        )
     if any(a.startswith("--recipe") for a in train_args):
         raise ConfigError("compare runs the recipes of --recipes; leave --recipe out of its train options.")
     # Validate every recipe's config before any run starts (a contradiction should not surface at run 3).
@@ -55,20 +64,33 @@ def compare(recipes: list[str], out: str, train_args: list[str], config_path: st
         check_model_and_tokenizer(cfg)
         earlier = os.path.join(out, r, "metrics.jsonl")
         if not cfg.checkpoint.enable and os.path.exists(earlier):  # without checkpoints a run appends to it
-            raise ConfigError(f"--out {out} already holds a run of recipe {r} ({earlier}); a new comparison there "
-                              f"would mix its curves with that run's. Choose another --out or remove {out} (or "
-                              f"pass --checkpoint.enable=true, which resumes runs from their checkpoints).")
+            raise ConfigError(
+                f"--out {out} already holds a run of recipe {r} ({earlier}); a new comparison there "
+                f"would mix its curves with that run's. Choose another --out or remove {out} (or "
+                f"pass --checkpoint.enable=true, which resumes runs from their checkpoints)."
+            )
     os.makedirs(out, exist_ok=True)
     steps = load_config(config_path, {**overrides, "recipe": recipes[0]}).training.steps
 
     summaries, curves = [], {}
     for r in recipes:
         folder = os.path.join(out, r)
-        cmd = [sys.executable, "-m", "leantrain", "train", f"--recipe={r}", f"--job.dump_folder={folder}",
-               *(["--config", config_path] if config_path else []), *train_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "leantrain",
+            "train",
+            f"--recipe={r}",
+            f"--job.dump_folder={folder}",
+            *(["--config", config_path] if config_path else []),
+            *train_args,
+        ]
         finished = _finished(folder, steps)  # (without checkpoints such an --out was refused above)
-        print(f"leantrain compare: recipe {r} ({recipes.index(r) + 1}/{len(recipes)})"
-              f"{': finished in an earlier comparison, its results are used' if finished else ''}", flush=True)
+        print(
+            f"leantrain compare: recipe {r} ({recipes.index(r) + 1}/{len(recipes)})"
+            f"{': finished in an earlier comparison, its results are used' if finished else ''}",
+            flush=True,
+        )
         proc = subprocess.run(cmd) if not finished else None
         if proc is not None and proc.returncode != 0:
             raise SystemExit(proc.returncode)
@@ -80,11 +102,14 @@ def compare(recipes: list[str], out: str, train_args: list[str], config_path: st
     cfg = load_config(config_path, {**overrides, "recipe": recipes[0], "job.dump_folder": out})
     command = "leantrain compare --recipes " + ",".join(recipes) + f" --out {out} " + " ".join(train_args)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(f"# leantrain compare: llama3 {cfg.model.flavor}, {cfg.training.steps} steps, "
-                f"peak lr {cfg.optimizer.lr}, seed {cfg.job.seed}\n\n")
+        f.write(
+            f"# leantrain compare: llama3 {cfg.model.flavor}, {cfg.training.steps} steps, "
+            f"peak lr {cfg.optimizer.lr}, seed {cfg.job.seed}\n\n"
+        )
         f.write(f"Command: `{command.strip()}`\n\n{table}\n\n![loss curves](loss.png)\n")
-    plot_losses(curves, os.path.join(out, "loss.png"),
-                title=f"llama3 {cfg.model.flavor}: same init and batches, per recipe")
+    plot_losses(
+        curves, os.path.join(out, "loss.png"), title=f"llama3 {cfg.model.flavor}: same init and batches, per recipe"
+    )
     print(table, flush=True)
     print(f"leantrain compare: report in {os.path.join(out, 'report.md')}", flush=True)
     return summaries

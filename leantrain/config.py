@@ -266,9 +266,14 @@ class Config:
 
 # A recipe is only a named set of config values; `--recipe NAME` and these keys give the same run. Every recipe
 # sets the same keys: the full-bf16 base, with what the recipe changes.
-_BF16_BASE: dict[str, object] = {"training.dtype": "bfloat16", "training.mixed_precision_param": "bfloat16",
-                                 "optimizer.name": "AdamW", "optimizer.state_dtype": "auto", "optimizer.compensation": "none",
-                                 "optimizer.moments_rounding": "auto"}
+_BF16_BASE: dict[str, object] = {
+    "training.dtype": "bfloat16",
+    "training.mixed_precision_param": "bfloat16",
+    "optimizer.name": "AdamW",
+    "optimizer.state_dtype": "auto",
+    "optimizer.compensation": "none",
+    "optimizer.moments_rounding": "auto",
+}
 _RECIPE_CHANGES: dict[str, dict[str, object]] = {
     "fp32": {"training.dtype": "float32", "training.mixed_precision_param": "float32"},
     "bf16-mixed": {"training.dtype": "float32"},
@@ -280,13 +285,22 @@ _RECIPE_CHANGES: dict[str, dict[str, object]] = {
     "bf16-int4": {"optimizer.state_dtype": "int4", "optimizer.compensation": "stochastic"},
     "bf16-int4-int8": {"optimizer.state_dtype": "int4-int8", "optimizer.compensation": "stochastic"},
     # FactoredAdamW: m in the named format, v factored for the blocks' matrices and int8 for every other tensor
-    "bf16-int8-factored": {"optimizer.name": "FactoredAdamW", "optimizer.state_dtype": "int8",
-                           "optimizer.compensation": "stochastic"},
-    "bf16-int4-int8-factored": {"optimizer.name": "FactoredAdamW", "optimizer.state_dtype": "int4-int8",
-                                "optimizer.compensation": "stochastic"},
+    "bf16-int8-factored": {
+        "optimizer.name": "FactoredAdamW",
+        "optimizer.state_dtype": "int8",
+        "optimizer.compensation": "stochastic",
+    },
+    "bf16-int4-int8-factored": {
+        "optimizer.name": "FactoredAdamW",
+        "optimizer.state_dtype": "int4-int8",
+        "optimizer.compensation": "stochastic",
+    },
     # Adafactor (no m): v factored for the blocks' matrices and int8 for every other tensor, nothing else
-    "bf16-factored-no-m": {"optimizer.name": "Adafactor", "optimizer.state_dtype": "int8",
-                           "optimizer.compensation": "stochastic"},
+    "bf16-factored-no-m": {
+        "optimizer.name": "Adafactor",
+        "optimizer.state_dtype": "int8",
+        "optimizer.compensation": "stochastic",
+    },
 }
 RECIPES: dict[str, dict[str, object]] = {name: {**_BF16_BASE, **changes} for name, changes in _RECIPE_CHANGES.items()}
 
@@ -361,8 +375,9 @@ def _coerce(key: str, value: Any, tp: Any, from_cli: bool) -> Any:
         if not any(value == a and type(value) is type(a) for a in allowed):  # (1 == True: types too)
             hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             extra = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"Config key '{key}' has the value {value!r}, which is not allowed: it must be "
-                              f"{_describe(tp)}.{extra}")
+            raise ConfigError(
+                f"Config key '{key}' has the value {value!r}, which is not allowed: it must be {_describe(tp)}.{extra}"
+            )
         return value
     if origin is tuple:
         if from_cli and isinstance(value, str):
@@ -404,8 +419,10 @@ def _coerce(key: str, value: Any, tp: Any, from_cli: bool) -> Any:
 def _unknown(kind: str, name: str, known: list[str]) -> ConfigError:
     hint = difflib.get_close_matches(name, known, n=1)
     extra = f" Did you mean '{hint[0]}'?" if hint else ""
-    return ConfigError(f"Unknown config {kind} {name!r}.{extra} Known {kind}s: {', '.join(sorted(known))}. "
-                       f"Run 'leantrain train --help' to see every key.")
+    return ConfigError(
+        f"Unknown config {kind} {name!r}.{extra} Known {kind}s: {', '.join(sorted(known))}. "
+        f"Run 'leantrain train --help' to see every key."
+    )
 
 
 def _flatten(raw: dict[str, Any], source: str) -> dict[str, Any]:
@@ -431,8 +448,10 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"Unexpected argument {arg!r}: options look like --section.key=value "
-                              f"(e.g. --training.steps=100). Run with --help to see every key.")
+            raise ConfigError(
+                f"Unexpected argument {arg!r}: options look like --section.key=value "
+                f"(e.g. --training.steps=100). Run with --help to see every key."
+            )
         name, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
@@ -444,8 +463,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def load_config(toml_path: str | None = None, overrides: dict[str, Any] | None = None, *,
-                warn: bool = True) -> Config:
+def load_config(toml_path: str | None = None, overrides: dict[str, Any] | None = None, *, warn: bool = True) -> Config:
     """Defaults <- recipe <- TOML file <- command-line overrides, type-checked and validated, frozen.
     ``warn=False``: no warnings for legal but suspicious settings (a checkpoint's config, warned about when it ran)."""
     flat: dict[str, tuple[Any, bool]] = {}  # key -> (value, from_cli)
@@ -454,8 +472,10 @@ def load_config(toml_path: str | None = None, overrides: dict[str, Any] | None =
             with open(toml_path, "rb") as f:
                 raw = tomllib.load(f)
         except FileNotFoundError:
-            raise ConfigError(f"The config file '{toml_path}' does not exist. Pass --config with the path of a "
-                              f"TOML file, or leave it out to use the defaults.") from None
+            raise ConfigError(
+                f"The config file '{toml_path}' does not exist. Pass --config with the path of a "
+                f"TOML file, or leave it out to use the defaults."
+            ) from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"The config file '{toml_path}' is not valid TOML: {e}.") from None
         except OSError as e:
@@ -479,9 +499,11 @@ def load_config(toml_path: str | None = None, overrides: dict[str, Any] | None =
             raise _unknown("key", key, [f"{section}.{k}" for k in hints])
         value = _coerce(key, value, hints[name], from_cli)
         if recipe_value and key in RECIPES[recipe_value] and RECIPES[recipe_value][key] != value:
-            raise ConfigError(f"The recipe '{recipe_value}' sets {key} = {RECIPES[recipe_value][key]!r}, but "
-                              f"{key} = {value!r} was also given. A recipe is a fixed set of keys: drop --recipe "
-                              f"and set the keys yourself, or drop {key}.")
+            raise ConfigError(
+                f"The recipe '{recipe_value}' sets {key} = {RECIPES[recipe_value][key]!r}, but "
+                f"{key} = {value!r} was also given. A recipe is a fixed set of keys: drop --recipe "
+                f"and set the keys yourself, or drop {key}."
+            )
         values[key] = value
     cfg = dataclasses.replace(_replace(Config(), values), recipe=recipe_value or "")
     validate(cfg, warn=warn)
@@ -498,8 +520,12 @@ def validate(cfg: Config, warn: bool = True) -> None:
     t, o, d, m, s = cfg.training, cfg.optimizer, cfg.data, cfg.model, cfg.lr_scheduler
     _require(t.steps >= 1, "training.steps", t.steps, "at least 1")
     _require(0 <= t.max_norm < math.inf, "training.max_norm", t.max_norm, "0 (no clipping) or a positive number")
-    _require(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps",
-             t.gradient_accumulation_steps, "at least 1")
+    _require(
+        t.gradient_accumulation_steps >= 1,
+        "training.gradient_accumulation_steps",
+        t.gradient_accumulation_steps,
+        "at least 1",
+    )
     if o.in_backward and t.gradient_accumulation_steps > 1:
         raise ConfigError(
             f"optimizer.in_backward=true updates each parameter during the backward, as soon as its gradient of "
@@ -507,9 +533,14 @@ def validate(cfg: Config, warn: bool = True) -> None:
             f"{t.gradient_accumulation_steps}): the first micro-batch's update would be taken before the others' "
             f"gradients exist. Set training.gradient_accumulation_steps=1 and a larger data.local_batch_size (the "
             f"same global batch in one micro-batch; activation_checkpoint.mode=full keeps its activations small), "
-            f"or leave optimizer.in_backward at false.")
-    _require(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", t.max_nonfinite_steps,
-             "at least 1 (1: stop at the first NaN/Inf step)")
+            f"or leave optimizer.in_backward at false."
+        )
+    _require(
+        t.max_nonfinite_steps >= 1,
+        "training.max_nonfinite_steps",
+        t.max_nonfinite_steps,
+        "at least 1 (1: stop at the first NaN/Inf step)",
+    )
     _require(d.seq_len >= 1, "data.seq_len", d.seq_len, "at least 1")
     _require(d.local_batch_size >= 1, "data.local_batch_size", d.local_batch_size, "at least 1")
     _require(0 < o.lr < 3e38, "optimizer.lr", o.lr, "a positive number (below 3e38: the update is float32)")
@@ -522,42 +553,65 @@ def validate(cfg: Config, warn: bool = True) -> None:
     _require(cfg.eval.steps >= 1, "eval.steps", cfg.eval.steps, "at least 1")
     _require(cfg.metrics.log_freq >= 1, "metrics.log_freq", cfg.metrics.log_freq, "at least 1")
     par = cfg.parallelism
-    _require(par.dp_shard == -1 or par.dp_shard >= 1, "parallelism.dp_shard", par.dp_shard,
-             "-1 (every rank dp_replicate leaves) or a positive number of ranks")
-    _require(par.dp_replicate == -1 or par.dp_replicate >= 1, "parallelism.dp_replicate", par.dp_replicate,
-             "-1 (every rank dp_shard leaves) or a positive number of ranks")
+    _require(
+        par.dp_shard == -1 or par.dp_shard >= 1,
+        "parallelism.dp_shard",
+        par.dp_shard,
+        "-1 (every rank dp_replicate leaves) or a positive number of ranks",
+    )
+    _require(
+        par.dp_replicate == -1 or par.dp_replicate >= 1,
+        "parallelism.dp_replicate",
+        par.dp_replicate,
+        "-1 (every rank dp_shard leaves) or a positive number of ranks",
+    )
     if par.dp_shard == par.dp_replicate == -1:
-        raise ConfigError("parallelism.dp_shard and parallelism.dp_replicate are both -1 ('every rank the other "
-                          "leaves'); set one of them to a number, e.g. parallelism.dp_replicate=1.")
+        raise ConfigError(
+            "parallelism.dp_shard and parallelism.dp_replicate are both -1 ('every rank the other "
+            "leaves'); set one of them to a number, e.g. parallelism.dp_replicate=1."
+        )
     c = cfg.checkpoint
     _require(c.interval >= 1, "checkpoint.interval", c.interval, "at least 1")
     _require(c.keep_latest_k >= 0, "checkpoint.keep_latest_k", c.keep_latest_k, "0 (keep all) or positive")
     _require(bool(c.folder.strip()), "checkpoint.folder", c.folder, "a folder name (relative to job.dump_folder)")
     fields = {"sft": "'prompt' and 'response' fields", "chat": "a 'messages' list"}
     if d.format in fields and (d.path == "builtin" or d.path.lower().endswith(".txt")):
-        raise ConfigError(f"data.format='{d.format}' reads .jsonl or .parquet files with {fields[d.format]}, but "
-                          f"data.path is {d.path!r}. Point data.path at such a file (or a folder of them), "
-                          f"or use data.format='text'.")
+        raise ConfigError(
+            f"data.format='{d.format}' reads .jsonl or .parquet files with {fields[d.format]}, but "
+            f"data.path is {d.path!r}. Point data.path at such a file (or a folder of them), "
+            f"or use data.format='text'."
+        )
     if d.mix and d.path != Data.path:
-        raise ConfigError(f"data.mix and data.path are both set (data.path={d.path!r}); a mixture names its prepared "
-                          "folders in data.mix. Set one of them.")
+        raise ConfigError(
+            f"data.mix and data.path are both set (data.path={d.path!r}); a mixture names its prepared "
+            "folders in data.mix. Set one of them."
+        )
     if d.mix and d.format != "text":
         raise ConfigError(f"data.mix mixes prepared text corpora, but data.format={d.format!r}. Use data.format=text.")
     _require(bool(d.text_field), "data.text_field", d.text_field, "the name of a .jsonl field or .parquet column")
     if d.format == "text" and not d.packing:
-        raise ConfigError("data.packing=false applies to data.format='sft' or 'chat' (one sample per padded row); "
-                          "text data is always cut into full seq_len windows. Leave data.packing at true.")
+        raise ConfigError(
+            "data.packing=false applies to data.format='sft' or 'chat' (one sample per padded row); "
+            "text data is always cut into full seq_len windows. Leave data.packing at true."
+        )
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         _require(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "0 (the flavor's) or positive")
     _require(0 <= m.rope_theta < math.inf, "model.rope_theta", m.rope_theta, "0 (the flavor's) or a positive number")
     _require(0 <= m.norm_eps < math.inf, "model.norm_eps", m.norm_eps, "0 (the flavor's) or a positive number")
     _require(0 <= cfg.job.seed < 2**63, "job.seed", cfg.job.seed, "an integer from 0 to 2**63 - 1")
-    _require(bool(d.path.strip()), "data.path", d.path, "'builtin', or the path of a .txt / .jsonl file or a folder "
-             "of them (an empty path would read every such file under the current directory)")
+    _require(
+        bool(d.path.strip()),
+        "data.path",
+        d.path,
+        "'builtin', or the path of a .txt / .jsonl file or a folder "
+        "of them (an empty path would read every such file under the current directory)",
+    )
     messages = suspicious_precision_settings(cfg)
     if s.warmup_steps > t.steps:
-        messages.append(f"lr_scheduler.warmup_steps = {s.warmup_steps} is longer than training.steps = {t.steps}: "
-                        f"the learning rate never reaches optimizer.lr = {o.lr}.")
+        messages.append(
+            f"lr_scheduler.warmup_steps = {s.warmup_steps} is longer than training.steps = {t.steps}: "
+            f"the learning rate never reaches optimizer.lr = {o.lr}."
+        )
     for message in messages if warn else []:
         warn_once(message)
 
@@ -572,30 +626,44 @@ def suspicious_precision_settings(cfg: Config, dp_shard: int | None = None) -> l
     if dp_shard is None and cfg.parallelism.dp_shard != -1:
         dp_shard = cfg.parallelism.dp_shard
     if t.mixed_precision_reduce == "bfloat16" and t.dtype == "bfloat16":
-        out.append("training.mixed_precision_reduce=bfloat16 has no effect with training.dtype=bfloat16: full "
-                   "bfloat16 gradients are reduced in bfloat16 anyway. It only chooses the reduce dtype of "
-                   "fp32 parameters under FSDP2.")
+        out.append(
+            "training.mixed_precision_reduce=bfloat16 has no effect with training.dtype=bfloat16: full "
+            "bfloat16 gradients are reduced in bfloat16 anyway. It only chooses the reduce dtype of "
+            "fp32 parameters under FSDP2."
+        )
     elif t.mixed_precision_reduce == "bfloat16" and dp_shard == 1:
-        out.append("training.mixed_precision_reduce=bfloat16 has no effect without FSDP2 (parallelism.dp_shard "
-                   "is 1): one device does not reduce gradients, and DDP reduces them in their own dtype.")
+        out.append(
+            "training.mixed_precision_reduce=bfloat16 has no effect without FSDP2 (parallelism.dp_shard "
+            "is 1): one device does not reduce gradients, and DDP reduces them in their own dtype."
+        )
     if t.dtype == "bfloat16" and t.mixed_precision_param == "float32":
-        out.append("training.dtype=bfloat16 with training.mixed_precision_param=float32: parameters are stored in "
-                   "bfloat16, so the forward and backward run in bfloat16 anyway; mixed_precision_param only "
-                   "chooses the compute dtype when training.dtype=float32. Set training.dtype=float32 for fp32 "
-                   "compute, or leave mixed_precision_param at bfloat16.")
+        out.append(
+            "training.dtype=bfloat16 with training.mixed_precision_param=float32: parameters are stored in "
+            "bfloat16, so the forward and backward run in bfloat16 anyway; mixed_precision_param only "
+            "chooses the compute dtype when training.dtype=float32. Set training.dtype=float32 for fp32 "
+            "compute, or leave mixed_precision_param at bfloat16."
+        )
     if t.dtype == "float32" and t.mixed_precision_param == "bfloat16" and recipe_of(cfg) != "bf16-mixed":
-        out.append("training.dtype=float32 stores fp32 weights, but training.mixed_precision_param=bfloat16 (its "
-                   "default) makes the forward and backward compute in bfloat16 (as recipe bf16-mixed does). For "
-                   "fp32 compute set training.mixed_precision_param=float32, or use --recipe fp32.")
+        out.append(
+            "training.dtype=float32 stores fp32 weights, but training.mixed_precision_param=bfloat16 (its "
+            "default) makes the forward and backward compute in bfloat16 (as recipe bf16-mixed does). For "
+            "fp32 compute set training.mixed_precision_param=float32, or use --recipe fp32."
+        )
     if t.dtype == "float32" and o.compensation != "none":
-        out.append(f"optimizer.compensation={o.compensation} has no effect with training.dtype=float32: "
-                   "compensation only protects bfloat16 weights from rounding. Set it to 'none'.")
+        out.append(
+            f"optimizer.compensation={o.compensation} has no effect with training.dtype=float32: "
+            "compensation only protects bfloat16 weights from rounding. Set it to 'none'."
+        )
     if t.dtype == "float32" and o.state_dtype == "bfloat16":
-        out.append("optimizer.state_dtype=bfloat16 with training.dtype=float32 stores the Adam moments in less "
-                   "precision than the weights; this saves 4 bytes/param but is not a recipe we measure.")
+        out.append(
+            "optimizer.state_dtype=bfloat16 with training.dtype=float32 stores the Adam moments in less "
+            "precision than the weights; this saves 4 bytes/param but is not a recipe we measure."
+        )
     if t.release_clipping != "per_tensor" and not (o.in_backward and t.max_norm > 0):
-        out.append(f"training.release_clipping={t.release_clipping} has no effect: it is how gradient release clips, "
-                   "and this run clips exactly (optimizer.in_backward=false) or not at all (training.max_norm=0).")
+        out.append(
+            f"training.release_clipping={t.release_clipping} has no effect: it is how gradient release clips, "
+            "and this run clips exactly (optimizer.in_backward=false) or not at all (training.max_norm=0)."
+        )
     return out
 
 
@@ -608,10 +676,12 @@ def data_parallel_degrees(cfg: Config, world_size: int) -> tuple[int, int]:
     if shard == -1:
         shard = world_size // replicate if world_size % replicate == 0 else 0
     if replicate * shard != world_size:
-        raise ConfigError(f"parallelism.dp_replicate = {par.dp_replicate} and parallelism.dp_shard = {par.dp_shard} "
-                          f"do not fit the {world_size} process(es) of this run: dp_replicate * dp_shard must equal "
-                          f"the world size (-1 takes every rank the other leaves). Launch with torchrun "
-                          f"--nproc_per_node=N (N = dp_replicate * dp_shard per node), or change the degrees.")
+        raise ConfigError(
+            f"parallelism.dp_replicate = {par.dp_replicate} and parallelism.dp_shard = {par.dp_shard} "
+            f"do not fit the {world_size} process(es) of this run: dp_replicate * dp_shard must equal "
+            f"the world size (-1 takes every rank the other leaves). Launch with torchrun "
+            f"--nproc_per_node=N (N = dp_replicate * dp_shard per node), or change the degrees."
+        )
     return replicate, shard
 
 
@@ -666,4 +736,3 @@ def help_text() -> str:
     out.append("--recipe NAME")
     out.append(textwrap.indent(textwrap.fill(field_docs(Config)["recipe"], 92), "      "))
     return "\n".join(out)
-

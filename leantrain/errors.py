@@ -50,7 +50,9 @@ class StorageError(UserError):
 def storage_error(what: str, path: object, error: BaseException) -> StorageError:
     """One paragraph for a failed write: what, where, the system's reason, and what was kept."""
     reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-    return StorageError(f"Writing {what} ({path}) failed: {reason}. The run stopped here; what it saved before "
-                        f"(earlier checkpoints, metrics.jsonl up to its last complete line) is intact. Free space or "
-                        f"fix the folder's permissions, then run the same command again (with checkpoint.enable it "
-                        f"resumes from the latest complete checkpoint).")
+    return StorageError(
+        f"Writing {what} ({path}) failed: {reason}. The run stopped here; what it saved before "
+        f"(earlier checkpoints, metrics.jsonl up to its last complete line) is intact. Free space or "
+        f"fix the folder's permissions, then run the same command again (with checkpoint.enable it "
+        f"resumes from the latest complete checkpoint)."
+    )

@@ -6,8 +6,8 @@ checkpoint run's data.path (or of the default data for an HF model), the split t
 Every batch of it is used unless ``--eval.steps=N`` is given on the command line (then the first N).
 
 The loss is the mean over every predicted token (SFT: every response token; chat: every assistant token),
-not a mean of batch means, and the perplexity is exp of it. Both are printed and written as JSON to ``--out FILE``, or to
-``eval-step-N.json`` in the checkpoint's run folder, or ``eval.json`` in job.dump_folder for an HF model.
+not a mean of batch means, and the perplexity is exp of it. Both are printed and written as JSON to ``--out FILE``,
+or to ``eval-step-N.json`` in the checkpoint's run folder, or ``eval.json`` in job.dump_folder for an HF model.
 """
 
 from __future__ import annotations
@@ -41,8 +41,13 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], precision: Precision,
-             device: torch.device, sharded: bool = False) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, ...]],
+    precision: Precision,
+    device: torch.device,
+    sharded: bool = False,
+) -> EvalResult:
     """The token-weighted mean loss over ``batches`` (the one evaluation of training and of ``leantrain eval``).
 
     Each batch's mean loss (fp32) is weighted by its labelled tokens relative to the first batch's, summed in
@@ -76,8 +81,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], prec
 
 def _dataset(cfg: Config, tokenizer: Any, whole_path: bool) -> tuple[Any, str]:
     if not whole_path:
-        return build_datasets(cfg.data, tokenizer, cfg.job.seed, tokenizer_path=cfg.tokenizer.path)[1], \
-            "held-out split (last 5%)"
+        return build_datasets(cfg.data, tokenizer, cfg.job.seed, tokenizer_path=cfg.tokenizer.path)[
+            1
+        ], "held-out split (last 5%)"
     return build_eval_dataset(cfg.data, tokenizer, cfg.job.seed, tokenizer_path=cfg.tokenizer.path), "all"
 
 
@@ -89,14 +95,26 @@ def run_eval(checkpoint_path: str | None, overrides: dict[str, str], out: str | 
     data, split = _dataset(cfg, tokenizer, whole_path="data.path" in overrides)
     max_batches = cfg.eval.steps if "eval.steps" in overrides else None
     measured = evaluate(model, data.eval_batches(max_batches), plan.precision, device)
-    result = {**loaded.source, "loss": measured.loss, "perplexity": measured.perplexity, "tokens": measured.tokens,
-              "batches": measured.batches, "data": cfg.data.path, "format": cfg.data.format, "split": split,
-              "seq_len": cfg.data.seq_len, "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    result = {
+        **loaded.source,
+        "loss": measured.loss,
+        "perplexity": measured.perplexity,
+        "tokens": measured.tokens,
+        "batches": measured.batches,
+        "data": cfg.data.path,
+        "format": cfg.data.format,
+        "split": split,
+        "seq_len": cfg.data.seq_len,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
     default_name = f"eval-step-{loaded.source['step']}.json" if "step" in loaded.source else "eval.json"
     path = out or str(plan.paths.folder / default_name)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_json(path, result)
-    print(f"leantrain: eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} over "
-          f"{result['tokens']:,} tokens ({result['batches']} batches; data {cfg.data.path}, {split}). "
-          f"Written to {path}", flush=True)
+    print(
+        f"leantrain: eval loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} over "
+        f"{result['tokens']:,} tokens ({result['batches']} batches; data {cfg.data.path}, {split}). "
+        f"Written to {path}",
+        flush=True,
+    )
     return result

@@ -47,22 +47,38 @@ class Family:
 
 _NO_O_BIAS = {"attention_bias": "a bias on o_proj too; leantrain has Qwen2's q/k/v bias only"}
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("llama", "LlamaForCausalLM", refused_if_true=_NO_O_BIAS,
-           export_keys={"attention_bias": False, "mlp_bias": False}),
-    Family("mistral", "MistralForCausalLM", window="all"),
-    Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, window="per_layer"),
-    Family("qwen3", "Qwen3ForCausalLM", qk_norm=True, default_head_dim=128, window="per_layer",
-           refused_if_true=_NO_O_BIAS, export_keys={"attention_bias": False}),
-)}
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family(
+            "llama",
+            "LlamaForCausalLM",
+            refused_if_true=_NO_O_BIAS,
+            export_keys={"attention_bias": False, "mlp_bias": False},
+        ),
+        Family("mistral", "MistralForCausalLM", window="all"),
+        Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, window="per_layer"),
+        Family(
+            "qwen3",
+            "Qwen3ForCausalLM",
+            qk_norm=True,
+            default_head_dim=128,
+            window="per_layer",
+            refused_if_true=_NO_O_BIAS,
+            export_keys={"attention_bias": False},
+        ),
+    )
+}
 
 # Settings of any family's config.json that leantrain's blocks cannot represent: (key, the one value allowed).
 REQUIRED_VALUES = (("hidden_act", "silu"), ("mlp_bias", False))
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 # model_types of known relatives that are not families, and why (the refusal says it).
 _MOE_TYPES = ("mixtral", "dbrx", "deepseek_v2", "deepseek_v3", "jamba", "llama4", "olmoe")
-_GEMMA = ("Gemma's norms (RMSNorm scaled by 1 + weight, and Gemma 2/3's extra norms around each block), its scaled "
-          "embeddings and GELU feed-forward differ from the Llama's")
+_GEMMA = (
+    "Gemma's norms (RMSNorm scaled by 1 + weight, and Gemma 2/3's extra norms around each block), its scaled "
+    "embeddings and GELU feed-forward differ from the Llama's"
+)
 
 
 def family_names() -> str:
@@ -82,8 +98,10 @@ def family_of(model_type: Any, where: str) -> Family:
         why = _GEMMA
     else:
         why = "not one of the Llama-shaped families leantrain has"
-    raise CheckpointError(f"{where} has model_type={model_type!r}: {why}. leantrain loads model_type "
-                          f"{', '.join(map(repr, FAMILIES))} only.")
+    raise CheckpointError(
+        f"{where} has model_type={model_type!r}: {why}. leantrain loads model_type "
+        f"{', '.join(map(repr, FAMILIES))} only."
+    )
 
 
 def rope_of(config: dict[str, Any], unsupported: list[str]) -> tuple[float, dict[str, Any] | None]:
@@ -103,8 +121,7 @@ def rope_of(config: dict[str, Any], unsupported: list[str]) -> tuple[float, dict
     return theta, None
 
 
-def window_of(config: dict[str, Any], family: Family, n_layers: int, max_seq_len: int,
-              unsupported: list[str]) -> int:
+def window_of(config: dict[str, Any], family: Family, n_layers: int, max_seq_len: int, unsupported: list[str]) -> int:
     """The attention window of every layer (0: none), read as the family spells it (WindowStyle). leantrain has
     one window for all layers: a window on some layers only is refused where it would matter (shorter than
     max_seq_len, the trained seq_len) and dropped where it changes nothing."""
@@ -115,14 +132,18 @@ def window_of(config: dict[str, Any], family: Family, n_layers: int, max_seq_len
         return window
     if not config.get("use_sliding_window"):
         return 0
-    types = config.get("layer_types") or ["sliding_attention" if i >= int(config.get("max_window_layers", 0))
-                                          else "full_attention" for i in range(n_layers)]
+    types = config.get("layer_types") or [
+        "sliding_attention" if i >= int(config.get("max_window_layers", 0)) else "full_attention"
+        for i in range(n_layers)
+    ]
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
     if len(sliding) == n_layers:
         return window
     if sliding and window < max_seq_len:
-        unsupported.append(f"a sliding window of {window} tokens on {len(sliding)} of the {n_layers} layers only "
-                           f"(leantrain has one window for every layer; with seq_len <= {window} it changes nothing)")
+        unsupported.append(
+            f"a sliding window of {window} tokens on {len(sliding)} of the {n_layers} layers only "
+            f"(leantrain has one window for every layer; with seq_len <= {window} it changes nothing)"
+        )
     return 0
 
 
@@ -131,8 +152,11 @@ def window_keys(family: Family, window: int, n_layers: int) -> dict[str, Any]:
     if family.window == "all":
         return {"sliding_window": window or None}
     if family.window == "per_layer":  # the window on every layer (max_window_layers=0), or on none
-        return {"use_sliding_window": bool(window), "sliding_window": window or None,
-                "max_window_layers": 0 if window else n_layers}
+        return {
+            "use_sliding_window": bool(window),
+            "sliding_window": window or None,
+            "max_window_layers": 0 if window else n_layers,
+        }
     return {}
 
 
@@ -141,12 +165,17 @@ def weight_names(n_layers: int, tie_embeddings: bool, qkv_bias: bool, qk_norm: b
     names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     if not tie_embeddings:
         names["output.weight"] = "lm_head.weight"
-    per_layer = {"attention_norm.weight": "input_layernorm.weight",
-                 "ffn_norm.weight": "post_attention_layernorm.weight",
-                 "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-                 "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-                 "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
-                 "feed_forward.w2.weight": "mlp.down_proj.weight"}
+    per_layer = {
+        "attention_norm.weight": "input_layernorm.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+        "attention.wq.weight": "self_attn.q_proj.weight",
+        "attention.wk.weight": "self_attn.k_proj.weight",
+        "attention.wv.weight": "self_attn.v_proj.weight",
+        "attention.wo.weight": "self_attn.o_proj.weight",
+        "feed_forward.w1.weight": "mlp.gate_proj.weight",
+        "feed_forward.w3.weight": "mlp.up_proj.weight",
+        "feed_forward.w2.weight": "mlp.down_proj.weight",
+    }
     if qkv_bias:
         per_layer.update({f"attention.w{x}.bias": f"self_attn.{x}_proj.bias" for x in "qkv"})
     if qk_norm:

@@ -17,8 +17,7 @@ def read_json(path: str | Path, bad: Callable[[str], Exception], kind: type = di
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"{path} is not readable JSON ({e})") from None
     if not isinstance(value, kind):
-        raise bad(f"{path} must hold a JSON {'object' if kind is dict else kind.__name__}, not "
-                  f"{type(value).__name__}")
+        raise bad(f"{path} must hold a JSON {'object' if kind is dict else kind.__name__}, not {type(value).__name__}")
     return value
 
 

@@ -30,16 +30,27 @@ def check_settings(max_new_tokens: int | None, temperature: float, top_p: float)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"--max_new_tokens={max_new_tokens}: it must be a whole number of at least 1.")
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise ConfigError(f"--temperature={temperature}: it must be 0 (greedy) or a positive number (softmax of "
-                          f"logits / temperature).")
+        raise ConfigError(
+            f"--temperature={temperature}: it must be 0 (greedy) or a positive number (softmax of "
+            f"logits / temperature)."
+        )
     if not (0 < top_p <= 1):
-        raise ConfigError(f"--top_p={top_p}: it must be in (0, 1] (the share of probability the sampled tokens "
-                          f"come from; 1: all of them).")
+        raise ConfigError(
+            f"--top_p={top_p}: it must be in (0, 1] (the share of probability the sampled tokens "
+            f"come from; 1: all of them)."
+        )
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int | None = None, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None) -> list[int]:
+def generate(
+    model: nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_id: int | None = None,
+) -> list[int]:
     """The ids that continue ``prompt_ids`` (without the prompt), the last one ``eos_id`` where generation stopped
     there. ``max_new_tokens`` None: 64, or as many as the model's positions (max_seq_len) leave after the prompt;
     given, a prompt and max_new_tokens beyond max_seq_len is a ConfigError naming both numbers."""
@@ -49,9 +60,11 @@ def generate(model: nn.Module, prompt_ids: list[int], max_new_tokens: int | None
         raise ConfigError("The prompt has no tokens (an empty prompt and a tokenizer without BOS); give some text.")
     needed = len(prompt_ids) + (max_new_tokens or 1)
     if needed > limit:
-        raise ConfigError(f"The prompt's {len(prompt_ids)} tokens and {max_new_tokens or 1} new token(s) need {needed} "
-                          f"positions, but the model has {limit} (its max_seq_len). Shorten the prompt or lower "
-                          f"--max_new_tokens to at most {max(limit - len(prompt_ids), 0)}.")
+        raise ConfigError(
+            f"The prompt's {len(prompt_ids)} tokens and {max_new_tokens or 1} new token(s) need {needed} "
+            f"positions, but the model has {limit} (its max_seq_len). Shorten the prompt or lower "
+            f"--max_new_tokens to at most {max(limit - len(prompt_ids), 0)}."
+        )
     if max_new_tokens is None:
         max_new_tokens = min(DEFAULT_NEW_TOKENS, limit - len(prompt_ids))
     weight = model.tok_embeddings.weight
@@ -79,12 +92,18 @@ def continuation(tokenizer: Tokenizer, prompt_ids: list[int], new_ids: list[int]
     body = [i for i in prompt_ids if i != tokenizer.bos_id]
     new = new_ids[:-1] if new_ids and new_ids[-1] == tokenizer.eos_id else new_ids
     before, whole = tokenizer.decode(body), tokenizer.decode(body + new)
-    return whole[len(before):] if whole.startswith(before) else tokenizer.decode(new)
+    return whole[len(before) :] if whole.startswith(before) else tokenizer.decode(new)
 
 
-def run_generate(checkpoint_path: str | None, overrides: dict[str, str], prompt: str,
-                 max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0) -> str:
+def run_generate(
+    checkpoint_path: str | None,
+    overrides: dict[str, str],
+    prompt: str,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
     """What ``leantrain generate`` does: prints the prompt and its continuation; returns the continuation."""
     check_settings(max_new_tokens, temperature, top_p)
     loaded = load_for_inference("generate", checkpoint_path, overrides)

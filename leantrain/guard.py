@@ -1,16 +1,16 @@
 """What keeps a long run safe mid-way: the non-finite step guard and the stop signals.
 
-**Non-finite steps.** After the backward, :meth:`NonFiniteGuard.check` looks at the step's loss and global
-gradient norm. When either is NaN or Inf the trainer skips the update: ``optimizer.step()`` is not called,
-so neither the weights nor any optimizer buffer (moments, Kahan buffer, Adam's step count, and so the
-stochastic rounding's keyed random bits, which are a function of seed, parameter and step) changes, and the gradients are dropped. The step still counts: its batch is
-consumed and the learning-rate schedule advances (the schedule is a function of the step number, so a
-resumed or skipped-over run stays on the same curve). The step is logged to metrics.jsonl with
-``"skipped": true`` (a NaN/Inf loss or norm is written as null, which JSON allows), every later record
-carries ``skipped_nonfinite`` (steps skipped so far), and a warning names the step. After
-``training.max_nonfinite_steps`` skipped steps in a row the run stops with :class:`TrainingDiverged`
-(exit code 3). Independently, :func:`all_finite` is checked before every checkpoint save, so no checkpoint
-is ever written from NaN/Inf weights (e.g. after a finite but far too large update).
+**Non-finite steps.** After the backward, :meth:`NonFiniteGuard.check` looks at the step's loss and global gradient
+norm. When either is NaN or Inf the trainer skips the update: ``optimizer.step()`` is not called, so neither the
+weights nor any optimizer buffer (moments, Kahan buffer, Adam's step count, and so the stochastic rounding's keyed
+random bits, which are a function of seed, parameter and step) changes, and the gradients are dropped. The step
+still counts: its batch is consumed and the learning-rate schedule advances (the schedule is a function of the step
+number, so a resumed or skipped-over run stays on the same curve). The step is logged to metrics.jsonl with
+``"skipped": true`` (a NaN/Inf loss or norm is written as null, which JSON allows), every later record carries
+``skipped_nonfinite`` (steps skipped so far), and a warning names the step. After ``training.max_nonfinite_steps``
+skipped steps in a row the run stops with :class:`TrainingDiverged` (exit code 3). Independently, :func:`all_finite`
+is checked before every checkpoint save, so no checkpoint is ever written from NaN/Inf weights (e.g. after a finite
+but far too large update).
 
 *Cost.* The decision needs the flag on the host: one ``.tolist()`` of a 2-element tensor per step, i.e. one
 device-to-host sync after the backward. On CPU it is free. On a GPU the CPU waits for the backward to
@@ -55,6 +55,7 @@ import torch.distributed as dist
 from . import distributed
 from .errors import TrainingDiverged
 
+
 def _warn(message: str) -> None:
     if distributed.is_main():
         print(f"leantrain: warning: {message}", file=sys.stderr, flush=True)
@@ -92,11 +93,16 @@ class NonFiniteGuard:
         self.total += 1
         loss, norm = (f"{v:g}" for v in torch.stack((loss_sum.float(), grad_norm.float())).tolist())
         where = " on this rank (or NaN/Inf on another)" if self.world_size > 1 else ""
-        seen = " (before the backward, which was skipped: optimizer.in_backward)" if loss_only else \
-            f", gradient norm {norm}"
-        _warn(f"step {step}: loss {loss}{seen}{where}: the update was skipped, the weights and "
-              f"optimizer state are unchanged ({self.consecutive} such step(s) in a row; the run stops at "
-              f"training.max_nonfinite_steps = {self.max_consecutive}).")
+        seen = (
+            " (before the backward, which was skipped: optimizer.in_backward)"
+            if loss_only
+            else f", gradient norm {norm}"
+        )
+        _warn(
+            f"step {step}: loss {loss}{seen}{where}: the update was skipped, the weights and "
+            f"optimizer state are unchanged ({self.consecutive} such step(s) in a row; the run stops at "
+            f"training.max_nonfinite_steps = {self.max_consecutive})."
+        )
         return False, stop
 
     def check_released(self, step: int, skipped_params: torch.Tensor) -> bool:
@@ -113,10 +119,12 @@ class NonFiniteGuard:
         self.consecutive += 1
         self.total += 1
         self.last_skipped = True
-        _warn(f"step {step}: the gradient of {int(skipped)} parameter(s) was NaN/Inf although the loss was finite: "
-              f"their updates were skipped (weights and moments unchanged), the other parameters' updates of this "
-              f"step were applied during the backward (optimizer.in_backward) ({self.consecutive} such step(s) in a "
-              f"row; the run stops at training.max_nonfinite_steps = {self.max_consecutive}).")
+        _warn(
+            f"step {step}: the gradient of {int(skipped)} parameter(s) was NaN/Inf although the loss was finite: "
+            f"their updates were skipped (weights and moments unchanged), the other parameters' updates of this "
+            f"step were applied during the backward (optimizer.in_backward) ({self.consecutive} such step(s) in a "
+            f"row; the run stops at training.max_nonfinite_steps = {self.max_consecutive})."
+        )
         return True
 
     @property
@@ -135,14 +143,17 @@ class NonFiniteGuard:
             record["skipped_nonfinite"] = self.total
         return record
 
-    def raise_diverged(self, latest_checkpoint: Any = None, checkpointing: bool = False,
-                       weights_finite: bool = True) -> None:
+    def raise_diverged(
+        self, latest_checkpoint: Any = None, checkpointing: bool = False, weights_finite: bool = True
+    ) -> None:
         """Stop the run with exit code 3 (once :attr:`diverged`). ``weights_finite``: whether the weights kept (those
         before the skipped steps) are free of NaN/Inf, which an earlier, finite but huge update may have broken."""
         step, first = self.step, self.step - self.consecutive + 1
         if latest_checkpoint is not None:
-            saved = (f"The latest checkpoint is {latest_checkpoint}; resuming from it as it is repeats the same "
-                     f"steps, so change something first (e.g. lower optimizer.lr, in a new job.dump_folder).")
+            saved = (
+                f"The latest checkpoint is {latest_checkpoint}; resuming from it as it is repeats the same "
+                f"steps, so change something first (e.g. lower optimizer.lr, in a new job.dump_folder)."
+            )
         elif checkpointing:
             saved = "No checkpoint was saved before this."
         else:
@@ -154,7 +165,8 @@ class NonFiniteGuard:
             f"{'' if weights_finite else ', which already hold NaN/Inf (an earlier update overflowed them)'}. {saved} "
             f"Usual remedies: a lower "
             f"optimizer.lr, a longer lr_scheduler.warmup_steps, gradient clipping (training.max_norm), or the "
-            f"bf16-kahan / fp32 recipes; raise training.max_nonfinite_steps to ride out longer spikes.")
+            f"bf16-kahan / fp32 recipes; raise training.max_nonfinite_steps to ride out longer spikes."
+        )
 
 
 def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:

@@ -43,8 +43,17 @@ import torch
 
 from .data.tokenizer import save_tokenizer
 from .errors import CheckpointError
-from .families import (FAMILIES, MOE_KEYS, REQUIRED_VALUES, family_names, family_of, rope_of, weight_names,
-                       window_keys, window_of)
+from .families import (
+    FAMILIES,
+    MOE_KEYS,
+    REQUIRED_VALUES,
+    family_names,
+    family_of,
+    rope_of,
+    weight_names,
+    window_keys,
+    window_of,
+)
 from .files import read_json
 from .model import ModelArgs, Transformer, build_model_from_args
 
@@ -53,8 +62,10 @@ SINGLE_FILE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 # Tensors some HF checkpoints carry that are not weights (recomputed RoPE frequencies).
 _NOT_WEIGHTS = ("rotary_emb.inv_freq",)
-_CONVERT_HINT = ("Convert it to safetensors first, e.g. python -c \"from transformers import AutoModelForCausalLM; "
-                 "AutoModelForCausalLM.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\"")
+_CONVERT_HINT = (
+    'Convert it to safetensors first, e.g. python -c "from transformers import AutoModelForCausalLM; '
+    "AutoModelForCausalLM.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\""
+)
 
 
 def _hf_names(args: ModelArgs) -> dict[str, str]:
@@ -94,13 +105,16 @@ def _meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def read_config(path: str | Path) -> dict[str, Any]:
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise CheckpointError(f"model.hf_checkpoint={str(path)!r} is not a folder. It must be a local Hugging Face "
-                              f"model folder ({family_names()}) with config.json and *.safetensors (what "
-                              f"save_pretrained writes).")
+        raise CheckpointError(
+            f"model.hf_checkpoint={str(path)!r} is not a folder. It must be a local Hugging Face "
+            f"model folder ({family_names()}) with config.json and *.safetensors (what "
+            f"save_pretrained writes)."
+        )
     config_file = folder / "config.json"
     if not config_file.exists():
-        raise CheckpointError(f"{folder} has no config.json; a Hugging Face model folder needs one (it gives the "
-                              f"model's dimensions).")
+        raise CheckpointError(
+            f"{folder} has no config.json; a Hugging Face model folder needs one (it gives the model's dimensions)."
+        )
     return read_json(config_file, lambda reason: CheckpointError(f"{reason}."))
 
 
@@ -118,20 +132,36 @@ def model_args_from_hf(config: dict[str, Any], max_seq_len: int | None = None, w
         n_kv_heads, n_layers = int(config.get("num_key_value_heads") or n_heads), int(config["num_hidden_layers"])
         head_dim = int(config.get("head_dim") or family.default_head_dim or dim // n_heads)
         if head_dim % 2 or n_heads % n_kv_heads:
-            unsupported.append(f"head_dim={head_dim}, num_attention_heads={n_heads}, num_key_value_heads="
-                               f"{n_kv_heads} (RoPE needs an even head_dim; the key/value heads must divide the heads)")
+            unsupported.append(
+                f"head_dim={head_dim}, num_attention_heads={n_heads}, num_key_value_heads="
+                f"{n_kv_heads} (RoPE needs an even head_dim; the key/value heads must divide the heads)"
+            )
         theta, scaling = rope_of(config, unsupported)
         positions = int(config.get("max_position_embeddings", 2048))  # the model's own, whatever a run trains on
         window = window_of(config, family, n_layers, int(max_seq_len or positions), unsupported)
         if unsupported:
-            raise CheckpointError(f"{where} (model_type {family.model_type!r}) describes a model leantrain cannot "
-                                  f"represent: {'; '.join(unsupported)}.")
-        return ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                         ffn_dim=int(config["intermediate_size"]), vocab_size=int(config["vocab_size"]),
-                         rope_theta=theta, rope_scaling=scaling, norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                         max_seq_len=positions, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-                         head_dim=head_dim, qkv_bias=family.qkv_bias, qk_norm=family.qk_norm,
-                         sliding_window=window, family=family.model_type)
+            raise CheckpointError(
+                f"{where} (model_type {family.model_type!r}) describes a model leantrain cannot "
+                f"represent: {'; '.join(unsupported)}."
+            )
+        return ModelArgs(
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            ffn_dim=int(config["intermediate_size"]),
+            vocab_size=int(config["vocab_size"]),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            max_seq_len=positions,
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            head_dim=head_dim,
+            qkv_bias=family.qkv_bias,
+            qk_norm=family.qk_norm,
+            sliding_window=window,
+            family=family.model_type,
+        )
     except KeyError as e:
         raise CheckpointError(f"{where} lacks {e.args[0]!r}, which a {family.model_type} config.json has.") from None
 
@@ -140,17 +170,24 @@ def _check_family(args: ModelArgs) -> None:
     """save_hf writes args.family: refuse a model that this model_type would not rebuild as it is."""
     family = FAMILIES.get(args.family)
     if family is None:
-        raise CheckpointError(f"This model cannot be written as a Hugging Face {args.family!r}: it is not a "
-                              f"model_type leantrain writes ({family_names()}). Set ModelArgs.family to the "
-                              f"model_type that matches it.")
-    wrong = [f"{feature}={getattr(args, feature)} (a {family.model_type} has {'' if getattr(family, feature) else 'no '}"
-             f"{what})" for feature, what in (("qkv_bias", "q/k/v bias"), ("qk_norm", "q/k norms"))
-             if getattr(args, feature) != getattr(family, feature)]
+        raise CheckpointError(
+            f"This model cannot be written as a Hugging Face {args.family!r}: it is not a "
+            f"model_type leantrain writes ({family_names()}). Set ModelArgs.family to the "
+            f"model_type that matches it."
+        )
+    wrong = [
+        f"{feature}={getattr(args, feature)} (a {family.model_type} has {'' if getattr(family, feature) else 'no '}"
+        f"{what})"
+        for feature, what in (("qkv_bias", "q/k/v bias"), ("qk_norm", "q/k norms"))
+        if getattr(args, feature) != getattr(family, feature)
+    ]
     if args.sliding_window and family.window == "none":
         wrong.append(f"sliding_window={args.sliding_window} (a {family.model_type} has no sliding window)")
     if wrong:
-        raise CheckpointError(f"This model cannot be written as a Hugging Face {args.family!r}: {'; '.join(wrong)}. "
-                              f"Set ModelArgs.family to the model_type that matches it.")
+        raise CheckpointError(
+            f"This model cannot be written as a Hugging Face {args.family!r}: {'; '.join(wrong)}. "
+            f"Set ModelArgs.family to the model_type that matches it."
+        )
 
 
 def _config_from_args(args: ModelArgs, dtype: torch.dtype, tokenizer: Any = None) -> dict[str, Any]:
@@ -161,14 +198,27 @@ def _config_from_args(args: ModelArgs, dtype: torch.dtype, tokenizer: Any = None
         scaling = {"rope_type": "llama3", **args.rope_scaling}
         max_positions = max(max_positions, int(args.rope_scaling["original_max_position_embeddings"]))
     config = {
-        "architectures": [family.architecture], "model_type": family.model_type,
-        "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size, "max_position_embeddings": max_positions, "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta, "rope_scaling": scaling, "tie_word_embeddings": args.tie_embeddings,
-        "hidden_act": "silu", "attention_dropout": 0.0,
-        "initializer_range": 0.02, "use_cache": True, "torch_dtype": str(dtype).replace("torch.", ""),
-        **family.export_keys, **window_keys(family, args.sliding_window, args.n_layers),
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": max_positions,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": scaling,
+        "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": str(dtype).replace("torch.", ""),
+        **family.export_keys,
+        **window_keys(family, args.sliding_window, args.n_layers),
     }
     if tokenizer is not None:
         config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
@@ -192,8 +242,10 @@ def _weight_map(folder: Path) -> dict[str, Path]:
     if not files:
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         if pickled:
-            raise CheckpointError(f"{folder} holds PyTorch pickle weights ({', '.join(pickled[:3])}), which "
-                                  f"leantrain does not load (unpickling can run code). {_CONVERT_HINT}.")
+            raise CheckpointError(
+                f"{folder} holds PyTorch pickle weights ({', '.join(pickled[:3])}), which "
+                f"leantrain does not load (unpickling can run code). {_CONVERT_HINT}."
+            )
         raise CheckpointError(f"{folder} holds no *.safetensors weights (nor {INDEX_FILE}).")
     out = {}
     for f in files:
@@ -205,8 +257,13 @@ def _weight_map(folder: Path) -> dict[str, Path]:
     return out
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-            max_seq_len: int | None = None, weights: bool = True) -> Transformer:
+def load_hf(
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    max_seq_len: int | None = None,
+    weights: bool = True,
+) -> Transformer:
     """A local HF folder (a model_type of FAMILIES) -> leantrain model in ``dtype`` (each tensor cast on its own).
 
     ``max_seq_len``: the longest sequence the caller will run (a window on some layers only is refused only where
@@ -229,13 +286,18 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str |
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {', '.join(missing[:4])}" + (f" and {len(missing) - 4} more" if len(missing) > 4
-                                                                 else ""))
+            parts.append(
+                f"missing {', '.join(missing[:4])}" + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            )
         if unexpected:
-            parts.append(f"tensors a {args.family} of this config does not have: {', '.join(unexpected[:4])}"
-                         + (f" and {len(unexpected) - 4} more" if len(unexpected) > 4 else ""))
-        raise CheckpointError(f"The weights in {folder} do not match its config.json ({args.n_layers} layers, "
-                              f"tie_word_embeddings={args.tie_embeddings}): {'; '.join(parts)}.")
+            parts.append(
+                f"tensors a {args.family} of this config does not have: {', '.join(unexpected[:4])}"
+                + (f" and {len(unexpected) - 4} more" if len(unexpected) > 4 else "")
+            )
+        raise CheckpointError(
+            f"The weights in {folder} do not match its config.json ({args.n_layers} layers, "
+            f"tie_word_embeddings={args.tie_embeddings}): {'; '.join(parts)}."
+        )
     params = dict(model.named_parameters())
     by_file: dict[Path, list[str]] = {}
     for ours_name, hf_name in names.items():
@@ -250,8 +312,10 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str |
                         tensor = st.get_tensor(names[name])
                         param = params[name]
                         if tuple(tensor.shape) != tuple(param.shape):
-                            raise CheckpointError(f"{names[name]} in {file} has shape {list(tensor.shape)}, but "
-                                                  f"config.json implies {list(param.shape)}.")
+                            raise CheckpointError(
+                                f"{names[name]} in {file} has shape {list(tensor.shape)}, but "
+                                f"config.json implies {list(param.shape)}."
+                            )
                         heads = _heads_of(name, args)
                         if heads:
                             tensor = _hf_to_meta(tensor, heads)
@@ -267,8 +331,9 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str |
 # ---- saving -----------------------------------------------------------------------------------------
 
 
-def save_hf(model: Transformer, out_dir: str | Path, tokenizer: Any = None,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def save_hf(
+    model: Transformer, out_dir: str | Path, tokenizer: Any = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> Path:
     """Write ``model`` as an HF folder of its ``args.family`` (config.json + safetensors, sharded with an index
     above ``max_shard_bytes``) that transformers' ``AutoModelForCausalLM.from_pretrained`` (e.g.
     ``LlamaForCausalLM``, ``Qwen3ForCausalLM``) loads, in the model's dtype.
@@ -282,8 +347,10 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer: Any = None,
     _check_family(model.args)
     out = Path(out_dir).expanduser()
     if (out / "config.json").exists() or any(out.glob("*.safetensors")):
-        raise CheckpointError(f"{out} already holds a model (config.json or *.safetensors); choose another --out "
-                              f"folder or delete it first.")
+        raise CheckpointError(
+            f"{out} already holds a model (config.json or *.safetensors); choose another --out "
+            f"folder or delete it first."
+        )
     out.mkdir(parents=True, exist_ok=True)
     args: ModelArgs = model.args
     params = dict(model.named_parameters())
@@ -315,10 +382,12 @@ def save_hf(model: Transformer, out_dir: str | Path, tokenizer: Any = None,
             save_file(tensors, str(out / file), metadata={"format": "pt"})
             weight_map.update({names[n]: file for n in shard})
             del tensors
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2) + "\n", encoding="utf-8")
-    (out / "config.json").write_text(json.dumps(_config_from_args(args, dtype, tokenizer), indent=2) + "\n",
-                                     encoding="utf-8")
+        (out / INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8"
+        )
+    (out / "config.json").write_text(
+        json.dumps(_config_from_args(args, dtype, tokenizer), indent=2) + "\n", encoding="utf-8"
+    )
     if tokenizer is not None:
         save_tokenizer(tokenizer, out)
     return out

@@ -39,10 +39,17 @@ def load_tokenizer(cfg: Config) -> Tokenizer:
     return build_tokenizer(tokenizer_path(cfg))
 
 
-def build_model_for(spec: Model, storage: torch.dtype, seq_len: int | None, seed: int | None,
-                    tokenizer: Tokenizer | None,
-                    tokenizer_name: str, device: torch.device | str, hf_weights: bool = True,
-                    positions: int | None = None) -> Transformer:
+def build_model_for(
+    spec: Model,
+    storage: torch.dtype,
+    seq_len: int | None,
+    seed: int | None,
+    tokenizer: Tokenizer | None,
+    tokenizer_name: str,
+    device: torch.device | str,
+    hf_weights: bool = True,
+    positions: int | None = None,
+) -> Transformer:
     """The model.* section's model in the storage dtype: the flavor with its overrides (debug and small sized to the
     tokenizer), or with model.hf_checkpoint the HF folder's model (its weights unless hf_weights=False: a resume,
     or the planner's meta model). Its vocabulary is checked against the tokenizer's, and ``seq_len`` (the longest
@@ -65,9 +72,17 @@ def build_model_for(spec: Model, storage: torch.dtype, seq_len: int | None, seed
     return model
 
 
-def _hf_model(spec: Model, dims: dict[str, Any], storage: torch.dtype, seq_len: int | None,
-              tokenizer: Tokenizer | None, tokenizer_name: str, device: torch.device | str, weights: bool,
-              positions: int | None) -> Transformer:
+def _hf_model(
+    spec: Model,
+    dims: dict[str, Any],
+    storage: torch.dtype,
+    seq_len: int | None,
+    tokenizer: Tokenizer | None,
+    tokenizer_name: str,
+    device: torch.device | str,
+    weights: bool,
+    positions: int | None,
+) -> Transformer:
     from .hf import load_hf
 
     model = load_hf(spec.hf_checkpoint, storage, device, max_seq_len=seq_len or positions, weights=weights)
@@ -75,9 +90,11 @@ def _hf_model(spec: Model, dims: dict[str, Any], storage: torch.dtype, seq_len: 
         check_seq_len(seq_len, model.args, f"the model in model.hf_checkpoint='{spec.hf_checkpoint}'")
     for key, value in dims.items():
         if value and getattr(model.args, key) != value:
-            raise ConfigError(f"model.{key} = {value!r}, but the model in model.hf_checkpoint="
-                              f"'{spec.hf_checkpoint}' has {key} = {getattr(model.args, key)!r} (from its "
-                              f"config.json). Leave model.{key} unset when loading a Hugging Face model.")
+            raise ConfigError(
+                f"model.{key} = {value!r}, but the model in model.hf_checkpoint="
+                f"'{spec.hf_checkpoint}' has {key} = {getattr(model.args, key)!r} (from its "
+                f"config.json). Leave model.{key} unset when loading a Hugging Face model."
+            )
     if tokenizer is not None:
         check_vocab(tokenizer.vocab_size, tokenizer_name, model.args.vocab_size, hf_folder=spec.hf_checkpoint)
     return model
@@ -87,8 +104,16 @@ def check_model_and_tokenizer(cfg: Config) -> None:
     """The model and tokenizer a train of ``cfg`` would use fit each other (built on the meta device: no weights are
     read), so that compare refuses a mismatch before its first run rather than in it."""
     tokenizer = load_tokenizer(cfg)
-    build_model_for(cfg.model, precision_of(cfg).storage, cfg.data.seq_len, None, tokenizer, tokenizer_path(cfg),
-                    "meta", hf_weights=False)
+    build_model_for(
+        cfg.model,
+        precision_of(cfg).storage,
+        cfg.data.seq_len,
+        None,
+        tokenizer,
+        tokenizer_path(cfg),
+        "meta",
+        hf_weights=False,
+    )
 
 
 def model_name(spec: Model, model: Transformer) -> str:
@@ -122,8 +147,10 @@ def load_for_inference(command: str, checkpoint_path: str | None, overrides: dic
     windows, checked against the model's positions; generate is bounded by the positions themselves."""
     hf_path = overrides.get("model.hf_checkpoint")
     if bool(checkpoint_path) == bool(hf_path):
-        raise ConfigError(f"leantrain {command} needs exactly one model: --checkpoint DIR (a leantrain run or "
-                          f"checkpoint) or --model.hf_checkpoint=DIR (a Hugging Face {family_names()} folder).")
+        raise ConfigError(
+            f"leantrain {command} needs exactly one model: --checkpoint DIR (a leantrain run or "
+            f"checkpoint) or --model.hf_checkpoint=DIR (a Hugging Face {family_names()} folder)."
+        )
     model, info = None, None
     if checkpoint_path:
         model, cfg, info = load_checkpoint(checkpoint_path, overrides)
@@ -140,7 +167,6 @@ def load_for_inference(command: str, checkpoint_path: str | None, overrides: dic
         check_vocab(tokenizer.vocab_size, cfg.tokenizer.path, model.args.vocab_size)
         source: dict[str, Any] = {"checkpoint": info["path"], "step": info["step"]}
     else:
-        model = build_model_for(cfg.model, plan.precision.storage, seq_len, None, tokenizer, cfg.tokenizer.path,
-                                device)
+        model = build_model_for(cfg.model, plan.precision.storage, seq_len, None, tokenizer, cfg.tokenizer.path, device)
         source = {"hf_checkpoint": hf_path}
     return Loaded(plan, model, tokenizer, source)

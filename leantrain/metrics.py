@@ -42,8 +42,9 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     return {
         "params": _storage_bytes(params, seen),
         "grads": _storage_bytes([p.grad for p in params if p.grad is not None], seen),
-        "optimizer": _storage_bytes([v for s in optimizer.state.values() for v in s.values()
-                                     if isinstance(v, torch.Tensor)], seen),
+        "optimizer": _storage_bytes(
+            [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)], seen
+        ),
     }
 
 
@@ -154,7 +155,7 @@ def summarize(records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     """summary.json: final_loss is the mean of the last 10% of logged train losses (skipped NaN/Inf steps,
     logged as null, do not count)."""
     losses = [r["loss"] for r in records if r.get("loss") is not None]
-    tail = losses[-max(1, len(losses) // 10):] if losses else []
+    tail = losses[-max(1, len(losses) // 10) :] if losses else []
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     speeds = [r["tokens_per_sec"] for r in records if r.get("tokens_per_sec")]
     return {
@@ -213,8 +214,15 @@ class Progress:
 
         self.enabled = enabled
         self._streams = sys.stdout, sys.stderr
-        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, file=sys.stderr,
-                        dynamic_ncols=True, unit="step")
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            disable=not enabled,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            unit="step",
+        )
         if enabled:
             sys.stdout, sys.stderr = (_AboveBar(stream, self.bar) for stream in self._streams)
 
@@ -223,8 +231,11 @@ class Progress:
 
     def show(self, record: dict[str, Any]) -> None:
         loss = record["loss"]
-        postfix = {"loss": "skipped" if loss is None else f"{loss:.3f}", "tok/s": f"{record['tokens_per_sec']:.0f}",
-                   "mem": f"{record['peak_memory_bytes'] / 2**30:.2f}GiB"}
+        postfix = {
+            "loss": "skipped" if loss is None else f"{loss:.3f}",
+            "tok/s": f"{record['tokens_per_sec']:.0f}",
+            "mem": f"{record['peak_memory_bytes'] / 2**30:.2f}GiB",
+        }
         if "eval_loss" in record:
             postfix["eval"] = f"{record['eval_loss']:.3f}"
         if "compile_s" in record:  # (left out of tok/s)

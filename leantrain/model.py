@@ -24,8 +24,12 @@ from . import precision
 from .errors import ConfigError
 from .utils import set_default_dtype
 
-LLAMA3_ROPE_SCALING_8K = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 8192}
+LLAMA3_ROPE_SCALING_8K = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 @dataclass
@@ -64,16 +68,45 @@ class ModelArgs:
 # for tests and CPUs, their vocabulary the tokenizer's (TOKENIZER_SIZED_FLAVORS).
 FLAVORS: dict[str, ModelArgs] = {
     "debug": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=259, max_seq_len=256),
-    "small": ModelArgs(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_dim=1024, vocab_size=259,
-                       max_seq_len=1024),
-    "1B": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True,
-                    rope_scaling={**LLAMA3_ROPE_SCALING_8K, "factor": 32.0}, max_seq_len=131072),
-    "3B": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True,
-                    rope_scaling={**LLAMA3_ROPE_SCALING_8K, "factor": 32.0}, max_seq_len=131072),
-    "8B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
-                    rope_scaling=LLAMA3_ROPE_SCALING_8K, max_seq_len=131072),
-    "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
-                     rope_scaling=LLAMA3_ROPE_SCALING_8K, max_seq_len=131072),
+    "small": ModelArgs(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_dim=1024, vocab_size=259, max_seq_len=1024),
+    "1B": ModelArgs(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_dim=8192,
+        tie_embeddings=True,
+        rope_scaling={**LLAMA3_ROPE_SCALING_8K, "factor": 32.0},
+        max_seq_len=131072,
+    ),
+    "3B": ModelArgs(
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        n_kv_heads=8,
+        ffn_dim=8192,
+        tie_embeddings=True,
+        rope_scaling={**LLAMA3_ROPE_SCALING_8K, "factor": 32.0},
+        max_seq_len=131072,
+    ),
+    "8B": ModelArgs(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_dim=14336,
+        rope_scaling=LLAMA3_ROPE_SCALING_8K,
+        max_seq_len=131072,
+    ),
+    "70B": ModelArgs(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        ffn_dim=28672,
+        rope_scaling=LLAMA3_ROPE_SCALING_8K,
+        max_seq_len=131072,
+    ),
 }
 
 TOKENIZER_SIZED_FLAVORS = ("debug", "small")  # vocab_size: the tokenizer's unless model.vocab_size says
@@ -93,9 +126,11 @@ def check_seq_len(seq_len: int, args: ModelArgs, model: str) -> None:
     """data.seq_len fits the model's positions (max_seq_len: a flavor's, or an HF config's max_position_embeddings,
     which includes its RoPE scaling); ConfigError naming both otherwise."""
     if seq_len > args.max_seq_len:
-        raise ConfigError(f"data.seq_len = {seq_len} is longer than the {args.max_seq_len} positions of {model} (its "
-                          f"max_position_embeddings, RoPE scaling included): positions past them were never trained "
-                          f"and would not be exported. Use data.seq_len <= {args.max_seq_len}.")
+        raise ConfigError(
+            f"data.seq_len = {seq_len} is longer than the {args.max_seq_len} positions of {model} (its "
+            f"max_position_embeddings, RoPE scaling included): positions past them were never trained "
+            f"and would not be exported. Use data.seq_len <= {args.max_seq_len}."
+        )
 
 
 def sliding_window_mask(seq: int, window: int, device: torch.device, start_pos: int = 0) -> torch.Tensor | None:
@@ -107,8 +142,10 @@ def sliding_window_mask(seq: int, window: int, device: torch.device, start_pos: 
     keys, not the last, so such a chunk always gets a mask)."""
     if not start_pos and (not window or seq <= window):
         return None
-    behind = (torch.arange(start_pos, start_pos + seq, device=device)[:, None]
-              - torch.arange(start_pos + seq, device=device)[None, :])  # query position minus key position
+    behind = (
+        torch.arange(start_pos, start_pos + seq, device=device)[:, None]
+        - torch.arange(start_pos + seq, device=device)[None, :]
+    )  # query position minus key position
     return (behind >= 0) & (behind < window) if window else behind >= 0
 
 
@@ -164,8 +201,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
         """``cache``: this layer's (keys, values) buffers of a :class:`KVCache`; x holds positions start_pos.."""
         bsz, seq, _ = x.shape
         q = self.wq(x).view(bsz, seq, self.n_heads, self.head_dim)
@@ -183,8 +227,9 @@ class Attention(nn.Module):
         k, v = (t.repeat_interleave(repeat, dim=2) if repeat > 1 else t for t in (k, v))
         # SDPA's kernels accumulate the softmax in fp32 for bf16 inputs (fp32 island 3). ``mask``: a sliding
         # window (sliding_window_mask) or packed samples (segment_mask), which already hold the causal part.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask, is_causal=mask is None)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None
+        )
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
@@ -207,8 +252,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -232,8 +284,15 @@ class Transformer(nn.Module):
         if self.args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, *,
-                positions: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        *,
+        positions: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab] in the compute dtype (the loss upcasts them).
 
         With ``labels`` [batch, seq]: the fp32 mean token loss instead (training and evaluation), computed with the
@@ -303,8 +362,9 @@ class Transformer(nn.Module):
     def init_rope(self) -> None:
         """(Re)compute the fp32 RoPE tables on the model's device (after to_empty, or when loading weights)."""
         device = self.tok_embeddings.weight.device
-        cos, sin = precision.rope_cos_sin(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta,
-                                          self.args.rope_scaling)
+        cos, sin = precision.rope_cos_sin(
+            self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.args.rope_scaling
+        )
         self.rope_cos = cos.to(device)
         self.rope_sin = sin.to(device)
 
@@ -317,13 +377,16 @@ def model_args(flavor: str, **overrides) -> ModelArgs:
     # The flavors are Llamas, whose head size follows dim / n_heads: derived again after the overrides.
     args = dataclasses.replace(FLAVORS[flavor], **{"head_dim": 0, **given})
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads or args.head_dim % 2:
-        raise ValueError(f"dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}: dim must be a "
-                         "multiple of n_heads with an even head size, and n_kv_heads must divide n_heads")
+        raise ValueError(
+            f"dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}: dim must be a "
+            "multiple of n_heads with an even head size, and n_kv_heads must divide n_heads"
+        )
     return args
 
 
-def build_model(flavor: str = "debug", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                seed: int = 0, **dims) -> Transformer:
+def build_model(
+    flavor: str = "debug", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0, **dims
+) -> Transformer:
     """Build a Llama on the meta device in ``dtype``, then materialize it on ``device`` and initialise it.
 
     No parameter ever exists in another dtype: full bf16 never allocates an fp32 copy of the model.
@@ -332,8 +395,9 @@ def build_model(flavor: str = "debug", dtype: torch.dtype = torch.float32, devic
     return build_model_from_args(model_args(flavor, **dims), dtype, device, seed)
 
 
-def build_model_from_args(args: ModelArgs, dtype: torch.dtype = torch.float32,
-                          device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
+def build_model_from_args(
+    args: ModelArgs, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int | None = 0
+) -> Transformer:
     """:func:`build_model` for explicit dimensions. ``seed=None`` leaves the weights uninitialised (for a
     caller about to load them from a checkpoint or a Hugging Face folder); the RoPE tables are computed."""
     with torch.device("meta"), set_default_dtype(dtype):

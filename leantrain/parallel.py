@@ -87,8 +87,9 @@ def init_distributed(plan: ParallelPlan) -> Distributed:
     owns = not dist.is_initialized()  # a caller (e.g. a test running several trainings) may have started it
     if owns:
         dist.init_process_group(backend(plan.device), device_id=plan.device if plan.device.type == "cuda" else None)
-    mesh = init_device_mesh(plan.device.type, (plan.dp_replicate, plan.dp_shard),
-                            mesh_dim_names=("dp_replicate", "dp_shard"))
+    mesh = init_device_mesh(
+        plan.device.type, (plan.dp_replicate, plan.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
+    )
     return Distributed(plan, mesh, owns)
 
 
@@ -101,8 +102,9 @@ def shutdown(d: Distributed) -> None:
 # ---- the model ------------------------------------------------------------------------------------
 
 
-def parallelize(model: nn.Module, d: Distributed, precision: Precision, activation_checkpoint: str,
-                compile: bool) -> nn.Module:
+def parallelize(
+    model: nn.Module, d: Distributed, precision: Precision, activation_checkpoint: str, compile: bool
+) -> nn.Module:
     """Activation checkpointing (``none``, ``full``, ``selective``) and compile per block; then FSDP2 / HSDP per
     block and root (on a meta model, before :func:`materialize`), or DDP (on a materialized model). In place;
     returns the model."""

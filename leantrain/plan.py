@@ -63,8 +63,11 @@ def state_bytes(model: torch.nn.Module, spec: OptimizerSpec, dp_shard: int = 1) 
     params = list(model.parameters())
     opt = build_optimizer(model, **spec.build_kwargs())
     states = [opt.init_state(p) for p in params]
-    out = {"params": _storage_bytes(params), "grads": _storage_bytes(params),
-           "optimizer": _storage_bytes(v for s in states for k, v in s.items() if k not in REPLICATED_STATE)}
+    out = {
+        "params": _storage_bytes(params),
+        "grads": _storage_bytes(params),
+        "optimizer": _storage_bytes(v for s in states for k, v in s.items() if k not in REPLICATED_STATE),
+    }
     out = {k: -(-v // dp_shard) for k, v in out.items()}
     out["optimizer"] += _storage_bytes(v for s in states for k, v in s.items() if k in REPLICATED_STATE)
     if spec.in_backward:
@@ -82,8 +85,9 @@ def released_grad_bytes(model: Transformer, dp_shard: int) -> int:
     return -(-max(_storage_bytes(params) for params in [*blocks, root]) // dp_shard)
 
 
-def planned_state_bytes(model: torch.nn.Module, precision: Precision, spec: OptimizerSpec,
-                        dp_shard: int = 1) -> dict[str, int]:
+def planned_state_bytes(
+    model: torch.nn.Module, precision: Precision, spec: OptimizerSpec, dp_shard: int = 1
+) -> dict[str, int]:
     """What the planner predicts for this run's model (its meta twin) on one of dp_shard FSDP ranks, to set
     beside the measured bytes."""
     with torch.device("meta"), set_default_dtype(precision.storage):
@@ -115,12 +119,22 @@ def logits_island_bytes(c: int, vocab: int, dim: int) -> int:
 
 
 def parse_bytes(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     s = text.strip().upper()
     num = s.rstrip("KMGTIB")
     try:
-        return int(float(num) * units[s[len(num):]])
+        return int(float(num) * units[s[len(num) :]])
     except (ValueError, KeyError):
         from .errors import ConfigError
 
@@ -129,16 +143,22 @@ def parse_bytes(text: str) -> int:
 
 def _meta_model(cfg: Config, storage: torch.dtype, tokenizer: Tokenizer | None, tokenizer_name: str) -> Transformer:
     """The run's model on the meta device, built as train builds it (leantrain.loader), for any seq_len."""
-    return build_model_for(cfg.model, storage, None, None, tokenizer, tokenizer_name, "meta", hf_weights=False,
-                           positions=cfg.data.seq_len)
+    return build_model_for(
+        cfg.model, storage, None, None, tokenizer, tokenizer_name, "meta", hf_weights=False, positions=cfg.data.seq_len
+    )
 
 
 def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dict[str, Any]:
     """The plan of every recipe for this model. It takes the config itself, not a run plan: it is the `plan`
     command, which varies the config per recipe (config.with_recipe) for GPUs that are not this process's."""
-    out: dict[str, Any] = {"flavor": cfg.model.flavor, "dp_shard": dp_shard, "gpu_memory_bytes": gpu_memory,
-                           "seq_len": cfg.data.seq_len, "local_batch_size": cfg.data.local_batch_size,
-                           "recipes": {}}
+    out: dict[str, Any] = {
+        "flavor": cfg.model.flavor,
+        "dp_shard": dp_shard,
+        "gpu_memory_bytes": gpu_memory,
+        "seq_len": cfg.data.seq_len,
+        "local_batch_size": cfg.data.local_batch_size,
+        "recipes": {},
+    }
     tokens = cfg.data.seq_len * cfg.data.local_batch_size
     # The tokenizer sizes a debug/small model and is checked against any other; an HF folder's own (auto) is not
     # read: its config.json has the vocabulary, and the folder may hold nothing else.
@@ -150,8 +170,11 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
         precision = precision_of(rcfg)
         model = _meta_model(cfg, precision.storage, tokenizer, tokenizer_name)
         # What is planned: 'llama3 8B', or a Hugging Face folder's model_type and path.
-        out["model"] = (f"{model.args.family} {cfg.model.hf_checkpoint}" if cfg.model.hf_checkpoint
-                        else f"llama3 {cfg.model.flavor}")
+        out["model"] = (
+            f"{model.args.family} {cfg.model.hf_checkpoint}"
+            if cfg.model.hf_checkpoint
+            else f"llama3 {cfg.model.flavor}"
+        )
         out["num_params"] = num_params(model)
         spec = optimizer_spec(rcfg).with_release(release)
         state = state_bytes(model, spec, dp_shard)
@@ -160,10 +183,15 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
         act_ckpt = activation_bytes(precision.compute, tokens, model, checkpointing=True)
         total = sum(state.values()) + act
         out["recipes"][name] = {
-            "state_bytes_per_gpu": state, "state_bytes_per_param": sum(state.values()) * dp_shard / out["num_params"],
-            "activation_bytes_per_gpu": act, "activation_bytes_per_gpu_checkpointed": act_ckpt,
-            "total_bytes_per_gpu": total, "total_bytes_per_gpu_checkpointed": sum(state.values()) + act_ckpt,
-            "state_fits": sum(state.values()) <= gpu_memory, "fits": total <= gpu_memory, "fits_checkpointed": sum(state.values()) + act_ckpt <= gpu_memory,
+            "state_bytes_per_gpu": state,
+            "state_bytes_per_param": sum(state.values()) * dp_shard / out["num_params"],
+            "activation_bytes_per_gpu": act,
+            "activation_bytes_per_gpu_checkpointed": act_ckpt,
+            "total_bytes_per_gpu": total,
+            "total_bytes_per_gpu_checkpointed": sum(state.values()) + act_ckpt,
+            "state_fits": sum(state.values()) <= gpu_memory,
+            "fits": total <= gpu_memory,
+            "fits_checkpointed": sum(state.values()) + act_ckpt <= gpu_memory,
         }
     return out
 
@@ -177,10 +205,16 @@ def largest(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> 
         sized = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, flavor=size, hf_checkpoint=""))
         for name, r in plan(sized, recipes, dp_shard, gpu_memory)["recipes"].items():
             totals.setdefault(name, {})[size] = r["total_bytes_per_gpu_checkpointed"]
-    return {"gpu_memory_bytes": gpu_memory, "dp_shard": dp_shard, "seq_len": cfg.data.seq_len,
-            "local_batch_size": cfg.data.local_batch_size,
-            "recipes": {name: {"largest": largest_that_fits(row, gpu_memory), "total_bytes_checkpointed": row}
-                        for name, row in totals.items()}}
+    return {
+        "gpu_memory_bytes": gpu_memory,
+        "dp_shard": dp_shard,
+        "seq_len": cfg.data.seq_len,
+        "local_batch_size": cfg.data.local_batch_size,
+        "recipes": {
+            name: {"largest": largest_that_fits(row, gpu_memory), "total_bytes_checkpointed": row}
+            for name, row in totals.items()
+        },
+    }
 
 
 def largest_that_fits(totals: dict[str, int], gpu_memory: int) -> str | None:
@@ -190,25 +224,33 @@ def largest_that_fits(totals: dict[str, int], gpu_memory: int) -> str | None:
 
 def format_largest(p: dict[str, Any]) -> str:
     gib = 2**30
-    lines = [f"The largest Llama 3 that fully fine-tunes on one of dp_shard={p['dp_shard']} GPUs of "
-             f"{p['gpu_memory_bytes'] / gib:.1f} GiB: seq_len={p['seq_len']}, local_batch_size={p['local_batch_size']}"
-             f", full activation checkpointing, the chunked loss (planned totals per GPU)",
-             "", "| recipe | largest | " + " | ".join(f"{s} (GiB)" for s in LLAMA3_FLAVORS) + " |",
-             "|---" * (2 + len(LLAMA3_FLAVORS)) + "|"]
+    lines = [
+        f"The largest Llama 3 that fully fine-tunes on one of dp_shard={p['dp_shard']} GPUs of "
+        f"{p['gpu_memory_bytes'] / gib:.1f} GiB: seq_len={p['seq_len']}, local_batch_size={p['local_batch_size']}"
+        f", full activation checkpointing, the chunked loss (planned totals per GPU)",
+        "",
+        "| recipe | largest | " + " | ".join(f"{s} (GiB)" for s in LLAMA3_FLAVORS) + " |",
+        "|---" * (2 + len(LLAMA3_FLAVORS)) + "|",
+    ]
     for name, r in p["recipes"].items():
         row = r["total_bytes_checkpointed"]
-        lines.append(f"| {name} | {r['largest'] or 'none'} | "
-                     + " | ".join(f"{row[s] / gib:.1f}" for s in LLAMA3_FLAVORS) + " |")
+        lines.append(
+            f"| {name} | {r['largest'] or 'none'} | " + " | ".join(f"{row[s] / gib:.1f}" for s in LLAMA3_FLAVORS) + " |"
+        )
     return "\n".join(lines)
 
 
 def format_plan(p: dict[str, Any]) -> str:
     gib = 2**30
-    lines = [f"{p['model']}: {p['num_params']:,} parameters; dp_shard={p['dp_shard']}, "
-             f"seq_len={p['seq_len']}, local_batch_size={p['local_batch_size']}, "
-             f"GPU memory {p['gpu_memory_bytes'] / gib:.1f} GiB",
-             "", "| recipe | bytes/param | params | grads | optimizer | activations (AC none / full) | "
-             "total (AC none / full) | state fits | fits (AC none / full) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{p['model']}: {p['num_params']:,} parameters; dp_shard={p['dp_shard']}, "
+        f"seq_len={p['seq_len']}, local_batch_size={p['local_batch_size']}, "
+        f"GPU memory {p['gpu_memory_bytes'] / gib:.1f} GiB",
+        "",
+        "| recipe | bytes/param | params | grads | optimizer | activations (AC none / full) | "
+        "total (AC none / full) | state fits | fits (AC none / full) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in p["recipes"].items():
         s = r["state_bytes_per_gpu"]
         lines.append(
@@ -216,7 +258,8 @@ def format_plan(p: dict[str, Any]) -> str:
             f"{s['optimizer'] / gib:.1f} GiB | {r['activation_bytes_per_gpu'] / gib:.1f} / "
             f"{r['activation_bytes_per_gpu_checkpointed'] / gib:.1f} GiB | {r['total_bytes_per_gpu'] / gib:.1f} / "
             f"{r['total_bytes_per_gpu_checkpointed'] / gib:.1f} GiB | {'yes' if r['state_fits'] else 'no'} | "
-            f"{'yes' if r['fits'] else 'no'} / {'yes' if r['fits_checkpointed'] else 'no'} |")
+            f"{'yes' if r['fits'] else 'no'} / {'yes' if r['fits_checkpointed'] else 'no'} |"
+        )
     return "\n".join(lines)
 
 

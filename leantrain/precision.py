@@ -80,16 +80,18 @@ class Precision:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         if self.storage == torch.float32:
-            return MixedPrecisionPolicy(param_dtype=None if self.compute == torch.float32 else self.compute,
-                                        reduce_dtype=self.reduce)
+            return MixedPrecisionPolicy(
+                param_dtype=None if self.compute == torch.float32 else self.compute, reduce_dtype=self.reduce
+            )
         return MixedPrecisionPolicy()
 
 
 # ---- fp32 islands ---------------------------------------------------------------------------
 
 
-def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float,
-                 scaling: dict[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    head_dim: int, max_seq_len: int, theta: float, scaling: dict[str, float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE cos/sin tables [max_seq_len, head_dim // 2], computed and kept in fp32 (island 1).
 
     ``scaling`` is Llama 3.1's frequency rescaling (factor, low_freq_factor, high_freq_factor,
@@ -139,8 +141,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 LOSS_VOCAB_CHUNK = 8192  # vocabulary entries per chunk of the output projection and the loss (island 4)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk: int = LOSS_VOCAB_CHUNK) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = LOSS_VOCAB_CHUNK
+) -> torch.Tensor:
     """The output projection and the token cross-entropy in one, without the full logits (island 4).
 
     ``hidden`` [..., dim] (the final norm's output, in the compute dtype), ``weight`` [vocab, dim] (the output
@@ -175,7 +178,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         lse = torch.full(labels.shape, float("-inf"), dtype=torch.float32, device=hidden.device)
         target = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
         for start in range(0, weight.shape[0], chunk):
-            logits = F.linear(hidden, weight[start:start + chunk]).float()
+            logits = F.linear(hidden, weight[start : start + chunk]).float()
             lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
             inside = valid & (labels >= start) & (labels < start + logits.shape[1])
             local = torch.where(inside, labels - start, 0)
@@ -193,13 +196,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = torch.empty_like(weight)
         for start in range(0, weight.shape[0], ctx.chunk):
-            w = weight[start:start + ctx.chunk]
+            w = weight[start : start + ctx.chunk]
             probs = F.linear(hidden, w).float().sub_(lse[:, None]).exp_()
             inside = valid & (labels >= start) & (labels < start + w.shape[0])
             rows = inside.nonzero().squeeze(1)
             probs[rows, labels[rows] - start] -= 1.0  # softmax minus the one-hot target
             grad_logits = probs.mul_(scale).to(hidden.dtype)  # as the loss's fp32 gradient reaches the matmul
-            grad_weight[start:start + w.shape[0]] = grad_logits.T @ hidden
+            grad_weight[start : start + w.shape[0]] = grad_logits.T @ hidden
             grad_hidden += grad_logits @ w
         return grad_hidden.to(hidden.dtype), grad_weight, None, None
 

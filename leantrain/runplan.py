@@ -75,8 +75,12 @@ class OptimizerSpec:
 
     def build_kwargs(self) -> dict:
         """The keywords of `optim.build_optimizer`: the rule's name and every hyperparameter, named as in the config."""
-        return {"name": self.config.name, "seed": self.seed, "compile": self.compile,
-                **{name: getattr(self.config, name) for name in HYPERPARAMETERS}}
+        return {
+            "name": self.config.name,
+            "seed": self.seed,
+            "compile": self.compile,
+            **{name: getattr(self.config, name) for name in HYPERPARAMETERS},
+        }
 
     def with_release(self, in_backward: bool) -> OptimizerSpec:
         return dataclasses.replace(self, config=dataclasses.replace(self.config, in_backward=in_backward))
@@ -148,8 +152,10 @@ def compile_enabled(setting: bool | str, device: torch.device) -> bool:
 def compile_off_warning(setting: bool | str, device: torch.device) -> str | None:
     """What a run that compile.enable=auto leaves uncompiled says, once; None where nothing is to be said."""
     reason = why_no_compiler(device.type) if setting == "auto" else None
-    return reason and (f"compile.enable=auto: {reason}, so this run is not compiled and runs eagerly (slower; the "
-                       f"results are the same to rounding). Set compile.enable=false to say so and silence this.")
+    return reason and (
+        f"compile.enable=auto: {reason}, so this run is not compiled and runs eagerly (slower; the "
+        f"results are the same to rounding). Set compile.enable=false to say so and silence this."
+    )
 
 
 def run_paths(cfg: Config, now: datetime | None = None) -> RunPaths:
@@ -165,16 +171,26 @@ def parallel_plan(cfg: Config, env: Mapping[str, str] = os.environ) -> ParallelP
     rank, local_rank, world_size = distributed.launch(env)
     replicate, shard = data_parallel_degrees(cfg, world_size)
     if cfg.optimizer.in_backward and replicate > 1 and shard == 1:
-        raise ConfigError(f"optimizer.in_backward=true cannot run under DDP (parallelism.dp_replicate = {replicate}, "
-                          f"dp_shard = 1): DDP averages the gradients after the hooks that would update with them "
-                          f"have run. Shard instead (parallelism.dp_shard={world_size}: FSDP2 reduces each "
-                          f"gradient before its update), or leave optimizer.in_backward at false.")
+        raise ConfigError(
+            f"optimizer.in_backward=true cannot run under DDP (parallelism.dp_replicate = {replicate}, "
+            f"dp_shard = 1): DDP averages the gradients after the hooks that would update with them "
+            f"have run. Shard instead (parallelism.dp_shard={world_size}: FSDP2 reduces each "
+            f"gradient before its update), or leave optimizer.in_backward at false."
+        )
     if shard > 1 and cfg.model.hf_checkpoint:
-        raise ConfigError(f"model.hf_checkpoint='{cfg.model.hf_checkpoint}' cannot be loaded into a sharded model yet "
-                          f"(parallelism.dp_shard = {shard}). Use parallelism.dp_shard=1 with "
-                          f"parallelism.dp_replicate=-1 (DDP), or convert it with one process first.")
-    return ParallelPlan(rank=rank, local_rank=local_rank, world_size=world_size,
-                        device=distributed.default_device(local_rank), dp_replicate=replicate, dp_shard=shard)
+        raise ConfigError(
+            f"model.hf_checkpoint='{cfg.model.hf_checkpoint}' cannot be loaded into a sharded model yet "
+            f"(parallelism.dp_shard = {shard}). Use parallelism.dp_shard=1 with "
+            f"parallelism.dp_replicate=-1 (DDP), or convert it with one process first."
+        )
+    return ParallelPlan(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        device=distributed.default_device(local_rank),
+        dp_replicate=replicate,
+        dp_shard=shard,
+    )
 
 
 def check_hf_model(cfg: Config) -> None:
@@ -183,8 +199,11 @@ def check_hf_model(cfg: Config) -> None:
     if cfg.model.hf_checkpoint:
         from .hf import model_args_from_hf, read_config
 
-        model_args_from_hf(read_config(cfg.model.hf_checkpoint), max_seq_len=cfg.data.seq_len,
-                           where=f"{cfg.model.hf_checkpoint}/config.json")
+        model_args_from_hf(
+            read_config(cfg.model.hf_checkpoint),
+            max_seq_len=cfg.data.seq_len,
+            where=f"{cfg.model.hf_checkpoint}/config.json",
+        )
 
 
 def tokenizer_path(cfg: Config) -> str:
@@ -196,10 +215,12 @@ def tokenizer_path(cfg: Config) -> str:
     if not hf:
         return "byte"
     if not (Path(hf).expanduser() / "tokenizer.json").exists():
-        raise ConfigError(f"model.hf_checkpoint='{hf}' has no tokenizer.json, so the model's tokenizer is unknown "
-                          f"(tokenizer.path=auto takes the HF folder's). Set tokenizer.path to the model's "
-                          f"tokenizer: 'byte' (256 byte ids plus BOS, EOS, PAD: what leantrain trains with by "
-                          f"default) or the path of its tokenizer.json; or copy the tokenizer.json into that folder.")
+        raise ConfigError(
+            f"model.hf_checkpoint='{hf}' has no tokenizer.json, so the model's tokenizer is unknown "
+            f"(tokenizer.path=auto takes the HF folder's). Set tokenizer.path to the model's "
+            f"tokenizer: 'byte' (256 byte ids plus BOS, EOS, PAD: what leantrain trains with by "
+            f"default) or the path of its tokenizer.json; or copy the tokenizer.json into that folder."
+        )
     return str(Path(hf).expanduser() / "tokenizer.json")
 
 
@@ -212,5 +233,12 @@ def resolve(cfg: Config, env: Mapping[str, str] = os.environ) -> RunPlan:
     for message in suspicious_precision_settings(cfg, dp_shard=parallel.dp_shard):  # validate() did not know it
         warn_once(message)
     compile = compile_enabled(cfg.compile.enable, parallel.device)
-    return RunPlan(config=cfg, recipe=recipe_of(cfg), precision=precision_of(cfg), parallel=parallel,
-                   paths=run_paths(cfg), optimizer=optimizer_spec(cfg, compile), compile=compile)
+    return RunPlan(
+        config=cfg,
+        recipe=recipe_of(cfg),
+        precision=precision_of(cfg),
+        parallel=parallel,
+        paths=run_paths(cfg),
+        optimizer=optimizer_spec(cfg, compile),
+        compile=compile,
+    )

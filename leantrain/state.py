@@ -1,17 +1,17 @@
 """The training state that a checkpoint holds and a resume restores, as one DCP ``Stateful``.
 
-    step                            optimizer steps taken
-    model.<name>                    get_model_state_dict: the parameters in the storage dtype (an FSDP2 rank: its
-                                    shards, as DTensors, which DCP saves and reshards)
-    optimizer.state.<name>.<buf>    get_optimizer_state_dict: every AdamW buffer (step, moments as fp32 / bf16 or
-                                    int8 codes + fp32 scales, kahan_comp), keyed by parameter name
-    optimizer.param_groups.<i>.*    hyperparameters, the recipe keys, the group's parameter names (the
-                                    stochastic-rounding bits need no state: optim/randbits.py)
-    lr_scheduler.*                  LambdaLR.state_dict()
-    release.previous_coef           gradient release's clip factor, only under "previous_norm" clipping
-                                    (optim/release.py)
-    data.*                          the position in the training data (epoch, position) and its identity
-    rng.torch / rng.cuda            the global RNG state (leantrain seeds every rank the same, so one copy)
+step                            optimizer steps taken
+model.<name>                    get_model_state_dict: the parameters in the storage dtype (an FSDP2 rank: its
+                                shards, as DTensors, which DCP saves and reshards)
+optimizer.state.<name>.<buf>    get_optimizer_state_dict: every AdamW buffer (step, moments as fp32 / bf16 or
+                                int8 codes + fp32 scales, kahan_comp), keyed by parameter name
+optimizer.param_groups.<i>.*    hyperparameters, the recipe keys, the group's parameter names (the
+                                stochastic-rounding bits need no state: optim/randbits.py)
+lr_scheduler.*                  LambdaLR.state_dict()
+release.previous_coef           gradient release's clip factor, only under "previous_norm" clipping
+                                (optim/release.py)
+data.*                          the position in the training data (epoch, position) and its identity
+rng.torch / rng.cuda            the global RNG state (leantrain seeds every rank the same, so one copy)
 """
 
 from __future__ import annotations
@@ -57,10 +57,15 @@ class TrainState(Stateful):
 
     def state_dict(self) -> dict[str, Any]:
         self.allocate_optimizer_state()
-        return {"step": self.step, "model": get_model_state_dict(self.model),
-                "optimizer": get_optimizer_state_dict(self.model, self.optimizer),
-                "lr_scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(), "rng": _rng_state(),
-                **({"release": self.release.state_dict()} if self._release_has_state else {})}
+        return {
+            "step": self.step,
+            "model": get_model_state_dict(self.model),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "data": self.data.state_dict(),
+            "rng": _rng_state(),
+            **({"release": self.release.state_dict()} if self._release_has_state else {}),
+        }
 
     @property
     def _release_has_state(self) -> bool:
@@ -73,8 +78,9 @@ class TrainState(Stateful):
         self.scheduler.load_state_dict(state_dict["lr_scheduler"])
         # The learning rate of the next step from this run's schedule (equal to the saved one unless
         # training.steps changed).
-        lrs = [base * fn(self.scheduler.last_epoch) for fn, base in zip(self.scheduler.lr_lambdas,
-                                                                          self.scheduler.base_lrs)]
+        lrs = [
+            base * fn(self.scheduler.last_epoch) for fn, base in zip(self.scheduler.lr_lambdas, self.scheduler.base_lrs)
+        ]
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         self.scheduler._last_lr = lrs

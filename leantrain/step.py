@@ -62,8 +62,9 @@ def token_weights(labels: list[torch.Tensor], dist: parallel.Distributed) -> lis
     return list(counts * scale / total)  # int64 / int64: fp32, and exactly 1.0 when the integers are equal
 
 
-def train_step(state: TrainState, batches: list[tuple[torch.Tensor, ...]], ctx: StepContext,
-               count_lost_updates: bool = False) -> StepStats:
+def train_step(
+    state: TrainState, batches: list[tuple[torch.Tensor, ...]], ctx: StepContext, count_lost_updates: bool = False
+) -> StepStats:
     """Advance ``state`` by one optimizer step over ``batches`` (this rank's micro-batches, on its device: each
     (inputs, labels), or (inputs, labels, positions) for packed SFT samples)."""
     step, device, accum = state.step + 1, ctx.dist.device, len(batches)
@@ -89,12 +90,14 @@ def train_step(state: TrainState, batches: list[tuple[torch.Tensor, ...]], ctx: 
     guard.advance_schedule(state.scheduler)  # skipped steps count too: the schedule follows the step number
     state.step = step
     tokens = sum(batch[0].numel() for batch in batches) * ctx.dist.world_size
-    return StepStats(step=step, loss=loss_sum, grad_norm=grad_norm, lr=lr, finite=finite, stop=stop,
-                     updates=updates, tokens=tokens)
+    return StepStats(
+        step=step, loss=loss_sum, grad_norm=grad_norm, lr=lr, finite=finite, stop=stop, updates=updates, tokens=tokens
+    )
 
 
-def _step_in_backward(state: TrainState, batches, weights, ctx: StepContext, step: int,
-                      count_lost_updates: bool) -> StepStats:
+def _step_in_backward(
+    state: TrainState, batches, weights, ctx: StepContext, step: int, count_lost_updates: bool
+) -> StepStats:
     """Gradient release: one micro-batch (config.validate), clipped in the hooks by the release's rule; the guard
     decides on the loss before the backward (a NaN/Inf loss skips the backward and every update), the updates run
     in the backward's hooks."""
@@ -118,5 +121,13 @@ def _step_in_backward(state: TrainState, batches, weights, ctx: StepContext, ste
         parallel.reshard(state.model)  # the forward's gathered parameters, which no backward will free
     guard.advance_schedule(state.scheduler)
     state.step = step
-    return StepStats(step=step, loss=loss.detach(), grad_norm=grad_norm, lr=lr, finite=finite, stop=stop,
-                     updates=updates, tokens=batch[0].numel() * ctx.dist.world_size)
+    return StepStats(
+        step=step,
+        loss=loss.detach(),
+        grad_norm=grad_norm,
+        lr=lr,
+        finite=finite,
+        stop=stop,
+        updates=updates,
+        tokens=batch[0].numel() * ctx.dist.world_size,
+    )

@@ -20,8 +20,16 @@ from .data.tokenizer import Tokenizer
 from .errors import ConfigError, storage_error
 from .evaluation import evaluate
 from .hooks import Hooks
-from .metrics import (MetricsLogger, Progress, peak_memory_bytes, plot_losses, state_bytes, summarize,
-                      tensorboard_available, write_json)
+from .metrics import (
+    MetricsLogger,
+    Progress,
+    peak_memory_bytes,
+    plot_losses,
+    state_bytes,
+    summarize,
+    tensorboard_available,
+    write_json,
+)
 from .loader import build_model_for, model_name
 from .model import Transformer, num_params
 from .optim import LeanOptimizer, build_optimizer
@@ -39,8 +47,9 @@ LOST_UPDATE_WARN_FRACTION = 0.1
 # ---- building blocks ------------------------------------------------------------------------------------
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: LRScheduler,
-                       steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: LRScheduler, steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to the peak, then cosine / linear decay to min_lr_factor * peak at the last step."""
     s = schedule
 
@@ -73,19 +82,23 @@ def check_run_folder(plan: RunPlan, resume_from: Path | None) -> None:
     if resume_from is not None:
         done = int(checkpoint.read_info(resume_from)["step"])
         if done >= steps:
-            raise ConfigError(f"job.dump_folder '{folder}' holds a run that has trained {done} steps (checkpoint "
-                              f"{resume_from}), and training.steps = {steps}: there is nothing left to train, and "
-                              f"a finished run is not rewritten. To train it further, raise training.steps (it "
-                              f"resumes from step {done}); to use the model, `leantrain export` / `eval` / "
-                              f"`generate --checkpoint {folder}`; for a new run, choose another job.dump_folder.")
+            raise ConfigError(
+                f"job.dump_folder '{folder}' holds a run that has trained {done} steps (checkpoint "
+                f"{resume_from}), and training.steps = {steps}: there is nothing left to train, and "
+                f"a finished run is not rewritten. To train it further, raise training.steps (it "
+                f"resumes from step {done}); to use the model, `leantrain export` / `eval` / "
+                f"`generate --checkpoint {folder}`; for a new run, choose another job.dump_folder."
+            )
         return
     found = [name for name in RUN_FILES if (folder / name).exists()]
     checkpoints = plan.config.checkpoint.enable and not (folder / "summary.json").exists()
     if found and not checkpoints:  # (checkpoints on and no summary: an attempt stopped before its first save)
-        raise ConfigError(f"job.dump_folder '{folder}' already holds a run ({', '.join(found)}), which this run "
-                          f"would mix with its own. Without a checkpoint in it there is nothing to resume: choose "
-                          f"another job.dump_folder (or delete that folder). Runs with checkpoint.enable=true "
-                          f"resume from their latest checkpoint when started again on their folder.")
+        raise ConfigError(
+            f"job.dump_folder '{folder}' already holds a run ({', '.join(found)}), which this run "
+            f"would mix with its own. Without a checkpoint in it there is nothing to resume: choose "
+            f"another job.dump_folder (or delete that folder). Runs with checkpoint.enable=true "
+            f"resume from their latest checkpoint when started again on their folder."
+        )
 
 
 def _write_config(path: Path, cfg: Any) -> None:
@@ -103,8 +116,10 @@ def prepare_run_folder(folder: Path) -> None:
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"job.dump_folder '{folder}' cannot be written ({e.strerror}). Choose a folder you can "
-                          f"write to with --job.dump_folder=PATH.") from None
+        raise ConfigError(
+            f"job.dump_folder '{folder}' cannot be written ({e.strerror}). Choose a folder you can "
+            f"write to with --job.dump_folder=PATH."
+        ) from None
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -128,25 +143,34 @@ class Run:
         return time.perf_counter() - self.started
 
 
-def build_state(plan: RunPlan, dist: parallel.Distributed, train_data: Any, tokenizer: Tokenizer,
-                hf_weights: bool = True) -> TrainState:
+def build_state(
+    plan: RunPlan, dist: parallel.Distributed, train_data: Any, tokenizer: Tokenizer, hf_weights: bool = True
+) -> TrainState:
     """Model (parallelized: activation checkpointing, compile, FSDP2 / DDP), optimizer, schedule and training
     data, at step 0. ``hf_weights=False``: the HF model's shapes only (a resume loads its own weights)."""
     cfg, device = plan.config, dist.device
-    model = build_model_for(cfg.model, plan.precision.storage, cfg.data.seq_len, cfg.job.seed, tokenizer,
-                            cfg.tokenizer.path, "meta" if dist.sharded else device, hf_weights=hf_weights)
+    model = build_model_for(
+        cfg.model,
+        plan.precision.storage,
+        cfg.data.seq_len,
+        cfg.job.seed,
+        tokenizer,
+        cfg.tokenizer.path,
+        "meta" if dist.sharded else device,
+        hf_weights=hf_weights,
+    )
     parallel.parallelize(model, dist, plan.precision, cfg.activation_checkpoint.mode, plan.compile)
     if dist.sharded:  # FSDP2: shapes only until now; each rank allocates and initialises only its shards
         parallel.materialize(model, device, cfg.job.seed)
     optimizer = build_optimizer_for(model, plan.optimizer)
-    return TrainState(model, optimizer, build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps),
-                      train_data)
+    return TrainState(model, optimizer, build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps), train_data)
 
 
 def build_checkpointer(plan: RunPlan, hooks: Hooks = Hooks()) -> checkpoint.Checkpointer:
     cfg = plan.config
-    return checkpoint.Checkpointer(plan.paths.checkpoints, cfg.checkpoint, cfg.training.steps, plan.config_record,
-                                   plan.recipe, hooks)
+    return checkpoint.Checkpointer(
+        plan.paths.checkpoints, cfg.checkpoint, cfg.training.steps, plan.config_record, plan.recipe, hooks
+    )
 
 
 def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
@@ -162,38 +186,63 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
     # otherwise find rank 0's config.toml there and refuse the folder as another run's.
     parallel.barrier(dist)
     if cfg.metrics.tensorboard and not tensorboard_available():
-        raise ConfigError("metrics.tensorboard=true needs the tensorboard package, which is not installed: pip "
-                          "install 'leantrain[tensorboard]' (or tensorboard), or leave metrics.tensorboard false.")
+        raise ConfigError(
+            "metrics.tensorboard=true needs the tensorboard package, which is not installed: pip "
+            "install 'leantrain[tensorboard]' (or tensorboard), or leave metrics.tensorboard false."
+        )
     message = compile_off_warning(cfg.compile.enable, device)
     if message:
         warn_once(message)
     if dist.is_main:
         prepare_run_folder(plan.paths.folder)
     tokenizer = build_tokenizer(cfg.tokenizer.path)
-    train_data, eval_data = build_datasets(cfg.data, tokenizer, cfg.job.seed, rank=dist.plan.rank,
-                                           world_size=dist.world_size, tokenizer_path=cfg.tokenizer.path)  # each rank: its slice of a global batch
+    train_data, eval_data = build_datasets(
+        cfg.data,
+        tokenizer,
+        cfg.job.seed,
+        rank=dist.plan.rank,
+        world_size=dist.world_size,
+        tokenizer_path=cfg.tokenizer.path,
+    )  # each rank: its slice of a global batch
     state = build_state(plan, dist, train_data, tokenizer, hf_weights=resume_from is None)
     if plan.optimizer.in_backward:
         state.release = GradientRelease(state.optimizer, cfg.training.max_norm, cfg.training.release_clipping)
     model, checkpointer = state.model, build_checkpointer(plan, hooks)
     resumed_elapsed = checkpointer.load(state, resume_from) if resume_from else 0.0
     if dist.is_main:
-        print(f"leantrain: training {model_name(cfg.model, model)} "
-              f"({num_params(model) / 1e6:.1f}M parameters), recipe {plan.recipe or 'custom'}, on "
-              f"{dist.world_size} x {device.type}, {train_data.num_tokens:,} training tokens; writing "
-              f"{plan.paths.folder}", flush=True)
+        print(
+            f"leantrain: training {model_name(cfg.model, model)} "
+            f"({num_params(model) / 1e6:.1f}M parameters), recipe {plan.recipe or 'custom'}, on "
+            f"{dist.world_size} x {device.type}, {train_data.num_tokens:,} training tokens; writing "
+            f"{plan.paths.folder}",
+            flush=True,
+        )
         if state.release is not None and cfg.training.max_norm > 0:
-            print(f"leantrain: gradient release clips by training.release_clipping={cfg.training.release_clipping} "
-                  f"(max_norm {cfg.training.max_norm}; the logged grad_norm is the step's unclipped norm)", flush=True)
+            print(
+                f"leantrain: gradient release clips by training.release_clipping={cfg.training.release_clipping} "
+                f"(max_norm {cfg.training.max_norm}; the logged grad_norm is the step's unclipped norm)",
+                flush=True,
+            )
         _write_config(plan.paths.folder / "config.toml", cfg)  # once every input has loaded
-    logger = MetricsLogger(str(plan.paths.folder), enabled=dist.is_main,
-                           resume_step=state.step if cfg.checkpoint.enable else None,
-                           tensorboard=cfg.metrics.tensorboard)
+    logger = MetricsLogger(
+        str(plan.paths.folder),
+        enabled=dist.is_main,
+        resume_step=state.step if cfg.checkpoint.enable else None,
+        tensorboard=cfg.metrics.tensorboard,
+    )
     nonfinite = guard.NonFiniteGuard(cfg.training.max_nonfinite_steps, dist.world_size, logger.records)
-    ctx = StepContext(plan.precision, dist, cfg.training.max_norm, weigh_tokens=cfg.data.format != "text",
-                      nonfinite=nonfinite, hooks=hooks, release=state.release)
-    return Run(plan, dist, state, eval_data, checkpointer, logger, ctx,
-               started=time.perf_counter() - resumed_elapsed)  # a resumed run continues the interrupted clock
+    ctx = StepContext(
+        plan.precision,
+        dist,
+        cfg.training.max_norm,
+        weigh_tokens=cfg.data.format != "text",
+        nonfinite=nonfinite,
+        hooks=hooks,
+        release=state.release,
+    )
+    return Run(
+        plan, dist, state, eval_data, checkpointer, logger, ctx, started=time.perf_counter() - resumed_elapsed
+    )  # a resumed run continues the interrupted clock
 
 
 def train(plan: RunPlan, hooks: Hooks = Hooks()) -> tuple[dict[str, Any] | None, Transformer]:
@@ -209,8 +258,11 @@ def train(plan: RunPlan, hooks: Hooks = Hooks()) -> tuple[dict[str, Any] | None,
         run.logger.close()
     steps = cfg.training.steps
     if run.ctx.nonfinite.diverged:  # exit code 3
-        run.ctx.nonfinite.raise_diverged(run.checkpointer.latest() if cfg.checkpoint.enable else None,
-                                         cfg.checkpoint.enable, guard.all_finite(state.model.parameters()))
+        run.ctx.nonfinite.raise_diverged(
+            run.checkpointer.latest() if cfg.checkpoint.enable else None,
+            cfg.checkpoint.enable,
+            guard.all_finite(state.model.parameters()),
+        )
     weights = stopped_at[1] if stopped_at else run.checkpointer.latest() if cfg.checkpoint.enable else None
     if weights is None:  # no checkpoint holds the final weights: keep them on their own
         weights = run.checkpointer.save_final_model(run.plan.paths.folder, state)
@@ -265,9 +317,15 @@ def _record(run: Run, stats: StepStats, last_log: tuple[int, float, float], eval
     compiling so far."""
     (last_step, last_time, last_compile), (_, now, compiled) = last_log, _clock(stats.step)
     loss = parallel.mean_over_ranks(stats.loss, run.dist)  # each rank's loss on its part of the global batch
-    record = {"step": stats.step, "loss": loss.item(), "lr": stats.lr, "grad_norm": stats.grad_norm.item(),
-              "tokens_per_sec": (stats.step - last_step) * stats.tokens / (now - last_time - (compiled - last_compile)),
-              "elapsed_s": now - run.started, "peak_memory_bytes": peak_memory_bytes(run.dist.device)}
+    record = {
+        "step": stats.step,
+        "loss": loss.item(),
+        "lr": stats.lr,
+        "grad_norm": stats.grad_norm.item(),
+        "tokens_per_sec": (stats.step - last_step) * stats.tokens / (now - last_time - (compiled - last_compile)),
+        "elapsed_s": now - run.started,
+        "peak_memory_bytes": peak_memory_bytes(run.dist.device),
+    }
     if run.plan.compile:
         record["compile_s"] = compiled
     if stats.updates is not None and stats.updates.tracked_elements:  # bf16 weights only: fp32 ones lose nothing
@@ -281,39 +339,65 @@ def _record(run: Run, stats: StepStats, last_log: tuple[int, float, float], eval
                 record[moment_update_key(run.plan.optimizer, name)] = float(fraction)
     if eval_now:
         batches = run.eval_data.eval_batches(run.plan.config.eval.steps)
-        record["eval_loss"] = evaluate(run.state.model, batches, run.plan.precision, run.dist.device,
-                                       run.dist.sharded).loss
+        record["eval_loss"] = evaluate(
+            run.state.model, batches, run.plan.precision, run.dist.device, run.dist.sharded
+        ).loss
     _warn_if_updates_lost(run.plan.optimizer, record)
     return record
 
 
 def _summary(run: Run, measured_state: dict[str, int], weights: Path) -> dict[str, Any]:
-    """summary.json (key order of the README's 'Training' section, then the planner's prediction beside the measurement),
-    loss.png and the closing line, written by rank 0."""
+    """summary.json (key order of the README's 'Training' section, then the planner's prediction beside the
+    measurement), loss.png and the closing line, written by rank 0."""
     plan, model = run.plan, run.state.model
-    summary = summarize(run.logger.records, recipe=plan.recipe, num_params=num_params(model),
-                        steps=plan.config.training.steps, peak_memory_bytes=peak_memory_bytes(run.dist.device),
-                        state_bytes=measured_state,
-                        state_bytes_per_param=sum(measured_state.values()) / parallel.local_numel(model),
-                        planned_state_bytes=planned_state_bytes(model, plan.precision, plan.optimizer,
-                                                                run.dist.plan.dp_shard))
-    summary = {k: summary[k] for k in ("recipe", "num_params", "steps", "final_loss", "final_eval_loss",
-                                       "tokens_per_sec", "peak_memory_bytes", "state_bytes",
-                                       "state_bytes_per_param", "planned_state_bytes")}
+    summary = summarize(
+        run.logger.records,
+        recipe=plan.recipe,
+        num_params=num_params(model),
+        steps=plan.config.training.steps,
+        peak_memory_bytes=peak_memory_bytes(run.dist.device),
+        state_bytes=measured_state,
+        state_bytes_per_param=sum(measured_state.values()) / parallel.local_numel(model),
+        planned_state_bytes=planned_state_bytes(model, plan.precision, plan.optimizer, run.dist.plan.dp_shard),
+    )
+    summary = {
+        k: summary[k]
+        for k in (
+            "recipe",
+            "num_params",
+            "steps",
+            "final_loss",
+            "final_eval_loss",
+            "tokens_per_sec",
+            "peak_memory_bytes",
+            "state_bytes",
+            "state_bytes_per_param",
+            "planned_state_bytes",
+        )
+    }
     summary["skipped_nonfinite_steps"] = run.ctx.nonfinite.total  # steps whose NaN/Inf loss or norm was skipped
-    summary["small_updates"] = (SMALL_UPDATES[plan.optimizer.config.compensation] if plan.precision.storage == torch.bfloat16
-                                else "applied: fp32 weights take every update")
+    summary["small_updates"] = (
+        SMALL_UPDATES[plan.optimizer.config.compensation]
+        if plan.precision.storage == torch.bfloat16
+        else "applied: fp32 weights take every update"
+    )
     if run.dist.world_size > 1:  # state_bytes are then rank 0's own (its shards); bytes/param per local parameter
         summary["world_size"] = run.dist.world_size
     if run.dist.is_main:
         folder = plan.paths.folder
         write_json(os.path.join(folder, "summary.json"), summary)
-        plot_losses({plan.recipe or "run": run.logger.records}, os.path.join(folder, "loss.png"),
-                    title=f"{model_name(plan.config.model, run.state.model)}, recipe {plan.recipe or 'custom'}")
-        print(f"leantrain: done. final loss {summary['final_loss']:.4f}, eval loss "
-              f"{summary['final_eval_loss']:.4f}, {summary['state_bytes_per_param']:.2f} bytes/param of training "
-              f"state. Files in {folder}; the final weights in {weights} (`leantrain export|eval|generate "
-              f"--checkpoint {folder}`)", flush=True)
+        plot_losses(
+            {plan.recipe or "run": run.logger.records},
+            os.path.join(folder, "loss.png"),
+            title=f"{model_name(plan.config.model, run.state.model)}, recipe {plan.recipe or 'custom'}",
+        )
+        print(
+            f"leantrain: done. final loss {summary['final_loss']:.4f}, eval loss "
+            f"{summary['final_eval_loss']:.4f}, {summary['state_bytes_per_param']:.2f} bytes/param of training "
+            f"state. Files in {folder}; the final weights in {weights} (`leantrain export|eval|generate "
+            f"--checkpoint {folder}`)",
+            flush=True,
+        )
     return summary
 
 
@@ -323,15 +407,18 @@ def _say_stopped(step: int, weights: Path, run: Run) -> None:
     signal_name = guard.signal_name(guard.stop_requested())
     folder = run.plan.paths.folder
     if not run.plan.config.checkpoint.enable:
-        where = (f"checkpoint.enable is false, so the run cannot resume (set checkpoint.enable=true to make runs "
-                 f"resumable); its weights are kept in {weights}.")
+        where = (
+            f"checkpoint.enable is false, so the run cannot resume (set checkpoint.enable=true to make runs "
+            f"resumable); its weights are kept in {weights}."
+        )
     elif run.plan.paths.named:
         where = f"saved checkpoint {weights}. Run the same command again to resume from it."
     else:  # the same command would pick a new runs/<timestamp> folder
-        where = (f"saved checkpoint {weights}. To resume from it, run the same command with "
-                 f"--job.dump_folder={folder}.")
-    print(f"leantrain: stopped by {signal_name} after step {step} of {run.plan.config.training.steps}; {where}",
-          flush=True)
+        where = f"saved checkpoint {weights}. To resume from it, run the same command with --job.dump_folder={folder}."
+    print(
+        f"leantrain: stopped by {signal_name} after step {step} of {run.plan.config.training.steps}; {where}",
+        flush=True,
+    )
 
 
 def unchanged_update_key(spec: OptimizerSpec) -> str:
@@ -352,7 +439,7 @@ def moment_update_key(spec: OptimizerSpec, name: str) -> str:
 SMALL_UPDATES = {  # summary.json's small_updates: what the recipe does with an update below half a bf16 ulp
     "none": "lost: nearest rounding gives the weight back unchanged (lost_update_fraction counts them)",
     "stochastic": "applied in expectation: stochastic rounding moves the weight one ulp with probability "
-                  "|update| / ulp (unchanged_update_fraction counts the steps it stayed)",
+    "|update| / ulp (unchanged_update_fraction counts the steps it stayed)",
     "kahan": "carried: the Kahan buffer accumulates it until the weight moves (compensated_fraction counts them)",
 }
 
@@ -361,7 +448,10 @@ def _warn_if_updates_lost(spec: OptimizerSpec, record: dict[str, Any]) -> None:
     lost = record.get("lost_update_fraction")
     if lost is None or spec.config.compensation != "none" or lost < LOST_UPDATE_WARN_FRACTION:
         return
-    warn_once(f"At step {record['step']}, {lost:.0%} of the bfloat16 weights did not change although their update "
-              f"was not zero: the update was smaller than half a bfloat16 step and nearest rounding threw it away. "
-              f"Training is losing progress; optimizer.compensation=stochastic (recipe bf16-sr) or kahan "
-              f"(bf16-kahan) keeps these updates.", key="lost-updates")
+    warn_once(
+        f"At step {record['step']}, {lost:.0%} of the bfloat16 weights did not change although their update "
+        f"was not zero: the update was smaller than half a bfloat16 step and nearest rounding threw it away. "
+        f"Training is losing progress; optimizer.compensation=stochastic (recipe bf16-sr) or kahan "
+        f"(bf16-kahan) keeps these updates.",
+        key="lost-updates",
+    )

@@ -8,15 +8,23 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny, fast run: the debug flavor on the built-in corpus.
-TINY = ["--model.flavor=debug", "--data.seq_len=64", "--data.local_batch_size=4", "--eval.steps=2",
-        "--metrics.progress=false", "--lr_scheduler.warmup_steps=2", "--compile.enable=false"]
+TINY = [
+    "--model.flavor=debug",
+    "--data.seq_len=64",
+    "--data.local_batch_size=4",
+    "--eval.steps=2",
+    "--metrics.progress=false",
+    "--lr_scheduler.warmup_steps=2",
+    "--compile.enable=false",
+]
 
 
 def run_leantrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m leantrain ARGS` in a fresh process, as a user would run it."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    return subprocess.run([sys.executable, "-m", "leantrain", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "leantrain", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
 
 
 def _to_stderr(message, category, filename, lineno, file=None, line=None) -> None:
@@ -59,5 +67,7 @@ def _compiles_only_where_marked(request):
     before = compile_seconds()
     yield
     if compile_seconds() > before and request.node.get_closest_marker("compile") is None:
-        pytest.fail("this test ran torch.compile without the `compile` marker: mark it, or pass "
-                    "--compile.enable=false (compile.enable defaults to auto, which compiles)")
+        pytest.fail(
+            "this test ran torch.compile without the `compile` marker: mark it, or pass "
+            "--compile.enable=false (compile.enable defaults to auto, which compiles)"
+        )

@@ -36,8 +36,13 @@ def parse_steps(spec: str) -> set[int]:
 
 
 class InjectedFaults(Hooks):
-    def __init__(self, crash_in_save: int | None, pause_in_save: int | None, nonfinite_steps: set[int],
-                 file_size_limit: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        crash_in_save: int | None,
+        pause_in_save: int | None,
+        nonfinite_steps: set[int],
+        file_size_limit: tuple[int, int] | None = None,
+    ):
         self.crash_in_save, self.pause_in_save, self.nonfinite_steps = crash_in_save, pause_in_save, nonfinite_steps
         self.file_size_limit = file_size_limit
 
@@ -59,10 +64,12 @@ def run(argv: list[str]) -> int:
     while argv and argv[0].startswith("--") and argv[0][2:].split("=")[0] in options:
         name, _, value = argv.pop(0)[2:].partition("=")
         options[name] = value
-    hooks = InjectedFaults(int(options["crash-in-save"]) if options["crash-in-save"] else None,
-                           int(options["pause-in-save"]) if options["pause-in-save"] else None,
-                           parse_steps(options["nonfinite-steps"]),
-                           tuple(map(int, options["file-size-limit"].split(":"))) if options["file-size-limit"] else None)
+    hooks = InjectedFaults(
+        int(options["crash-in-save"]) if options["crash-in-save"] else None,
+        int(options["pause-in-save"]) if options["pause-in-save"] else None,
+        parse_steps(options["nonfinite-steps"]),
+        tuple(map(int, options["file-size-limit"].split(":"))) if options["file-size-limit"] else None,
+    )
     return main(argv, hooks=hooks)
 
 

@@ -31,6 +31,7 @@ def nan_at_first_token(module, inputs, out):
         grad = grad.clone()
         grad[0, 0, 0] = float("nan")
         return grad
+
     out.register_hook(poison)
 
 
@@ -41,14 +42,32 @@ def local(t):
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    plan = resolve(load_config(None, {"recipe": "bf16-int8", "model.flavor": "debug", "compile.enable": "false", "training.max_norm": "0",
-                                      "optimizer.in_backward": "true", "parallelism.dp_shard": "2",
-                                      "parallelism.dp_replicate": "1", "lr_scheduler.warmup_steps": "1"}))
+    plan = resolve(
+        load_config(
+            None,
+            {
+                "recipe": "bf16-int8",
+                "model.flavor": "debug",
+                "compile.enable": "false",
+                "training.max_norm": "0",
+                "optimizer.in_backward": "true",
+                "parallelism.dp_shard": "2",
+                "parallelism.dp_replicate": "1",
+                "lr_scheduler.warmup_steps": "1",
+            },
+        )
+    )
     d = parallel.init_distributed(plan.parallel)
     data = PackedDataset(["some text to train on, " * 80], ByteTokenizer(), 16, 2, 0, rank=rank, world_size=2)
     state = build_state(plan, d, data, ByteTokenizer())
-    ctx = StepContext(plan.precision, d, max_norm=0.0, weigh_tokens=False, nonfinite=guard.NonFiniteGuard(3, 2),
-                      release=GradientRelease(state.optimizer))
+    ctx = StepContext(
+        plan.precision,
+        d,
+        max_norm=0.0,
+        weigh_tokens=False,
+        nonfinite=guard.NonFiniteGuard(3, 2),
+        release=GradientRelease(state.optimizer),
+    )
     assert train_step(state, [data.next_batch()], ctx).finite
     emb = state.model.tok_embeddings.weight
     before = {name: local(p) for name, p in state.model.named_parameters()}

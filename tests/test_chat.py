@@ -11,14 +11,24 @@ from leantrain.data import ByteTokenizer, build_tokenizer, chat_template, load_s
 from leantrain.data.chat import ChatTemplate, chat_sample
 from leantrain.errors import DataError
 
-SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-           "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+SPECIAL = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+]
 
 # Meta-Llama-3-8B-Instruct's template, as in its tokenizer_config.json.
-LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-          "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
-          "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 # Qwen2.5-Instruct's template (ChatML, a default system prompt), its tool branches included as written.
 QWEN = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
@@ -58,20 +68,32 @@ QWEN = """{%- if tools %}
 {%- endif %}
 """
 # ChatML with transformers' {% generation %} markers around what the assistant writes (SmolLM3 / TRL style).
-CHATML_GENERATION = ("{% for message in messages %}{% if message['role'] == 'assistant' %}<|im_start|>assistant\n"
-                     "{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}\n{% else %}"
-                     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TEMPLATES = {"llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
-             "qwen": (QWEN, None, "<|im_end|>", "<|im_end|>"),
-             "chatml-generation": (CHATML_GENERATION, None, "<|im_end|>", "<|im_end|>")}
+CHATML_GENERATION = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}\n{% else %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TEMPLATES = {
+    "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
+    "qwen": (QWEN, None, "<|im_end|>", "<|im_end|>"),
+    "chatml-generation": (CHATML_GENERATION, None, "<|im_end|>", "<|im_end|>"),
+}
 
 CONVERSATIONS = [
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello there"},
-     {"role": "assistant", "content": "Hi. How are you?"}, {"role": "user", "content": "fine, and you?"},
-     {"role": "assistant", "content": "I am fine.\nThanks for asking!"}],
-    [{"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "fine"},
-     {"role": "user", "content": "sure?"}, {"role": "assistant", "content": "yes, I am: ünïcödé ✓"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "Hi. How are you?"},
+        {"role": "user", "content": "fine, and you?"},
+        {"role": "assistant", "content": "I am fine.\nThanks for asking!"},
+    ],
+    [
+        {"role": "user", "content": "how are you?"},
+        {"role": "assistant", "content": "fine"},
+        {"role": "user", "content": "sure?"},
+        {"role": "assistant", "content": "yes, I am: ünïcödé ✓"},
+    ],
 ]
 
 
@@ -83,8 +105,12 @@ def _tokenizer_folder(folder, template, bos, eos):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     text = [" ".join(m["content"] for c in CONVERSATIONS for m in c) + " user assistant system\n\n"] * 20
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        text,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tok.save(str(folder / "tokenizer.json"))
     config = {"eos_token": eos, "pad_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}
     if bos:
@@ -148,7 +174,7 @@ def test_byte_tokenizer_uses_the_builtin_llama3_style_template():
     assert ids[0] == byte.bos_id and (ids == byte.eos_id).sum() == len(messages)  # end of turn = EOS: generation stops
     assert byte.decode(ids.tolist()) == text.replace("<|begin_of_text|>", "").replace("<|end_of_text|>", "")
     runs = _runs(mask)
-    assert [bytes(ids[a:b - 1].astype(np.uint8)).decode() for a, b in runs] == ["fine", "yes, I am: ünïcödé ✓"]
+    assert [bytes(ids[a : b - 1].astype(np.uint8)).decode() for a, b in runs] == ["fine", "yes, I am: ünïcödé ✓"]
     assert all(ids[b - 1] == byte.eos_id for _, b in runs)  # each turn's EOS is a target
     # the generation prompt of the last turn is exactly what precedes its span
     prompt = render(chat_template(byte), messages[:3], add_generation_prompt=True)
@@ -161,15 +187,22 @@ def test_a_tokenizer_without_template_gets_the_builtin_one(tmp_path):
     assert "built-in" in template.origin and template.variables["eot_token"] == "<|eot_id|>"
     ids, mask = record_sample({"messages": CONVERSATIONS[1]}, "chat", tok)
     assert ids[0] == tok.bos_id
-    assert [tok.decode(ids[a:b].tolist()) for a, b in _runs(mask)] == ["fine<|eot_id|>", "yes, I am: ünïcödé ✓<|eot_id|>"]
+    assert [tok.decode(ids[a:b].tolist()) for a, b in _runs(mask)] == [
+        "fine<|eot_id|>",
+        "yes, I am: ünïcödé ✓<|eot_id|>",
+    ]
 
 
 def test_template_from_chat_template_jinja_or_a_named_list(tmp_path):
     folder = _tokenizer_folder(tmp_path / "jinja", None, None, "<|im_end|>")
     (folder / "chat_template.jinja").write_text(CHATML_GENERATION)
     assert chat_template(build_tokenizer(str(folder))).source == CHATML_GENERATION
-    named = _tokenizer_folder(tmp_path / "named", [{"name": "tool_use", "template": "x"},
-                                                   {"name": "default", "template": LLAMA3}], None, "<|eot_id|>")
+    named = _tokenizer_folder(
+        tmp_path / "named",
+        [{"name": "tool_use", "template": "x"}, {"name": "default", "template": LLAMA3}],
+        None,
+        "<|eot_id|>",
+    )
     assert chat_template(build_tokenizer(str(named))).source == LLAMA3
 
 
@@ -192,37 +225,58 @@ def test_chat_parquet_is_read_like_jsonl(tmp_path):
     assert len(a) == 2 and np.array_equal(a.tokens, b.tokens) and np.array_equal(a.mask, b.mask)
 
 
-@pytest.mark.parametrize("messages, says", [
-    ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}], "Tool calls and tool results are not"),
-    ([{"role": "robot", "content": "hi"}], "message 0 has the role 'robot'"),
-    ([{"role": "user", "content": "hi"}], "no assistant message"),
-    ([{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "x"}], "content is a list, not a string"),
-    ([{"role": "user"}], 'not an object with "role" and "content"'),
-    ([], "must be a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "messages, says",
+    [
+        ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}], "Tool calls and tool results are not"),
+        ([{"role": "robot", "content": "hi"}], "message 0 has the role 'robot'"),
+        ([{"role": "user", "content": "hi"}], "no assistant message"),
+        (
+            [{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "x"}],
+            "content is a list, not a string",
+        ),
+        ([{"role": "user"}], 'not an object with "role" and "content"'),
+        ([], "must be a non-empty list"),
+    ],
+)
 def test_bad_conversations_are_refused_naming_the_line(tmp_path, capsys, messages, says):
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": CONVERSATIONS[0]}) + "\n" + json.dumps({"messages": messages}) + "\n")
     with pytest.raises(DataError, match="chat.jsonl:2: .*" + says):
         from leantrain.data import load_samples
+
         load_samples(str(path), "chat", ByteTokenizer())
-    assert main(["train", "--data.format=chat", f"--data.path={path}", "--model.flavor=debug", "--compile.enable=false",
-                 f"--job.dump_folder={tmp_path / 'run'}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data.format=chat",
+                f"--data.path={path}",
+                "--model.flavor=debug",
+                "--compile.enable=false",
+                f"--job.dump_folder={tmp_path / 'run'}",
+            ]
+        )
+        == 2
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert "chat.jsonl:2:" in err and says in err and "Traceback" not in err
 
 
 def test_a_template_that_is_not_prefix_stable_is_refused():
     # Rewrites earlier turns by what follows them (as templates that drop past reasoning do).
-    template = ChatTemplate("{% for m in messages %}{{ m['role'] }}{{ messages | length }}: {{ m['content'] }}\n"
-                            "{% endfor %}", "a test template")
+    template = ChatTemplate(
+        "{% for m in messages %}{{ m['role'] }}{{ messages | length }}: {{ m['content'] }}\n{% endfor %}",
+        "a test template",
+    )
     with pytest.raises(DataError, match="x.jsonl:3: a test template is not prefix-stable"):
         chat_sample(CONVERSATIONS[0], template, ByteTokenizer(), "x.jsonl:3")
 
 
 def test_a_template_that_fails_to_render_says_why():
-    template = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}",
-                            "a strict template")
+    template = ChatTemplate(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}", "a strict template"
+    )
     with pytest.raises(DataError, match="x.jsonl:1: a strict template failed to render .*user first"):
         chat_sample(CONVERSATIONS[0], template, ByteTokenizer(), "x.jsonl:1")
     with pytest.raises(DataError, match="is not valid Jinja"):

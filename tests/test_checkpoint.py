@@ -29,8 +29,15 @@ def make_state(cfg, rank=0, world_size=1):
     """What train() builds (leantrain.train.build_state), on one device, with the training data of a small corpus
     (this rank's part of each global batch)."""
     plan = resolve(cfg, env={})
-    data = PackedDataset(DOCS, ByteTokenizer(), cfg.data.seq_len, cfg.data.local_batch_size, cfg.job.seed,
-                         rank=rank, world_size=world_size)
+    data = PackedDataset(
+        DOCS,
+        ByteTokenizer(),
+        cfg.data.seq_len,
+        cfg.data.local_batch_size,
+        cfg.job.seed,
+        rank=rank,
+        world_size=world_size,
+    )
     return build_state(plan, parallel.Distributed(plan.parallel), data, ByteTokenizer())
 
 
@@ -44,6 +51,7 @@ def train_steps(state, n, all_reduce=False):
         cross_entropy(state.model(inputs), labels).backward()
         if all_reduce:  # what DDP does: every rank steps with the mean gradient
             import torch.distributed as dist
+
             for p in state.model.parameters():
                 g = p.grad.float()
                 dist.all_reduce(g)
@@ -55,9 +63,18 @@ def train_steps(state, n, all_reduce=False):
 
 
 def tiny_config(folder, recipe=None, **extra):
-    keys = {"model.flavor": "debug", "compile.enable": "false", "data.seq_len": "32", "data.local_batch_size": "2",
-            "lr_scheduler.warmup_steps": "1", "training.steps": "10", "job.dump_folder": str(folder),
-            "checkpoint.enable": "true", **({"recipe": recipe} if recipe else {}), **extra}
+    keys = {
+        "model.flavor": "debug",
+        "compile.enable": "false",
+        "data.seq_len": "32",
+        "data.local_batch_size": "2",
+        "lr_scheduler.warmup_steps": "1",
+        "training.steps": "10",
+        "job.dump_folder": str(folder),
+        "checkpoint.enable": "true",
+        **({"recipe": recipe} if recipe else {}),
+        **extra,
+    }
     return load_config(None, keys)
 
 
@@ -106,19 +123,39 @@ def _losses(folder):
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("recipe", ["fp32", "bf16-sr", "bf16-int8", "bf16-int4", "bf16-int4-int8",
-                                    "bf16-int8-factored"])
+@pytest.mark.parametrize(
+    "recipe", ["fp32", "bf16-sr", "bf16-int8", "bf16-int4", "bf16-int4-int8", "bf16-int8-factored"]
+)
 def test_crash_mid_save_then_resume_is_bit_identical(tmp_path, recipe):
-    args = [*TINY, f"--recipe={recipe}", "--training.steps=6", "--metrics.log_freq=1", "--eval.interval=3",
-            "--checkpoint.enable=true", "--checkpoint.interval=2"]
+    args = [
+        *TINY,
+        f"--recipe={recipe}",
+        "--training.steps=6",
+        "--metrics.log_freq=1",
+        "--eval.interval=3",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=2",
+    ]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     r = run_leantrain("train", *args, f"--job.dump_folder={whole}")
     assert r.returncode == 0, r.stderr
     # The process dies in the middle of saving step 4: DCP's files are written, the rename is not.
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    crashed = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "faults_runner.py"), "--crash-in-save=4",
-                              "train", *args, f"--job.dump_folder={cut}"],  # the thread count of run_leantrain
-                             capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    crashed = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tests", "faults_runner.py"),
+            "--crash-in-save=4",
+            "train",
+            *args,
+            f"--job.dump_folder={cut}",
+        ],  # the thread count of run_leantrain
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env=env,
+    )
     assert crashed.returncode == 1, crashed.stderr
     assert sorted(os.listdir(cut / "checkpoints")) == ["step-2", "step-4.tmp"]
     assert _losses(cut)[0] == [1, 2, 3]  # step 3 was logged after the last complete checkpoint
@@ -163,11 +200,18 @@ dist.destroy_process_group()
 @pytest.mark.torchrun
 def test_two_rank_save_loads_on_one_rank(tmp_path):
     script = tmp_path / "worker.py"
-    script.write_text(_WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), store=str(tmp_path / "store"),
-                                     folder=str(tmp_path)))
+    script.write_text(
+        _WORKER.format(
+            root=ROOT, tests=os.path.join(ROOT, "tests"), store=str(tmp_path / "store"), folder=str(tmp_path)
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for rank in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for rank in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     path = tmp_path / "checkpoints" / "step-2"
@@ -194,16 +238,27 @@ def test_two_rank_save_loads_on_one_rank(tmp_path):
 def saved_run(tmp_path_factory):
     """A finished bf16-sr run with checkpoints every 2 steps, the last 2 kept, and one at the last step."""
     folder = tmp_path_factory.mktemp("saved") / "run"
-    args = [*TINY, "--recipe=bf16-sr", "--training.steps=5", "--eval.interval=0", "--checkpoint.enable=true",
-            "--checkpoint.interval=2", "--checkpoint.keep_latest_k=2", f"--job.dump_folder={folder}"]
+    args = [
+        *TINY,
+        "--recipe=bf16-sr",
+        "--training.steps=5",
+        "--eval.interval=0",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=2",
+        "--checkpoint.keep_latest_k=2",
+        f"--job.dump_folder={folder}",
+    ]
     assert main(["train", *args]) == 0
     assert sorted(os.listdir(folder / "checkpoints")) == ["step-4", "step-5"]
     return folder, args
 
 
 def _snapshot(folder):
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("case", ["flavor", "recipe", "truncated", "deleted", "no_info"])
@@ -230,28 +285,38 @@ def test_mismatched_or_damaged_checkpoint_stops_with_exit_2(saved_run, tmp_path,
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("leantrain: error:") and "Traceback" not in err
-    expected = {"flavor": ["model.flavor is 'debug' in the checkpoint and 'small' now"],
-                "recipe": ["optimizer.state_dtype is 'auto' in the checkpoint and 'int8' now", "bf16-int8"],
-                "truncated": ["__0_0.distcp has 1000 bytes instead of", "truncated"],
-                "deleted": ["__0_0.distcp is missing"],
-                "no_info": ["incomplete", "leantrain.json"]}[case]
+    expected = {
+        "flavor": ["model.flavor is 'debug' in the checkpoint and 'small' now"],
+        "recipe": ["optimizer.state_dtype is 'auto' in the checkpoint and 'int8' now", "bf16-int8"],
+        "truncated": ["__0_0.distcp has 1000 bytes instead of", "truncated"],
+        "deleted": ["__0_0.distcp is missing"],
+        "no_info": ["incomplete", "leantrain.json"],
+    }[case]
     flat = " ".join(err.split())
     assert all(text in flat for text in expected), flat
     assert "step-5" in flat
     assert _snapshot(folder) == before  # nothing written, nothing overwritten
 
 
-@pytest.mark.parametrize("recipe, theirs, resumes", [
-    ("bf16-int8", None, False),  # the dynamic maps (no "moment_codes" in leantrain.json)
-    ("bf16-int8", "companded-1", True),  # int8 codes did not change with companded-2
-    ("bf16-int4", "companded-1", False),  # int4 codes paired neighbours in a byte then
-])
+@pytest.mark.parametrize(
+    "recipe, theirs, resumes",
+    [
+        ("bf16-int8", None, False),  # the dynamic maps (no "moment_codes" in leantrain.json)
+        ("bf16-int8", "companded-1", True),  # int8 codes did not change with companded-2
+        ("bf16-int4", "companded-1", False),  # int4 codes paired neighbours in a byte then
+    ],
+)
 def test_quantized_moments_of_earlier_code_maps_are_refused(tmp_path, capsys, recipe, theirs, resumes):
     """A checkpoint whose codes mean other values (the dynamic maps; int4 codes paired differently) would resume
     with wrong moments: exit 2, naming the maps, nothing written. Codes that mean the same values resume."""
     folder = tmp_path / "run"
-    args = [*TINY, f"--recipe={recipe}", "--checkpoint.enable=true", "--checkpoint.interval=2",
-            f"--job.dump_folder={folder}"]
+    args = [
+        *TINY,
+        f"--recipe={recipe}",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=2",
+        f"--job.dump_folder={folder}",
+    ]
     assert main(["train", *args, "--training.steps=2"]) == 0
     info_file = folder / "checkpoints" / "step-2" / "leantrain.json"
     info = json.loads(info_file.read_text())
@@ -319,8 +384,15 @@ def test_a_run_without_a_complete_checkpoint_starts_over_without_duplicate_recor
     folder = tmp_path / "run"
     (folder / "checkpoints" / "step-2.tmp").mkdir(parents=True)
     (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (1, 2)))
-    args = [*TINY, "--training.steps=3", "--metrics.log_freq=1", "--eval.interval=0", "--checkpoint.enable=true",
-            "--checkpoint.interval=2", f"--job.dump_folder={folder}"]
+    args = [
+        *TINY,
+        "--training.steps=3",
+        "--metrics.log_freq=1",
+        "--eval.interval=0",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=2",
+        f"--job.dump_folder={folder}",
+    ]
     assert main(["train", *args]) == 0
     assert "ignoring incomplete checkpoint(s) step-2.tmp" in capsys.readouterr().out
     records = read_metrics(folder / "metrics.jsonl")
@@ -337,8 +409,9 @@ def test_a_checkpoint_with_the_old_generator_state_still_resumes(tmp_path, where
     train_steps(a, 2)
     legacy = a.state_dict()
     old_generator = torch.Generator().manual_seed(0).get_state()
-    (legacy["optimizer"] if where == "optimizer" else legacy["optimizer"]["param_groups"][0])["rng_state"] = \
+    (legacy["optimizer"] if where == "optimizer" else legacy["optimizer"]["param_groups"][0])["rng_state"] = (
         old_generator
+    )
     saver = checkpointer(cfg)
     path = saver._write(saver.root / "step-2", legacy, a, 0.0, model_only=False)
     b = make_state(cfg)

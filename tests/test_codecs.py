@@ -24,16 +24,21 @@ def _values(signed: bool, n: int = N, seed: int = 0) -> torch.Tensor:
 MOMENTS = {
     "float32": (codecs.FLOAT, torch.float32),
     "bfloat16": (codecs.FLOAT, torch.bfloat16),
-    **{f"{kind}-{'m' if signed else 'v'}": (codecs.moment_codecs(kind)[0 if signed else 1], kind)
-       for kind in ("int8", "int4") for signed in (True, False)},
+    **{
+        f"{kind}-{'m' if signed else 'v'}": (codecs.moment_codecs(kind)[0 if signed else 1], kind)
+        for kind in ("int8", "int4")
+        for signed in (True, False)
+    },
 }
 
 
 def _allocate(codec, dtype, n: int = N):
     if isinstance(codec, codecs.QuantizedMoment):
         fmt = codec.fmt
-        return (torch.full((fmt.code_bytes(n),), quant.initial_code(codec.signed, fmt), dtype=torch.uint8),
-                torch.zeros(fmt.num_blocks(n)))
+        return (
+            torch.full((fmt.code_bytes(n),), quant.initial_code(codec.signed, fmt), dtype=torch.uint8),
+            torch.zeros(fmt.num_blocks(n)),
+        )
     return torch.zeros(n, dtype=dtype), None
 
 
@@ -123,8 +128,7 @@ def test_bf16_weight_stochastic_moves_in_expectation():
 def test_kahan_weight_carries_what_the_weight_cannot_take():
     p, comp = torch.ones(N, dtype=torch.bfloat16), torch.zeros(N, dtype=torch.bfloat16)
     for i in range(64):  # 64 steps of 1e-4, each far below half an ulp of 1.0 (2^-8); the buffer rounded stochastically
-        codecs.KAHAN_WEIGHT.write_(p, comp, p.float(), torch.full((N,), 1e-4), _scalars(wd=0.0), _rand(i), None,
-                                   False)
+        codecs.KAHAN_WEIGHT.write_(p, comp, p.float(), torch.full((N,), 1e-4), _scalars(wd=0.0), _rand(i), None, False)
     assert (p.float() > 1).all()  # plain nearest rounding would have kept every weight at 1.0
     total = p.float() + comp.float()
     assert abs(total.mean().item() - 1.0064) < 1e-5  # nothing lost on average: weight + buffer

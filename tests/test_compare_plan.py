@@ -11,8 +11,17 @@ from leantrain.metrics import read_metrics
 
 def test_compare_writes_report_summary_and_plot(tmp_path):
     out = tmp_path / "cmp"
-    r = run_in_process("compare", "--recipes", "fp32,bf16,bf16-sr", "--out", str(out), *TINY,
-                      "--training.steps=6", "--metrics.log_freq=1", "--eval.interval=3")
+    r = run_in_process(
+        "compare",
+        "--recipes",
+        "fp32,bf16,bf16-sr",
+        "--out",
+        str(out),
+        *TINY,
+        "--training.steps=6",
+        "--metrics.log_freq=1",
+        "--eval.interval=3",
+    )
     assert r.returncode == 0, r.stderr
     summaries = json.loads((out / "summary.json").read_text())
     assert [s["recipe"] for s in summaries] == ["fp32", "bf16", "bf16-sr"]
@@ -29,9 +38,18 @@ def test_compare_writes_report_summary_and_plot(tmp_path):
 def test_compare_runs_the_factored_recipes_with_gradient_release(tmp_path):
     """compare takes the FactoredAdamW recipes like any other, with optimizer.in_backward for all of them."""
     out = tmp_path / "cmp"
-    r = run_in_process("compare", "--recipes", "bf16-int8,bf16-int8-factored", "--out", str(out), *TINY,
-                       "--training.steps=3", "--optimizer.in_backward=true", "--training.max_norm=0",
-                       "--eval.interval=0")
+    r = run_in_process(
+        "compare",
+        "--recipes",
+        "bf16-int8,bf16-int8-factored",
+        "--out",
+        str(out),
+        *TINY,
+        "--training.steps=3",
+        "--optimizer.in_backward=true",
+        "--training.max_norm=0",
+        "--eval.interval=0",
+    )
     assert r.returncode == 0, r.stderr
     summaries = {s["recipe"]: s for s in json.loads((out / "summary.json").read_text())}
     assert set(summaries) == {"bf16-int8", "bf16-int8-factored"}
@@ -90,8 +108,15 @@ def test_plan_bad_memory_size():
 def test_plan_of_a_hugging_face_folder_plans_that_model(tmp_path):
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=320, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = transformers.LlamaConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=320,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     (tmp_path / "hf").mkdir()
     config.save_pretrained(tmp_path / "hf")  # config.json only: the planner reads no weights
     with torch.device("meta"):
@@ -104,8 +129,17 @@ def test_plan_of_a_hugging_face_folder_plans_that_model(tmp_path):
 
 def test_compare_again_with_checkpoints_uses_finished_runs_and_extends_them_when_asked(tmp_path):
     out = tmp_path / "cmp"
-    args = ["compare", "--recipes", "fp32,bf16-sr", "--out", str(out), *TINY, "--training.steps=2",
-            "--checkpoint.enable=true", "--eval.interval=0"]
+    args = [
+        "compare",
+        "--recipes",
+        "fp32,bf16-sr",
+        "--out",
+        str(out),
+        *TINY,
+        "--training.steps=2",
+        "--checkpoint.enable=true",
+        "--eval.interval=0",
+    ]
     assert run_in_process(*args).returncode == 0
     again = run_in_process(*args)
     assert again.returncode == 0, again.stderr
@@ -122,8 +156,15 @@ def test_plan_models_gradient_release_and_the_chunked_loss_for_70b_at_seq_8192()
     from leantrain.config import load_config
     from leantrain.plan import plan
 
-    cfg = load_config(None, {"model.flavor": "70B", "data.seq_len": "8192", "data.local_batch_size": "1",
-                             "activation_checkpoint.mode": "full"})
+    cfg = load_config(
+        None,
+        {
+            "model.flavor": "70B",
+            "data.seq_len": "8192",
+            "data.local_batch_size": "1",
+            "activation_checkpoint.mode": "full",
+        },
+    )
     p = plan(cfg, ["bf16-sr"], dp_shard=8, gpu_memory=80 * 2**30)["recipes"]
     plain, released = p["bf16-sr"], p["bf16-sr + in_backward"]
     assert not plain["fits_checkpointed"] and released["fits_checkpointed"]
@@ -148,8 +189,15 @@ def test_factored_recipes_meet_the_8b_state_targets():
 def test_plan_largest_names_the_largest_flavor_per_recipe_and_8b_fits_24_gib_without_m():
     """`plan --largest --gpu-memory=24GiB`: issue 35's question; bf16-factored-no-m with release fully fine-tunes
     8B on 24 GiB at seq 2048 (full activation checkpointing, chunked loss) and fp32 only 1B."""
-    r = run_in_process("plan", "--largest", "--gpu-memory=24GiB", "--data.seq_len=2048", "--data.local_batch_size=1",
-                       "--recipe=fp32,bf16-factored-no-m", "--json")
+    r = run_in_process(
+        "plan",
+        "--largest",
+        "--gpu-memory=24GiB",
+        "--data.seq_len=2048",
+        "--data.local_batch_size=1",
+        "--recipe=fp32,bf16-factored-no-m",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     recipes = json.loads(r.stdout)["recipes"]
     assert recipes["bf16-factored-no-m + in_backward"]["largest"] == "8B"

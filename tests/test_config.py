@@ -18,8 +18,10 @@ def test_defaults_are_valid_and_are_the_best_8_byte_recipe():
 
 def test_toml_then_cli_priority(tmp_path):
     p = tmp_path / "run.toml"
-    p.write_text('[training]\nsteps = 7\ndtype = "float32"\nmixed_precision_param = "float32"\n'
-                 '[optimizer]\nlr = 0.01\ncompensation = "none"\n')
+    p.write_text(
+        '[training]\nsteps = 7\ndtype = "float32"\nmixed_precision_param = "float32"\n'
+        '[optimizer]\nlr = 0.01\ncompensation = "none"\n'
+    )
     cfg = load_config(str(p), {"training.steps": "9", "optimizer.betas": "0.8,0.9"})
     assert cfg.training.steps == 9 and cfg.optimizer.lr == 0.01 and cfg.optimizer.betas == (0.8, 0.9)
     assert recipe_of(cfg) == "fp32"
@@ -33,18 +35,21 @@ def test_recipe_equals_its_keys(name):
     assert dataclasses.replace(by_recipe, recipe="") == by_keys
 
 
-@pytest.mark.parametrize("overrides, words", [
-    ({"training.stepz": "3"}, ["training.stepz", "Did you mean 'training.steps'"]),
-    ({"trainin.steps": "3"}, ["trainin", "Did you mean 'training'"]),
-    ({"training.steps": "three"}, ["training.steps", "'three'", "an integer"]),
-    ({"training.steps": "0"}, ["training.steps", "at least 1"]),
-    ({"training.dtype": "float16"}, ["training.dtype", "'float16'", "'float32', 'bfloat16'"]),
-    ({"optimizer.compensation": "kahn"}, ["optimizer.compensation", "Did you mean 'kahan'"]),
-    ({"optimizer.betas": "0.9,1.5"}, ["optimizer.betas", "[0, 1)"]),
-    ({"optimizer.lr": "-1"}, ["optimizer.lr", "positive"]),
-    ({"recipe": "bf16-fast"}, ["recipe", "bf16-fast", "bf16-sr"]),
-    ({"recipe": "fp32", "training.dtype": "bfloat16"}, ["recipe 'fp32'", "training.dtype"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"training.stepz": "3"}, ["training.stepz", "Did you mean 'training.steps'"]),
+        ({"trainin.steps": "3"}, ["trainin", "Did you mean 'training'"]),
+        ({"training.steps": "three"}, ["training.steps", "'three'", "an integer"]),
+        ({"training.steps": "0"}, ["training.steps", "at least 1"]),
+        ({"training.dtype": "float16"}, ["training.dtype", "'float16'", "'float32', 'bfloat16'"]),
+        ({"optimizer.compensation": "kahn"}, ["optimizer.compensation", "Did you mean 'kahan'"]),
+        ({"optimizer.betas": "0.9,1.5"}, ["optimizer.betas", "[0, 1)"]),
+        ({"optimizer.lr": "-1"}, ["optimizer.lr", "positive"]),
+        ({"recipe": "bf16-fast"}, ["recipe", "bf16-fast", "bf16-sr"]),
+        ({"recipe": "fp32", "training.dtype": "bfloat16"}, ["recipe 'fp32'", "training.dtype"]),
+    ],
+)
 def test_bad_values_name_the_key_and_what_is_allowed(overrides, words):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
@@ -82,7 +87,7 @@ def test_suspicious_settings_warn_once():
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
-    cfg = load_config(None, {"recipe": "bf16-kahan", "training.steps": "5", "job.dump_folder": "a \"b\""})
+    cfg = load_config(None, {"recipe": "bf16-kahan", "training.steps": "5", "job.dump_folder": 'a "b"'})
     p = tmp_path / "config.toml"
     p.write_text(C.to_toml(cfg))
     assert load_config(str(p)) == cfg
@@ -98,16 +103,19 @@ def test_every_field_is_documented_in_help():
             assert f"--{section}.{f.name}" in text
 
 
-@pytest.mark.parametrize("key, value, says", [
-    ("data.path", "", "current directory"),
-    ("data.path", "  ", "current directory"),
-    ("job.seed", "100000000000000000000000", "2**63"),
-    ("job.seed", "-1", "2**63"),
-    ("optimizer.weight_decay", "inf", "optimizer.weight_decay"),
-    ("optimizer.eps", "inf", "optimizer.eps"),
-    ("training.max_norm", "inf", "training.max_norm"),
-    ("model.rope_theta", "nan", "model.rope_theta"),
-])
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("data.path", "", "current directory"),
+        ("data.path", "  ", "current directory"),
+        ("job.seed", "100000000000000000000000", "2**63"),
+        ("job.seed", "-1", "2**63"),
+        ("optimizer.weight_decay", "inf", "optimizer.weight_decay"),
+        ("optimizer.eps", "inf", "optimizer.eps"),
+        ("training.max_norm", "inf", "training.max_norm"),
+        ("model.rope_theta", "nan", "model.rope_theta"),
+    ],
+)
 def test_values_that_would_fail_later_or_silently_are_refused_up_front(key, value, says, capsys):
     from leantrain.cli import main
 

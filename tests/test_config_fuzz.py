@@ -13,10 +13,20 @@ from leantrain.errors import ConfigError
 
 KNOWN_KEYS = [f"{s}.{f.name}" for s in C.SECTIONS for f in dataclasses.fields(C._section_class(s))]
 keys = st.one_of(st.sampled_from(KNOWN_KEYS + ["recipe"]), st.text(string.ascii_letters + "._-", max_size=30))
-cli_values = st.one_of(st.text(max_size=20), st.integers().map(str), st.floats().map(str),
-                       st.sampled_from(["true", "false", "bfloat16", "float32", "bf16-sr", "kahan", "0,0.9"]))
-toml_values = st.one_of(st.text(max_size=10), st.integers(), st.floats(allow_nan=True), st.booleans(),
-                        st.lists(st.floats(), max_size=3), st.none())
+cli_values = st.one_of(
+    st.text(max_size=20),
+    st.integers().map(str),
+    st.floats().map(str),
+    st.sampled_from(["true", "false", "bfloat16", "float32", "bf16-sr", "kahan", "0,0.9"]),
+)
+toml_values = st.one_of(
+    st.text(max_size=10),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.lists(st.floats(), max_size=3),
+    st.none(),
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -35,9 +45,15 @@ def test_random_command_line_overrides(overrides):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(list(C.SECTIONS) + ["recipe", "bogus"]),
-                       st.one_of(toml_values, st.dictionaries(st.text(string.ascii_lowercase + "_", max_size=15),
-                                                              toml_values, max_size=3)), max_size=3))
+@given(
+    st.dictionaries(
+        st.sampled_from(list(C.SECTIONS) + ["recipe", "bogus"]),
+        st.one_of(
+            toml_values, st.dictionaries(st.text(string.ascii_lowercase + "_", max_size=15), toml_values, max_size=3)
+        ),
+        max_size=3,
+    )
+)
 def test_random_toml_tables(tmp_path_factory, raw):
     import tomllib
 

@@ -49,6 +49,7 @@ def test_builtin_corpus_loads_and_is_deterministic():
     assert len(docs) > 20
     assert docs == load_documents("builtin")
     from pydoc_data.topics import topics
+
     assert docs[0] == topics[sorted(topics)[0]]
 
 
@@ -79,8 +80,8 @@ def test_txt_is_one_document_when_small_and_split_at_blank_lines_when_long(tmp_p
 def test_jsonl_and_folder(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "z.jsonl").write_text(
-        json.dumps({"text": "third"}) + "\n\n" + json.dumps({"text": "fourth", "id": 1}) + "\n",
-        encoding="utf-8")
+        json.dumps({"text": "third"}) + "\n\n" + json.dumps({"text": "fourth", "id": 1}) + "\n", encoding="utf-8"
+    )
     (tmp_path / "a.txt").write_text("first", encoding="utf-8")
     (tmp_path / "b" / "a.txt").write_text("second", encoding="utf-8")
     (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
@@ -101,7 +102,7 @@ def test_split_last_documents_are_eval_and_disjoint():
 
     builtin = load_documents("builtin")
     train, ev = split_documents(builtin)
-    assert ev == builtin[-len(ev):] and len(ev) >= 1
+    assert ev == builtin[-len(ev) :] and len(ev) >= 1
     assert train + ev == builtin
 
 
@@ -315,8 +316,7 @@ def _make_hf_tokenizer(path: Path, specials=("<s>", "</s>", "<pad>")) -> None:
     tok = HFTok(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", *specials])
-    tok.train_from_iterator(["hello world", "the quick brown fox", "jumps over the lazy dog"] * 10,
-                            trainer=trainer)
+    tok.train_from_iterator(["hello world", "the quick brown fox", "jumps over the lazy dog"] * 10, trainer=trainer)
     tok.save(str(path))
 
 
@@ -326,6 +326,7 @@ def test_hf_tokenizer_json_loads_and_packs(tmp_path):
     tok = build_tokenizer(str(p))
     assert isinstance(tok, Tokenizer)
     from tokenizers import Tokenizer as HFTok
+
     raw = HFTok.from_file(str(p))
     assert tok.bos_id == raw.token_to_id("<s>")
     assert tok.eos_id == raw.token_to_id("</s>")
@@ -337,12 +338,17 @@ def test_hf_tokenizer_json_loads_and_packs(tmp_path):
     # a folder holding tokenizer.json works too
     assert build_tokenizer(str(tmp_path)).eos_id == tok.eos_id
 
-    ds = PackedDataset(["hello world", "the lazy dog"], tok, seq_len=3, batch_size=1, seed=0,
-                       shuffle=False)
+    ds = PackedDataset(["hello world", "the lazy dog"], tok, seq_len=3, batch_size=1, seed=0, shuffle=False)
     t = ds.tokens.tolist()
     assert t[0] == tok.bos_id and t.count(tok.eos_id) == 2 and t[-1] == tok.eos_id
-    assert t == [tok.bos_id, *tok.encode("hello world"), tok.eos_id,
-                 tok.bos_id, *tok.encode("the lazy dog"), tok.eos_id]
+    assert t == [
+        tok.bos_id,
+        *tok.encode("hello world"),
+        tok.eos_id,
+        tok.bos_id,
+        *tok.encode("the lazy dog"),
+        tok.eos_id,
+    ]
 
 
 def test_hf_tokenizer_config_overrides_and_llama3_names(tmp_path):
@@ -350,17 +356,18 @@ def test_hf_tokenizer_config_overrides_and_llama3_names(tmp_path):
     _make_hf_tokenizer(p, specials=("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"))
     tok = build_tokenizer(str(p))
     from tokenizers import Tokenizer as HFTok
+
     raw = HFTok.from_file(str(p))
     assert tok.bos_id == raw.token_to_id("<|begin_of_text|>")
     assert tok.eos_id == raw.token_to_id("<|end_of_text|>")
     assert tok.pad_id == tok.eos_id  # no pad token -> EOS
     (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": None, "eos_token": {"content": "<|eot_id|>"}}), encoding="utf-8")
+        json.dumps({"bos_token": None, "eos_token": {"content": "<|eot_id|>"}}), encoding="utf-8"
+    )
     tok = build_tokenizer(str(p))
     assert tok.eos_id == raw.token_to_id("<|eot_id|>")
     assert tok.bos_id == raw.token_to_id("<|begin_of_text|>")  # null in config -> discovered
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}),
-                                                    encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}), encoding="utf-8")
     with pytest.raises(DataError, match="tokenizer_config.json"):
         build_tokenizer(str(p))
 

@@ -18,9 +18,15 @@ import torch
 from leantrain.optim import AdamW, randbits, stochastic_round
 
 DEVICE = torch.device(os.environ.get("LEANTRAIN_TEST_DEVICE", "cpu"))
-LAYOUTS = [dict(), dict(compensation="stochastic"), dict(compensation="kahan"),
-           dict(state_dtype="int8", compensation="stochastic"), dict(state_dtype="int4", compensation="stochastic"),
-           dict(state_dtype="int4-int8", compensation="stochastic"), dict(state_dtype="float32")]
+LAYOUTS = [
+    dict(),
+    dict(compensation="stochastic"),
+    dict(compensation="kahan"),
+    dict(state_dtype="int8", compensation="stochastic"),
+    dict(state_dtype="int4", compensation="stochastic"),
+    dict(state_dtype="int4-int8", compensation="stochastic"),
+    dict(state_dtype="float32"),
+]
 
 
 def _ids(v):
@@ -79,10 +85,12 @@ def test_compiled_step_on_the_device_is_the_eager_one(layout):
     _assert_same(_run(layout, DEVICE, compile=True), _run(layout, DEVICE, compile=False))
 
 
-@pytest.mark.parametrize("layout, compile", [(layout, False) for layout in LAYOUTS] +
-                         [pytest.param(dict(state_dtype="int8", compensation="stochastic"), True,
-                                       marks=pytest.mark.compile)],
-                         ids=[f"{_ids(v)}-eager" for v in LAYOUTS] + ["int8-compiled"])
+@pytest.mark.parametrize(
+    "layout, compile",
+    [(layout, False) for layout in LAYOUTS]
+    + [pytest.param(dict(state_dtype="int8", compensation="stochastic"), True, marks=pytest.mark.compile)],
+    ids=[f"{_ids(v)}-eager" for v in LAYOUTS] + ["int8-compiled"],
+)
 def test_released_backward_makes_no_host_sync(layout, compile):
     """Gradient release (optim/release.py) decides a NaN/Inf gradient's skip on the device: a backward with its
     updates queues work without waiting for the device (CUDA: torch's sync debug mode raises on any synchronizing

@@ -43,27 +43,49 @@ from leantrain.metrics import read_metrics
 pytestmark = pytest.mark.torchrun
 
 STEPS = 5
-COMMON = ["--model.flavor=debug", "--compile.enable=false", "--data.seq_len=32", "--eval.steps=1", "--metrics.progress=false",
-          "--lr_scheduler.warmup_steps=2", f"--training.steps={STEPS}", "--metrics.log_freq=1", "--eval.interval=0",
-          "--optimizer.lr=3e-3"]
+COMMON = [
+    "--model.flavor=debug",
+    "--compile.enable=false",
+    "--data.seq_len=32",
+    "--eval.steps=1",
+    "--metrics.progress=false",
+    "--lr_scheduler.warmup_steps=2",
+    f"--training.steps={STEPS}",
+    "--metrics.log_freq=1",
+    "--eval.interval=0",
+    "--optimizer.lr=3e-3",
+]
 RECIPES = ["fp32", "bf16", "bf16-kahan", "bf16-int8", "bf16-int4", "bf16-int4-int8", "bf16-int8-factored"]
-TOLERANCE = {"fp32": 1e-5, "bf16": 1e-3, "bf16-kahan": 1e-3, "bf16-int8": 3e-3, "bf16-int4": 3e-3,
-             "bf16-int4-int8": 3e-3, "bf16-int8-factored": 3e-3}
-MODES = {"fsdp": ["--parallelism.dp_shard=2", "--parallelism.dp_replicate=1"],
-         "ddp": ["--parallelism.dp_shard=1", "--parallelism.dp_replicate=2"]}
+TOLERANCE = {
+    "fp32": 1e-5,
+    "bf16": 1e-3,
+    "bf16-kahan": 1e-3,
+    "bf16-int8": 3e-3,
+    "bf16-int4": 3e-3,
+    "bf16-int4-int8": 3e-3,
+    "bf16-int8-factored": 3e-3,
+}
+MODES = {
+    "fsdp": ["--parallelism.dp_shard=2", "--parallelism.dp_replicate=1"],
+    "ddp": ["--parallelism.dp_shard=1", "--parallelism.dp_replicate=2"],
+}
 # Extra 2-rank runs: activation checkpointing under FSDP2, and compile (the blocks and the optimizer's update) with
 # each checkpointing mode; name -> (recipe, arguments).
-VARIANTS = {"ac-full": ("bf16", [*MODES["fsdp"], "--activation_checkpoint.mode=full"]),
-            "ac-selective": ("bf16", [*MODES["fsdp"], "--activation_checkpoint.mode=selective"]),
-            "compile-fsdp": ("bf16", [*MODES["fsdp"], "--compile.enable=true", "--activation_checkpoint.mode=full"]),
-            "compile-ddp": ("bf16", [*MODES["ddp"], "--compile.enable=true", "--activation_checkpoint.mode=selective"]),
-            # sharded int8 state through the compiled optimizer (shards whose size is no multiple of 256 stay eager)
-            "compile-fsdp-int8": ("bf16-int8", [*MODES["fsdp"], "--compile.enable=true"]),
-            # gradient release: FSDP2 calls each sharded parameter's hook after its reduce-scatter
-            "release-fsdp": ("bf16-int8", [*MODES["fsdp"], "--optimizer.in_backward=true", "--training.max_norm=0"]),
-            # the factored rule's column statistics all-reduced inside the backward's hooks
-            "release-fsdp-factored": ("bf16-int8-factored", [*MODES["fsdp"], "--optimizer.in_backward=true",
-                                                             "--training.max_norm=0"])}
+VARIANTS = {
+    "ac-full": ("bf16", [*MODES["fsdp"], "--activation_checkpoint.mode=full"]),
+    "ac-selective": ("bf16", [*MODES["fsdp"], "--activation_checkpoint.mode=selective"]),
+    "compile-fsdp": ("bf16", [*MODES["fsdp"], "--compile.enable=true", "--activation_checkpoint.mode=full"]),
+    "compile-ddp": ("bf16", [*MODES["ddp"], "--compile.enable=true", "--activation_checkpoint.mode=selective"]),
+    # sharded int8 state through the compiled optimizer (shards whose size is no multiple of 256 stay eager)
+    "compile-fsdp-int8": ("bf16-int8", [*MODES["fsdp"], "--compile.enable=true"]),
+    # gradient release: FSDP2 calls each sharded parameter's hook after its reduce-scatter
+    "release-fsdp": ("bf16-int8", [*MODES["fsdp"], "--optimizer.in_backward=true", "--training.max_norm=0"]),
+    # the factored rule's column statistics all-reduced inside the backward's hooks
+    "release-fsdp-factored": (
+        "bf16-int8-factored",
+        [*MODES["fsdp"], "--optimizer.in_backward=true", "--training.max_norm=0"],
+    ),
+}
 
 
 def _env() -> dict[str, str]:
@@ -86,8 +108,9 @@ def _prepared_builtin(root) -> str:
     from leantrain.prepare import prepare
 
     (root / "builtin").mkdir()
-    (root / "builtin" / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n"
-                                                       for d in load_documents("builtin")))
+    (root / "builtin" / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in load_documents("builtin"))
+    )
     prepare(str(root / "builtin"), "byte", str(root / "prepared"), workers=1, progress_bar=False)
     return str(root / "prepared")
 
@@ -103,30 +126,98 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)  # as torchrun's workers
     try:
         for recipe in RECIPES:
-            train(resolve(load_config(None, parse_overrides([*COMMON, f"--recipe={recipe}", "--data.local_batch_size=8",
-                                                             f"--job.dump_folder={root / f'single-{recipe}'}"]))))
+            train(
+                resolve(
+                    load_config(
+                        None,
+                        parse_overrides(
+                            [
+                                *COMMON,
+                                f"--recipe={recipe}",
+                                "--data.local_batch_size=8",
+                                f"--job.dump_folder={root / f'single-{recipe}'}",
+                            ]
+                        ),
+                    )
+                )
+            )
         # the references of gradient release: the normal step, without clipping
         for recipe in ("bf16-int8", "bf16-int8-factored"):
-            train(resolve(load_config(None, parse_overrides([*COMMON, f"--recipe={recipe}", "--data.local_batch_size=8",
-                                                             "--training.max_norm=0",
-                                                             f"--job.dump_folder={root / f'single-noclip-{recipe}'}"]))))
-        train(resolve(load_config(None, parse_overrides([*COMMON, *chat, "--data.local_batch_size=8",
-                                                         f"--job.dump_folder={root / 'single-chat'}"]))))
+            train(
+                resolve(
+                    load_config(
+                        None,
+                        parse_overrides(
+                            [
+                                *COMMON,
+                                f"--recipe={recipe}",
+                                "--data.local_batch_size=8",
+                                "--training.max_norm=0",
+                                f"--job.dump_folder={root / f'single-noclip-{recipe}'}",
+                            ]
+                        ),
+                    )
+                )
+            )
+        train(
+            resolve(
+                load_config(
+                    None,
+                    parse_overrides(
+                        [*COMMON, *chat, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-chat'}"]
+                    ),
+                )
+            )
+        )
     finally:
         torch.set_num_threads(threads)
-    jobs = [[*COMMON, f"--recipe={recipe}", "--data.local_batch_size=4", *MODES[mode],
-             f"--job.dump_folder={root / f'{mode}-{recipe}'}"] for mode in MODES for recipe in RECIPES]
-    jobs += [[*COMMON, f"--recipe={recipe}", "--data.local_batch_size=4", *extra,
-              f"--job.dump_folder={root / name}"] for name, (recipe, extra) in VARIANTS.items()]
+    jobs = [
+        [
+            *COMMON,
+            f"--recipe={recipe}",
+            "--data.local_batch_size=4",
+            *MODES[mode],
+            f"--job.dump_folder={root / f'{mode}-{recipe}'}",
+        ]
+        for mode in MODES
+        for recipe in RECIPES
+    ]
+    jobs += [
+        [*COMMON, f"--recipe={recipe}", "--data.local_batch_size=4", *extra, f"--job.dump_folder={root / name}"]
+        for name, (recipe, extra) in VARIANTS.items()
+    ]
     # FSDP2 on a prepared folder of the same documents: each rank memory-maps its own windows.
-    jobs.append([*COMMON, "--recipe=fp32", "--data.local_batch_size=4", *MODES["fsdp"],
-                 f"--data.path={_prepared_builtin(root)}", f"--job.dump_folder={root / 'fsdp-prepared'}"])
-    jobs += [[*COMMON, *chat, "--data.local_batch_size=4", *MODES[mode], f"--job.dump_folder={root / f'{mode}-chat'}"]
-             for mode in MODES]
+    jobs.append(
+        [
+            *COMMON,
+            "--recipe=fp32",
+            "--data.local_batch_size=4",
+            *MODES["fsdp"],
+            f"--data.path={_prepared_builtin(root)}",
+            f"--job.dump_folder={root / 'fsdp-prepared'}",
+        ]
+    )
+    jobs += [
+        [*COMMON, *chat, "--data.local_batch_size=4", *MODES[mode], f"--job.dump_folder={root / f'{mode}-chat'}"]
+        for mode in MODES
+    ]
     (root / "jobs.json").write_text(json.dumps(jobs))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "tests", "distributed_jobs.py"), str(root / "jobs.json")],
-                       capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            os.path.join(ROOT, "tests", "distributed_jobs.py"),
+            str(root / "jobs.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return root
 
@@ -169,8 +260,11 @@ def test_fsdp_gives_each_rank_half_of_the_training_state(runs, recipe):
     # FactoredAdamW's column factors are replicated (optim/factored.py): every rank holds them whole
     from leantrain.model import build_model
 
-    replicated = 0 if "factored" not in recipe else sum(
-        4 * p.shape[1] for p in build_model("debug").layers.parameters() if p.ndim == 2)
+    replicated = (
+        0
+        if "factored" not in recipe
+        else sum(4 * p.shape[1] for p in build_model("debug").layers.parameters() if p.ndim == 2)
+    )
     for rank in (0, 1):
         mine = json.loads((runs / f"fsdp-{recipe}" / f"rank{rank}.json").read_text())["state_bytes"]
         for kind in ("params", "grads", "optimizer"):
@@ -184,7 +278,8 @@ def test_fsdp_gives_each_rank_half_of_the_training_state(runs, recipe):
     # factors aside: 0.6% of the debug model's state per rank).
     assert summary["state_bytes_per_param"] == pytest.approx(
         json.loads((runs / f"single-{recipe}" / "summary.json").read_text())["state_bytes_per_param"],
-        rel=1e-2 if replicated else 1e-3)
+        rel=1e-2 if replicated else 1e-3,
+    )
 
 
 def test_only_rank_0_writes_the_run_files(runs):
@@ -217,9 +312,21 @@ def test_gradient_release_under_fsdp_skips_a_parameter_on_every_rank_when_one_sh
     """One row of the token embedding's gradient NaN, in one rank's shard (tests/release_nan_job.py): both ranks
     skip the whole parameter (weights, moments and step count of both shards unchanged), update every other one,
     count the step as skipped, and train on."""
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "tests", "release_nan_job.py")],
-                       capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            os.path.join(ROOT, "tests", "release_nan_job.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert "rank 0: ok" in r.stdout and "rank 1: ok" in r.stdout
 
@@ -228,8 +335,11 @@ def test_gradient_release_under_fsdp_matches_one_process_without_it(runs):
     """optimizer.in_backward on 2 FSDP2 ranks (int8 moments, sharded scales) against the normal step of one process
     (both without clipping): the updates run in FSDP2's post-reduce-scatter hooks on each rank's shards."""
     _assert_close(_losses(runs / "release-fsdp"), _losses(runs / "single-noclip-bf16-int8"), TOLERANCE["bf16-int8"])
-    _assert_close(_losses(runs / "release-fsdp-factored"), _losses(runs / "single-noclip-bf16-int8-factored"),
-                  TOLERANCE["bf16-int8-factored"])
+    _assert_close(
+        _losses(runs / "release-fsdp-factored"),
+        _losses(runs / "single-noclip-bf16-int8-factored"),
+        TOLERANCE["bf16-int8-factored"],
+    )
     assert json.loads((runs / "release-fsdp" / "summary.json").read_text())["state_bytes"]["grads"] == 0
 
 
@@ -244,12 +354,29 @@ def test_hsdp_on_two_nodes_over_loopback_matches_one_process(runs):
     within each "node" (dp_shard=2) and replicates across them (dp_replicate=2). Global batch 4 x 2 = 8."""
     folder = runs / "hsdp-bf16"
     port = _free_port()
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=leantrain-test",
-                "-m", "leantrain", "train", *COMMON, "--recipe=bf16", "--data.local_batch_size=2",
-                "--parallelism.dp_replicate=2", "--parallelism.dp_shard=2", f"--job.dump_folder={folder}"]
-    nodes = [subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                              cwd=ROOT) for _ in range(2)]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=leantrain-test",
+        "-m",
+        "leantrain",
+        "train",
+        *COMMON,
+        "--recipe=bf16",
+        "--data.local_batch_size=2",
+        "--parallelism.dp_replicate=2",
+        "--parallelism.dp_shard=2",
+        f"--job.dump_folder={folder}",
+    ]
+    nodes = [
+        subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
+        for _ in range(2)
+    ]
     try:
         outputs = [node.communicate(timeout=300)[0] for node in nodes]
     finally:
@@ -273,9 +400,10 @@ def test_degrees_resolve_against_the_world_size():
     assert data_parallel_degrees(cfg, 8) == (4, 2)
 
 
-@pytest.mark.parametrize("overrides, world", [({"parallelism.dp_shard": "2"}, 1),
-                                              ({"parallelism.dp_shard": "3"}, 4),
-                                              ({"parallelism.dp_replicate": "3"}, 4)])
+@pytest.mark.parametrize(
+    "overrides, world",
+    [({"parallelism.dp_shard": "2"}, 1), ({"parallelism.dp_shard": "3"}, 4), ({"parallelism.dp_replicate": "3"}, 4)],
+)
 def test_degrees_that_do_not_fit_the_world_size_are_a_config_error(overrides, world):
     with pytest.raises(ConfigError, match="dp_replicate \\* dp_shard must equal the world size"):
         data_parallel_degrees(load_config(None, overrides), world)
@@ -287,9 +415,15 @@ def test_a_single_process_with_dp_shard_2_stops_before_any_work(monkeypatch):
         parallel_plan(load_config(None, {"parallelism.dp_shard": "2"}))
 
 
-@pytest.mark.parametrize("bad", [{"parallelism.dp_shard": "0"}, {"parallelism.dp_replicate": "-2"},
-                                 {"parallelism.dp_shard": "-1", "parallelism.dp_replicate": "-1"},
-                                 {"activation_checkpoint.mode": "some"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"parallelism.dp_shard": "0"},
+        {"parallelism.dp_replicate": "-2"},
+        {"parallelism.dp_shard": "-1", "parallelism.dp_replicate": "-1"},
+        {"activation_checkpoint.mode": "some"},
+    ],
+)
 def test_bad_parallelism_keys_are_rejected(bad):
     with pytest.raises(ConfigError):
         load_config(None, bad)
@@ -325,8 +459,10 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("recipe", ["fp32", "bf16", "bf16-sr", "bf16-kahan", "bf16-int8", "bf16-int4",
-                                    "bf16-int4-int8", "bf16-int8-factored"])
+@pytest.mark.parametrize(
+    "recipe",
+    ["fp32", "bf16", "bf16-sr", "bf16-kahan", "bf16-int8", "bf16-int4", "bf16-int4-int8", "bf16-int8-factored"],
+)
 def test_adamw_on_sharded_parameters_equals_adamw_on_plain_ones(one_rank_group, recipe):
     """Every state kind (fp32 / bf16 moments, Kahan buffer, int8 codes and scales) lives on the local shard of a
     DTensor parameter, and a one-shard DTensor steps exactly like a plain tensor (shard 0 keeps the seeds)."""
@@ -342,9 +478,16 @@ def test_adamw_on_sharded_parameters_equals_adamw_on_plain_ones(one_rank_group, 
     values = [torch.randn(96, 64, generator=gen).to(dtype), torch.randn(64, generator=gen).to(dtype)]
     plain = [torch.nn.Parameter(v.clone()) for v in values]
     sharded = [torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])) for v in values]
-    opts = [OPTIMIZERS[o.name]([{"params": ps, **({"factored": True} if o.name == "FactoredAdamW" else {})}],
-                               lr=1e-2, state_dtype=o.state_dtype, compensation=o.compensation, seed=3)
-            for ps in (plain, sharded)]
+    opts = [
+        OPTIMIZERS[o.name](
+            [{"params": ps, **({"factored": True} if o.name == "FactoredAdamW" else {})}],
+            lr=1e-2,
+            state_dtype=o.state_dtype,
+            compensation=o.compensation,
+            seed=3,
+        )
+        for ps in (plain, sharded)
+    ]
     for _ in range(3):
         grads = [torch.randn(v.shape, generator=gen).to(dtype) for v in values]
         for p, g in zip(plain, grads):
@@ -379,8 +522,9 @@ def test_shards_draw_different_random_bits_and_replicas_the_same():
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=4)
         try:
             mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
-            p = DTensor.from_local(torch.zeros(5, 64), mesh, [Replicate(), Shard(0)], shape=torch.Size((10, 64)),
-                                   stride=(64, 1))
+            p = DTensor.from_local(
+                torch.zeros(5, 64), mesh, [Replicate(), Shard(0)], shape=torch.Size((10, 64)), stride=(64, 1)
+            )
             indices.append(shard_index(p))
             scales = sharded_block_scales(p, quant.FORMATS["int8"])  # one row of block scales per shard
             assert tuple(scales.shape) == (2, 2) and tuple(scales.to_local().shape) == (1, 2)

@@ -106,8 +106,9 @@ def test_adamw_refuses_a_factored_group():
         AdamW([{"params": [torch.nn.Parameter(torch.zeros(4, 4))], "factored": True}])
 
 
-@pytest.mark.parametrize("state_dtype, m_bytes", [("int8", 1 + 4 / 256), ("int4-int8", 0.5 + 4 / 128),
-                                                  ("bfloat16", 2.0), ("float32", 4.0)])
+@pytest.mark.parametrize(
+    "state_dtype, m_bytes", [("int8", 1 + 4 / 256), ("int4-int8", 0.5 + 4 / 128), ("bfloat16", 2.0), ("float32", 4.0)]
+)
 def test_state_bytes_are_m_plus_the_factors(state_dtype, m_bytes):
     rows, cols = 512, 256
     with torch.device("meta"):
@@ -185,6 +186,7 @@ def test_adafactor_recipe_stores_no_m_and_meets_the_8b_target():
     opt = build_optimizer(model, "Adafactor", lr=1e-3, state_dtype="int8")
     first_moment = {"exp_avg", "exp_avg_codes", "exp_avg_scale"}
     assert all(not first_moment & set(opt.init_state(p)) for p in model.parameters())
-    p = plan(load_config(None, {"model.flavor": "8B"}), ["bf16-factored-no-m"], dp_shard=1,
-             gpu_memory=24 * 2**30)["recipes"]
+    p = plan(load_config(None, {"model.flavor": "8B"}), ["bf16-factored-no-m"], dp_shard=1, gpu_memory=24 * 2**30)[
+        "recipes"
+    ]
     assert p["bf16-factored-no-m + in_backward"]["state_bytes_per_param"] <= 2.3

@@ -54,8 +54,14 @@ pytestmark = pytest.mark.faults
 
 STEPS = 30
 # Checkpoints every 4 steps and at step 30; eval at 10, 20, 30; every step logged.
-BASE = [*TINY, "--metrics.log_freq=1", "--eval.interval=10", "--checkpoint.enable=true", "--checkpoint.interval=4",
-        f"--training.steps={STEPS}"]
+BASE = [
+    *TINY,
+    "--metrics.log_freq=1",
+    "--eval.interval=10",
+    "--checkpoint.enable=true",
+    "--checkpoint.interval=4",
+    f"--training.steps={STEPS}",
+]
 
 
 def _env(**extra: str) -> dict:
@@ -71,8 +77,13 @@ def start_leantrain(folder: Path, *args: str, faults: tuple[str, ...] = ()) -> s
     stderr in files beside the run folder."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     out, err = open(f"{folder}.stdout", "w"), open(f"{folder}.stderr", "w")
-    return subprocess.Popen([sys.executable, FAULTS_RUNNER, *faults, "train", *args, f"--job.dump_folder={folder}"],
-                            stdout=out, stderr=err, env=_env(), cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, FAULTS_RUNNER, *faults, "train", *args, f"--job.dump_folder={folder}"],
+        stdout=out,
+        stderr=err,
+        env=_env(),
+        cwd=ROOT,
+    )
 
 
 def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
@@ -88,6 +99,7 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240)
 
 def strict_jsonl(path: Path) -> list[dict]:
     """Every line is a JSON object (no torn line, no NaN/Infinity, which are not JSON)."""
+
     def no_constants(name):
         raise AssertionError(f"{path} holds {name}, which is not JSON")
 
@@ -95,8 +107,10 @@ def strict_jsonl(path: Path) -> list[dict]:
 
 
 def per_step(folder: Path) -> list[tuple]:
-    return [(r["step"], r["loss"], r["grad_norm"], r["lr"], r.get("eval_loss"))
-            for r in strict_jsonl(folder / "metrics.jsonl")]
+    return [
+        (r["step"], r["loss"], r["grad_norm"], r["lr"], r.get("eval_loss"))
+        for r in strict_jsonl(folder / "metrics.jsonl")
+    ]
 
 
 def flat_tensors(d: dict, prefix: str = "") -> dict:
@@ -110,8 +124,11 @@ def flat_tensors(d: dict, prefix: str = "") -> dict:
 
 
 def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -133,10 +150,23 @@ def reference(tmp_path_factory) -> Path:
 
 def test_a_nonfinite_step_is_skipped_and_training_continues(tmp_path):
     folder = tmp_path / "run"
-    args = [*TINY, "--metrics.log_freq=2", "--eval.interval=0", "--training.steps=5", "--checkpoint.enable=true",
-            "--checkpoint.interval=1", f"--job.dump_folder={folder}"]
-    r = subprocess.run([sys.executable, FAULTS_RUNNER, "--nonfinite-steps=3", "train", *args], capture_output=True,
-                       text=True, env=_env(), cwd=ROOT, timeout=300)
+    args = [
+        *TINY,
+        "--metrics.log_freq=2",
+        "--eval.interval=0",
+        "--training.steps=5",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=1",
+        f"--job.dump_folder={folder}",
+    ]
+    r = subprocess.run(
+        [sys.executable, FAULTS_RUNNER, "--nonfinite-steps=3", "train", *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "step 3: loss" in r.stderr and "gradient norm inf" in r.stderr and "skipped" in r.stderr
     records = {rec["step"]: rec for rec in strict_jsonl(folder / "metrics.jsonl")}
@@ -164,8 +194,16 @@ def test_a_nonfinite_step_is_skipped_and_training_continues(tmp_path):
 def test_too_many_nonfinite_steps_in_a_row_stop_with_exit_3(tmp_path):
     """No test hook: a learning rate of 1e30 makes the weights huge after step 1, and every later gradient NaN."""
     folder = tmp_path / "run"
-    r = run_leantrain("train", *TINY, "--lr_scheduler.warmup_steps=0", "--optimizer.lr=1e30", "--training.steps=20",
-                      "--training.max_nonfinite_steps=3", "--metrics.log_freq=5", f"--job.dump_folder={folder}")
+    r = run_leantrain(
+        "train",
+        *TINY,
+        "--lr_scheduler.warmup_steps=0",
+        "--optimizer.lr=1e30",
+        "--training.steps=20",
+        "--training.max_nonfinite_steps=3",
+        "--metrics.log_freq=5",
+        f"--job.dump_folder={folder}",
+    )
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     message = " ".join(r.stderr.split())
@@ -306,8 +344,18 @@ def _write_case(case: str, tmp: Path) -> tuple[list[str], list[str]]:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["unreadable_data", "empty_jsonl", "jsonl_not_json", "jsonl_without_text",
-                                  "too_short", "not_a_tokenizer", "hf_missing_shard"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unreadable_data",
+        "empty_jsonl",
+        "jsonl_not_json",
+        "jsonl_without_text",
+        "too_short",
+        "not_a_tokenizer",
+        "hf_missing_shard",
+    ],
+)
 def test_bad_input_exits_2_names_the_file_and_writes_nothing(tmp_path, case):
     if case == "unreadable_data" and not os.path.exists("/proc/self/mem"):
         pytest.skip("needs Linux /proc")
@@ -328,8 +376,14 @@ def test_bad_input_exits_2_names_the_file_and_writes_nothing(tmp_path, case):
 def test_invalid_utf8_is_replaced_with_a_warning_naming_the_file(tmp_path):
     data = tmp_path / "scraped.txt"
     data.write_bytes(b"Some text with a bad byte \xff here and a cut one \xc3" * 100)
-    r = run_leantrain("train", *TINY, "--training.steps=1", "--eval.interval=0", f"--data.path={data}",
-                      f"--job.dump_folder={tmp_path / 'run'}")
+    r = run_leantrain(
+        "train",
+        *TINY,
+        "--training.steps=1",
+        "--eval.interval=0",
+        f"--data.path={data}",
+        f"--job.dump_folder={tmp_path / 'run'}",
+    )
     assert r.returncode == 0, r.stderr
     message = " ".join(r.stderr.split())
     assert "scraped.txt" in message and "not valid UTF-8" in message and "replaced with U+FFFD" in message
@@ -376,8 +430,14 @@ def test_pickle_payloads_are_refused_without_running(tmp_path, reference):
     leantrain.save_hf(leantrain.build_model("debug", vocab_size=300, max_seq_len=64), hf)
     (hf / "model.safetensors").unlink()
     torch.save({"model.embed_tokens.weight": Payload(marker)}, hf / "pytorch_model.bin")
-    r = run_leantrain("train", *TINY, "--training.steps=1", f"--model.hf_checkpoint={hf}", "--tokenizer.path=byte",
-                      f"--job.dump_folder={tmp_path / 'hf-run'}")
+    r = run_leantrain(
+        "train",
+        *TINY,
+        "--training.steps=1",
+        f"--model.hf_checkpoint={hf}",
+        "--tokenizer.path=byte",
+        f"--job.dump_folder={tmp_path / 'hf-run'}",
+    )
     assert r.returncode == 2 and "pytorch_model.bin" in r.stderr and "safetensors" in r.stderr, r.stderr
     assert main(["eval", f"--model.hf_checkpoint={hf}", "--tokenizer.path=byte"]) == 2
 
@@ -429,8 +489,9 @@ def test_the_package_unpickles_nothing_unrestricted():
     for path in Path(ROOT, "leantrain").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef):
-                unpicklers += [f"{path.name}:{node.name}" for base in node.bases if ast.unparse(base).endswith(
-                    "Unpickler")]
+                unpicklers += [
+                    f"{path.name}:{node.name}" for base in node.bases if ast.unparse(base).endswith("Unpickler")
+                ]
             if not isinstance(node, ast.Call):
                 continue
             name = ast.unparse(node.func)
@@ -444,16 +505,25 @@ def test_the_package_unpickles_nothing_unrestricted():
 # ---- failed writes ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("what, limit, first_missing", [
-    ("checkpoint", "6:100000", 8),  # from step 6 no file may pass 100 kB: the 1 MiB step-8 checkpoint cannot
-    ("metrics", "6:1500", None),  # ... or 1.5 kB: metrics.jsonl cannot take its next line
-])
-def test_a_failed_write_stops_with_exit_2_and_the_previous_checkpoint_resumes(tmp_path, reference, what, limit,
-                                                                             first_missing):
+@pytest.mark.parametrize(
+    "what, limit, first_missing",
+    [
+        ("checkpoint", "6:100000", 8),  # from step 6 no file may pass 100 kB: the 1 MiB step-8 checkpoint cannot
+        ("metrics", "6:1500", None),  # ... or 1.5 kB: metrics.jsonl cannot take its next line
+    ],
+)
+def test_a_failed_write_stops_with_exit_2_and_the_previous_checkpoint_resumes(
+    tmp_path, reference, what, limit, first_missing
+):
     folder = tmp_path / "run"
-    r = subprocess.run([sys.executable, FAULTS_RUNNER, f"--file-size-limit={limit}", "train", *BASE,
-                        f"--job.dump_folder={folder}"], capture_output=True, text=True, env=_env(), cwd=ROOT,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, FAULTS_RUNNER, f"--file-size-limit={limit}", "train", *BASE, f"--job.dump_folder={folder}"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr
     message = " ".join(r.stderr.split())
     # The cause as the writer saw it: the OS's EFBIG for a plain write, or, when the limit is crossed inside one of
@@ -478,10 +548,17 @@ def test_a_stop_message_names_a_command_that_really_resumes(tmp_path):
     the folder to pass instead of promising a resume that would not happen."""
     args = [*TINY, "--metrics.log_freq=1", "--checkpoint.enable=true", "--training.steps=40", "--eval.interval=0"]
     out, err = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "leantrain", "train", *args], stdout=out, stderr=err, env=_env(),
-                            cwd=tmp_path)
-    wait_for(lambda: any(tmp_path.glob("runs/*/metrics.jsonl")) and
-             len(next(tmp_path.glob("runs/*/metrics.jsonl")).read_text().splitlines()) >= 2, proc, "2 logged steps")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "leantrain", "train", *args], stdout=out, stderr=err, env=_env(), cwd=tmp_path
+    )
+    wait_for(
+        lambda: (
+            any(tmp_path.glob("runs/*/metrics.jsonl"))
+            and len(next(tmp_path.glob("runs/*/metrics.jsonl")).read_text().splitlines()) >= 2
+        ),
+        proc,
+        "2 logged steps",
+    )
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, (tmp_path / "stderr").read_text()
     text = " ".join((tmp_path / "stdout").read_text().split())
@@ -489,8 +566,14 @@ def test_a_stop_message_names_a_command_that_really_resumes(tmp_path):
     folder = next(tmp_path.glob("runs/*")).relative_to(tmp_path)
     assert f"To resume from it, run the same command with --job.dump_folder={folder}" in text
     assert "Run the same command again" not in text
-    r = subprocess.run([sys.executable, "-m", "leantrain", "train", *args, f"--job.dump_folder={folder}"],
-                       capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "leantrain", "train", *args, f"--job.dump_folder={folder}"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert r.returncode == 0 and "resuming from checkpoint" in r.stdout, r.stderr
 
 

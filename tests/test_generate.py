@@ -27,15 +27,19 @@ def _model(seed=1, dtype=torch.float32, **changes):
 
 # ---- the KV cache ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("changes", [{}, {"sliding_window": 5}, {"qk_norm": True, "qkv_bias": True, "head_dim": 24},
-                                     {"n_kv_heads": 4}], ids=["gqa", "window", "qk_norm_bias", "mha"])
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"sliding_window": 5}, {"qk_norm": True, "qkv_bias": True, "head_dim": 24}, {"n_kv_heads": 4}],
+    ids=["gqa", "window", "qk_norm_bias", "mha"],
+)
 def test_cached_decoding_gives_the_logits_of_a_full_forward_at_every_step(changes):
     model = _model(**changes)
     tokens = torch.randint(0, 50, (2, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cache = KVCache(model.args, 2, 30, torch.float32, torch.device("cpu"))
         chunks = [model(tokens[:, :7], cache, 0), model(tokens[:, 7:12], cache, 7)]  # a prefill, a chunk of 5
-        chunks += [model(tokens[:, p:p + 1], cache, p) for p in range(12, 30)]  # then one position at a time
+        chunks += [model(tokens[:, p : p + 1], cache, p) for p in range(12, 30)]  # then one position at a time
         cached = torch.cat(chunks, dim=1)
         for end in (7, 12, 20, 30):  # the full forward over each prefix: the same last logits
             assert (cached[:, end - 1] - model(tokens[:, :end])[:, -1]).abs().max() <= ATOL
@@ -55,7 +59,7 @@ def test_the_window_reaches_into_the_cache():
         with torch.no_grad():
             cache = KVCache(model.args, 1, 12, torch.float32, torch.device("cpu"))
             model(t[:, :prefill], cache, 0)
-            return torch.cat([model(t[:, p:p + 1], cache, p) for p in range(prefill, 12)], dim=1)
+            return torch.cat([model(t[:, p : p + 1], cache, p) for p in range(prefill, 12)], dim=1)
 
     diff = (decoded(changed, 6) - decoded(tokens, 6)).abs().amax(-1)[0]  # positions 6..11
     # Two layers of a window of 4: position 2 reaches positions 2..8 (3 further per layer), none after.
@@ -83,8 +87,12 @@ def test_a_chunk_past_max_seq_len_is_refused_by_the_model():
 
 # ---- greedy decoding against transformers ------------------------------------------------------------------
 
-@pytest.mark.parametrize("family, overrides", [("llama", {}), ("mistral", {"sliding_window": 8, "head_dim": 24})],
-                         ids=["llama", "mistral_window"])
+
+@pytest.mark.parametrize(
+    "family, overrides",
+    [("llama", {}), ("mistral", {"sliding_window": 8, "head_dim": 24})],
+    ids=["llama", "mistral_window"],
+)
 def test_greedy_decoding_gives_transformers_tokens(tmp_path, family, overrides):
     pytest.importorskip("transformers")
     from test_hf import tiny_hf_model
@@ -99,7 +107,7 @@ def test_greedy_decoding_gives_transformers_tokens(tmp_path, family, overrides):
     new = 24  # 12 + 24 positions: well past a window of 8
     with torch.no_grad():
         want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new)
-    want = want[0, len(prompt):].tolist()
+    want = want[0, len(prompt) :].tolist()
     got = generate(ours, prompt, max_new_tokens=new)
     assert len(want) == new and len(set(want)) > 3  # not a stuck loop of one token
     assert got == want
@@ -137,7 +145,7 @@ def test_generation_stops_at_eos_and_at_the_models_positions():
     model, prompt = _model(), [3, 1, 4]
     greedy = generate(model, prompt, max_new_tokens=10)
     stop = greedy.index(greedy[3])  # the first time the 4th token appears
-    assert generate(model, prompt, max_new_tokens=10, eos_id=greedy[3]) == greedy[:stop + 1]
+    assert generate(model, prompt, max_new_tokens=10, eos_id=greedy[3]) == greedy[: stop + 1]
     # Without max_new_tokens: 64, or what the 48 positions leave after the prompt.
     assert len(generate(model, prompt)) == 45
     with pytest.raises(ConfigError, match=r"3 tokens and 46 new token\(s\) need 49 positions, but the model has 48"):
@@ -153,8 +161,22 @@ def test_generation_stops_at_eos_and_at_the_models_positions():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("gen") / "run"
-    assert main(["train", "--model.flavor=debug", "--compile.enable=false", "--data.seq_len=32", "--data.local_batch_size=2",
-                 "--training.steps=2", "--eval.steps=1", "--metrics.progress=false", f"--job.dump_folder={run}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model.flavor=debug",
+                "--compile.enable=false",
+                "--data.seq_len=32",
+                "--data.local_batch_size=2",
+                "--training.steps=2",
+                "--eval.steps=1",
+                "--metrics.progress=false",
+                f"--job.dump_folder={run}",
+            ]
+        )
+        == 0
+    )
     assert (run / "model").is_dir()  # checkpoints off: the final model/ folder
     return run
 
@@ -174,8 +196,17 @@ def test_generate_continues_a_prompt_with_a_runs_model(tiny_run, capsys):
     assert len(new) == 64 or new[-1] == tok.eos_id
     assert out == "Hello" + tok.decode(new) + "\n"
     # The model/ folder itself, and a seeded sample: the same text each time.
-    sampled = ["generate", "--checkpoint", str(tiny_run / "model"), "--prompt=Hi", "--max_new_tokens=8",
-               "--temperature", "0.8", "--top_p=0.9", "--seed=5"]
+    sampled = [
+        "generate",
+        "--checkpoint",
+        str(tiny_run / "model"),
+        "--prompt=Hi",
+        "--max_new_tokens=8",
+        "--temperature",
+        "0.8",
+        "--top_p=0.9",
+        "--seed=5",
+    ]
     first, second = _stdout_twice(capsys, sampled)
     assert first == second and first.startswith("Hi")
 
@@ -190,16 +221,21 @@ def _stdout_twice(capsys, argv):
     return outs
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--prompt", "Hi"], "needs exactly one model"),
-    (["--checkpoint", "{run}", "--model.hf_checkpoint={run}", "--prompt", "Hi"], "needs exactly one model"),
-    (["--checkpoint", "{run}"], "needs --prompt TEXT"),
-    (["--checkpoint", "{run}", "--prompt", "Hi", "--max_new_tokens=ten"], "--max_new_tokens='ten' is not a whole"),
-    (["--checkpoint", "{run}", "--prompt", "Hi", "--temperature=-1"], "--temperature=-1.0: it must be 0"),
-    (["--checkpoint", "{run}", "--prompt", "Hi", "--top_p=0"], "--top_p=0.0: it must be in (0, 1]"),
-    (["--checkpoint", "{run}", "--prompt", "Hello", "--max_new_tokens=251"],
-     "The prompt's 6 tokens and 251 new token(s) need 257 positions, but the model has 256"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--prompt", "Hi"], "needs exactly one model"),
+        (["--checkpoint", "{run}", "--model.hf_checkpoint={run}", "--prompt", "Hi"], "needs exactly one model"),
+        (["--checkpoint", "{run}"], "needs --prompt TEXT"),
+        (["--checkpoint", "{run}", "--prompt", "Hi", "--max_new_tokens=ten"], "--max_new_tokens='ten' is not a whole"),
+        (["--checkpoint", "{run}", "--prompt", "Hi", "--temperature=-1"], "--temperature=-1.0: it must be 0"),
+        (["--checkpoint", "{run}", "--prompt", "Hi", "--top_p=0"], "--top_p=0.0: it must be in (0, 1]"),
+        (
+            ["--checkpoint", "{run}", "--prompt", "Hello", "--max_new_tokens=251"],
+            "The prompt's 6 tokens and 251 new token(s) need 257 positions, but the model has 256",
+        ),
+    ],
+)
 def test_bad_generate_options_exit_2_with_one_paragraph(tiny_run, capsys, argv, says):
     capsys.readouterr()
     assert main(["generate", *[a.replace("{run}", str(tiny_run)) for a in argv]]) == 2
@@ -225,11 +261,27 @@ def test_generate_with_an_hf_folder_and_its_own_tokenizer(tmp_path, capsys):
     # tokenizer.path=auto wants the folder's tokenizer.json: none there, exit 2; the byte tokenizer by name works
     assert main(["generate", f"--model.hf_checkpoint={folder}", "--prompt", "Hi", "--max_new_tokens=5"]) == 2
     assert "has no tokenizer.json" in " ".join(capsys.readouterr().err.split())
-    assert main(["generate", f"--model.hf_checkpoint={folder}", "--tokenizer.path=byte", "--recipe=fp32",
-                 "--prompt", "Hi", "--max_new_tokens=5"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                f"--model.hf_checkpoint={folder}",
+                "--tokenizer.path=byte",
+                "--recipe=fp32",
+                "--prompt",
+                "Hi",
+                "--max_new_tokens=5",
+            ]
+        )
+        == 0
+    )
     model = leantrain.load_hf(folder, dtype=torch.float32)
-    assert capsys.readouterr().out == "Hi" + leantrain.data.ByteTokenizer().decode(
-        generate(model, [256, *b"Hi"], max_new_tokens=5, eos_id=257)) + "\n"
+    assert (
+        capsys.readouterr().out
+        == "Hi"
+        + leantrain.data.ByteTokenizer().decode(generate(model, [256, *b"Hi"], max_new_tokens=5, eos_id=257))
+        + "\n"
+    )
     _make_hf_tokenizer(folder / "tokenizer.json")  # 200 tokens: fits the 259 rows
     assert main(["generate", f"--model.hf_checkpoint={folder}", "--prompt", "hello world", "--max_new_tokens=6"]) == 0
     assert capsys.readouterr().out.startswith("hello world")

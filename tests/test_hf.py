@@ -29,17 +29,33 @@ from leantrain.model import num_params
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-5
-LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 64}
+LLAMA31_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def tiny_hf_model(family="llama", **overrides):
     """A random model of a transformers family (LlamaForCausalLM, ...) small enough for a unit test, with every
     weight (norms and biases too) drawn large enough to give varied logits."""
-    config = transformers.AutoConfig.for_model(family, **{
-        "vocab_size": 300, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, **overrides})
+    config = transformers.AutoConfig.for_model(
+        family,
+        **{
+            "vocab_size": 300,
+            "hidden_size": 64,
+            "intermediate_size": 160,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            **overrides,
+        },
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -124,9 +140,21 @@ def test_train_from_hf_then_export_loads_back_in_transformers(tmp_path, capsys):
     hf = tiny_hf_model(vocab_size=259)  # the byte tokenizer's size: this test trains it on bytes, by name
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     run = tmp_path / "run"
-    args = ["--recipe=fp32", f"--model.hf_checkpoint={tmp_path / 'hf'}", "--compile.enable=false", "--tokenizer.path=byte", "--data.seq_len=32",
-            "--data.local_batch_size=2", "--training.steps=2", "--lr_scheduler.warmup_steps=1", "--eval.steps=1",
-            "--metrics.log_freq=1", "--metrics.progress=false", "--checkpoint.enable=true", f"--job.dump_folder={run}"]
+    args = [
+        "--recipe=fp32",
+        f"--model.hf_checkpoint={tmp_path / 'hf'}",
+        "--compile.enable=false",
+        "--tokenizer.path=byte",
+        "--data.seq_len=32",
+        "--data.local_batch_size=2",
+        "--training.steps=2",
+        "--lr_scheduler.warmup_steps=1",
+        "--eval.steps=1",
+        "--metrics.log_freq=1",
+        "--metrics.progress=false",
+        "--checkpoint.enable=true",
+        f"--job.dump_folder={run}",
+    ]
     assert main(["train", *args]) == 0
     # The first step's loss is the HF model's loss on the first batch: training started from its weights.
     cfg = load_config(None, {"data.seq_len": "32", "data.local_batch_size": "2"})
@@ -147,8 +175,21 @@ def test_train_from_hf_then_export_loads_back_in_transformers(tmp_path, capsys):
     text = tmp_path / "eval.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     out = tmp_path / "eval.json"
-    assert main(["eval", f"--model.hf_checkpoint={tmp_path / 'hf'}", f"--data.path={text}", "--data.seq_len=32",
-                 "--tokenizer.path=byte", "--recipe=fp32", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                f"--model.hf_checkpoint={tmp_path / 'hf'}",
+                f"--data.path={text}",
+                "--data.seq_len=32",
+                "--tokenizer.path=byte",
+                "--recipe=fp32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     n_windows = (len(text.read_text()) + 2 - 1) // 32  # BOS + bytes + EOS, windows of 33 sharing one token
     assert result["split"] == "all" and result["tokens"] == n_windows * 32 and result["dtype"] == "float32"
@@ -164,8 +205,16 @@ def test_an_hf_model_trains_with_its_own_tokenizer_and_a_foreign_one_is_refused(
     size = len(json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"])
     rows = size + 300  # a padded embedding, as many checkpoints have: the folder's own tokenizer is smaller
     tiny_hf_model(vocab_size=rows).save_pretrained(folder, safe_serialization=True)
-    args = ["--recipe=fp32", f"--model.hf_checkpoint={folder}", "--compile.enable=false", "--data.seq_len=16", "--data.local_batch_size=2",
-            "--training.steps=1", "--eval.steps=1", "--metrics.progress=false"]
+    args = [
+        "--recipe=fp32",
+        f"--model.hf_checkpoint={folder}",
+        "--compile.enable=false",
+        "--data.seq_len=16",
+        "--data.local_batch_size=2",
+        "--training.steps=1",
+        "--eval.steps=1",
+        "--metrics.progress=false",
+    ]
     # no tokenizer.json in the folder: nothing to guess from, so no silent byte ids
     assert main(["train", *args, f"--job.dump_folder={tmp_path / 'a'}"]) == 2
     assert "has no tokenizer.json" in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "a").exists()
@@ -189,8 +238,11 @@ FAMILY_VARIANTS = {
     "llama_head_dim": ("llama", {"head_dim": 24}, {"head_dim": 24}),
     "mistral_window": ("mistral", {"head_dim": 24, "sliding_window": 16}, {"head_dim": 24, "sliding_window": 16}),
     "qwen2_tied": ("qwen2", {"tie_word_embeddings": True}, {"qkv_bias": True, "tie_embeddings": True}),
-    "qwen2_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 10, "max_window_layers": 0},
-                     {"qkv_bias": True, "sliding_window": 10}),
+    "qwen2_window": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 10, "max_window_layers": 0},
+        {"qkv_bias": True, "sliding_window": 10},
+    ),
     "qwen3": ("qwen3", {"head_dim": 24}, {"qk_norm": True, "head_dim": 24}),
 }
 
@@ -238,9 +290,13 @@ def test_family_save_hf_round_trips_through_transformers(tmp_path, variant):
     theirs, mine = hf.state_dict(), back.state_dict()
     assert theirs.keys() == mine.keys()
     assert all(torch.equal(theirs[k], mine[k]) for k in theirs)
+
     def shape_of(c):  # qwen2's config has no head_dim field: transformers then uses hidden / heads
-        return (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-                getattr(c, "sliding_window", None), c.tie_word_embeddings)
+        return (
+            getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            getattr(c, "sliding_window", None),
+            c.tie_word_embeddings,
+        )
 
     assert shape_of(back.config) == shape_of(hf.config)
     tokens = torch.randint(0, 300, (2, 100))
@@ -255,9 +311,21 @@ def test_family_trains_in_bf16_sr_and_exports_what_transformers_loads(tmp_path, 
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     run = tmp_path / "run"
     # seq_len 32 is longer than mistral_window's window of 16: training uses the sliding window.
-    args = ["--recipe=bf16-sr", f"--model.hf_checkpoint={tmp_path / 'hf'}", "--compile.enable=false", "--tokenizer.path=byte", "--data.seq_len=32",
-            "--data.local_batch_size=2", "--training.steps=3", "--lr_scheduler.warmup_steps=1", "--eval.steps=1",
-            "--metrics.log_freq=1", "--metrics.progress=false", "--checkpoint.enable=true", f"--job.dump_folder={run}"]
+    args = [
+        "--recipe=bf16-sr",
+        f"--model.hf_checkpoint={tmp_path / 'hf'}",
+        "--compile.enable=false",
+        "--tokenizer.path=byte",
+        "--data.seq_len=32",
+        "--data.local_batch_size=2",
+        "--training.steps=3",
+        "--lr_scheduler.warmup_steps=1",
+        "--eval.steps=1",
+        "--metrics.log_freq=1",
+        "--metrics.progress=false",
+        "--checkpoint.enable=true",
+        f"--job.dump_folder={run}",
+    ]
     assert main(["train", *args]) == 0
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
@@ -290,9 +358,11 @@ def test_q_k_bias_and_norm_weights_are_reordered_like_their_rows(tmp_path):
         hf.save_pretrained(tmp_path / family, safe_serialization=True)
         ours = leantrain.load_hf(tmp_path / family, dtype=torch.float32)
         attn, theirs = ours.layers[0].attention, hf.model.layers[0].self_attn
-        pairs = ([(attn.wq.bias, theirs.q_proj.bias), (attn.wk.bias, theirs.k_proj.bias),
-                  (attn.wv.bias, theirs.v_proj.bias)] if family == "qwen2"
-                 else [(attn.q_norm.weight, theirs.q_norm.weight), (attn.k_norm.weight, theirs.k_norm.weight)])
+        pairs = (
+            [(attn.wq.bias, theirs.q_proj.bias), (attn.wk.bias, theirs.k_proj.bias), (attn.wv.bias, theirs.v_proj.bias)]
+            if family == "qwen2"
+            else [(attn.q_norm.weight, theirs.q_norm.weight), (attn.k_norm.weight, theirs.k_norm.weight)]
+        )
         for mine, hf_tensor in pairs:
             assert torch.equal(mine.sort().values, hf_tensor.detach().sort().values)
         if family == "qwen2":
@@ -310,47 +380,151 @@ def test_q_k_bias_and_norm_weights_are_reordered_like_their_rows(tmp_path):
 # parameter count transformers itself builds on the meta device, and the figure the model card publishes.
 PUBLISHED = {
     # Qwen2.5-7B: "Number of Parameters: 7.61B" (untied; q/k/v bias; use_sliding_window false)
-    "Qwen2.5-7B": ({"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                    "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-                    "tie_word_embeddings": False, "rope_theta": 1000000.0, "max_position_embeddings": 131072,
-                    "rms_norm_eps": 1e-06, "sliding_window": 131072, "use_sliding_window": False,
-                    "max_window_layers": 28, "hidden_act": "silu"}, 7_615_616_512),
+    "Qwen2.5-7B": (
+        {
+            "model_type": "qwen2",
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "vocab_size": 152064,
+            "tie_word_embeddings": False,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 131072,
+            "rms_norm_eps": 1e-06,
+            "sliding_window": 131072,
+            "use_sliding_window": False,
+            "max_window_layers": 28,
+            "hidden_act": "silu",
+        },
+        7_615_616_512,
+    ),
     # Qwen2.5-0.5B: "0.49B" (tied embeddings)
-    "Qwen2.5-0.5B": ({"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-                      "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
-                      "tie_word_embeddings": True, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
-                      "rms_norm_eps": 1e-06, "sliding_window": 32768, "use_sliding_window": False,
-                      "max_window_layers": 24, "hidden_act": "silu"}, 494_032_768),
+    "Qwen2.5-0.5B": (
+        {
+            "model_type": "qwen2",
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "vocab_size": 151936,
+            "tie_word_embeddings": True,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-06,
+            "sliding_window": 32768,
+            "use_sliding_window": False,
+            "max_window_layers": 24,
+            "hidden_act": "silu",
+        },
+        494_032_768,
+    ),
     # Qwen3-8B: "Number of Parameters: 8.2B" (q/k norms, head_dim 128)
-    "Qwen3-8B": ({"model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
-                  "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
-                  "tie_word_embeddings": False, "rope_theta": 1000000, "max_position_embeddings": 40960,
-                  "rms_norm_eps": 1e-06, "attention_bias": False, "sliding_window": None, "use_sliding_window": False,
-                  "max_window_layers": 36, "hidden_act": "silu"}, 8_190_735_360),
+    "Qwen3-8B": (
+        {
+            "model_type": "qwen3",
+            "hidden_size": 4096,
+            "intermediate_size": 12288,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "vocab_size": 151936,
+            "tie_word_embeddings": False,
+            "rope_theta": 1000000,
+            "max_position_embeddings": 40960,
+            "rms_norm_eps": 1e-06,
+            "attention_bias": False,
+            "sliding_window": None,
+            "use_sliding_window": False,
+            "max_window_layers": 36,
+            "hidden_act": "silu",
+        },
+        8_190_735_360,
+    ),
     # Qwen3-0.6B: "0.6B" (tied; head_dim 128 x 16 heads = 2048 != hidden_size 1024)
-    "Qwen3-0.6B": ({"model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
-                    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
-                    "tie_word_embeddings": True, "rope_theta": 1000000, "max_position_embeddings": 40960,
-                    "rms_norm_eps": 1e-06, "attention_bias": False, "sliding_window": None,
-                    "use_sliding_window": False, "max_window_layers": 28, "hidden_act": "silu"}, 596_049_920),
+    "Qwen3-0.6B": (
+        {
+            "model_type": "qwen3",
+            "hidden_size": 1024,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "vocab_size": 151936,
+            "tie_word_embeddings": True,
+            "rope_theta": 1000000,
+            "max_position_embeddings": 40960,
+            "rms_norm_eps": 1e-06,
+            "attention_bias": False,
+            "sliding_window": None,
+            "use_sliding_window": False,
+            "max_window_layers": 28,
+            "hidden_act": "silu",
+        },
+        596_049_920,
+    ),
     # Mistral-7B-v0.1: "7.24B" (sliding window 4096)
-    "Mistral-7B-v0.1": ({"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
-                         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                         "vocab_size": 32000, "tie_word_embeddings": False, "rope_theta": 10000.0,
-                         "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "sliding_window": 4096,
-                         "hidden_act": "silu"}, 7_241_732_096),
+    "Mistral-7B-v0.1": (
+        {
+            "model_type": "mistral",
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 32000,
+            "tie_word_embeddings": False,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-05,
+            "sliding_window": 4096,
+            "hidden_act": "silu",
+        },
+        7_241_732_096,
+    ),
     # Mistral-7B-v0.3: "7.25B" (vocabulary 32768, no window)
-    "Mistral-7B-v0.3": ({"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
-                         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                         "vocab_size": 32768, "tie_word_embeddings": False, "rope_theta": 1000000.0,
-                         "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "sliding_window": None,
-                         "hidden_act": "silu"}, 7_248_023_552),
+    "Mistral-7B-v0.3": (
+        {
+            "model_type": "mistral",
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 32768,
+            "tie_word_embeddings": False,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-05,
+            "sliding_window": None,
+            "hidden_act": "silu",
+        },
+        7_248_023_552,
+    ),
     # Mistral-Nemo-Base-2407: "12B" (12.2B; head_dim 128 x 32 heads = 4096 != hidden_size 5120)
-    "Mistral-Nemo-Base-2407": ({"model_type": "mistral", "hidden_size": 5120, "intermediate_size": 14336,
-                                "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8,
-                                "head_dim": 128, "vocab_size": 131072, "tie_word_embeddings": False,
-                                "rope_theta": 1000000.0, "max_position_embeddings": 1024000, "rms_norm_eps": 1e-05,
-                                "sliding_window": None, "hidden_act": "silu"}, 12_247_782_400),
+    "Mistral-Nemo-Base-2407": (
+        {
+            "model_type": "mistral",
+            "hidden_size": 5120,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 40,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "vocab_size": 131072,
+            "tie_word_embeddings": False,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 1024000,
+            "rms_norm_eps": 1e-05,
+            "sliding_window": None,
+            "hidden_act": "silu",
+        },
+        12_247_782_400,
+    ),
 }
 
 
@@ -381,8 +555,19 @@ def test_published_parameter_counts_on_the_meta_device(tmp_path, name):
 def test_plan_reads_a_published_config(tmp_path, capsys, name):
     config, count = PUBLISHED[name]
     folder = _published_folder(tmp_path, name)  # config.json only: plan needs no weights
-    assert main(["plan", f"--model.hf_checkpoint={folder}", "--recipe=bf16-sr,fp32", "--data.seq_len=4096",
-                 "--data.local_batch_size=1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                f"--model.hf_checkpoint={folder}",
+                "--recipe=bf16-sr,fp32",
+                "--data.seq_len=4096",
+                "--data.local_batch_size=1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     p = json.loads(capsys.readouterr().out)
     assert p["num_params"] == count and p["model"] == f"{config['model_type']} {folder}"
     bf16_sr = p["recipes"]["bf16-sr"]["state_bytes_per_gpu"]
@@ -394,8 +579,16 @@ def test_plan_reads_a_published_config(tmp_path, capsys, name):
 
 # ---- what is still refused, named ---------------------------------------------------------------------------
 
-_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 128}
+_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 300,
+    "max_position_embeddings": 128,
+}
 
 REFUSED = {
     "mixtral": ({**_LLAMA, "model_type": "mixtral", "num_local_experts": 8}, "mixture-of-experts"),
@@ -411,8 +604,10 @@ REFUSED = {
     "quantized": ({**_LLAMA, "quantization_config": {"quant_method": "awq"}}, "quantized weights"),
     "odd_head_dim": ({**_LLAMA, "head_dim": 25}, "even head_dim"),
     # A window on layer 1 only, shorter than the 128 trained positions: it would matter, and is not supported.
-    "window_on_some_layers": ({**_LLAMA, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16,
-                               "max_window_layers": 1}, "sliding window of 16 tokens on 1 of the 2 layers"),
+    "window_on_some_layers": (
+        {**_LLAMA, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+        "sliding window of 16 tokens on 1 of the 2 layers",
+    ),
 }
 
 
@@ -433,8 +628,19 @@ def test_a_window_on_some_layers_loads_where_it_changes_nothing():
 def test_refused_folder_exits_2_with_the_reason(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(REFUSED["gemma2"][0]))
     (tmp_path / "tokenizer.json").write_text("{}")  # a real folder has one; the model is refused before it is read
-    assert main(["train", f"--model.hf_checkpoint={tmp_path}", "--compile.enable=false", "--training.steps=1", "--lr_scheduler.warmup_steps=1",
-                 f"--job.dump_folder={tmp_path / 'run'}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                f"--model.hf_checkpoint={tmp_path}",
+                "--compile.enable=false",
+                "--training.steps=1",
+                "--lr_scheduler.warmup_steps=1",
+                f"--job.dump_folder={tmp_path / 'run'}",
+            ]
+        )
+        == 2
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert "model_type='gemma2'" in err and "Gemma's norms" in err and "Traceback" not in err
     assert not any((tmp_path / "run").rglob("*"))  # nothing written
@@ -450,8 +656,15 @@ def test_save_hf_refuses_a_model_its_family_cannot_hold(tmp_path):
 
 def test_export_keeps_the_models_own_positions_and_a_longer_seq_len_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
-    common = ["--model.flavor=debug", "--compile.enable=false", "--data.local_batch_size=2", "--training.steps=1", "--eval.steps=1",
-              "--lr_scheduler.warmup_steps=1", "--metrics.progress=false"]
+    common = [
+        "--model.flavor=debug",
+        "--compile.enable=false",
+        "--data.local_batch_size=2",
+        "--training.steps=1",
+        "--eval.steps=1",
+        "--lr_scheduler.warmup_steps=1",
+        "--metrics.progress=false",
+    ]
     assert main(["train", *common, "--data.seq_len=32", f"--job.dump_folder={run}"]) == 0
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -462,7 +675,12 @@ def test_export_keeps_the_models_own_positions_and_a_longer_seq_len_is_refused(t
     assert "data.seq_len = 300" in err and "256 positions" in err and not any((tmp_path / "long").rglob("*"))
     # an HF model's own max_position_embeddings (128 here) is its limit too, in train and in eval
     tiny_hf_model(vocab_size=259).save_pretrained(tmp_path / "tiny", safe_serialization=True)
-    hf = [f"--model.hf_checkpoint={tmp_path / 'tiny'}", "--compile.enable=false", "--tokenizer.path=byte", "--data.seq_len=200"]
+    hf = [
+        f"--model.hf_checkpoint={tmp_path / 'tiny'}",
+        "--compile.enable=false",
+        "--tokenizer.path=byte",
+        "--data.seq_len=200",
+    ]
     assert main(["train", *hf, "--training.steps=1", f"--job.dump_folder={tmp_path / 'hf-run'}"]) == 2
     assert "128 positions" in " ".join(capsys.readouterr().err.split())
     assert main(["eval", *hf]) == 2

@@ -80,7 +80,7 @@ def test_no_import_cycle():
         state[name] = "open"
         for dep in sorted(GRAPH[name]):
             if state.get(dep) == "open":
-                pytest.fail("import cycle: " + " -> ".join(path[path.index(dep):] + [dep]))
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(dep) :] + [dep]))
             if dep not in state:
                 visit(dep, path + [dep])
         state[name] = "done"
@@ -91,8 +91,12 @@ def test_no_import_cycle():
 
 
 def test_no_upward_import():
-    upward = [f"{name} imports {dep}" for name, deps in GRAPH.items() for dep in deps
-              if component(dep) != component(name) and LAYER[component(dep)] >= LAYER[component(name)]]
+    upward = [
+        f"{name} imports {dep}"
+        for name, deps in GRAPH.items()
+        for dep in deps
+        if component(dep) != component(name) and LAYER[component(dep)] >= LAYER[component(name)]
+    ]
     assert not upward, "imports at or above the importer's layer: " + "; ".join(sorted(upward))
 
 

@@ -16,9 +16,14 @@ from conftest import TINY
 
 transformers = pytest.importorskip("transformers")
 
-TEXTS = ["plain ascii", "héllo wörld, 日本語, 🙂 and ∑", "  two  spaces\n\ttab\r\n", "",
-         "".join(BYTE_SPECIAL_TOKENS) + " <s></s>",  # a text spelling the specials' names is bytes, not specials
-         "\x00\x01\x7f control bytes"]
+TEXTS = [
+    "plain ascii",
+    "héllo wörld, 日本語, 🙂 and ∑",
+    "  two  spaces\n\ttab\r\n",
+    "",
+    "".join(BYTE_SPECIAL_TOKENS) + " <s></s>",  # a text spelling the specials' names is bytes, not specials
+    "\x00\x01\x7f control bytes",
+]
 
 
 def test_exported_byte_tokenizer_gives_leantrain_ids_in_transformers(tmp_path):
@@ -57,8 +62,10 @@ def test_train_export_finetune_export_keeps_the_tokenizer_and_the_logits(tmp_pat
     common = [*TINY, "--recipe=fp32", "--training.steps=2", "--checkpoint.enable=true"]
     assert main(["train", *common, f"--job.dump_folder={tmp_path / 'run'}"]) == 0
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf1")]) == 0
-    assert main(["train", *common, f"--model.hf_checkpoint={tmp_path / 'hf1'}",
-                 f"--job.dump_folder={tmp_path / 'tuned'}"]) == 0
+    assert (
+        main(["train", *common, f"--model.hf_checkpoint={tmp_path / 'hf1'}", f"--job.dump_folder={tmp_path / 'tuned'}"])
+        == 0
+    )
     config = (tmp_path / "tuned" / "config.toml").read_text()
     assert f'path = "{tmp_path / "hf1" / "tokenizer.json"}"' in config  # auto: the folder's own tokenizer
     assert main(["export", "--checkpoint", str(tmp_path / "tuned"), "--out", str(tmp_path / "hf2")]) == 0
@@ -87,10 +94,12 @@ def test_every_command_decides_tokenizer_auto_the_same_way(command, hf_without_t
     """An HF folder without tokenizer.json: every command that tokenizes refuses with the same message, which names
     'byte'; with --tokenizer.path=byte each of them runs. (plan reads only config.json: its vocabulary is there.)"""
     steps = [*TINY, "--training.steps=1", "--lr_scheduler.warmup_steps=1"]
-    extra = {"train": [*steps, f"--job.dump_folder={tmp_path / 'run'}"],
-             "eval": ["--eval.steps=1", "--data.seq_len=32", f"--out={tmp_path / 'eval.json'}"],
-             "generate": ["--prompt=hi", "--max_new_tokens=2"],
-             "compare": ["--recipes=fp32", f"--out={tmp_path / 'cmp'}", *steps]}[command]
+    extra = {
+        "train": [*steps, f"--job.dump_folder={tmp_path / 'run'}"],
+        "eval": ["--eval.steps=1", "--data.seq_len=32", f"--out={tmp_path / 'eval.json'}"],
+        "generate": ["--prompt=hi", "--max_new_tokens=2"],
+        "compare": ["--recipes=fp32", f"--out={tmp_path / 'cmp'}", *steps],
+    }[command]
     args = [command, f"--model.hf_checkpoint={hf_without_tokenizer}", *extra]
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -103,8 +112,12 @@ def test_every_command_decides_tokenizer_auto_the_same_way(command, hf_without_t
 def test_eval_of_an_exported_folder_needs_no_tokenizer_flag(tmp_path, capsys):
     save_hf(build_model("debug"), tmp_path / "hf", tokenizer=ByteTokenizer())
     out = tmp_path / "eval.json"
-    assert main(["eval", f"--model.hf_checkpoint={tmp_path / 'hf'}", "--eval.steps=1", "--data.seq_len=32",
-                 f"--out={out}"]) == 0
+    assert (
+        main(
+            ["eval", f"--model.hf_checkpoint={tmp_path / 'hf'}", "--eval.steps=1", "--data.seq_len=32", f"--out={out}"]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["tokens"] > 0
 
 
@@ -113,8 +126,17 @@ def test_an_explicit_tokenizer_wins_and_a_size_mismatch_names_both_sizes(tmp_pat
     spec = json.loads(byte_tokenizer_json())
     spec["added_tokens"].append({**spec["added_tokens"][-1], "id": 259, "content": "<extra>"})
     (tmp_path / "other.json").write_text(json.dumps(spec))
-    assert main(["generate", f"--model.hf_checkpoint={tmp_path / 'hf'}", f"--tokenizer.path={tmp_path / 'other.json'}",
-                 "--prompt=hi"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                f"--model.hf_checkpoint={tmp_path / 'hf'}",
+                f"--tokenizer.path={tmp_path / 'other.json'}",
+                "--prompt=hi",
+            ]
+        )
+        == 2
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert "260 tokens" in err and "259" in err
 

@@ -8,12 +8,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import leantrain
-from leantrain.model import (ModelArgs, build_model, build_model_from_args, model_args, num_params,
-                             sliding_window_mask)
+from leantrain.model import ModelArgs, build_model, build_model_from_args, model_args, num_params, sliding_window_mask
 
 
-@pytest.mark.parametrize("flavor, published", [
-    ("1B", 1_235_814_400), ("8B", 8_030_261_248), ("70B", 70_553_706_496)])
+@pytest.mark.parametrize("flavor, published", [("1B", 1_235_814_400), ("8B", 8_030_261_248), ("70B", 70_553_706_496)])
 def test_parameter_counts_match_published_llama(flavor, published):
     model = build_model(flavor, torch.bfloat16, device="meta")
     assert num_params(model) == published
@@ -152,7 +150,10 @@ def test_an_older_checkpoints_model_args_still_describe_a_llama(tmp_path):
     from leantrain.checkpoint.reading import _check_model_args
 
     new = model_args("debug", vocab_size=259)
-    old = {k: v for k, v in dataclasses.asdict(new).items()
-           if k not in ("head_dim", "qkv_bias", "qk_norm", "sliding_window", "family")}
+    old = {
+        k: v
+        for k, v in dataclasses.asdict(new).items()
+        if k not in ("head_dim", "qkv_bias", "qk_norm", "sliding_window", "family")
+    }
     assert ModelArgs(**old) == new
     _check_model_args(tmp_path, {"model_args": old}, new)  # raises if anything differs

@@ -16,19 +16,24 @@ from leantrain.optim.rounding import kahan_write_
 
 BF16_ULP_1 = 2.0**-7  # bf16 spacing in [1, 2)
 
-VARIANTS = [
-    dict(state_dtype=sd, compensation=c)
-    for sd in ("auto", "float32", "bfloat16", "int8", "int4")
-    for c in ("none", "stochastic", "kahan")
-] + [
-    dict(compensation="stochastic", moments_rounding="nearest"),
-    dict(compensation="kahan", moments_rounding="nearest"),
-    dict(compensation="none", moments_rounding="stochastic"),
-    dict(state_dtype="int4-int8", compensation="stochastic"),
-] + [  # FactoredAdamW: the 2-D parameters (a [1, 4096] row and a [70, 80] matrix whose rows cut int8 blocks) factored
-    dict(rule="FactoredAdamW", state_dtype=sd, compensation=c)
-    for sd, c in (("int8", "stochastic"), ("int4-int8", "stochastic"), ("auto", "none"), ("float32", "kahan"))
-] + [dict(rule="Adafactor", state_dtype=sd, compensation=c) for sd, c in (("int8", "stochastic"), ("auto", "kahan"))]
+VARIANTS = (
+    [
+        dict(state_dtype=sd, compensation=c)
+        for sd in ("auto", "float32", "bfloat16", "int8", "int4")
+        for c in ("none", "stochastic", "kahan")
+    ]
+    + [
+        dict(compensation="stochastic", moments_rounding="nearest"),
+        dict(compensation="kahan", moments_rounding="nearest"),
+        dict(compensation="none", moments_rounding="stochastic"),
+        dict(state_dtype="int4-int8", compensation="stochastic"),
+    ]
+    + [  # FactoredAdamW: the 2-D parameters (a [1, 4096] row and a [70, 80] matrix whose rows cut int8 blocks) factored
+        dict(rule="FactoredAdamW", state_dtype=sd, compensation=c)
+        for sd, c in (("int8", "stochastic"), ("int4-int8", "stochastic"), ("auto", "none"), ("float32", "kahan"))
+    ]
+    + [dict(rule="Adafactor", state_dtype=sd, compensation=c) for sd, c in (("int8", "stochastic"), ("auto", "kahan"))]
+)
 
 
 def _ids(v):
@@ -36,6 +41,7 @@ def _ids(v):
 
 
 # --------------------------------------------------------------------------- float64 reference
+
 
 def reference_adamw(p0, grads, lr, betas, eps, wd):
     """torch.optim.AdamW's math in float64, one tensor, a list of gradients."""
@@ -81,8 +87,7 @@ def test_fp32_matches_float64_reference_and_torch():
     # carries ~6e-8 relative error of the O(1) values they were computed from)
     assert torch.allclose(p.double(), ref, rtol=1e-6, atol=1e-7)
     q = torch.nn.Parameter(p0.clone())
-    topt = torch.optim.AdamW([q], lr=HP["lr"], betas=HP["betas"], eps=HP["eps"],
-                             weight_decay=HP["wd"], foreach=False)
+    topt = torch.optim.AdamW([q], lr=HP["lr"], betas=HP["betas"], eps=HP["eps"], weight_decay=HP["wd"], foreach=False)
     for g in grads:
         q.grad = g.clone()
         topt.step()
@@ -91,18 +96,21 @@ def test_fp32_matches_float64_reference_and_torch():
     assert torch.allclose(p, q, rtol=1e-6, atol=1e-7) and not torch.equal(p, q)
 
 
-@pytest.mark.parametrize("state_dtype, bound", [
-    # bf16 keeps 8 significant bits: each stored moment is off by <= 2^-9 relative, so
-    # m_hat / sqrt(v_hat) is off by <~ 2^-8 per step, far under 2% of lr per step.
-    ("bfloat16", 0.02),
-    # int8 dynamic map: an element at >= 1% of its block max is stored within ~5% (>= 8 codes
-    # per decade there), smaller ones within the block max / 2e3; the Adam ratio then moves
-    # by well under 25% of lr per step.
-    ("int8", 0.25),
-    # int4: 16 codes; an element is stored within half a code gap of its block max (int4's v: at least 1/16 of
-    # it), so the ratio moves by up to about the lr per step
-    ("int4", 1.0),
-])
+@pytest.mark.parametrize(
+    "state_dtype, bound",
+    [
+        # bf16 keeps 8 significant bits: each stored moment is off by <= 2^-9 relative, so
+        # m_hat / sqrt(v_hat) is off by <~ 2^-8 per step, far under 2% of lr per step.
+        ("bfloat16", 0.02),
+        # int8 dynamic map: an element at >= 1% of its block max is stored within ~5% (>= 8 codes
+        # per decade there), smaller ones within the block max / 2e3; the Adam ratio then moves
+        # by well under 25% of lr per step.
+        ("int8", 0.25),
+        # int4: 16 codes; an element is stored within half a code gap of its block max (int4's v: at least 1/16 of
+        # it), so the ratio moves by up to about the lr per step
+        ("int4", 1.0),
+    ],
+)
 def test_low_precision_moments_stay_within_format_bound(state_dtype, bound):
     p0, grads = _problem()
     ref = reference_adamw(p0, grads, **HP)
@@ -113,6 +121,7 @@ def test_low_precision_moments_stay_within_format_bound(state_dtype, bound):
 
 
 # --------------------------------------------------------------------------- stochastic rounding
+
 
 def test_stochastic_rounding_is_unbiased():
     n = 200_000
@@ -139,8 +148,7 @@ def test_small_update_moves_weight_in_expectation_only_with_stochastic_rounding(
 
 
 def test_stochastic_rounding_edge_values():
-    x = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -2.5,
-                      3.3895313892515355e38])
+    x = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -2.5, 3.3895313892515355e38])
     x = torch.cat([x, torch.zeros(2).div(0.0), torch.tensor([float("nan")]).bfloat16().float()])
     x = x.repeat(1000)  # many random draws for the NaNs (0/0 is x86's 0xFFC00000)
     out = stochastic_round(x, seed=0)
@@ -151,6 +159,7 @@ def test_stochastic_rounding_edge_values():
 
 
 # --------------------------------------------------------------------------- Kahan
+
 
 def _kahan_sum(n_updates, stochastic_comp):
     p = torch.ones(64, dtype=torch.bfloat16)
@@ -233,6 +242,7 @@ def test_low_lr_toy_needs_unbiased_weights_and_moments():
 
 
 # --------------------------------------------------------------------------- int8
+
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("signed", [True, False])
@@ -325,8 +335,7 @@ SHAPES = [(96, 64), (64,), (5000,), (300,), (1, 4096), (70, 80)]
 
 def _params(dtype_of):
     gen = torch.Generator().manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype_of(i)))
-            for i, s in enumerate(SHAPES)]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype_of(i))) for i, s in enumerate(SHAPES)]
 
 
 def _grads(params, step):
@@ -405,22 +414,37 @@ def test_load_state_dict_rejects_another_recipe():
 RECIPE = dict(state_dtype="auto", compensation="none", moments_rounding="auto")
 
 
-@pytest.mark.parametrize("recipe, dtype, numel, moments, kahan, fields", [
-    (dict(), torch.bfloat16, 4096, "bfloat16", False, (-1, -1, -1)),
-    (dict(compensation="stochastic"), torch.bfloat16, 4096, "bfloat16", False, (0, 1, 2)),
-    (dict(compensation="stochastic", moments_rounding="nearest"), torch.bfloat16, 4096, "bfloat16", False,
-     (0, -1, -1)),
-    (dict(compensation="kahan"), torch.bfloat16, 4096, "bfloat16", True, (0, 1, 2)),  # field 0: kahan_comp
-    (dict(compensation="kahan", moments_rounding="nearest"), torch.bfloat16, 4096, "bfloat16", True, (-1, -1, -1)),
-    (dict(moments_rounding="stochastic"), torch.bfloat16, 4096, "bfloat16", False, (-1, 0, 1)),
-    (dict(state_dtype="int8", compensation="stochastic"), torch.bfloat16, 4096, "int8", False, (0, 1, 2)),
-    (dict(state_dtype="int8", compensation="stochastic", moments_rounding="nearest"), torch.bfloat16, 4096, "int8",
-     False, (0, -1, -1)),
-    (dict(state_dtype="int8", compensation="stochastic"), torch.bfloat16, 4095, "bfloat16", False, (0, 1, 2)),
-    (dict(state_dtype="float32", compensation="kahan"), torch.bfloat16, 4096, "float32", True, (0, -1, -1)),
-    (dict(compensation="kahan"), torch.float32, 4096, "float32", False, (-1, -1, -1)),
-    (dict(state_dtype="bfloat16", compensation="stochastic"), torch.float32, 4096, "bfloat16", False, (-1, 0, 1)),
-])
+@pytest.mark.parametrize(
+    "recipe, dtype, numel, moments, kahan, fields",
+    [
+        (dict(), torch.bfloat16, 4096, "bfloat16", False, (-1, -1, -1)),
+        (dict(compensation="stochastic"), torch.bfloat16, 4096, "bfloat16", False, (0, 1, 2)),
+        (
+            dict(compensation="stochastic", moments_rounding="nearest"),
+            torch.bfloat16,
+            4096,
+            "bfloat16",
+            False,
+            (0, -1, -1),
+        ),
+        (dict(compensation="kahan"), torch.bfloat16, 4096, "bfloat16", True, (0, 1, 2)),  # field 0: kahan_comp
+        (dict(compensation="kahan", moments_rounding="nearest"), torch.bfloat16, 4096, "bfloat16", True, (-1, -1, -1)),
+        (dict(moments_rounding="stochastic"), torch.bfloat16, 4096, "bfloat16", False, (-1, 0, 1)),
+        (dict(state_dtype="int8", compensation="stochastic"), torch.bfloat16, 4096, "int8", False, (0, 1, 2)),
+        (
+            dict(state_dtype="int8", compensation="stochastic", moments_rounding="nearest"),
+            torch.bfloat16,
+            4096,
+            "int8",
+            False,
+            (0, -1, -1),
+        ),
+        (dict(state_dtype="int8", compensation="stochastic"), torch.bfloat16, 4095, "bfloat16", False, (0, 1, 2)),
+        (dict(state_dtype="float32", compensation="kahan"), torch.bfloat16, 4096, "float32", True, (0, -1, -1)),
+        (dict(compensation="kahan"), torch.float32, 4096, "float32", False, (-1, -1, -1)),
+        (dict(state_dtype="bfloat16", compensation="stochastic"), torch.float32, 4096, "bfloat16", False, (-1, 0, 1)),
+    ],
+)
 def test_layout_decides_storage_and_random_fields(recipe, dtype, numel, moments, kahan, fields):
     layout = ParamLayout.decide(**{**RECIPE, **recipe}, param_dtype=dtype, numel=numel)
     assert (layout.moments, layout.kahan, layout.fields) == (moments, kahan, fields)
@@ -461,16 +485,19 @@ def test_lr_scheduler_drives_lr():
     assert torch.equal(p, before)  # lr is 0 now
 
 
-@pytest.mark.parametrize("variant, expected", [
-    (dict(state_dtype="float32"), 8.0),
-    (dict(state_dtype="bfloat16"), 4.0),
-    (dict(state_dtype="auto"), 4.0),
-    (dict(state_dtype="int8"), 2 + 8 / 256),
-    (dict(state_dtype="bfloat16", compensation="kahan"), 6.0),
-    (dict(state_dtype="int8", compensation="kahan"), 4 + 8 / 256),
-    (dict(state_dtype="int4"), 1 + 8 / 128),
-    (dict(state_dtype="int4-int8"), 1.5 + 4 / 128 + 4 / 256),
-])
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        (dict(state_dtype="float32"), 8.0),
+        (dict(state_dtype="bfloat16"), 4.0),
+        (dict(state_dtype="auto"), 4.0),
+        (dict(state_dtype="int8"), 2 + 8 / 256),
+        (dict(state_dtype="bfloat16", compensation="kahan"), 6.0),
+        (dict(state_dtype="int8", compensation="kahan"), 4 + 8 / 256),
+        (dict(state_dtype="int4"), 1 + 8 / 128),
+        (dict(state_dtype="int4-int8"), 1.5 + 4 / 128 + 4 / 256),
+    ],
+)
 def test_state_bytes_per_param(variant, expected):
     p = torch.nn.Parameter(torch.zeros(512, 256, dtype=torch.bfloat16))
     opt = AdamW([p], **variant)
@@ -529,9 +556,14 @@ def test_small_tensors_keep_bf16_moments_under_int8():
 
 # --------------------------------------------------------------------------- diagnostics
 
-@pytest.mark.parametrize("compensation, lost, compensated", [
-    ("none", 1.0, None), ("kahan", 1.0, 1.0),
-])
+
+@pytest.mark.parametrize(
+    "compensation, lost, compensated",
+    [
+        ("none", 1.0, None),
+        ("kahan", 1.0, 1.0),
+    ],
+)
 def test_lost_update_fraction(compensation, lost, compensated):
     p = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
     f = torch.nn.Parameter(torch.ones(16))  # fp32: not counted
@@ -580,16 +612,25 @@ def test_moment_meter_counts_stale_moments(state_dtype):
     lost, ratio = {}, {}
     for rounding in ("nearest", "stochastic"):
         p = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16))
-        opt = AdamW([p], lr=1e-6, weight_decay=0.0, state_dtype=state_dtype, compensation="stochastic",
-                    moments_rounding=rounding)
+        opt = AdamW(
+            [p],
+            lr=1e-6,
+            weight_decay=0.0,
+            state_dtype=state_dtype,
+            compensation="stochastic",
+            moments_rounding=rounding,
+        )
         for g in grads[:-1]:
             p.grad = g.clone()
             opt.step()
         p.grad = grads[-1].clone()
         lost[rounding] = opt.step(count_lost_updates=True).exp_avg_sq_lost_fraction
         st = opt.state[p]
-        v = (quant.dequantize(st["exp_avg_sq_codes"], st["exp_avg_sq_scale"], False) if state_dtype == "int8"
-             else st["exp_avg_sq"].float())
+        v = (
+            quant.dequantize(st["exp_avg_sq_codes"], st["exp_avg_sq_scale"], False)
+            if state_dtype == "int8"
+            else st["exp_avg_sq"].float()
+        )
         ratio[rounding] = float(v.sum() / exact.sum())
     assert lost["nearest"] > 0.5 and 0 < lost["stochastic"] < 1, lost
     assert abs(ratio["nearest"] - 1) > 0.005 and abs(ratio["stochastic"] - 1) < 0.002, ratio
@@ -612,11 +653,20 @@ def test_step_returns_the_closures_loss_and_refuses_one_when_counting():
 
 # --------------------------------------------------------------------------- API
 
+
 def test_build_optimizer_decays_matrices_only():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
-    opt = build_optimizer(model, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                          state_dtype="bfloat16", compensation="kahan", seed=1,
-                          moments_rounding="nearest")
+    opt = build_optimizer(
+        model,
+        lr=1e-3,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.1,
+        state_dtype="bfloat16",
+        compensation="kahan",
+        seed=1,
+        moments_rounding="nearest",
+    )
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.ndim >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.ndim < 2 for p in no_decay["params"])
@@ -635,12 +685,19 @@ def test_init_state_on_meta_params_lays_out_state_without_memory():
     assert all(t.is_meta for k, t in st.items() if k != "step")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(lr=-1.0), "lr"), (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=0.0), "eps"),
-    (dict(weight_decay=-0.1), "weight_decay"), (dict(state_dtype="fp8"), "state_dtype"),
-    (dict(compensation="magic"), "compensation"), (dict(moments_rounding="up"), "moments_rounding"),
-    (dict(compile="yes"), "compile"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(eps=0.0), "eps"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(state_dtype="fp8"), "state_dtype"),
+        (dict(compensation="magic"), "compensation"),
+        (dict(moments_rounding="up"), "moments_rounding"),
+        (dict(compile="yes"), "compile"),
+    ],
+)
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdamW([torch.nn.Parameter(torch.zeros(2))], **kwargs)
@@ -664,9 +721,13 @@ def test_deepcopy_and_pickle_friendly_state_dict():
 
 # One per state layout the fused kernel handles; _mixed adds an fp32 parameter (fp32 layout) to each.
 COMPILED_VARIANTS = [
-    dict(), dict(compensation="stochastic"), dict(compensation="kahan"),
-    dict(state_dtype="int8", compensation="stochastic"), dict(state_dtype="int4", compensation="stochastic"),
-    dict(state_dtype="int4-int8", compensation="stochastic"), dict(state_dtype="float32"),
+    dict(),
+    dict(compensation="stochastic"),
+    dict(compensation="kahan"),
+    dict(state_dtype="int8", compensation="stochastic"),
+    dict(state_dtype="int4", compensation="stochastic"),
+    dict(state_dtype="int4-int8", compensation="stochastic"),
+    dict(state_dtype="float32"),
     dict(rule="FactoredAdamW", state_dtype="int8", compensation="stochastic"),
     dict(rule="FactoredAdamW", compensation="kahan"),
     dict(rule="Adafactor", state_dtype="int8", compensation="stochastic"),
@@ -698,18 +759,21 @@ def test_compiled_matches_eager_bitwise(variant, monkeypatch):
     assert calls  # the compiled kernel ran (fullgraph=True: it raises rather than fall back to eager)
     (pa, oa, sa), (pb, ob, sb) = runs
     for a, b in zip(pa, pb):
-        assert torch.equal(a.view(torch.int16 if a.dtype == torch.bfloat16 else torch.int32),
-                           b.view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32))
+        assert torch.equal(
+            a.view(torch.int16 if a.dtype == torch.bfloat16 else torch.int32),
+            b.view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32),
+        )
         for k, v in oa.state[a].items():
             assert torch.equal(v, ob.state[b][k]), k
     assert sa == sb
 
 
-# Every layout eagerly; compiled (new graphs: about 7 s each) the two whose gate differs from the eager one's place in the
-# kernel: Kahan (gated outputs) and quantized moments in both formats (gated codes and scales, two graphs).
+# Every layout eagerly; compiled (new graphs: about 7 s each) the two whose gate differs from the eager one's place in
+# the kernel: Kahan (gated outputs) and quantized moments in both formats (gated codes and scales, two graphs).
 GATE_CASES = [(variant, False) for variant in COMPILED_VARIANTS] + [
     pytest.param(v, True, marks=pytest.mark.compile)
-    for v in (dict(compensation="kahan"), dict(state_dtype="int4-int8", compensation="stochastic"))]
+    for v in (dict(compensation="kahan"), dict(state_dtype="int4-int8", compensation="stochastic"))
+]
 
 
 def _gate_id(case) -> str:
@@ -815,7 +879,9 @@ def test_compiled_stochastic_rounding_keeps_its_bitcasts_vectorized():
     p, g = torch.randn(n).bfloat16(), torch.randn(n).bfloat16()
     m, v = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
     keys = randbits.StepKeys(randbits.tensor_key(0, 0), 1, 3).tensor(0, "cpu")
-    scalars = optimizer_mod.StepScalars.of(dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8), 1).as_tensor("cpu")
+    scalars = optimizer_mod.StepScalars.of(dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8), 1).as_tensor(
+        "cpu"
+    )
     fn = torch.compile(update.elementwise_update, fullgraph=True, options={"emulate_precision_casts": True})
     with update._vectorized_bitcasts(), torch._inductor.config.patch(force_disable_caches=True):  # generated now
         _, code = run_and_get_code(fn, p, g, m, v, None, None, None, keys, (0, 1, 2), "bfloat16", scalars, False)

@@ -11,8 +11,15 @@ import torch
 
 from leantrain.cli import main
 from leantrain.config import load_config
-from leantrain.data import (ByteTokenizer, PackedSftDataset, SftDataset, TokenizedSamples, best_fit_pack,
-                            build_datasets, record_sample)
+from leantrain.data import (
+    ByteTokenizer,
+    PackedSftDataset,
+    SftDataset,
+    TokenizedSamples,
+    best_fit_pack,
+    build_datasets,
+    record_sample,
+)
 from leantrain.errors import ConfigError, DataError
 from leantrain.metrics import read_metrics
 from leantrain.model import build_model, segment_mask
@@ -52,7 +59,9 @@ def test_packed_rows_restart_positions_at_each_sample_and_keep_every_label():
     assert packed.num_rows < padded.num_samples / 2 and packed.num_tokens == padded.num_tokens
     inputs, labels, positions = next(packed.eval_batches())
     _, padded_labels = next(padded.eval_batches())
-    assert sorted(labels[labels != IGNORE_INDEX].tolist()) == sorted(padded_labels[padded_labels != IGNORE_INDEX].tolist())
+    assert sorted(labels[labels != IGNORE_INDEX].tolist()) == sorted(
+        padded_labels[padded_labels != IGNORE_INDEX].tolist()
+    )
     for r, row in enumerate(packed.rows):
         starts = np.cumsum([0] + [int(packed.lengths[k]) - 1 for k in row])
         for k, a, b in zip(row, starts[:-1], starts[1:]):
@@ -60,15 +69,21 @@ def test_packed_rows_restart_positions_at_each_sample_and_keep_every_label():
             assert positions[r, a:b].tolist() == list(range(b - a))
             assert inputs[r, a:b].tolist() == [256, *prompt.encode(), *response.encode()]
             assert labels[r, a:b].tolist() == [IGNORE_INDEX] * len(prompt) + [*response.encode(), 257]
-        tail = positions[r, starts[-1]:]
-        assert tail.tolist() == list(range(len(tail))) and (labels[r, starts[-1]:] == IGNORE_INDEX).all()
+        tail = positions[r, starts[-1] :]
+        assert tail.tolist() == list(range(len(tail))) and (labels[r, starts[-1] :] == IGNORE_INDEX).all()
 
 
 def test_segment_mask_is_block_diagonal_causal():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
     mask = segment_mask(positions, window=0)[0, 0].int()
-    assert mask.tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
-                             [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
+    assert mask.tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]
     windowed = segment_mask(positions, window=2)[0, 0].int()
     assert windowed[2].tolist() == [0, 1, 1, 0, 0, 0]
 
@@ -109,16 +124,21 @@ def test_changing_one_sample_of_a_packed_row_leaves_the_others_alone(window):
         at = 0
         for k in data.rows[0]:
             n = int(data.lengths[k]) - 1
-            alone = model(batch[0][:, at:at + n])[0]
-            assert torch.allclose(logits[at:at + n], alone, atol=1e-5)
+            alone = model(batch[0][:, at : at + n])[0]
+            assert torch.allclose(logits[at : at + n], alone, atol=1e-5)
             at += n
-    spans = [{k: (sum(int(d.lengths[j]) - 1 for j in d.rows[0][:d.rows[0].index(k)]),
-                  int(d.lengths[k]) - 1) for k in d.rows[0]} for d, _ in rows]
+    spans = [
+        {
+            k: (sum(int(d.lengths[j]) - 1 for j in d.rows[0][: d.rows[0].index(k)]), int(d.lengths[k]) - 1)
+            for k in d.rows[0]
+        }
+        for d, _ in rows
+    ]
     for k in (0, 2):  # the unchanged samples: identical logits wherever they sit in the row
         (a0, n0), (a1, n1) = spans[0][k], spans[1][k]
-        assert n0 == n1 and torch.allclose(out[0][a0:a0 + n0], out[1][a1:a1 + n1], atol=1e-5)
+        assert n0 == n1 and torch.allclose(out[0][a0 : a0 + n0], out[1][a1 : a1 + n1], atol=1e-5)
     (a0, n0), (a1, _) = spans[0][1], spans[1][1]
-    assert not torch.allclose(out[0][a0:a0 + 3], out[1][a1:a1 + 3], atol=1e-3)  # the changed one did change
+    assert not torch.allclose(out[0][a0 : a0 + 3], out[1][a1 : a1 + 3], atol=1e-3)  # the changed one did change
 
 
 def test_packed_order_resumes_and_a_padded_checkpoint_is_refused():
@@ -145,8 +165,10 @@ def test_packing_false_is_refused_for_text():
 def _chat_file(path, n=60):
     with open(path, "w") as f:
         for i in range(n):
-            messages = [{"role": "user", "content": f"what is {i} + {i}?"},
-                        {"role": "assistant", "content": f"{2 * i}" + " indeed" * (i % 3)}]
+            messages = [
+                {"role": "user", "content": f"what is {i} + {i}?"},
+                {"role": "assistant", "content": f"{2 * i}" + " indeed" * (i % 3)},
+            ]
             if i % 2:
                 messages += [{"role": "user", "content": "sure?"}, {"role": "assistant", "content": "yes"}]
             f.write(json.dumps({"messages": messages}) + "\n")
@@ -156,23 +178,34 @@ def _chat_file(path, n=60):
 def test_chat_data_builds_packed_and_padded_datasets(tmp_path):
     path = _chat_file(tmp_path / "chat.jsonl")
     for packing, kind in (("true", PackedSftDataset), ("false", SftDataset)):
-        cfg = load_config(None, {"data.format": "chat", "data.path": str(path), "data.seq_len": "256",
-                                 "data.packing": packing})
+        cfg = load_config(
+            None, {"data.format": "chat", "data.path": str(path), "data.seq_len": "256", "data.packing": packing}
+        )
         train, held_out = build_datasets(cfg.data, BYTE, 0)
         assert isinstance(train, kind) and (train.num_samples, held_out.num_samples) == (57, 3)
         assert len(train.next_batch()) == (3 if packing == "true" else 2)
     # the held-out conversations' targets, all of them labels of the packed eval rows
-    want = sum(int(record_sample(json.loads(line), "chat", BYTE)[1][1:].sum())
-               for line in path.read_text().splitlines()[-3:])
+    want = sum(
+        int(record_sample(json.loads(line), "chat", BYTE)[1][1:].sum()) for line in path.read_text().splitlines()[-3:]
+    )
     labels = torch.cat([batch[1] for batch in held_out.eval_batches()])
     assert int((labels != IGNORE_INDEX).sum()) == want
 
 
 def test_train_eval_and_compare_on_chat_data(tmp_path, capsys):
     path = _chat_file(tmp_path / "chat.jsonl")
-    args = ["--data.format=chat", f"--data.path={path}", "--model.flavor=debug", "--compile.enable=false", "--data.seq_len=256",
-            "--data.local_batch_size=2", "--training.steps=3", "--lr_scheduler.warmup_steps=1",
-            "--metrics.log_freq=1", "--metrics.progress=false"]
+    args = [
+        "--data.format=chat",
+        f"--data.path={path}",
+        "--model.flavor=debug",
+        "--compile.enable=false",
+        "--data.seq_len=256",
+        "--data.local_batch_size=2",
+        "--training.steps=3",
+        "--lr_scheduler.warmup_steps=1",
+        "--metrics.log_freq=1",
+        "--metrics.progress=false",
+    ]
     run = tmp_path / "run"
     assert main(["train", *args, "--checkpoint.enable=true", f"--job.dump_folder={run}"]) == 0
     records = read_metrics(run / "metrics.jsonl")
@@ -181,8 +214,9 @@ def test_train_eval_and_compare_on_chat_data(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "eval.json")]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
     # the held-out split is the last 3 conversations; their targets are the assistant turns and their EOS
-    want = sum(int(record_sample(json.loads(line), "chat", BYTE)[1].sum())
-               for line in path.read_text().splitlines()[-3:])
+    want = sum(
+        int(record_sample(json.loads(line), "chat", BYTE)[1].sum()) for line in path.read_text().splitlines()[-3:]
+    )
     assert result["format"] == "chat" and result["tokens"] == want
     assert result["loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-5)
     assert main(["eval", "--checkpoint", str(run), f"--data.path={path}", "--out", str(tmp_path / "all.json")]) == 0

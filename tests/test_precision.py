@@ -141,8 +141,9 @@ def test_qwen3_qk_norms_are_fp32_islands_in_a_bf16_model():
     """Qwen3's per-head q/k RMSNorms are the same island as the block norms: statistics in fp32, one rounding."""
     from leantrain.model import ModelArgs, build_model_from_args
 
-    args = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=256, vocab_size=50, head_dim=128,
-                     qk_norm=True)
+    args = ModelArgs(
+        dim=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=256, vocab_size=50, head_dim=128, qk_norm=True
+    )
     model = build_model_from_args(args, torch.bfloat16, seed=0)
     attn = model.layers[0].attention
     with torch.no_grad():
@@ -216,5 +217,6 @@ def test_model_loss_is_the_loss_of_its_logits():
     model = build_model("debug", torch.float32)
     tokens = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
     labels = tokens.roll(-1, 1)
-    assert torch.allclose(model(tokens, labels=labels), precision.cross_entropy(model(tokens), labels),
-                          rtol=1e-6, atol=0)
+    assert torch.allclose(
+        model(tokens, labels=labels), precision.cross_entropy(model(tokens), labels), rtol=1e-6, atol=0
+    )

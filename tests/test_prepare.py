@@ -47,15 +47,25 @@ def _write_corpus(folder, files=3, docs=80, seed=0):
 
 
 def _data(path, *extra, seq_len=32, batch=4):
-    return load_config(None, parse_overrides([f"--data.path={path}", f"--data.seq_len={seq_len}",
-                                              f"--data.local_batch_size={batch}", *extra])).data
+    return load_config(
+        None,
+        parse_overrides(
+            [f"--data.path={path}", f"--data.seq_len={seq_len}", f"--data.local_batch_size={batch}", *extra]
+        ),
+    ).data
 
 
 def _prepared(tmp_path, name="prep", source=None, **kw):
     source = source or _write_corpus(tmp_path / "src")
     out = tmp_path / name
-    prepare(str(source), "byte", str(out), workers=2, progress_bar=False, **{"shard_tokens": 3000,
-                                                                             "chunk_bytes": 2000, **kw})
+    prepare(
+        str(source),
+        "byte",
+        str(out),
+        workers=2,
+        progress_bar=False,
+        **{"shard_tokens": 3000, "chunk_bytes": 2000, **kw},
+    )
     return source, out
 
 
@@ -96,7 +106,9 @@ def test_a_batch_reads_only_its_own_windows(tmp_path, monkeypatch):
     train_ds, _ = build_datasets(_data(out), build_tokenizer("byte"), 0, tokenizer_path="byte", rank=1, world_size=2)
     reads = []
     stream_getitem = type(train_ds.tokens).__getitem__
-    monkeypatch.setattr(type(train_ds.tokens), "__getitem__", lambda self, s: reads.append(s) or stream_getitem(self, s))
+    monkeypatch.setattr(
+        type(train_ds.tokens), "__getitem__", lambda self, s: reads.append(s) or stream_getitem(self, s)
+    )
     train_ds.next_batch()
     assert len(reads) == 4 and all(s.stop - s.start == 33 for s in reads)  # this rank's 4 windows, nothing else
 
@@ -119,12 +131,23 @@ def test_training_on_prepared_data_resumes_bit_for_bit(tmp_path, kind):
         data = f"--data.mix={out}=2,{other}=1"
     else:
         data = f"--data.path={out}"
-    args = [*TINY, "--data.seq_len=32", data, "--training.steps=4", "--metrics.log_freq=1",
-            "--checkpoint.enable=true", "--checkpoint.interval=2", "--eval.interval=0"]
+    args = [
+        *TINY,
+        "--data.seq_len=32",
+        data,
+        "--training.steps=4",
+        "--metrics.log_freq=1",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=2",
+        "--eval.interval=0",
+    ]
 
     def run(folder, steps):
-        train(resolve(load_config(None, parse_overrides([*args, f"--job.dump_folder={folder}",
-                                                         f"--training.steps={steps}"]))))
+        train(
+            resolve(
+                load_config(None, parse_overrides([*args, f"--job.dump_folder={folder}", f"--training.steps={steps}"]))
+            )
+        )
         return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(folder / "metrics.jsonl")]
 
     whole = run(tmp_path / "whole", 4)
@@ -158,7 +181,9 @@ def test_an_interrupted_prepare_resumes_into_the_same_folder(tmp_path, monkeypat
         if name != "manifest.json":
             assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
     strip = lambda m: {k: v for k, v in m.items() if k != "run"}  # noqa: E731
-    assert strip(json.loads((cut / "manifest.json").read_text())) == strip(json.loads((whole / "manifest.json").read_text()))
+    assert strip(json.loads((cut / "manifest.json").read_text())) == strip(
+        json.loads((whole / "manifest.json").read_text())
+    )
 
 
 def test_a_stop_signal_keeps_the_finished_shards_and_the_same_command_resumes(tmp_path, monkeypatch, capfd):
@@ -177,15 +202,21 @@ def test_a_stop_signal_keeps_the_finished_shards_and_the_same_command_resumes(tm
     monkeypatch.setattr(ShardWriter, "finish", signalled)
     cut = tmp_path / "cut"
     try:
-        assert prepare(str(source), "byte", str(cut), workers=2, progress_bar=False, shard_tokens=3000,
-                       chunk_bytes=2000) is None
+        assert (
+            prepare(str(source), "byte", str(cut), workers=2, progress_bar=False, shard_tokens=3000, chunk_bytes=2000)
+            is None
+        )
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
     out = capfd.readouterr()  # the signal's notice is written to fd 2 directly
     assert "SIGTERM received" in out.err and "2 finished shard(s) are kept" in out.out
     assert sorted(n for n in os.listdir(cut) if not n.startswith(".")) == [
-        "shard-00000.index", "shard-00000.tokens", "shard-00001.index", "shard-00001.tokens"]  # nothing half-written
+        "shard-00000.index",
+        "shard-00000.tokens",
+        "shard-00001.index",
+        "shard-00001.tokens",
+    ]  # nothing half-written
     monkeypatch.setattr(ShardWriter, "finish", finish)
     prepare(str(source), "byte", str(cut), workers=2, progress_bar=False, shard_tokens=3000, chunk_bytes=2000)
     assert all((cut / n).read_bytes() == (whole / n).read_bytes() for n in os.listdir(whole) if n != "manifest.json")
@@ -237,7 +268,16 @@ def test_prepare_refuses_a_folder_holding_other_files_and_skips_a_finished_one(t
 
 
 def _damage_message(tmp_path, capsys, out):
-    code = cli.main(["train", *TINY, f"--data.path={out}", "--training.steps=1", "--lr_scheduler.warmup_steps=0", f"--job.dump_folder={tmp_path / 'run'}"])
+    code = cli.main(
+        [
+            "train",
+            *TINY,
+            f"--data.path={out}",
+            "--training.steps=1",
+            "--lr_scheduler.warmup_steps=0",
+            f"--job.dump_folder={tmp_path / 'run'}",
+        ]
+    )
     err = " ".join(capsys.readouterr().err.split())  # unwrapped
     assert code == 2 and "Traceback" not in err
     return err
@@ -272,11 +312,21 @@ def test_a_manifest_of_another_tokenizer_is_refused_naming_both(tmp_path, capsys
     source, out = _prepared(tmp_path)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(load_documents(str(source)), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.train_from_iterator(
+        load_documents(str(source)), trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    )
     tok.save(str(tmp_path / "tokenizer.json"))
-    code = cli.main(["train", *TINY, f"--data.path={out}", f"--tokenizer.path={tmp_path / 'tokenizer.json'}",
-                     "--training.steps=1", "--lr_scheduler.warmup_steps=0", f"--job.dump_folder={tmp_path / 'run'}"])
+    code = cli.main(
+        [
+            "train",
+            *TINY,
+            f"--data.path={out}",
+            f"--tokenizer.path={tmp_path / 'tokenizer.json'}",
+            "--training.steps=1",
+            "--lr_scheduler.warmup_steps=0",
+            f"--job.dump_folder={tmp_path / 'run'}",
+        ]
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "tokenized with the byte tokenizer" in err and "tokenizer.json" in err and "sha256" in err
 
@@ -287,20 +337,23 @@ def test_prepare_with_a_bpe_tokenizer_matches_in_memory_encoding(tmp_path):
     source = _write_corpus(tmp_path / "src", files=1)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(load_documents(str(source)), trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.train_from_iterator(
+        load_documents(str(source)), trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
+    )
     path = str(tmp_path / "tokenizer.json")
     tok.save(path)
     out = tmp_path / "prep"
     prepare(str(source), path, str(out), workers=2, progress_bar=False, chunk_bytes=1500)
-    data_raw = load_config(None, parse_overrides([f"--data.path={source}", f"--tokenizer.path={path}",
-                                                  "--data.seq_len=16"])).data
-    data_prep = load_config(None, parse_overrides([f"--data.path={out}", f"--tokenizer.path={path}",
-                                                   "--data.seq_len=16"])).data
+    data_raw = load_config(
+        None, parse_overrides([f"--data.path={source}", f"--tokenizer.path={path}", "--data.seq_len=16"])
+    ).data
+    data_prep = load_config(
+        None, parse_overrides([f"--data.path={out}", f"--tokenizer.path={path}", "--data.seq_len=16"])
+    ).data
     t = build_tokenizer(path)
     a = build_datasets(data_raw, t, 0, tokenizer_path=path)[0]
     b = build_datasets(data_prep, t, 0, tokenizer_path=path)[0]
-    assert np.array_equal(b.tokens[0:len(b.tokens)], a.tokens.numpy()) and b.tokens[0:1][0] == t.bos_id
+    assert np.array_equal(b.tokens[0 : len(b.tokens)], a.tokens.numpy()) and b.tokens[0:1][0] == t.bos_id
 
 
 def _uniform_corpus(folder, char, docs=40):
@@ -312,8 +365,9 @@ def _uniform_corpus(folder, char, docs=40):
 def test_mixing_honours_the_weights_and_resumes(tmp_path):
     a = _prepared(tmp_path, "a", source=_uniform_corpus(tmp_path / "ra", "a"))[1]
     b = _prepared(tmp_path, "b", source=_uniform_corpus(tmp_path / "rb", "b"))[1]
-    data = load_config(None, parse_overrides([f"--data.mix={a}=3,{b}=1", "--data.seq_len=16",
-                                              "--data.local_batch_size=8"])).data
+    data = load_config(
+        None, parse_overrides([f"--data.mix={a}=3,{b}=1", "--data.seq_len=16", "--data.local_batch_size=8"])
+    ).data
     mixed, evals = build_datasets(data, build_tokenizer("byte"), 0, tokenizer_path="byte")
     batches = [mixed.next_batch()[0] for _ in range(100)]
     from_a = sum(int((x == ord("a")).any(dim=1).sum()) for x in batches)
@@ -327,9 +381,14 @@ def test_mixing_honours_the_weights_and_resumes(tmp_path):
     assert _equal([again.next_batch() for _ in range(3)], after)
     # Two ranks draw the same global batch and split it.
     r0 = build_datasets(data, build_tokenizer("byte"), 0, tokenizer_path="byte", rank=0, world_size=2)[0]
-    whole = build_datasets(load_config(None, parse_overrides([f"--data.mix={a}=3,{b}=1", "--data.seq_len=16",
-                                                              "--data.local_batch_size=16"])).data,
-                           build_tokenizer("byte"), 0, tokenizer_path="byte")[0]
+    whole = build_datasets(
+        load_config(
+            None, parse_overrides([f"--data.mix={a}=3,{b}=1", "--data.seq_len=16", "--data.local_batch_size=16"])
+        ).data,
+        build_tokenizer("byte"),
+        0,
+        tokenizer_path="byte",
+    )[0]
     assert torch.equal(r0.next_batch()[0], whole.next_batch()[0][:8])
     assert sum(1 for _ in evals.eval_batches()) == 2  # each folder's eval split
 
@@ -384,8 +443,21 @@ def test_eval_reads_a_prepared_folder_held_out_or_whole(tmp_path, capsys):
     (source / "d.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(40)))
     _, out = _prepared(tmp_path, source=source)
     run = tmp_path / "run"
-    assert cli.main(["train", *TINY, "--data.seq_len=32", f"--data.path={out}", "--training.steps=2",
-                     "--eval.steps=3", "--checkpoint.enable=true", f"--job.dump_folder={run}"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *TINY,
+                "--data.seq_len=32",
+                f"--data.path={out}",
+                "--training.steps=2",
+                "--eval.steps=3",
+                "--checkpoint.enable=true",
+                f"--job.dump_folder={run}",
+            ]
+        )
+        == 0
+    )
     eval_loss = read_metrics(run / "metrics.jsonl")[-1]["eval_loss"]
     assert cli.main(["eval", "--checkpoint", str(run), "--eval.steps=3", "--out", str(tmp_path / "held.json")]) == 0
     assert json.loads((tmp_path / "held.json").read_text())["loss"] == eval_loss  # the same split and batches
@@ -409,18 +481,22 @@ def _sft_source(folder, n=150):
     folder.mkdir(parents=True)
 
     def conversation(i):
-        messages = [{"role": "user", "content": f"question {i}: " + " ".join(rng.choice(WORDS) for _ in range(
-            rng.randint(1, 30)))}, {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(
-                rng.randint(1, 40)))}]
+        messages = [
+            {
+                "role": "user",
+                "content": f"question {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))),
+            },
+            {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40)))},
+        ]
         if i % 3 == 0:
             messages += [{"role": "user", "content": "more?"}, {"role": "assistant", "content": "yes " * (i % 7)}]
         return messages
 
     for name in ("a", "b"):
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"messages": conversation(i)}) + "\n"
-                                                     for i in range(n)))
-    pq.write_table(pa.table({"messages": [conversation(i) for i in range(40)]}), folder / "c.parquet",
-                   row_group_size=7)
+        (folder / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"messages": conversation(i)}) + "\n" for i in range(n))
+        )
+    pq.write_table(pa.table({"messages": [conversation(i) for i in range(40)]}), folder / "c.parquet", row_group_size=7)
     return folder
 
 
@@ -428,8 +504,9 @@ def _sft_source(folder, n=150):
 def test_prepared_chat_gives_the_same_batches_as_the_raw_files(tmp_path, packing):
     source = _sft_source(tmp_path / "src")
     out = tmp_path / "prep"
-    prepare(str(source), "byte", str(out), workers=2, progress_bar=False, shard_tokens=4000, chunk_bytes=3000,
-            kind="chat")
+    prepare(
+        str(source), "byte", str(out), workers=2, progress_bar=False, shard_tokens=4000, chunk_bytes=3000, kind="chat"
+    )
     assert len(json.loads((out / "manifest.json").read_text())["shards"]) > 3
     extra = ["--data.format=chat", f"--data.packing={packing}"]
     with pytest.warns(UserWarning, match="cut at the end"):  # the same warnings: the samples are cut for the run
@@ -444,20 +521,42 @@ def test_prepared_chat_gives_the_same_batches_as_the_raw_files(tmp_path, packing
 def test_prepared_sft_data_is_checked_against_the_run(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
-    (src / "d.jsonl").write_text("".join(json.dumps({"prompt": f"q{i} ", "response": "a" * (i % 9 + 1)}) + "\n"
-                                         for i in range(60)))
+    (src / "d.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"q{i} ", "response": "a" * (i % 9 + 1)}) + "\n" for i in range(60))
+    )
     out = tmp_path / "prep"
     assert cli.main(["prepare", f"--data.path={src}", "--data.format=sft", f"--out={out}", "--workers=1"]) == 0
     raw = _batches(_data(src, "--data.format=sft"), 3)
     prep = _batches(_data(out, "--data.format=sft"), 3)
     assert _equal(prep[1], raw[1]) and _equal(prep[2], raw[2])
     capsys.readouterr()
-    assert cli.main(["train", *TINY, f"--data.path={out}", "--data.format=chat", "--training.steps=1",
-                     "--lr_scheduler.warmup_steps=0", f"--job.dump_folder={tmp_path / 'run'}"]) == 2
+    assert (
+        cli.main(
+            [
+                "train",
+                *TINY,
+                f"--data.path={out}",
+                "--data.format=chat",
+                "--training.steps=1",
+                "--lr_scheduler.warmup_steps=0",
+                f"--job.dump_folder={tmp_path / 'run'}",
+            ]
+        )
+        == 2
+    )
     assert "prepared with data.format=sft" in " ".join(capsys.readouterr().err.split())
     (out / "shard-00000.mask").write_bytes((out / "shard-00000.mask").read_bytes()[:-3])
-    code = cli.main(["train", *TINY, f"--data.path={out}", "--data.format=sft", "--training.steps=1",
-                     "--lr_scheduler.warmup_steps=0", f"--job.dump_folder={tmp_path / 'run'}"])
+    code = cli.main(
+        [
+            "train",
+            *TINY,
+            f"--data.path={out}",
+            "--data.format=sft",
+            "--training.steps=1",
+            "--lr_scheduler.warmup_steps=0",
+            f"--job.dump_folder={tmp_path / 'run'}",
+        ]
+    )
     message = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "shard-00000.mask holds" in message and "truncated" in message
 

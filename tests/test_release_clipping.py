@@ -23,16 +23,28 @@ MAX_NORM = 0.05  # small enough that every step of the debug model clips
 
 
 def _state(in_backward: bool, clipping: str = "per_tensor"):
-    plan = resolve(load_config(None, {"recipe": "bf16-sr", "model.flavor": "debug", "compile.enable": "false",
-                                      "lr_scheduler.warmup_steps": "1", "training.max_norm": str(MAX_NORM),
-                                      "optimizer.in_backward": str(in_backward).lower(),
-                                      "training.release_clipping": clipping}), env={})
+    plan = resolve(
+        load_config(
+            None,
+            {
+                "recipe": "bf16-sr",
+                "model.flavor": "debug",
+                "compile.enable": "false",
+                "lr_scheduler.warmup_steps": "1",
+                "training.max_norm": str(MAX_NORM),
+                "optimizer.in_backward": str(in_backward).lower(),
+                "training.release_clipping": clipping,
+            },
+        ),
+        env={},
+    )
     data = PackedDataset(["some text to train on, " * 40], ByteTokenizer(), 16, 2, 0)
     dist = parallel.Distributed(plan.parallel)
     state = build_state(plan, dist, data, ByteTokenizer())
     release = GradientRelease(state.optimizer, MAX_NORM, clipping) if in_backward else None
-    ctx = StepContext(plan.precision, dist, max_norm=0.0, weigh_tokens=False, nonfinite=guard.NonFiniteGuard(3),
-                      release=release)
+    ctx = StepContext(
+        plan.precision, dist, max_norm=0.0, weigh_tokens=False, nonfinite=guard.NonFiniteGuard(3), release=release
+    )
     return state, ctx, data
 
 
@@ -90,9 +102,17 @@ def test_per_tensor_clipping_keeps_the_global_norm_within_max_norm():
 
 def test_previous_norm_clipping_resumes_exactly(tmp_path):
     """The lagged factor is state: a run stopped after step 2 and resumed logs what the uninterrupted run logs."""
-    args = [*TINY, "--recipe=bf16-sr", "--optimizer.in_backward=true", "--training.max_norm=0.05",
-            "--training.release_clipping=previous_norm", "--metrics.log_freq=1", "--eval.interval=0",
-            "--checkpoint.enable=true", "--checkpoint.interval=2"]
+    args = [
+        *TINY,
+        "--recipe=bf16-sr",
+        "--optimizer.in_backward=true",
+        "--training.max_norm=0.05",
+        "--training.release_clipping=previous_norm",
+        "--metrics.log_freq=1",
+        "--eval.interval=0",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=2",
+    ]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     r = run_in_process("train", *args, "--training.steps=4", f"--job.dump_folder={whole}")
     assert r.returncode == 0, r.stderr
@@ -108,8 +128,16 @@ def test_previous_norm_clipping_resumes_exactly(tmp_path):
 def test_the_24gb_fine_tune_command_runs(tmp_path):
     """Issue 35's command, on the debug model: the no-m recipe with gradient release and clipping at 1.0."""
     out = tmp_path / "run"
-    r = run_in_process("train", *TINY, "--recipe=bf16-factored-no-m", "--optimizer.in_backward=true",
-                       "--training.max_norm=1.0", "--training.steps=4", "--eval.interval=0", f"--job.dump_folder={out}")
+    r = run_in_process(
+        "train",
+        *TINY,
+        "--recipe=bf16-factored-no-m",
+        "--optimizer.in_backward=true",
+        "--training.max_norm=1.0",
+        "--training.steps=4",
+        "--eval.interval=0",
+        f"--job.dump_folder={out}",
+    )
     assert r.returncode == 0, r.stderr
     assert "training.release_clipping=per_tensor" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -123,5 +151,9 @@ def test_a_release_clipping_rule_without_release_warns():
 
     said = suspicious_precision_settings(load_config(None, {"training.release_clipping": "previous_norm"}))
     assert any("release_clipping=previous_norm has no effect" in s for s in said)
-    assert not any("release_clipping" in s for s in suspicious_precision_settings(load_config(None, {
-        "training.release_clipping": "previous_norm", "optimizer.in_backward": "true"})))
+    assert not any(
+        "release_clipping" in s
+        for s in suspicious_precision_settings(
+            load_config(None, {"training.release_clipping": "previous_norm", "optimizer.in_backward": "true"})
+        )
+    )

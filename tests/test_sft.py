@@ -32,25 +32,36 @@ def test_loss_ignores_prompt_tokens_against_a_hand_computed_loss():
         loss = cross_entropy(logits, labels).item()
     # By hand: the mean over the 3 response positions of log-sum-exp(logits) - logit of the right token.
     z = logits[0].double().tolist()
-    by_hand = sum(math.log(sum(math.exp(v) for v in z[j])) - z[j][target]
-                  for j, target in ((2, ord("c")), (3, ord("d")), (4, 257))) / 3
+    by_hand = (
+        sum(
+            math.log(sum(math.exp(v) for v in z[j])) - z[j][target]
+            for j, target in ((2, ord("c")), (3, ord("d")), (4, 257))
+        )
+        / 3
+    )
     assert abs(loss - by_hand) < 1e-6
     all_tokens = cross_entropy(logits, inputs.roll(-1, 1)).item()  # what the loss would be on every position
     assert abs(all_tokens - by_hand) > 0.01
 
 
 def test_a_padded_sample_sees_only_itself():
-    data = SftDataset([("hello ", "world"), ("a much longer prompt, ", "and its answer")], BYTE, seq_len=48,
-                      batch_size=2, seed=0, shuffle=False)
+    data = SftDataset(
+        [("hello ", "world"), ("a much longer prompt, ", "and its answer")],
+        BYTE,
+        seq_len=48,
+        batch_size=2,
+        seed=0,
+        shuffle=False,
+    )
     inputs, labels = next(data.eval_batches())
     model = build_model("debug", torch.float32, seed=1, max_seq_len=48)
     with torch.no_grad():
         batch = model(inputs)
         for row, (prompt, response) in enumerate([("hello ", "world"), ("a much longer prompt, ", "and its answer")]):
             n = 1 + len(prompt) + len(response) + 1
-            alone = model(inputs[row:row + 1, :n])
+            alone = model(inputs[row : row + 1, :n])
             assert torch.allclose(batch[row, :n], alone[0], atol=1e-6)
-            assert (labels[row, n - 1:] == -100).all()  # no label on the padding
+            assert (labels[row, n - 1 :] == -100).all()  # no label on the padding
 
 
 def _tokenizer_json(path):
@@ -58,9 +69,10 @@ def _tokenizer_json(path):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["what is two plus two", "four", "hello world"] * 10,
-                            trainer=trainers.BpeTrainer(vocab_size=120,
-                                                        special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+    tok.train_from_iterator(
+        ["what is two plus two", "four", "hello world"] * 10,
+        trainer=trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>", "<pad>"]),
+    )
     tok.save(str(path))
 
 
@@ -78,8 +90,9 @@ def test_hf_tokenizer_bos_eos_and_pad_are_used(tmp_path):
 
 def test_long_samples_are_cut_or_dropped_with_a_warning():
     with pytest.warns(UserWarning, match="1 sample.* cut .* and 1 whose prompt alone fills"):
-        data = SftDataset([("p", "r" * 20), ("q" * 20, "s"), ("x", "y")], BYTE, seq_len=8, batch_size=4, seed=0,
-                          shuffle=False)
+        data = SftDataset(
+            [("p", "r" * 20), ("q" * 20, "s"), ("x", "y")], BYTE, seq_len=8, batch_size=4, seed=0, shuffle=False
+        )
     assert data.num_samples == 2
     inputs, labels = next(data.eval_batches())
     assert inputs[0].tolist() == [256, ord("p")] + [ord("r")] * 6 and labels[0, -1] == ord("r")
@@ -96,17 +109,32 @@ def test_position_resumes():
         assert all(torch.equal(x, y) for x, y in zip(a.next_batch(), b.next_batch()))
 
 
-@pytest.mark.parametrize("bad, where", [('{"prompt": "a", "response": "b"}\nnot json\n', ":2: not valid JSON"),
-                                        ('{"prompt": "a", "response": "b"}\n\n{"prompt": "a"}\n',
-                                         ':3: the record has no "response" field'),
-                                        ('{"prompt": 1, "response": "b"}\n', ':1: "prompt" is a int')])
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ('{"prompt": "a", "response": "b"}\nnot json\n', ":2: not valid JSON"),
+        ('{"prompt": "a", "response": "b"}\n\n{"prompt": "a"}\n', ':3: the record has no "response" field'),
+        ('{"prompt": 1, "response": "b"}\n', ':1: "prompt" is a int'),
+    ],
+)
 def test_bad_sft_lines_name_file_and_line(tmp_path, capsys, bad, where):
     path = tmp_path / "sft.jsonl"
     path.write_text(bad)
     with pytest.raises(DataError, match=f"sft.jsonl{where}"):
         load_sft_samples(str(path))
-    assert main(["train", "--data.format=sft", f"--data.path={path}", "--model.flavor=debug", "--compile.enable=false",
-                 f"--job.dump_folder={tmp_path / 'run'}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data.format=sft",
+                f"--data.path={path}",
+                "--model.flavor=debug",
+                "--compile.enable=false",
+                f"--job.dump_folder={tmp_path / 'run'}",
+            ]
+        )
+        == 2
+    )
     assert f"sft.jsonl{where}" in " ".join(capsys.readouterr().err.split())
 
 
@@ -121,10 +149,21 @@ def test_train_and_eval_on_sft_data(tmp_path, capsys):
         for i in range(40):
             f.write(json.dumps({"prompt": f"Q: what is {i} plus {i}?\nA: ", "response": f"{2 * i}"}) + "\n")
     run = tmp_path / "run"
-    args = ["--data.format=sft", f"--data.path={path}", "--model.flavor=debug", "--compile.enable=false", "--data.seq_len=32",
-            "--data.local_batch_size=4", "--training.steps=4", "--lr_scheduler.warmup_steps=1",
-            "--metrics.log_freq=1", "--eval.steps=1", "--metrics.progress=false", "--checkpoint.enable=true",
-            f"--job.dump_folder={run}"]
+    args = [
+        "--data.format=sft",
+        f"--data.path={path}",
+        "--model.flavor=debug",
+        "--compile.enable=false",
+        "--data.seq_len=32",
+        "--data.local_batch_size=4",
+        "--training.steps=4",
+        "--lr_scheduler.warmup_steps=1",
+        "--metrics.log_freq=1",
+        "--eval.steps=1",
+        "--metrics.progress=false",
+        "--checkpoint.enable=true",
+        f"--job.dump_folder={run}",
+    ]
     assert main(["train", *args]) == 0
     records = read_metrics(run / "metrics.jsonl")
     assert len(records) == 4 and all(math.isfinite(r["loss"]) for r in records) and "eval_loss" in records[-1]
@@ -146,11 +185,24 @@ def test_sft_loss_is_the_token_mean_of_the_global_batch_however_it_is_split(tmp_
     losses = {}
     for batch, accum in ((2, 1), (1, 2)):
         run = tmp_path / f"b{batch}"
-        args = ["--data.format=sft", f"--data.path={path}", "--model.flavor=debug", "--compile.enable=false", "--data.seq_len=64",
-                f"--data.local_batch_size={batch}", f"--training.gradient_accumulation_steps={accum}",
-                "--training.steps=3", "--recipe=fp32", "--optimizer.lr=1e-3", "--lr_scheduler.warmup_steps=0",
-                "--metrics.log_freq=1", "--eval.interval=0", "--eval.steps=1", "--metrics.progress=false",
-                f"--job.dump_folder={run}"]
+        args = [
+            "--data.format=sft",
+            f"--data.path={path}",
+            "--model.flavor=debug",
+            "--compile.enable=false",
+            "--data.seq_len=64",
+            f"--data.local_batch_size={batch}",
+            f"--training.gradient_accumulation_steps={accum}",
+            "--training.steps=3",
+            "--recipe=fp32",
+            "--optimizer.lr=1e-3",
+            "--lr_scheduler.warmup_steps=0",
+            "--metrics.log_freq=1",
+            "--eval.interval=0",
+            "--eval.steps=1",
+            "--metrics.progress=false",
+            f"--job.dump_folder={run}",
+        ]
         assert main(["train", *args]) == 0
         losses[accum] = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
     assert losses[1] == pytest.approx(losses[2], rel=1e-5)
@@ -163,13 +215,29 @@ def test_eval_loss_in_metrics_equals_leantrain_eval_on_the_same_checkpoint_and_s
     path = tmp_path / "sft.jsonl"
     with open(path, "w") as f:
         for i in range(200):
-            f.write(json.dumps({"prompt": f"Q: what is {i} times {i}? ", "response": f"{i * i}" + " ok" * (i % 5)})
-                    + "\n")
+            f.write(
+                json.dumps({"prompt": f"Q: what is {i} times {i}? ", "response": f"{i * i}" + " ok" * (i % 5)}) + "\n"
+            )
     data = [f"--data.path={path}", "--data.format=sft", "--data.seq_len=48"] if fmt == "sft" else ["--data.seq_len=32"]
     run = tmp_path / "run"
-    assert main(["train", *data, "--model.flavor=debug", "--compile.enable=false", "--data.local_batch_size=4", "--training.steps=2",
-                 "--lr_scheduler.warmup_steps=1", "--eval.steps=3", "--metrics.progress=false",
-                 "--checkpoint.enable=true", f"--job.dump_folder={run}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *data,
+                "--model.flavor=debug",
+                "--compile.enable=false",
+                "--data.local_batch_size=4",
+                "--training.steps=2",
+                "--lr_scheduler.warmup_steps=1",
+                "--eval.steps=3",
+                "--metrics.progress=false",
+                "--checkpoint.enable=true",
+                f"--job.dump_folder={run}",
+            ]
+        )
+        == 0
+    )
     eval_loss = read_metrics(run / "metrics.jsonl")[-1]["eval_loss"]
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run), "--eval.steps=3", "--out", str(tmp_path / "eval.json")]) == 0
@@ -191,8 +259,9 @@ def test_evaluate_is_the_token_mean_and_the_plain_mean_for_equal_counts():
     got = evaluate(model, zip(inputs, labels), fp32, torch.device("cpu"))
     with torch.no_grad():
         logits = torch.cat([model(x) for x in inputs])
-    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), torch.cat(labels).flatten(),
-                                                 ignore_index=IGNORE_INDEX)
+    expected = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).double(), torch.cat(labels).flatten(), ignore_index=IGNORE_INDEX
+    )
     assert got.tokens == 29 + 12 + 23 and got.batches == 3
     assert got.loss == pytest.approx(expected.item(), rel=1e-6)
     full = [torch.randint(0, 256, (2, 16), generator=gen) for _ in range(3)]

@@ -17,16 +17,35 @@ from leantrain.step import train_step
 from leantrain.train import build_state
 
 SPEC_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "elapsed_s", "peak_memory_bytes"}
-# summary.json's keys (the README's 'Training' section), plus the planner's prediction and the count of skipped NaN/Inf steps
-SUMMARY_KEYS = {"recipe", "num_params", "steps", "final_loss", "final_eval_loss", "tokens_per_sec",
-                "peak_memory_bytes", "state_bytes", "state_bytes_per_param", "planned_state_bytes",
-                "skipped_nonfinite_steps", "small_updates"}
+# summary.json's keys (the README's 'Training' section), plus the planner's prediction and the count of skipped
+# NaN/Inf steps
+SUMMARY_KEYS = {
+    "recipe",
+    "num_params",
+    "steps",
+    "final_loss",
+    "final_eval_loss",
+    "tokens_per_sec",
+    "peak_memory_bytes",
+    "state_bytes",
+    "state_bytes_per_param",
+    "planned_state_bytes",
+    "skipped_nonfinite_steps",
+    "small_updates",
+}
 
 
 def test_train_writes_the_run_files_and_learns(tmp_path):
     out = tmp_path / "run"
-    r = run_leantrain("train", *TINY, "--training.steps=60", "--optimizer.lr=3e-3", "--eval.interval=30",
-                      "--metrics.log_freq=10", f"--job.dump_folder={out}")
+    r = run_leantrain(
+        "train",
+        *TINY,
+        "--training.steps=60",
+        "--optimizer.lr=3e-3",
+        "--eval.interval=30",
+        "--metrics.log_freq=10",
+        f"--job.dump_folder={out}",
+    )
     assert r.returncode == 0, r.stderr
     assert {"config.toml", "metrics.jsonl", "summary.json", "loss.png"} <= set(os.listdir(out))
     records = read_metrics(out / "metrics.jsonl")
@@ -48,17 +67,37 @@ def test_train_writes_the_run_files_and_learns(tmp_path):
 # bf16-int4's 5.06 with exp_avg_sq's 0.5 + 4/128 bytes per element replaced by int8's 1 + 4/256, about 5.54.
 # The factored recipes on `small`: bf16-int8's 6.03 less exp_avg_sq's 1 + 4/256 bytes per element of the blocks'
 # matrices (about 0.98 of small's parameters: 5.05), plus their fp32 row and column factors; bf16-int4-int8 likewise.
-SPEC_BYTES = {"fp32": 16.0, "bf16-mixed": 16.0, "bf16": 8.0, "bf16-fp32state": 12.0, "bf16-sr": 8.0,
-              "bf16-kahan": 10.0, "bf16-int8": 6.03, "bf16-int4": 5.06, "bf16-int4-int8": 5.55,
-              "bf16-int8-factored": 5.05, "bf16-int4-int8-factored": 4.57}
+SPEC_BYTES = {
+    "fp32": 16.0,
+    "bf16-mixed": 16.0,
+    "bf16": 8.0,
+    "bf16-fp32state": 12.0,
+    "bf16-sr": 8.0,
+    "bf16-kahan": 10.0,
+    "bf16-int8": 6.03,
+    "bf16-int4": 5.06,
+    "bf16-int4-int8": 5.55,
+    "bf16-int8-factored": 5.05,
+    "bf16-int4-int8-factored": 4.57,
+}
 
 
 @pytest.mark.parametrize("recipe", list(SPEC_BYTES))
 def test_measured_state_bytes_match_spec_and_plan(tmp_path, recipe):
     out = tmp_path / recipe
-    r = run_in_process("train", "--model.flavor=small", "--compile.enable=false", "--data.seq_len=32", "--data.local_batch_size=1",
-                      "--training.steps=1", "--eval.steps=1", "--metrics.progress=false",
-                      "--lr_scheduler.warmup_steps=0", f"--recipe={recipe}", f"--job.dump_folder={out}")
+    r = run_in_process(
+        "train",
+        "--model.flavor=small",
+        "--compile.enable=false",
+        "--data.seq_len=32",
+        "--data.local_batch_size=1",
+        "--training.steps=1",
+        "--eval.steps=1",
+        "--metrics.progress=false",
+        "--lr_scheduler.warmup_steps=0",
+        f"--recipe={recipe}",
+        f"--job.dump_folder={out}",
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["recipe"] == recipe
@@ -90,8 +129,13 @@ def test_full_bf16_keeps_every_tensor_of_the_training_state_in_bf16():
 def test_recipe_flag_and_explicit_keys_give_the_same_run(tmp_path):
     common = [*TINY, "--training.steps=4", "--metrics.log_freq=1", "--eval.interval=0"]
     a = run_in_process("train", *common, "--recipe=bf16-kahan", f"--job.dump_folder={tmp_path / 'a'}")
-    b = run_in_process("train", *common, "--training.dtype=bfloat16", "--optimizer.compensation=kahan",
-                      f"--job.dump_folder={tmp_path / 'b'}")
+    b = run_in_process(
+        "train",
+        *common,
+        "--training.dtype=bfloat16",
+        "--optimizer.compensation=kahan",
+        f"--job.dump_folder={tmp_path / 'b'}",
+    )
     assert a.returncode == b.returncode == 0, a.stderr + b.stderr
     la = [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")]
     lb = [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
@@ -104,8 +148,19 @@ def test_help_lists_every_key():
     assert "--optimizer.compensation" in r.stdout and "stochastic rounding" in r.stdout
 
 
-@pytest.mark.parametrize("case", ["missing_data", "empty_data", "unknown_key", "bad_value", "contradiction",
-                                  "unwritable_folder", "vocab_too_small", "missing_config"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_data",
+        "empty_data",
+        "unknown_key",
+        "bad_value",
+        "contradiction",
+        "unwritable_folder",
+        "vocab_too_small",
+        "missing_config",
+    ],
+)
 def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, case):
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n\n  ")
@@ -158,12 +213,23 @@ def test_train_step_in_process_and_a_skipped_step_changes_only_the_step_and_the_
         def grad_norm(self, step, norm):
             return torch.full_like(norm, float("inf")) if step == 2 else norm
 
-    plan = resolve(load_config(None, {"recipe": "bf16-sr", "model.flavor": "debug", "compile.enable": "false", "lr_scheduler.warmup_steps": "1"}),
-                   env={})
+    plan = resolve(
+        load_config(
+            None,
+            {"recipe": "bf16-sr", "model.flavor": "debug", "compile.enable": "false", "lr_scheduler.warmup_steps": "1"},
+        ),
+        env={},
+    )
     data = PackedDataset(["some text to train on, " * 40], ByteTokenizer(), 16, 2, 0)
     state = build_state(plan, parallel.Distributed(plan.parallel), data, ByteTokenizer())
-    ctx = StepContext(plan.precision, parallel.Distributed(plan.parallel), max_norm=1.0, weigh_tokens=False,
-                      nonfinite=guard.NonFiniteGuard(3), hooks=InfOnStep2())
+    ctx = StepContext(
+        plan.precision,
+        parallel.Distributed(plan.parallel),
+        max_norm=1.0,
+        weigh_tokens=False,
+        nonfinite=guard.NonFiniteGuard(3),
+        hooks=InfOnStep2(),
+    )
     first = train_step(state, [data.next_batch()], ctx, count_lost_updates=True)
     assert (first.step, first.finite, state.step) == (1, True, 1) and first.tokens == 2 * 16
     assert first.updates is not None and first.updates.tracked_elements > 0
@@ -172,7 +238,9 @@ def test_train_step_in_process_and_a_skipped_step_changes_only_the_step_and_the_
     second = train_step(state, [data.next_batch()], ctx, count_lost_updates=True)
     assert (second.step, second.finite, second.updates, state.step) == (2, False, None, 2)
     assert all(torch.equal(v, weights[k]) for k, v in state.model.state_dict().items())
-    assert all(torch.equal(v, moments[i][k]) for i, s in enumerate(state.optimizer.state.values()) for k, v in s.items())
+    assert all(
+        torch.equal(v, moments[i][k]) for i, s in enumerate(state.optimizer.state.values()) for k, v in s.items()
+    )
     third = train_step(state, [data.next_batch()], ctx)
     assert third.finite and third.lr < second.lr  # the schedule moved on through the skipped step
     assert not all(torch.equal(v, weights[k]) for k, v in state.model.state_dict().items())
@@ -207,12 +275,26 @@ def test_tensorboard_events_hold_the_logged_numbers(tmp_path):
     from leantrain.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--training.steps=3", "--metrics.log_freq=1", "--eval.interval=3",
-                 "--metrics.tensorboard=true", f"--job.dump_folder={run}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                "--training.steps=3",
+                "--metrics.log_freq=1",
+                "--eval.interval=3",
+                "--metrics.tensorboard=true",
+                f"--job.dump_folder={run}",
+            ]
+        )
+        == 0
+    )
     events = EventAccumulator(str(run))
     events.Reload()
     records = read_metrics(run / "metrics.jsonl")
-    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == [(r["step"], r["loss"]) for r in records]
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == [
+        (r["step"], r["loss"]) for r in records
+    ]
     assert [e.step for e in events.Scalars("eval_loss")] == [3]
 
 
@@ -273,14 +355,31 @@ def _release_state(in_backward: bool, recipe: str = "bf16-sr"):
     from leantrain.optim.release import GradientRelease
     from leantrain.step import StepContext
 
-    plan = resolve(load_config(None, {"recipe": recipe, "model.flavor": "debug", "compile.enable": "false", "lr_scheduler.warmup_steps": "1",
-                                      "training.max_norm": "0", "optimizer.in_backward": str(in_backward).lower()}),
-                   env={})
+    plan = resolve(
+        load_config(
+            None,
+            {
+                "recipe": recipe,
+                "model.flavor": "debug",
+                "compile.enable": "false",
+                "lr_scheduler.warmup_steps": "1",
+                "training.max_norm": "0",
+                "optimizer.in_backward": str(in_backward).lower(),
+            },
+        ),
+        env={},
+    )
     data = PackedDataset(["some text to train on, " * 40], ByteTokenizer(), 16, 2, 0)
     dist = parallel.Distributed(plan.parallel)
     state = build_state(plan, dist, data, ByteTokenizer())
-    ctx = StepContext(plan.precision, dist, max_norm=0.0, weigh_tokens=False, nonfinite=guard.NonFiniteGuard(3),
-                      release=GradientRelease(state.optimizer) if in_backward else None)
+    ctx = StepContext(
+        plan.precision,
+        dist,
+        max_norm=0.0,
+        weigh_tokens=False,
+        nonfinite=guard.NonFiniteGuard(3),
+        release=GradientRelease(state.optimizer) if in_backward else None,
+    )
     return state, ctx, data
 
 
@@ -293,10 +392,19 @@ def test_gradient_release_is_bitwise_the_normal_step_and_frees_the_gradients(rec
         state, ctx, data = _release_state(in_backward, recipe)
         losses = [train_step(state, [data.next_batch()], ctx, count_lost_updates=True) for _ in range(4)]
         grads = [p.grad for p in state.model.parameters()]
-        results.append(([s.loss.item() for s in losses], [s.updates for s in losses], state, grads,
-                        [s.grad_norm.item() for s in losses]))
-    (losses, updates, normal, grads, norms), (released_losses, released_updates, released, released_grads,
-                                              released_norms) = results
+        results.append(
+            (
+                [s.loss.item() for s in losses],
+                [s.updates for s in losses],
+                state,
+                grads,
+                [s.grad_norm.item() for s in losses],
+            )
+        )
+    (
+        (losses, updates, normal, grads, norms),
+        (released_losses, released_updates, released, released_grads, released_norms),
+    ) = results
     assert released_losses == losses and released_updates == updates
     assert released_norms == pytest.approx(norms, rel=1e-5)  # the norm summed as the gradients are made
     for (name, a), b in zip(normal.model.state_dict().items(), released.model.state_dict().values()):
@@ -326,7 +434,9 @@ def test_gradient_release_skips_a_nan_loss_and_a_nan_gradient_without_touching_t
     stats = train_step(state, [nan_batch], ctx)
     state.model.tok_embeddings.weight.data[0, 0] = weights["tok_embeddings.weight"][0, 0]
     assert not stats.finite and ctx.nonfinite.total == 1
-    assert same(state.model.state_dict(), weights) and all(same(s, moments[p]) for p, s in state.optimizer.state.items())
+    assert same(state.model.state_dict(), weights) and all(
+        same(s, moments[p]) for p, s in state.optimizer.state.items()
+    )
     # A finite loss whose gradient of one matrix is NaN
     target = state.model.layers[0].attention.wq.weight
     handle = target.register_hook(lambda g: torch.full_like(g, float("nan")))
@@ -356,7 +466,14 @@ def test_gradient_release_refuses_ddp():
     from leantrain.errors import ConfigError
     from leantrain.runplan import parallel_plan
 
-    cfg = load_config(None, {"optimizer.in_backward": "true", "training.max_norm": "0",
-                             "parallelism.dp_shard": "1", "parallelism.dp_replicate": "2"})
+    cfg = load_config(
+        None,
+        {
+            "optimizer.in_backward": "true",
+            "training.max_norm": "0",
+            "parallelism.dp_shard": "1",
+            "parallelism.dp_replicate": "2",
+        },
+    )
     with pytest.raises(ConfigError, match="DDP"):
         parallel_plan(cfg, env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"})

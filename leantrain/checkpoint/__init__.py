@@ -69,9 +69,20 @@ INFO_FILE = "leantrain.json"
 FINAL_MODEL = "model"  # <job.dump_folder>/model/: the final weights of a run without checkpoints (model only)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Config keys that may differ between a checkpoint and the run resuming from it (prefixes end with ".").
-MAY_CHANGE = ("job.dump_folder", "training.steps", "eval.", "metrics.", "checkpoint.", "model.hf_checkpoint",
-              "data.local_batch_size", "training.gradient_accumulation_steps", "parallelism.", "compile.",
-              "activation_checkpoint.", "training.max_nonfinite_steps")
+MAY_CHANGE = (
+    "job.dump_folder",
+    "training.steps",
+    "eval.",
+    "metrics.",
+    "checkpoint.",
+    "model.hf_checkpoint",
+    "data.local_batch_size",
+    "training.gradient_accumulation_steps",
+    "parallelism.",
+    "compile.",
+    "activation_checkpoint.",
+    "training.max_nonfinite_steps",
+)
 
 
 def _say(message: str) -> None:
@@ -95,8 +106,10 @@ def resolve(path: str | Path) -> Path:
     """A ``step-N`` folder, or the latest checkpoint in a checkpoints folder or in a run folder (via its config)."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise CheckpointError(f"The checkpoint '{path}' does not exist. Pass a step-N folder, the folder that "
-                              f"holds them, or a run's job.dump_folder.")
+        raise CheckpointError(
+            f"The checkpoint '{path}' does not exist. Pass a step-N folder, the folder that "
+            f"holds them, or a run's job.dump_folder."
+        )
     if (p / INFO_FILE).exists() or _STEP_DIR.match(p.name):
         return p
     candidates = list_checkpoints(p)
@@ -106,9 +119,11 @@ def resolve(path: str | Path) -> Path:
     if not candidates and (p / FINAL_MODEL / INFO_FILE).exists():
         return p / FINAL_MODEL
     if not candidates:
-        raise CheckpointError(f"'{path}' holds no checkpoint (no step-N folder with a {INFO_FILE}, and no final "
-                              f"'{FINAL_MODEL}' folder: the run did not finish). Pass a step-N folder, the folder "
-                              f"that holds them, or a run's job.dump_folder.")
+        raise CheckpointError(
+            f"'{path}' holds no checkpoint (no step-N folder with a {INFO_FILE}, and no final "
+            f"'{FINAL_MODEL}' folder: the run did not finish). Pass a step-N folder, the folder "
+            f"that holds them, or a run's job.dump_folder."
+        )
     return candidates[-1][1]
 
 
@@ -125,12 +140,17 @@ def read_info(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     info_path = path / INFO_FILE
     if not info_path.exists():
-        raise CheckpointError(f"The checkpoint {path} is incomplete: it has no {INFO_FILE} (written last, when a "
-                              f"save completes). It may be damaged or not a leantrain checkpoint. Move it away "
-                              f"or delete it to resume from an earlier checkpoint.")
+        raise CheckpointError(
+            f"The checkpoint {path} is incomplete: it has no {INFO_FILE} (written last, when a "
+            f"save completes). It may be damaged or not a leantrain checkpoint. Move it away "
+            f"or delete it to resume from an earlier checkpoint."
+        )
+
     def damaged(reason: object) -> CheckpointError:
-        return CheckpointError(f"The checkpoint {path} has an unreadable {INFO_FILE} ({reason}); it is damaged. Move "
-                               f"it away or delete it to resume from an earlier checkpoint.")
+        return CheckpointError(
+            f"The checkpoint {path} has an unreadable {INFO_FILE} ({reason}); it is damaged. Move "
+            f"it away or delete it to resume from an earlier checkpoint."
+        )
 
     info = read_json(info_path, damaged)
     try:
@@ -145,9 +165,11 @@ def read_info(path: str | Path) -> dict[str, Any]:
         elif f.stat().st_size != size:
             problems.append(f"{name} has {f.stat().st_size} bytes instead of {size} (truncated or overwritten)")
     if problems:
-        raise CheckpointError(f"The checkpoint {path} (step {step}) is damaged: {'; '.join(problems)}. It cannot "
-                              f"be loaded. Restore the files, or move the folder away to use an earlier "
-                              f"checkpoint.")
+        raise CheckpointError(
+            f"The checkpoint {path} (step {step}) is damaged: {'; '.join(problems)}. It cannot "
+            f"be loaded. Restore the files, or move the folder away to use an earlier "
+            f"checkpoint."
+        )
     return info
 
 
@@ -164,8 +186,10 @@ def find_resume(plan: RunPlan) -> Path | None:
     found = list_checkpoints(root)
     if not plan.config.checkpoint.enable:
         if found:
-            warn_once(f"{root} has {len(found)} checkpoint(s) but checkpoint.enable is false: this run starts from "
-                      f"step 0 and neither reads nor changes them. Set checkpoint.enable=true to resume.")
+            warn_once(
+                f"{root} has {len(found)} checkpoint(s) but checkpoint.enable is false: this run starts from "
+                f"step 0 and neither reads nor changes them. Set checkpoint.enable=true to resume."
+            )
         return None
     incomplete = sorted(p.name for p in root.glob("step-*.tmp")) if root.is_dir() else []
     if incomplete:
@@ -191,12 +215,16 @@ def check_config(path: Path, info: dict[str, Any], record: dict[str, Any], recip
         (notes if key.startswith(MAY_CHANGE) else differ).append(line)
     if differ:
         theirs = info.get("recipe")
-        recipes = (f" The checkpoint was written by recipe {theirs or 'custom'}, this run is recipe "
-                   f"{recipe or 'custom'}." if theirs != recipe else "")
+        recipes = (
+            f" The checkpoint was written by recipe {theirs or 'custom'}, this run is recipe {recipe or 'custom'}."
+            if theirs != recipe
+            else ""
+        )
         raise CheckpointError(
             f"The checkpoint {path} (step {info['step']}) belongs to another run: {'; '.join(differ)}.{recipes} "
             f"A run resumes only from its own checkpoints: use the same settings, or another job.dump_folder to "
-            f"start a new run (to start from its weights, `leantrain export` it and set model.hf_checkpoint).")
+            f"start a new run (to start from its weights, `leantrain export` it and set model.hf_checkpoint)."
+        )
     _check_moment_codes(path, info, ours.get("optimizer.state_dtype"))
     if notes:
         _say(f"resuming with changed settings: {'; '.join(notes)}.")
@@ -213,7 +241,8 @@ def _check_moment_codes(path: Path, info: dict[str, Any], state_dtype: str | Non
             f"{theirs!r} maps, and this leantrain reads {state_dtype} moments only as codes of "
             f"{' or '.join(map(repr, quant.READS[state_dtype]))}, so its moments would be read wrong. Resume it "
             f"with the leantrain that wrote it, or start a new run from its weights (`leantrain export` it and set "
-            f"model.hf_checkpoint).")
+            f"model.hf_checkpoint)."
+        )
 
 
 # ---- save and load during training -----------------------------------------------------------------
@@ -222,8 +251,15 @@ def _check_moment_codes(path: Path, info: dict[str, Any], state_dtype: str | Non
 class Checkpointer:
     """Saves and loads one run's :class:`TrainState`; see the module docstring for what and how."""
 
-    def __init__(self, root: Path, settings: Checkpoint, last_step: int, record: dict[str, Any],
-                 recipe: str | None, hooks: Hooks = Hooks()):
+    def __init__(
+        self,
+        root: Path,
+        settings: Checkpoint,
+        last_step: int,
+        record: dict[str, Any],
+        recipe: str | None,
+        hooks: Hooks = Hooks(),
+    ):
         """``root``: the run's checkpoints folder; ``settings``: the checkpoint.* keys; ``last_step``:
         training.steps (always saved); ``record`` and ``recipe``: the run's config and recipe, written into
         each checkpoint's leantrain.json for a resume to compare."""
@@ -248,8 +284,7 @@ class Checkpointer:
     def save(self, state: TrainState, elapsed_s: float = 0.0) -> Path:
         """The full training state as checkpoint step-N (after checking that the weights are finite)."""
         self._refuse_nonfinite(state)
-        saved = self._write(self.root / f"step-{state.step}", state.state_dict(), state, elapsed_s,
-                            model_only=False)
+        saved = self._write(self.root / f"step-{state.step}", state.state_dict(), state, elapsed_s, model_only=False)
         if distributed.is_main():
             self._prune()
         return saved
@@ -258,17 +293,20 @@ class Checkpointer:
         """The weights alone, as ``folder``/model (what export, eval and generate read when a run kept no
         checkpoint); atomic like a checkpoint."""
         self._refuse_nonfinite(state)
-        return self._write(folder / FINAL_MODEL, {"model": get_model_state_dict(state.model)}, state,
-                           elapsed_s=0.0, model_only=True)
+        return self._write(
+            folder / FINAL_MODEL, {"model": get_model_state_dict(state.model)}, state, elapsed_s=0.0, model_only=True
+        )
 
     def _refuse_nonfinite(self, state: TrainState) -> None:
         if not guard.all_finite(state.model.parameters()):
             latest = self.latest()
-            raise TrainingDiverged(f"The weights hold NaN/Inf after step {state.step}, so nothing is saved from "
-                                   f"them; training diverged. The latest complete checkpoint is "
-                                   f"{latest or 'none'}. Lower optimizer.lr or raise lr_scheduler.warmup_steps "
-                                   f"(and use a new job.dump_folder, or the same settings resume into the same "
-                                   f"divergence).")
+            raise TrainingDiverged(
+                f"The weights hold NaN/Inf after step {state.step}, so nothing is saved from "
+                f"them; training diverged. The latest complete checkpoint is "
+                f"{latest or 'none'}. Lower optimizer.lr or raise lr_scheduler.warmup_steps "
+                f"(and use a new job.dump_folder, or the same settings resume into the same "
+                f"divergence)."
+            )
 
     def _write(self, final: Path, sd: dict[str, Any], state: TrainState, elapsed_s: float, model_only: bool) -> Path:
         """:meth:`_write_atomically`; a failed write (disk full, permissions) leaves no .tmp folder behind and
@@ -276,8 +314,10 @@ class Checkpointer:
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
         if final.exists():
-            raise CheckpointError(f"A checkpoint {final} already exists; leantrain never overwrites one. Move it "
-                                  f"away, or use another job.dump_folder.")
+            raise CheckpointError(
+                f"A checkpoint {final} already exists; leantrain never overwrites one. Move it "
+                f"away, or use another job.dump_folder."
+            )
         tmp = final.with_name(final.name + ".tmp")
         try:
             return self._write_atomically(final, tmp, sd, state, elapsed_s, model_only)
@@ -288,8 +328,9 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise storage_error(f"the checkpoint {final}", tmp, e) from None
 
-    def _write_atomically(self, final: Path, tmp: Path, sd: dict[str, Any], state: TrainState, elapsed_s: float,
-                          model_only: bool) -> Path:
+    def _write_atomically(
+        self, final: Path, tmp: Path, sd: dict[str, Any], state: TrainState, elapsed_s: float, model_only: bool
+    ) -> Path:
         """DCP's files into final.tmp, then leantrain.json (written last: it lists the files and their sizes),
         then the rename that makes it complete; every rank writes its shards."""
         began, step = time.perf_counter(), state.step
@@ -303,11 +344,19 @@ class Checkpointer:
         self.hooks.checkpoint_written(step)  # the data is written; leantrain.json and the rename are not
         if distributed.is_main():
             files = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
-            info = {"step": step, "elapsed_s": elapsed_s, "recipe": self.recipe, "model_only": model_only,
-                    "world_size": distributed.world_size(),
-                    "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "torch_version": torch.__version__, "model_args": dataclasses.asdict(state.model.args),
-                    "config": self.record, "moment_codes": quant.CODES, "files": files}
+            info = {
+                "step": step,
+                "elapsed_s": elapsed_s,
+                "recipe": self.recipe,
+                "model_only": model_only,
+                "world_size": distributed.world_size(),
+                "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "torch_version": torch.__version__,
+                "model_args": dataclasses.asdict(state.model.args),
+                "config": self.record,
+                "moment_codes": quant.CODES,
+                "files": files,
+            }
             with open(tmp / INFO_FILE, "w", encoding="utf-8") as f:
                 json.dump(info, f, indent=2)
                 f.flush()
@@ -315,8 +364,10 @@ class Checkpointer:
             os.rename(tmp, final)
             _fsync_dir(final.parent)
             size = sum(files.values())
-            _say(f"saved {'the final weights' if model_only else 'checkpoint'} {final} ({size / 2**20:.1f} MiB in "
-                 f"{time.perf_counter() - began:.1f}s)")
+            _say(
+                f"saved {'the final weights' if model_only else 'checkpoint'} {final} ({size / 2**20:.1f} MiB in "
+                f"{time.perf_counter() - began:.1f}s)"
+            )
         distributed.barrier()
         return final
 
@@ -347,8 +398,10 @@ class Checkpointer:
         try:
             state.load_state_dict(sd)
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"The checkpoint {path} has training state this run cannot take ({e}); it was "
-                                  f"written by another model, optimizer layout or recipe.") from None
+            raise CheckpointError(
+                f"The checkpoint {path} has training state this run cannot take ({e}); it was "
+                f"written by another model, optimizer layout or recipe."
+            ) from None
         _say(f"resuming from checkpoint {path} at step {state.step}")
         return float(info.get("elapsed_s", 0.0))
 
@@ -379,8 +432,12 @@ def _fsync_dir(path: Path) -> None:
 def saved_config(info: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
     """The config of the run that wrote a checkpoint, with ``overrides`` on top (validated as usual, without
     repeating the warnings the run already gave). Keys this version of leantrain does not know are dropped."""
-    known = {f"{f.name}.{g.name}" for f in dataclasses.fields(Config) if f.name != "recipe"
-             for g in dataclasses.fields(getattr(Config(), f.name))}
+    known = {
+        f"{f.name}.{g.name}"
+        for f in dataclasses.fields(Config)
+        if f.name != "recipe"
+        for g in dataclasses.fields(getattr(Config(), f.name))
+    }
     values: dict[str, Any] = {k: v for k, v in _flat_config(info.get("config", {})).items() if k in known}
     recipe = info.get("config", {}).get("recipe")
     if recipe:
@@ -396,8 +453,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
         args = ModelArgs(**info["model_args"])
         dtype = DTYPES[info["config"]["training"]["dtype"]]
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"The checkpoint {path} has no usable model_args or training.dtype in {INFO_FILE} "
-                              f"({e}).") from None
+        raise CheckpointError(
+            f"The checkpoint {path} has no usable model_args or training.dtype in {INFO_FILE} ({e})."
+        ) from None
     model = build_model_from_args(args, dtype, device, seed=None)
     state = {"model": model.state_dict()}
     _check_tensors(path, _flatten(state), info)

@@ -37,9 +37,16 @@ def _quiet_dcp() -> Iterator[None]:
 
 # Globals a DCP .metadata pickle may name besides the dataclasses and enums of torch.distributed.checkpoint
 # (and the torch dtypes): what torch writes for shapes, layouts and the checkpoint's path.
-_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                     ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-                     ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")}
+_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "Path"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+}
 
 
 class _Refused(pickle.UnpicklingError):
@@ -51,8 +58,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     global (``os.system``, ...) is refused before it is looked up, let alone called."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _METADATA_GLOBALS or (module == "torch" and
-                                                   isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         if module.startswith("torch.distributed.checkpoint.") and "." not in name:
             import enum
@@ -64,9 +72,11 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _refused(path: Path, what: str, name: str) -> CheckpointError:
-    return CheckpointError(f"The checkpoint {path} is not safe to load: its {what} names '{name}', which a "
-                           f"leantrain checkpoint never holds (unpickling it could run code). It was not loaded. "
-                           f"Load checkpoints only from sources you trust.")
+    return CheckpointError(
+        f"The checkpoint {path} is not safe to load: its {what} names '{name}', which a "
+        f"leantrain checkpoint never holds (unpickling it could run code). It was not loaded. "
+        f"Load checkpoints only from sources you trust."
+    )
 
 
 class _SafeReader(dcp.FileSystemReader):
@@ -98,8 +108,11 @@ class _SafeLoadPlanner(dcp.DefaultLoadPlanner):
             torch.load(io.BytesIO(raw), weights_only=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL (\S+)", str(e))
-            raise _refused(self._path, f"entry '{read_item.dest_index.fqn}'",
-                           found.group(1) if found else "an object that is not a plain value") from None
+            raise _refused(
+                self._path,
+                f"entry '{read_item.dest_index.fqn}'",
+                found.group(1) if found else "an object that is not a plain value",
+            ) from None
         super().load_bytes(read_item, io.BytesIO(raw))
 
 
@@ -116,8 +129,9 @@ def _flatten(state: dict[str, Any]) -> dict[str, Any]:
 _OPTIONAL_KEYS = ("rng.cuda", "optimizer.rng_state", "optimizer.param_groups.0.rng_state")
 
 
-def _check_tensors(path: Path, expected: dict[str, Any], info: dict[str, Any],
-                   optional: tuple[str, ...] = _OPTIONAL_KEYS) -> None:
+def _check_tensors(
+    path: Path, expected: dict[str, Any], info: dict[str, Any], optional: tuple[str, ...] = _OPTIONAL_KEYS
+) -> None:
     """Every key the load asks for is in the checkpoint with the same shape and dtype, and nothing is left over
     under the parts being loaded. DCP's own load would cast dtypes silently and ignore extra keys."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -127,8 +141,9 @@ def _check_tensors(path: Path, expected: dict[str, Any], info: dict[str, Any],
     except CheckpointError:
         raise
     except Exception as e:  # a damaged .metadata raises anything from OSError to an unpickling error
-        raise CheckpointError(f"The checkpoint {path} has an unreadable DCP .metadata file ({type(e).__name__}: "
-                              f"{e}); it is damaged.") from None
+        raise CheckpointError(
+            f"The checkpoint {path} has an unreadable DCP .metadata file ({type(e).__name__}: {e}); it is damaged."
+        ) from None
     parts = {k.split(".")[0] for k in expected}
     missing, wrong, extra = [], [], []
     for key, value in expected.items():
@@ -140,8 +155,10 @@ def _check_tensors(path: Path, expected: dict[str, Any], info: dict[str, Any],
             if not isinstance(meta, TensorStorageMetadata):
                 wrong.append(f"{key} is not a tensor there")
             elif meta.properties.dtype != value.dtype or tuple(meta.size) != tuple(value.shape):
-                wrong.append(f"{key} is {str(meta.properties.dtype).replace('torch.', '')}{list(meta.size)} there "
-                             f"and {str(value.dtype).replace('torch.', '')}{list(value.shape)} here")
+                wrong.append(
+                    f"{key} is {str(meta.properties.dtype).replace('torch.', '')}{list(meta.size)} there "
+                    f"and {str(value.dtype).replace('torch.', '')}{list(value.shape)} here"
+                )
     for key in stored:
         if key.split(".")[0] in parts and key not in expected and not key.startswith(optional):
             extra.append(key)
@@ -159,9 +176,11 @@ def _check_tensors(path: Path, expected: dict[str, Any], info: dict[str, Any],
     if extra:
         details.append(f"{len(extra)} entr(ies) in it have no place in this run: {some(extra)}")
     saved_args = info.get("model_args", {})
-    raise CheckpointError(f"The checkpoint {path} (step {info.get('step')}, recipe {info.get('recipe') or 'custom'}, "
-                          f"model dim={saved_args.get('dim')} n_layers={saved_args.get('n_layers')}) does not "
-                          f"match this model and optimizer: {'; '.join(details)}.")
+    raise CheckpointError(
+        f"The checkpoint {path} (step {info.get('step')}, recipe {info.get('recipe') or 'custom'}, "
+        f"model dim={saved_args.get('dim')} n_layers={saved_args.get('n_layers')}) does not "
+        f"match this model and optimizer: {'; '.join(details)}."
+    )
 
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
@@ -176,15 +195,22 @@ def _dcp_load(state: dict[str, Any], path: Path) -> None:
         if isinstance(e, CheckpointError):
             raise e from None
         detail = (str(e).strip().splitlines() or ["no detail"])[0].split(". ")[0][:160]
-        raise CheckpointError(f"The checkpoint {path} could not be read ({type(e).__name__}: {detail}); it is "
-                              f"damaged. Restore it, or move it away to use an earlier checkpoint.") from None
+        raise CheckpointError(
+            f"The checkpoint {path} could not be read ({type(e).__name__}: {detail}); it is "
+            f"damaged. Restore it, or move it away to use an earlier checkpoint."
+        ) from None
 
 
 def _check_model_args(path: Path, info: dict[str, Any], args: ModelArgs) -> None:
     saved = dict(info.get("model_args", {}))
     ours = json.loads(json.dumps(dataclasses.asdict(args)))
-    differ = [f"{k} is {saved[k]!r} in the checkpoint and {ours[k]!r} now" for k in sorted(ours)
-              if k != "max_seq_len" and k in saved and saved[k] != ours[k]]
+    differ = [
+        f"{k} is {saved[k]!r} in the checkpoint and {ours[k]!r} now"
+        for k in sorted(ours)
+        if k != "max_seq_len" and k in saved and saved[k] != ours[k]
+    ]
     if differ:
-        raise CheckpointError(f"The checkpoint {path} holds another model: {'; '.join(differ)}. Use the model "
-                              f"settings it was trained with.")
+        raise CheckpointError(
+            f"The checkpoint {path} holds another model: {'; '.join(differ)}. Use the model "
+            f"settings it was trained with."
+        )

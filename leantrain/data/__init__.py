@@ -42,8 +42,17 @@ __all__ = [
     "build_eval_dataset",
 ]
 
-_DATASETS = ("PackedDataset", "SftDataset", "PackedSftDataset", "TokenizedSamples", "best_fit_pack", "build_datasets",
-             "build_eval_dataset", "load_samples", "load_sft_samples")
+_DATASETS = (
+    "PackedDataset",
+    "SftDataset",
+    "PackedSftDataset",
+    "TokenizedSamples",
+    "best_fit_pack",
+    "build_datasets",
+    "build_eval_dataset",
+    "load_samples",
+    "load_sft_samples",
+)
 _CHAT = ("chat_template", "record_sample", "render")
 
 

@@ -39,11 +39,15 @@ from .tokenizer import ByteTokenizer, Tokenizer, read_tokenizer_config
 SFT_SUFFIXES = (".jsonl", ".parquet")
 ROLES = ("system", "user", "assistant")
 _ALLOWED = {
-    "sft": ('data.format=sft needs data.path to be a .jsonl or .parquet file (one record per line or row with '
-            '"prompt" and "response" strings, or "prompt" and "completion") or a folder of such files'),
-    "chat": ('data.format=chat needs data.path to be a .jsonl or .parquet file (one record per line or row with '
-             '"messages": a list of {"role": "system"|"user"|"assistant", "content": string}, at least one of '
-             'them an assistant turn) or a folder of such files'),
+    "sft": (
+        "data.format=sft needs data.path to be a .jsonl or .parquet file (one record per line or row with "
+        '"prompt" and "response" strings, or "prompt" and "completion") or a folder of such files'
+    ),
+    "chat": (
+        "data.format=chat needs data.path to be a .jsonl or .parquet file (one record per line or row with "
+        '"messages": a list of {"role": "system"|"user"|"assistant", "content": string}, at least one of '
+        "them an assistant turn) or a folder of such files"
+    ),
 }
 
 # --------------------------------------------------------------------------------------------
@@ -58,9 +62,16 @@ def sft_files(path: str, fmt: str) -> list[Path]:
     if not p.exists():
         raise DataError(f"data.path={path!r} does not exist. {allowed}.")
     if p.is_dir():
-        files = sorted((f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SFT_SUFFIXES
-                        and not any(part.startswith(".") for part in f.relative_to(p).parts)),
-                       key=lambda f: f.relative_to(p).as_posix())
+        files = sorted(
+            (
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in SFT_SUFFIXES
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            ),
+            key=lambda f: f.relative_to(p).as_posix(),
+        )
         if not files:
             raise DataError(f"data.path={path!r} is a folder with no .jsonl or .parquet files in it. {allowed}.")
         return files
@@ -113,23 +124,29 @@ def chat_template(tokenizer: Tokenizer) -> ChatTemplate:
     (a string, or a list of {"name", "template"} of which "default" is used), else a chat_template.jinja file
     beside it, else :data:`BUILTIN_TEMPLATE` (always for the byte tokenizer)."""
     if isinstance(tokenizer, ByteTokenizer):
-        return ChatTemplate(BUILTIN_TEMPLATE, "the built-in Llama 3 style template",
-                            {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
-                             "eot_token": "<|end_of_text|>"})
+        return ChatTemplate(
+            BUILTIN_TEMPLATE,
+            "the built-in Llama 3 style template",
+            {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "eot_token": "<|end_of_text|>"},
+        )
     folder = Path(getattr(tokenizer, "path", ".")).parent
     config = read_tokenizer_config(folder / "tokenizer_config.json")
     variables = {k: v for k in _SPECIAL_KEYS if (v := _token_text(config.get(k))) is not None}
     source, origin = _template_of(config, folder / "tokenizer_config.json"), f"{folder / 'tokenizer_config.json'}"
     if source is None and (folder / "chat_template.jinja").is_file():
-        source, origin = (folder / "chat_template.jinja").read_text(encoding="utf-8"), str(folder / "chat_template.jinja")
+        source, origin = (
+            (folder / "chat_template.jinja").read_text(encoding="utf-8"),
+            str(folder / "chat_template.jinja"),
+        )
     if source is not None:
         return ChatTemplate(source, f"the chat template of {origin}", variables)
     names = _token_names(tokenizer)
     tok = getattr(tokenizer, "_tok", None)
     has_eot = tok is not None and tok.token_to_id("<|eot_id|>") is not None
     eot = "<|eot_id|>" if has_eot else variables.get("eos_token", names.get("eos_token", ""))
-    return ChatTemplate(BUILTIN_TEMPLATE, "the built-in Llama 3 style template",
-                        {**names, **variables, "eot_token": eot})
+    return ChatTemplate(
+        BUILTIN_TEMPLATE, "the built-in Llama 3 style template", {**names, **variables, "eot_token": eot}
+    )
 
 
 def _template_of(config: dict, path: Path) -> str | None:
@@ -140,8 +157,10 @@ def _template_of(config: dict, path: Path) -> str | None:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         if isinstance(named.get("default"), str):
             return named["default"]
-    raise DataError(f"{path}: chat_template must be a string, or a list of {{\"name\", \"template\"}} objects with "
-                    f"one named \"default\" (the one leantrain uses); it is {json.dumps(value)[:200]}.")
+    raise DataError(
+        f'{path}: chat_template must be a string, or a list of {{"name", "template"}} objects with '
+        f'one named "default" (the one leantrain uses); it is {json.dumps(value)[:200]}.'
+    )
 
 
 def _token_text(value: Any) -> str | None:
@@ -187,31 +206,38 @@ def _compiled(source: str) -> Any:
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
 
 
-def render(template: ChatTemplate, messages: Sequence[dict], add_generation_prompt: bool = False,
-           where: str = "") -> str:
+def render(
+    template: ChatTemplate, messages: Sequence[dict], add_generation_prompt: bool = False, where: str = ""
+) -> str:
     """The conversation as text, as transformers' apply_chat_template(tokenize=False) renders it."""
     import jinja2
 
     try:
         compiled = _compiled(template.source)
     except jinja2.TemplateSyntaxError as e:
-        raise DataError(f"{template.origin} is not valid Jinja (line {e.lineno}: {e.message}); fix the "
-                        "template, or remove it to use the built-in Llama 3 style one.") from e
+        raise DataError(
+            f"{template.origin} is not valid Jinja (line {e.lineno}: {e.message}); fix the "
+            "template, or remove it to use the built-in Llama 3 style one."
+        ) from e
     try:
-        return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                               **template.variables)
+        return compiled.render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **template.variables
+        )
     except jinja2.TemplateError as e:
-        raise DataError(f"{where + ': ' if where else ''}{template.origin} failed to render this conversation "
-                        f"({type(e).__name__}: {e}). Conversations must have the shape the template expects "
-                        "(e.g. roles in the order it allows).") from e
+        raise DataError(
+            f"{where + ': ' if where else ''}{template.origin} failed to render this conversation "
+            f"({type(e).__name__}: {e}). Conversations must have the shape the template expects "
+            "(e.g. roles in the order it allows)."
+        ) from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,8 +245,9 @@ def render(template: ChatTemplate, messages: Sequence[dict], add_generation_prom
 # --------------------------------------------------------------------------------------------
 
 
-def record_sample(record: dict, fmt: str, tokenizer: Tokenizer, template: ChatTemplate | None = None,
-                  where: str = "") -> tuple[np.ndarray, np.ndarray]:
+def record_sample(
+    record: dict, fmt: str, tokenizer: Tokenizer, template: ChatTemplate | None = None, where: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
     """One record -> (ids int32, mask bool), ``mask[j]`` True when token j is a target.
 
     ``fmt="sft"``: ``{"prompt", "response"}`` (or ``"completion"``) strings: ``[BOS] + prompt + response + EOS``,
@@ -239,10 +266,10 @@ def prompt_response(record: dict, where: str) -> tuple[str, str]:
     for key in ("prompt", answer_key):
         if key not in record:
             keys = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-            hint = (' (a "messages" conversation is data.format=chat)' if "messages" in record else "")
-            raise DataError(f"{where}: the record has no \"{key}\" field (its keys: {keys}){hint}. {_ALLOWED['sft']}.")
+            hint = ' (a "messages" conversation is data.format=chat)' if "messages" in record else ""
+            raise DataError(f'{where}: the record has no "{key}" field (its keys: {keys}){hint}. {_ALLOWED["sft"]}.')
         if not isinstance(record[key], str):
-            raise DataError(f"{where}: \"{key}\" is a {type(record[key]).__name__}, not a string. {_ALLOWED['sft']}.")
+            raise DataError(f'{where}: "{key}" is a {type(record[key]).__name__}, not a string. {_ALLOWED["sft"]}.')
     return record["prompt"], record[answer_key]
 
 
@@ -251,7 +278,7 @@ def sft_sample(prompt: str, response: str, tokenizer: Tokenizer) -> tuple[np.nda
     p, r = tokenizer.encode(prompt), tokenizer.encode(response)
     ids = np.asarray([*head, *p, *r, tokenizer.eos_id], dtype=np.int32)
     mask = np.zeros(len(ids), dtype=np.bool_)
-    mask[len(head) + len(p):] = True
+    mask[len(head) + len(p) :] = True
     return ids, mask
 
 
@@ -262,22 +289,28 @@ def check_messages(record: dict, where: str) -> list[dict]:
     messages = record.get("messages")
     if messages is None:
         keys = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-        hint = ' (prompt/response pairs are data.format=sft)' if "prompt" in record else ""
-        raise DataError(f"{where}: the record has no \"messages\" field (its keys: {keys}){hint}. {allowed}.")
+        hint = " (prompt/response pairs are data.format=sft)" if "prompt" in record else ""
+        raise DataError(f'{where}: the record has no "messages" field (its keys: {keys}){hint}. {allowed}.')
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: \"messages\" must be a non-empty list, it is {json.dumps(messages)[:100]}. "
-                        f"{allowed}.")
+        raise DataError(f'{where}: "messages" must be a non-empty list, it is {json.dumps(messages)[:100]}. {allowed}.')
     for n, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: message {n} is {json.dumps(m)[:100]}, not an object with \"role\" and "
-                            f"\"content\". {allowed}.")
+            raise DataError(
+                f'{where}: message {n} is {json.dumps(m)[:100]}, not an object with "role" and "content". {allowed}.'
+            )
         if m["role"] not in ROLES:
-            extra = (" Tool calls and tool results are not supported: leave such conversations out, or write "
-                     "the tool output into a user turn." if m["role"] in ("tool", "ipython", "function") else "")
+            extra = (
+                " Tool calls and tool results are not supported: leave such conversations out, or write "
+                "the tool output into a user turn."
+                if m["role"] in ("tool", "ipython", "function")
+                else ""
+            )
             raise DataError(f"{where}: message {n} has the role {m['role']!r}.{extra} {allowed}.")
         if not isinstance(m["content"], str):
-            raise DataError(f"{where}: message {n}'s content is a {type(m['content']).__name__}, not a string "
-                            f"(content parts, images and tool calls are not supported). {allowed}.")
+            raise DataError(
+                f"{where}: message {n}'s content is a {type(m['content']).__name__}, not a string "
+                f"(content parts, images and tool calls are not supported). {allowed}."
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant message, so nothing to learn. {allowed}.")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -291,27 +324,29 @@ def assistant_spans(messages: list[dict], template: ChatTemplate, where: str = "
         if m["role"] != "assistant":
             continue
         prompt = render(template, messages[:i], add_generation_prompt=True, where=where)
-        turn = render(template, messages[:i + 1], where=where)
+        turn = render(template, messages[: i + 1], where=where)
         if not (turn.startswith(prompt) and text.startswith(turn)):
             raise DataError(
                 f"{where}: {template.origin} is not prefix-stable for this conversation: rendering the first "
                 f"{i} message(s) with the generation prompt, then the first {i + 1}, does not give prefixes of the "
                 f"whole conversation's text (the template rewrites earlier turns, e.g. drops their reasoning, or "
                 f"adds text only at the end). leantrain finds the assistant turns from these prefixes, so it needs "
-                f"a template that renders each turn the same whatever follows it.")
+                f"a template that renders each turn the same whatever follows it."
+            )
         end = len(turn.rstrip())  # the end-of-turn token is a target; the newline after it (ChatML) is not
         spans.append((len(prompt), max(end, len(prompt))))
     return text, spans
 
 
-def chat_sample(messages: list[dict], template: ChatTemplate, tokenizer: Tokenizer,
-                where: str = "") -> tuple[np.ndarray, np.ndarray]:
+def chat_sample(
+    messages: list[dict], template: ChatTemplate, tokenizer: Tokenizer, where: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
     """A checked conversation -> (ids, mask): the tokens whose first character lies in an assistant span."""
     text, spans = assistant_spans(messages, template, where)
     ids, starts = encode_with_offsets(tokenizer, text)
     mask = np.zeros(len(ids), dtype=np.bool_)
     for a, b in spans:
-        mask[bisect.bisect_left(starts, a):bisect.bisect_left(starts, b)] = True
+        mask[bisect.bisect_left(starts, a) : bisect.bisect_left(starts, b)] = True
     return ids, mask
 
 
@@ -321,8 +356,10 @@ def encode_with_offsets(tokenizer: Tokenizer, text: str) -> tuple[np.ndarray, li
         return _byte_encode_with_offsets(text)
     tok = getattr(tokenizer, "_tok", None)
     if tok is None:
-        raise DataError(f"data.format=chat needs the byte tokenizer or a Hugging Face tokenizer.json, not "
-                        f"{type(tokenizer).__name__}.")
+        raise DataError(
+            f"data.format=chat needs the byte tokenizer or a Hugging Face tokenizer.json, not "
+            f"{type(tokenizer).__name__}."
+        )
     enc = tok.encode(text, add_special_tokens=False)
     return np.asarray(enc.ids, dtype=np.int32), [s for s, _ in enc.offsets]
 

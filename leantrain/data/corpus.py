@@ -26,9 +26,11 @@ DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TXT_PIECES = 20
 TXT_MIN_PIECE_CHARS = 4096
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
-_ALLOWED_PATHS = ('data.path must be "builtin", a .txt file, a .jsonl file (one JSON object per '
-                  'line with a "text" string, or the field data.text_field names), a .parquet file (a string '
-                  'column of that name), a folder containing such files, or a folder written by leantrain prepare')
+_ALLOWED_PATHS = (
+    'data.path must be "builtin", a .txt file, a .jsonl file (one JSON object per '
+    'line with a "text" string, or the field data.text_field names), a .parquet file (a string '
+    "column of that name), a folder containing such files, or a folder written by leantrain prepare"
+)
 
 
 def load_documents(path: str, text_field: str = "text") -> list[str]:
@@ -73,8 +75,10 @@ def load_documents(path: str, text_field: str = "text") -> list[str]:
             docs.extend(d for d in _split_txt(_read_text(f)) if d.strip())
     if not docs:
         what = "file" if len(files) == 1 and not Path(path).expanduser().is_dir() else "folder's data files"
-        raise DataError(f"data.path={path!r}: the {what} contain(s) no text (empty or only "
-                        f"whitespace). Training needs a non-empty corpus. {_ALLOWED_PATHS}.")
+        raise DataError(
+            f"data.path={path!r}: the {what} contain(s) no text (empty or only "
+            f"whitespace). Training needs a non-empty corpus. {_ALLOWED_PATHS}."
+        )
     return docs
 
 
@@ -86,32 +90,43 @@ def source_files(path: str) -> list[Path]:
         raise DataError(f"data.path={path!r} does not exist. {_ALLOWED_PATHS}.")
     if p.is_dir():
         files = sorted(
-            (f for f in p.rglob("*")
-             if f.is_file() and f.suffix.lower() in DATA_SUFFIXES
-             and not any(part.startswith(".") for part in f.relative_to(p).parts)),
+            (
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in DATA_SUFFIXES
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            ),
             key=lambda f: f.relative_to(p).as_posix(),
         )
         if not files:
-            raise DataError(f"data.path={path!r} is a folder with no .txt, .jsonl or .parquet files in it "
-                            f"(searched recursively, hidden files skipped). {_ALLOWED_PATHS}.")
+            raise DataError(
+                f"data.path={path!r} is a folder with no .txt, .jsonl or .parquet files in it "
+                f"(searched recursively, hidden files skipped). {_ALLOWED_PATHS}."
+            )
         return files
     if p.suffix.lower() in DATA_SUFFIXES:
         return [p]
-    raise DataError(f"data.path={path!r} has the extension {p.suffix or '(none)'!r}, which "
-                    f"leantrain cannot read. {_ALLOWED_PATHS}.")
+    raise DataError(
+        f"data.path={path!r} has the extension {p.suffix or '(none)'!r}, which leantrain cannot read. {_ALLOWED_PATHS}."
+    )
 
 
 def record_text(rec: dict, field: str, f: Path | str, lineno: int) -> str:
     """The document text of one .jsonl record (DataError naming file and line when it has none)."""
     if field not in rec:
         keys = ", ".join(repr(k) for k in list(rec)[:10]) or "none"
-        raise DataError(f"{f}:{lineno}: the JSON object has no \"{field}\" field (its keys: {keys}). Every line "
-                        f"of a .jsonl file for data.format=text must be an object with a \"{field}\" string "
-                        "(data.text_field names the field).")
+        raise DataError(
+            f'{f}:{lineno}: the JSON object has no "{field}" field (its keys: {keys}). Every line '
+            f'of a .jsonl file for data.format=text must be an object with a "{field}" string '
+            "(data.text_field names the field)."
+        )
     text = rec[field]
     if not isinstance(text, str):
-        raise DataError(f"{f}:{lineno}: \"{field}\" is a {type(text).__name__}, not a string. Every line of a "
-                        f".jsonl file for data.format=text must be an object with a \"{field}\" string.")
+        raise DataError(
+            f'{f}:{lineno}: "{field}" is a {type(text).__name__}, not a string. Every line of a '
+            f'.jsonl file for data.format=text must be an object with a "{field}" string.'
+        )
     return text
 
 
@@ -130,14 +145,18 @@ def _parquet_file(f: Path, field: str | None):
         return pf
     schema = pf.schema_arrow
     if field not in schema.names:
-        raise DataError(f"Data file {str(f)!r} has no column {field!r} (its columns: "
-                        f"{', '.join(schema.names[:20]) or 'none'}). Set data.text_field to the text column.")
+        raise DataError(
+            f"Data file {str(f)!r} has no column {field!r} (its columns: "
+            f"{', '.join(schema.names[:20]) or 'none'}). Set data.text_field to the text column."
+        )
     import pyarrow as pa
 
     kind = schema.field(field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise DataError(f"Data file {str(f)!r}: the column {field!r} holds {kind}, not strings. "
-                        "data.text_field must name a string column.")
+        raise DataError(
+            f"Data file {str(f)!r}: the column {field!r} holds {kind}, not strings. "
+            "data.text_field must name a string column."
+        )
     return pf
 
 
@@ -149,7 +168,7 @@ def _parquet_batches(f: Path, field: str | None, skip_rows: int) -> Iterator[lis
     for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=None if field is None else [field]):
         values = batch.to_pylist() if field is None else batch.column(0).to_pylist()
         if seen + len(values) > skip_rows:
-            yield values[max(skip_rows - seen, 0):]
+            yield values[max(skip_rows - seen, 0) :]
         seen += len(values)
 
 
@@ -177,8 +196,9 @@ class Chunk:
     texts: tuple = ()  # .parquet values (None for null) or .txt documents
 
 
-def iter_chunks(files: list[Path], text_field: str | None, start: tuple[int, int] = (0, 0),
-                chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+def iter_chunks(
+    files: list[Path], text_field: str | None, start: tuple[int, int] = (0, 0), chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[Chunk]:
     """Every document of ``files`` (the rule of :func:`load_documents`) in chunks of about ``chunk_bytes``, from
     ``start`` = (file index, position in it) on. Holds one chunk at a time, except a .txt file, which is read
     whole to cut it. ``text_field=None``: whole records (SFT), a .parquet chunk's ``texts`` then being row dicts."""
@@ -198,8 +218,10 @@ def _jsonl_chunks(index: int, f: Path, offset: int, chunk_bytes: int) -> Iterato
     try:
         handle = open(f, "rb")
     except OSError as e:
-        raise DataError(f"Data file {str(f)!r} cannot be read ({e.strerror or e}). Check that it exists and that "
-                        "this user may read it.") from e
+        raise DataError(
+            f"Data file {str(f)!r} cannot be read ({e.strerror or e}). Check that it exists and that "
+            "this user may read it."
+        ) from e
     with handle:
         line = 1
         remaining = offset  # a resumed file: count the lines before its offset (a line boundary)
@@ -284,9 +306,11 @@ def _builtin_documents() -> list[str]:
     try:
         from pydoc_data.topics import topics
     except ImportError as e:  # pragma: no cover - some distributions strip pydoc_data
-        raise DataError("data.path=builtin needs the pydoc topic texts of the standard library "
-                        f"(pydoc_data.topics), which this Python lacks ({e}). Point data.path at "
-                        "a .txt/.jsonl file or folder instead.") from e
+        raise DataError(
+            "data.path=builtin needs the pydoc topic texts of the standard library "
+            f"(pydoc_data.topics), which this Python lacks ({e}). Point data.path at "
+            "a .txt/.jsonl file or folder instead."
+        ) from e
     return [topics[k] for k in sorted(topics) if topics[k].strip()]
 
 
@@ -294,17 +318,22 @@ def _read_text(f: Path) -> str:
     try:
         raw = f.read_bytes()
     except OSError as e:
-        raise DataError(f"Data file {str(f)!r} cannot be read ({e.strerror or e}). Check that it "
-                        "exists and that this user may read it.") from e
+        raise DataError(
+            f"Data file {str(f)!r} cannot be read ({e.strerror or e}). Check that it "
+            "exists and that this user may read it."
+        ) from e
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         bad = raw.count(b"\xef\xbf\xbd")
         text = raw.decode("utf-8", errors="replace")
         n = text.count("\ufffd") - bad
-        warnings.warn(f"Data file {str(f)!r} is not valid UTF-8 (first bad byte at offset "
-                      f"{e.start}); {n} invalid byte sequence(s) were replaced with U+FFFD.",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"Data file {str(f)!r} is not valid UTF-8 (first bad byte at offset "
+            f"{e.start}); {n} invalid byte sequence(s) were replaced with U+FFFD.",
+            UserWarning,
+            stacklevel=3,
+        )
     return text[1:] if text.startswith("\ufeff") else text
 
 
@@ -319,11 +348,15 @@ def _parse_json_line(line: str, f: Path | str, lineno: int) -> dict:
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataError(f"{f}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). A .jsonl "
-                        "file must hold one JSON object per line; blank lines are allowed.") from e
+        raise DataError(
+            f"{f}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). A .jsonl "
+            "file must hold one JSON object per line; blank lines are allowed."
+        ) from e
     if not isinstance(rec, dict):
-        raise DataError(f"{f}:{lineno}: expected a JSON object, got {type(rec).__name__}. A "
-                        ".jsonl file must hold one JSON object per line.")
+        raise DataError(
+            f"{f}:{lineno}: expected a JSON object, got {type(rec).__name__}. A "
+            ".jsonl file must hold one JSON object per line."
+        )
     return rec
 
 
@@ -335,7 +368,7 @@ def _split_txt(text: str) -> list[str]:
     while len(text) - pos >= 2 * target:
         m = _BLANK_LINE.search(text, pos + target)
         if m is not None:
-            docs.append(text[pos:m.start()])
+            docs.append(text[pos : m.start()])
             pos = m.end()
             continue
         nl = text.find("\n", pos + target)
@@ -366,13 +399,14 @@ def split_documents(docs: list[str], eval_fraction: float = EVAL_FRACTION) -> tu
     if not 0.0 < eval_fraction < 1.0:
         raise DataError(f"The eval fraction must be between 0 and 1 (exclusive), got {eval_fraction!r}.")
     if not docs:
-        raise DataError("There are no documents to split into train and eval; data.path must "
-                        "hold some text.")
+        raise DataError("There are no documents to split into train and eval; data.path must hold some text.")
     if len(docs) == 1:
         text = docs[0]
         if len(text) < 2:
-            raise DataError(f"The corpus is a single document of {len(text)} character(s); it "
-                            "cannot be split into train and eval. Add more text.")
+            raise DataError(
+                f"The corpus is a single document of {len(text)} character(s); it "
+                "cannot be split into train and eval. Add more text."
+            )
         cut = min(max(int(len(text) * (1.0 - eval_fraction)), 1), len(text) - 1)
         return [text[:cut]], [text[cut:]]
     n_eval = eval_count(len(docs), eval_fraction)

@@ -53,7 +53,7 @@ class _Sampler:
         while count > 0:
             order = self._epoch_order()
             take = min(count, self.n - self.position)
-            parts.append(order[self.position:self.position + take])
+            parts.append(order[self.position : self.position + take])
             self.position += take
             count -= take
             if self.position == self.n:
@@ -62,7 +62,7 @@ class _Sampler:
 
     def next_indices(self) -> torch.Tensor:
         idx = self.take(self.batch_size * self.world_size)
-        return idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -130,21 +130,28 @@ class _Batches:
                     f"The checkpoint's {self._KIND}{self.name} data state was saved with {key}={int(sd[key])}, "
                     f"but the data now has {key}={getattr(self, key)}: data.path, tokenizer.path or "
                     "data.seq_len changed since the checkpoint. Resume with the same data settings, "
-                    "or start a new run (another job.dump_folder).")
+                    "or start a new run (another job.dump_folder)."
+                )
         if ("num_rows" in sd) != ("num_rows" in self._IDENTITY):  # packed SFT data has num_rows, padded has not
             packed = "num_rows" in sd
-            raise DataError(f"The checkpoint's {self._KIND}{self.name} data state is of "
-                            f"{'packed' if packed else 'padded'} rows, but this run has data.packing="
-                            f"{'false' if packed else 'true'}. Resume with data.packing={str(packed).lower()}, "
-                            "or start a new run (another job.dump_folder).")
+            raise DataError(
+                f"The checkpoint's {self._KIND}{self.name} data state is of "
+                f"{'packed' if packed else 'padded'} rows, but this run has data.packing="
+                f"{'false' if packed else 'true'}. Resume with data.packing={str(packed).lower()}, "
+                "or start a new run (another job.dump_folder)."
+            )
         if "seed" in sd and int(sd["seed"]) != self.seed:
-            raise DataError(f"The checkpoint's {self._KIND}{self.name} data order was drawn with job.seed="
-                            f"{int(sd['seed'])}, this run has job.seed={self.seed}. Resume with the "
-                            "same seed, or start a new run.")
+            raise DataError(
+                f"The checkpoint's {self._KIND}{self.name} data order was drawn with job.seed="
+                f"{int(sd['seed'])}, this run has job.seed={self.seed}. Resume with the "
+                "same seed, or start a new run."
+            )
         epoch, position = int(sd["epoch"]), int(sd["position"])
         if epoch < 0 or not 0 <= position < self._num_items():
-            raise DataError(f"The checkpoint's {self._KIND}{self.name} data state (epoch={epoch}, "
-                            f"position={position}) is out of range for {self._num_items()} {self._ITEMS}.")
+            raise DataError(
+                f"The checkpoint's {self._KIND}{self.name} data state (epoch={epoch}, "
+                f"position={position}) is out of range for {self._num_items()} {self._ITEMS}."
+            )
         self._sampler.load_state_dict(epoch, position)
 
 
@@ -169,15 +176,35 @@ class PackedDataset(_Batches):
     run sees the same batches as an uninterrupted one.
     """
 
-    def __init__(self, docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                 seed: int, shuffle: bool = True, name: str = "train", *,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        docs: Sequence[str],
+        tokenizer: Tokenizer,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        name: str = "train",
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         _check_sizes(seq_len, batch_size, rank, world_size)
         self._setup(self._pack(list(docs), tokenizer), seq_len, batch_size, seed, shuffle, name, rank, world_size)
 
     @classmethod
-    def from_tokens(cls, tokens: Any, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
-                    name: str = "train", *, rank: int = 0, world_size: int = 1) -> PackedDataset:
+    def from_tokens(
+        cls,
+        tokens: Any,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        name: str = "train",
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> PackedDataset:
         """Windows over tokens already packed as ``[BOS] ids EOS`` per document (``len(tokens)`` and
         ``tokens[a:b]`` -> an integer array): a prepared folder's split."""
         _check_sizes(seq_len, batch_size, rank, world_size)
@@ -185,8 +212,17 @@ class PackedDataset(_Batches):
         self._setup(tokens, seq_len, batch_size, seed, shuffle, name, rank, world_size)
         return self
 
-    def _setup(self, tokens: Any, seq_len: int, batch_size: int, seed: int, shuffle: bool, name: str,
-               rank: int, world_size: int) -> None:
+    def _setup(
+        self,
+        tokens: Any,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        name: str,
+        rank: int,
+        world_size: int,
+    ) -> None:
         self.name, self.seq_len, self.batch_size, self.seed, self.shuffle = name, seq_len, batch_size, seed, shuffle
         self.tokens = tokens
         self.num_tokens = len(tokens)
@@ -194,7 +230,8 @@ class PackedDataset(_Batches):
             raise DataError(
                 f"The {name} split has {self.num_tokens} tokens after tokenization, but one "
                 f"window needs data.seq_len + 1 = {seq_len + 1}. Use a smaller "
-                f"data.seq_len (at most {max(self.num_tokens - 1, 1)}) or more text in data.path.")
+                f"data.seq_len (at most {max(self.num_tokens - 1, 1)}) or more text in data.path."
+            )
         self.num_windows = (self.num_tokens - 1) // seq_len
         if isinstance(tokens, torch.Tensor):  # in memory: every window is a view, a batch one gather
             self.windows = tokens.unfold(0, seq_len + 1, seq_len)[: self.num_windows]
@@ -222,13 +259,16 @@ class PackedDataset(_Batches):
             w = self.windows[idx].long()
         else:  # memory-mapped: read this rank's windows only
             span = self.seq_len + 1
-            w = torch.from_numpy(np.stack([self.tokens[i * self.seq_len:i * self.seq_len + span]
-                                           for i in idx.tolist()]))
+            w = torch.from_numpy(
+                np.stack([self.tokens[i * self.seq_len : i * self.seq_len + span] for i in idx.tolist()])
+            )
         return w[:, :-1], w[:, 1:]
 
     def __repr__(self) -> str:
-        return (f"PackedDataset(name={self.name!r}, num_tokens={self.num_tokens}, "
-                f"num_windows={self.num_windows}, seq_len={self.seq_len}, batch_size={self.batch_size})")
+        return (
+            f"PackedDataset(name={self.name!r}, num_tokens={self.num_tokens}, "
+            f"num_windows={self.num_windows}, seq_len={self.seq_len}, batch_size={self.batch_size})"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,8 +318,9 @@ class TokenizedSamples:
         def part(x: Any) -> Any:
             return x.view(a, b) if isinstance(x, TokenStream) else x[a:b]
 
-        return TokenizedSamples(part(self.tokens), part(self.mask), self.offsets[start:stop + 1] - a,
-                                self.first_targets[start:stop])
+        return TokenizedSamples(
+            part(self.tokens), part(self.mask), self.offsets[start : stop + 1] - a, self.first_targets[start:stop]
+        )
 
 
 def _first_targets(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -330,12 +371,18 @@ def fit_samples(samples: TokenizedSamples, seq_len: int, name: str) -> tuple[np.
     keep = samples.first_targets <= seq_len  # a target among labels 1..seq_len
     cut, dropped = int(((lengths > seq_len + 1) & keep).sum()), int((~keep).sum())
     if cut or dropped:
-        warnings.warn(f"SFT {name} data: {cut} sample(s) longer than data.seq_len + 1 = {seq_len + 1} tokens were "
-                      f"cut at the end, and {dropped} whose prompt alone fills the window (no target in it) were "
-                      f"dropped. Raise data.seq_len to keep them whole.", UserWarning, stacklevel=4)
+        warnings.warn(
+            f"SFT {name} data: {cut} sample(s) longer than data.seq_len + 1 = {seq_len + 1} tokens were "
+            f"cut at the end, and {dropped} whose prompt alone fills the window (no target in it) were "
+            f"dropped. Raise data.seq_len to keep them whole.",
+            UserWarning,
+            stacklevel=4,
+        )
     if not keep.any():
-        raise DataError(f"The SFT {name} split has no sample whose response fits in data.seq_len = {seq_len} "
-                        f"tokens. Raise data.seq_len.")
+        raise DataError(
+            f"The SFT {name} split has no sample whose response fits in data.seq_len = {seq_len} "
+            f"tokens. Raise data.seq_len."
+        )
     index = np.flatnonzero(keep)
     return index, cut_lengths[index]
 
@@ -345,9 +392,19 @@ class _SftBatches(_Batches):
 
     _KIND = "SFT "
 
-    def __init__(self, samples: TokenizedSamples | Sequence[tuple[str, str]], tokenizer: Tokenizer, seq_len: int,
-                 batch_size: int, seed: int, shuffle: bool = True, name: str = "train", *, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self,
+        samples: TokenizedSamples | Sequence[tuple[str, str]],
+        tokenizer: Tokenizer,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        name: str = "train",
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         _check_sizes(seq_len, batch_size, rank, world_size)
         self.name, self.seq_len, self.batch_size, self.seed = name, seq_len, batch_size, seed
         self.pad_id = tokenizer.pad_id
@@ -403,12 +460,14 @@ class SftDataset(_SftBatches):
             ids, sample_labels = self._sample(k)
             # the row is the whole sample, then padding: its last token is an input too (with no label) when
             # the sample is shorter than the window
-            inputs[r, :min(len(ids), self.seq_len)], labels[r, :len(ids) - 1] = ids[:self.seq_len], sample_labels
+            inputs[r, : min(len(ids), self.seq_len)], labels[r, : len(ids) - 1] = ids[: self.seq_len], sample_labels
         return inputs, labels
 
     def __repr__(self) -> str:
-        return (f"SftDataset(name={self.name!r}, num_samples={self.num_samples}, num_tokens={self.num_tokens}, "
-                f"seq_len={self.seq_len}, batch_size={self.batch_size})")
+        return (
+            f"SftDataset(name={self.name!r}, num_samples={self.num_samples}, num_tokens={self.num_tokens}, "
+            f"seq_len={self.seq_len}, batch_size={self.batch_size})"
+        )
 
 
 def best_fit_pack(sizes: np.ndarray, capacity: int) -> list[list[int]]:
@@ -477,23 +536,35 @@ class PackedSftDataset(_SftBatches):
             for k in self.rows[row]:
                 ids, sample_labels = self._sample(k)
                 n = len(ids) - 1
-                inputs[r, at:at + n], labels[r, at:at + n] = ids[:-1], sample_labels
-                positions[r, at:at + n] = torch.arange(n)
+                inputs[r, at : at + n], labels[r, at : at + n] = ids[:-1], sample_labels
+                positions[r, at : at + n] = torch.arange(n)
                 at += n
             positions[r, at:] = torch.arange(self.seq_len - at)  # the padding: a segment of its own
         return inputs, labels, positions
 
     def __repr__(self) -> str:
-        return (f"PackedSftDataset(name={self.name!r}, num_samples={self.num_samples}, num_rows={self.num_rows}, "
-                f"num_tokens={self.num_tokens}, seq_len={self.seq_len}, batch_size={self.batch_size})")
+        return (
+            f"PackedSftDataset(name={self.name!r}, num_samples={self.num_samples}, num_rows={self.num_rows}, "
+            f"num_tokens={self.num_tokens}, seq_len={self.seq_len}, batch_size={self.batch_size})"
+        )
 
 
-def sft_dataset(samples: TokenizedSamples, tokenizer: Tokenizer, data: Any, seed: int, *, shuffle: bool = True,
-                name: str = "train", rank: int = 0, world_size: int = 1) -> SftDataset | PackedSftDataset:
+def sft_dataset(
+    samples: TokenizedSamples,
+    tokenizer: Tokenizer,
+    data: Any,
+    seed: int,
+    *,
+    shuffle: bool = True,
+    name: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
+) -> SftDataset | PackedSftDataset:
     """Packed or padded SFT data as ``data.packing`` says."""
     kind = PackedSftDataset if getattr(data, "packing", True) else SftDataset
-    return kind(samples, tokenizer, data.seq_len, data.local_batch_size, seed, shuffle, name, rank=rank,
-                world_size=world_size)
+    return kind(
+        samples, tokenizer, data.seq_len, data.local_batch_size, seed, shuffle, name, rank=rank, world_size=world_size
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,8 +581,17 @@ class MixedDataset:
     time). Every rank draws the same global batch and reads only its slice's windows. The state (batches drawn,
     each source's position) resumes exactly. Evaluation is every source's eval split in turn."""
 
-    def __init__(self, sources: Sequence[PackedDataset], names: Sequence[str], weights: Sequence[float],
-                 batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        sources: Sequence[PackedDataset],
+        names: Sequence[str],
+        weights: Sequence[float],
+        batch_size: int,
+        seed: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.sources, self.names = list(sources), list(names)
         self.weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
         self.weights /= self.weights.sum()
@@ -544,14 +624,20 @@ class MixedDataset:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        return {"draws": self.draws, "seed": self.seed,
-                "sources": {str(i): src.state_dict() for i, src in enumerate(self.sources)}}
+        return {
+            "draws": self.draws,
+            "seed": self.seed,
+            "sources": {str(i): src.state_dict() for i, src in enumerate(self.sources)},
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         if int(sd.get("seed", self.seed)) != self.seed or set(sd.get("sources", {})) != {
-                str(i) for i in range(len(self.sources))}:
-            raise DataError(f"The checkpoint's data state is not one of this mixture of {len(self.sources)} prepared "
-                            "corpora with this job.seed: resume with the same data.mix and seed, or start a new run.")
+            str(i) for i in range(len(self.sources))
+        }:
+            raise DataError(
+                f"The checkpoint's data state is not one of this mixture of {len(self.sources)} prepared "
+                "corpora with this job.seed: resume with the same data.mix and seed, or start a new run."
+            )
         for i, src in enumerate(self.sources):
             src.load_state_dict(sd["sources"][str(i)])
         self.draws = int(sd["draws"])
@@ -591,12 +677,15 @@ def parse_mix(mix: str) -> list[tuple[str, float]]:
         except ValueError:
             value = math.nan
         if not sep or not path or not (0 < value < math.inf):
-            raise DataError(f"data.mix={mix!r}: {part!r} is not DIR=WEIGHT. data.mix lists prepared folders with "
-                            "positive weights, e.g. data.mix='web=0.7,code=0.3' (the weights need not sum to 1).")
+            raise DataError(
+                f"data.mix={mix!r}: {part!r} is not DIR=WEIGHT. data.mix lists prepared folders with "
+                "positive weights, e.g. data.mix='web=0.7,code=0.3' (the weights need not sum to 1)."
+            )
         pairs.append((path, value))
     if len(pairs) < 2:
-        raise DataError(f"data.mix={mix!r} names {len(pairs)} folder; a mixture needs at least two (for one, set "
-                        "data.path to it).")
+        raise DataError(
+            f"data.mix={mix!r} names {len(pairs)} folder; a mixture needs at least two (for one, set data.path to it)."
+        )
     return pairs
 
 
@@ -606,9 +695,11 @@ def _open_prepared(path: str, tokenizer: Tokenizer, tokenizer_path: str, fmt: st
 
     corpus = open_prepared(path)
     if corpus.kind != fmt:
-        raise DataError(f"data.path={path!r} was prepared with data.format={corpus.kind}, but this run has "
-                        f"data.format={fmt}. Set data.format={corpus.kind}, or prepare the data again with "
-                        f"--data.format={fmt}.")
+        raise DataError(
+            f"data.path={path!r} was prepared with data.format={corpus.kind}, but this run has "
+            f"data.format={fmt}. Set data.format={corpus.kind}, or prepare the data again with "
+            f"--data.format={fmt}."
+        )
     corpus.check_tokenizer(tokenizer, tokenizer_path)
     return corpus
 
@@ -617,22 +708,28 @@ def _prepared_samples(corpus: Any) -> TokenizedSamples:
     return TokenizedSamples(corpus.stream, corpus.mask, corpus.offsets, corpus.first_targets)
 
 
-def _sft_splits(samples: TokenizedSamples, n_train: int, tokenizer: Tokenizer, data: Any, seed: int,
-                common: dict) -> tuple[Any, Any]:
+def _sft_splits(
+    samples: TokenizedSamples, n_train: int, tokenizer: Tokenizer, data: Any, seed: int, common: dict
+) -> tuple[Any, Any]:
     """(train, eval) SFT datasets: samples before ``n_train`` train, the rest are the eval split, read in order."""
-    return (sft_dataset(samples.subset(0, n_train), tokenizer, data, seed, **common),
-            sft_dataset(samples.subset(n_train, len(samples)), tokenizer, data, seed, shuffle=False, name="eval",
-                        **common))
+    return (
+        sft_dataset(samples.subset(0, n_train), tokenizer, data, seed, **common),
+        sft_dataset(samples.subset(n_train, len(samples)), tokenizer, data, seed, shuffle=False, name="eval", **common),
+    )
 
 
-def _prepared_splits(path: str, tokenizer: Tokenizer, tokenizer_path: str, data: Any, seed: int,
-                     common: dict) -> tuple[Any, Any]:
+def _prepared_splits(
+    path: str, tokenizer: Tokenizer, tokenizer_path: str, data: Any, seed: int, common: dict
+) -> tuple[Any, Any]:
     corpus = _open_prepared(path, tokenizer, tokenizer_path, data.format)
     if corpus.kind != "text":  # SFT samples: cut and packed now, for this run's seq_len
         return _sft_splits(_prepared_samples(corpus), corpus.train_samples, tokenizer, data, seed, common)
-    return (PackedDataset.from_tokens(corpus.train, data.seq_len, data.local_batch_size, seed, **common),
-            PackedDataset.from_tokens(corpus.eval, data.seq_len, data.local_batch_size, seed, shuffle=False,
-                                      name="eval", **common))
+    return (
+        PackedDataset.from_tokens(corpus.train, data.seq_len, data.local_batch_size, seed, **common),
+        PackedDataset.from_tokens(
+            corpus.eval, data.seq_len, data.local_batch_size, seed, shuffle=False, name="eval", **common
+        ),
+    )
 
 
 def _warn_if_large(path: str) -> None:
@@ -642,14 +739,19 @@ def _warn_if_large(path: str) -> None:
         return
     size = sum(f.stat().st_size for f in source_files(path))
     if size > RAW_WARN_BYTES:
-        warnings.warn(f"data.path={path!r} holds {size / 1e6:.0f} MB of raw text, which every start (and every rank) "
-                      f"reads and tokenizes in memory, at about 8 bytes of memory per byte of text. `leantrain prepare "
-                      f"--data.path={path} --out DIR` tokenizes it once into memory-mapped shards; train with "
-                      "data.path=DIR then.", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"data.path={path!r} holds {size / 1e6:.0f} MB of raw text, which every start (and every rank) "
+            f"reads and tokenizes in memory, at about 8 bytes of memory per byte of text. `leantrain prepare "
+            f"--data.path={path} --out DIR` tokenizes it once into memory-mapped shards; train with "
+            "data.path=DIR then.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
-def build_datasets(data: Any, tokenizer: Tokenizer, seed: int, *, rank: int = 0, world_size: int = 1,
-                   tokenizer_path: str = "") -> tuple[Any, Any]:
+def build_datasets(
+    data: Any, tokenizer: Tokenizer, seed: int, *, rank: int = 0, world_size: int = 1, tokenizer_path: str = ""
+) -> tuple[Any, Any]:
     """(train, eval) datasets for the config's ``data`` section: raw files (tokenized here), a prepared folder
     (memory-mapped), or a mixture of prepared folders (``data.mix``). The eval split is the last 5% of documents
     (text) or samples (sft, chat); it is read in order, never shuffled."""
@@ -657,24 +759,33 @@ def build_datasets(data: Any, tokenizer: Tokenizer, seed: int, *, rank: int = 0,
 
     common = dict(rank=rank, world_size=world_size)
     if data.mix:
-        splits = [_prepared_splits(path, tokenizer, tokenizer_path, data, seed, dict(rank=0, world_size=1))
-                  for path, _ in parse_mix(data.mix)]
+        splits = [
+            _prepared_splits(path, tokenizer, tokenizer_path, data, seed, dict(rank=0, world_size=1))
+            for path, _ in parse_mix(data.mix)
+        ]
         names, weights = zip(*parse_mix(data.mix))
-        return (MixedDataset([t for t, _ in splits], names, weights, data.local_batch_size, seed, **common),
-                _EvalMix([e for _, e in splits]))
+        return (
+            MixedDataset([t for t, _ in splits], names, weights, data.local_batch_size, seed, **common),
+            _EvalMix([e for _, e in splits]),
+        )
     if is_prepared(data.path):
         return _prepared_splits(data.path, tokenizer, tokenizer_path, data, seed, common)
     _warn_if_large(data.path)
     if data.format in ("sft", "chat"):
         samples = load_samples(data.path, data.format, tokenizer)
         if len(samples) < 2:
-            raise DataError(f"data.path={data.path!r} holds {len(samples)} SFT sample; at least 2 are needed "
-                            "(the last 5%, at least one, are the held-out eval split).")
+            raise DataError(
+                f"data.path={data.path!r} holds {len(samples)} SFT sample; at least 2 are needed "
+                "(the last 5%, at least one, are the held-out eval split)."
+            )
         return _sft_splits(samples, len(samples) - eval_count(len(samples)), tokenizer, data, seed, common)
     train_docs, eval_docs = split_documents(load_documents(data.path, data.text_field))
-    return (PackedDataset(train_docs, tokenizer, data.seq_len, data.local_batch_size, seed, **common),
-            PackedDataset(eval_docs, tokenizer, data.seq_len, data.local_batch_size, seed, shuffle=False,
-                          name="eval", **common))
+    return (
+        PackedDataset(train_docs, tokenizer, data.seq_len, data.local_batch_size, seed, **common),
+        PackedDataset(
+            eval_docs, tokenizer, data.seq_len, data.local_batch_size, seed, shuffle=False, name="eval", **common
+        ),
+    )
 
 
 def build_eval_dataset(data: Any, tokenizer: Tokenizer, seed: int, tokenizer_path: str = "") -> Any:
@@ -686,10 +797,19 @@ def build_eval_dataset(data: Any, tokenizer: Tokenizer, seed: int, tokenizer_pat
         corpus = _open_prepared(data.path, tokenizer, tokenizer_path, data.format)
         if corpus.kind != "text":
             return sft_dataset(_prepared_samples(corpus), tokenizer, data, seed, shuffle=False, name="eval")
-        return PackedDataset.from_tokens(corpus.stream, data.seq_len, data.local_batch_size, seed, shuffle=False,
-                                         name="eval")
+        return PackedDataset.from_tokens(
+            corpus.stream, data.seq_len, data.local_batch_size, seed, shuffle=False, name="eval"
+        )
     if data.format in ("sft", "chat"):
-        return sft_dataset(load_samples(data.path, data.format, tokenizer), tokenizer, data, seed, shuffle=False,
-                           name="eval")
-    return PackedDataset(load_documents(data.path, data.text_field), tokenizer, data.seq_len, data.local_batch_size,
-                         seed, shuffle=False, name="eval")
+        return sft_dataset(
+            load_samples(data.path, data.format, tokenizer), tokenizer, data, seed, shuffle=False, name="eval"
+        )
+    return PackedDataset(
+        load_documents(data.path, data.text_field),
+        tokenizer,
+        data.seq_len,
+        data.local_batch_size,
+        seed,
+        shuffle=False,
+        name="eval",
+    )

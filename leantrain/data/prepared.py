@@ -67,14 +67,22 @@ def shard_names(i: int) -> tuple[str, str, str]:
 def tokenizer_identity(tokenizer: Tokenizer, kind: str = "text") -> dict[str, Any]:
     """What must match between a prepared folder and the run that reads it: the same ids for the same text (and
     for chat data the same template, which decides the text)."""
-    ident: dict[str, Any] = {"vocab_size": int(tokenizer.vocab_size), "bos_id": tokenizer.bos_id,
-                             "eos_id": int(tokenizer.eos_id), "pad_id": int(tokenizer.pad_id)}
+    ident: dict[str, Any] = {
+        "vocab_size": int(tokenizer.vocab_size),
+        "bos_id": tokenizer.bos_id,
+        "eos_id": int(tokenizer.eos_id),
+        "pad_id": int(tokenizer.pad_id),
+    }
     if kind == "chat":
         from .chat import chat_template
 
         template = chat_template(tokenizer)
-        ident["chat_template"] = {"origin": template.origin, "sha256": hashlib.sha256(
-            json.dumps([template.source, template.variables], sort_keys=True).encode()).hexdigest()}
+        ident["chat_template"] = {
+            "origin": template.origin,
+            "sha256": hashlib.sha256(
+                json.dumps([template.source, template.variables], sort_keys=True).encode()
+            ).hexdigest(),
+        }
     if isinstance(tokenizer, ByteTokenizer):
         return {"kind": "byte", "path": "byte", **ident}
     path = str(getattr(tokenizer, "path", ""))
@@ -84,12 +92,13 @@ def tokenizer_identity(tokenizer: Tokenizer, kind: str = "text") -> dict[str, An
 
 def describe_tokenizer(ident: dict[str, Any]) -> str:
     template = ident.get("chat_template")
-    chat = (f" with the chat template of {template['origin']} (sha256 {template['sha256'][:12]}...)"
-            if template else "")
+    chat = f" with the chat template of {template['origin']} (sha256 {template['sha256'][:12]}...)" if template else ""
     if ident.get("kind") == "byte":
         return "the byte tokenizer" + chat
-    return (f"the tokenizer.json at {ident.get('path')!r} (sha256 {str(ident.get('sha256'))[:12]}..., "
-            f"{ident.get('vocab_size')} tokens){chat}")
+    return (
+        f"the tokenizer.json at {ident.get('path')!r} (sha256 {str(ident.get('sha256'))[:12]}..., "
+        f"{ident.get('vocab_size')} tokens){chat}"
+    )
 
 
 def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -129,8 +138,13 @@ class ShardWriter:
             self._files["mask"] = open(self._tmp(mask_name), "wb")
         self._offsets, self._first = [np.zeros(1, dtype=np.int64)], []
 
-    def add(self, tokens: np.ndarray, doc_lengths: np.ndarray, mask: np.ndarray | None = None,
-            first_targets: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        tokens: np.ndarray,
+        doc_lengths: np.ndarray,
+        mask: np.ndarray | None = None,
+        first_targets: np.ndarray | None = None,
+    ) -> None:
         if not self._files:
             self._open()
         self._files["tokens"].write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
@@ -160,8 +174,13 @@ class ShardWriter:
         if self.with_mask:
             os.replace(self._tmp(mask_name), self.out / mask_name)
         os.replace(self._tmp(tokens_name), self.out / tokens_name)
-        record = {"tokens_file": tokens_name, "index_file": index_name, "tokens": self._tokens,
-                  "documents": int(offsets.size - 1), "bytes": self._tokens * self.dtype.itemsize}
+        record = {
+            "tokens_file": tokens_name,
+            "index_file": index_name,
+            "tokens": self._tokens,
+            "documents": int(offsets.size - 1),
+            "bytes": self._tokens * self.dtype.itemsize,
+        }
         if self.with_mask:
             record["mask_file"] = mask_name
         self.index, self._files, self._tokens, self._offsets, self._first = self.index + 1, {}, 0, [], []
@@ -204,7 +223,7 @@ class TokenStream:
         while a < b:
             begin = int(self._ends[shard - 1]) if shard else 0
             take = min(b, int(self._ends[shard])) - a
-            parts.append(self._shards[shard][a - begin:a - begin + take])
+            parts.append(self._shards[shard][a - begin : a - begin + take])
             a, shard = a + take, shard + 1
         if not parts:
             return np.zeros(0, dtype=np.int64)
@@ -249,12 +268,15 @@ class PreparedCorpus:
             raise DataError(
                 f"The prepared data {str(self.path)!r} was tokenized with {describe_tokenizer(theirs)}, but this run "
                 f"uses tokenizer.path={tokenizer_path!r}, {describe_tokenizer(ours)}: the ids would mean other "
-                f"tokens. Train with the tokenizer the folder names, or prepare the corpus again with this one.")
+                f"tokens. Train with the tokenizer the folder names, or prepare the corpus again with this one."
+            )
 
 
 def _bad(path: Path, what: str) -> DataError:
-    return DataError(f"The prepared data {str(path)!r} is damaged: {what}. Nothing was trained. Run leantrain "
-                     f"prepare again into a new folder (or this one, after deleting it).")
+    return DataError(
+        f"The prepared data {str(path)!r} is damaged: {what}. Nothing was trained. Run leantrain "
+        f"prepare again into a new folder (or this one, after deleting it)."
+    )
 
 
 def open_prepared(path: str | os.PathLike) -> PreparedCorpus:
@@ -264,8 +286,10 @@ def open_prepared(path: str | os.PathLike) -> PreparedCorpus:
     manifest_path = p / MANIFEST
     if not manifest_path.is_file():
         if (p / PROGRESS).is_file():
-            raise DataError(f"The prepared data {str(p)!r} is incomplete: leantrain prepare was interrupted before "
-                            f"it wrote manifest.json. Run the same prepare command again; it resumes.")
+            raise DataError(
+                f"The prepared data {str(p)!r} is incomplete: leantrain prepare was interrupted before "
+                f"it wrote manifest.json. Run the same prepare command again; it resumes."
+            )
         raise DataError(f"{str(p)!r} is not a prepared data folder (no manifest.json in it).")
     manifest = read_json(manifest_path, lambda reason: _bad(p, reason))
     _check_manifest(p, manifest)
@@ -281,8 +305,9 @@ def open_prepared(path: str | os.PathLike) -> PreparedCorpus:
         base += rec["tokens"]
     if not samples:
         return PreparedCorpus(p, manifest, TokenStream(shards))
-    return PreparedCorpus(p, manifest, TokenStream(shards), TokenStream(masks), np.concatenate(offsets),
-                          np.concatenate(firsts))
+    return PreparedCorpus(
+        p, manifest, TokenStream(shards), TokenStream(masks), np.concatenate(offsets), np.concatenate(firsts)
+    )
 
 
 def _map(p: Path, rec: dict[str, Any], key: str, dtype: np.dtype) -> np.ndarray:
@@ -292,21 +317,36 @@ def _map(p: Path, rec: dict[str, Any], key: str, dtype: np.dtype) -> np.ndarray:
     f = p / rec[key]
     size = f.stat().st_size
     if size != rec["tokens"] * dtype.itemsize:
-        raise _bad(p, f"{f.name} holds {size} bytes, but the manifest records {rec['tokens']} {dtype.name} "
-                      f"values ({rec['tokens'] * dtype.itemsize} bytes): the file is truncated or was replaced")
+        raise _bad(
+            p,
+            f"{f.name} holds {size} bytes, but the manifest records {rec['tokens']} {dtype.name} "
+            f"values ({rec['tokens'] * dtype.itemsize} bytes): the file is truncated or was replaced",
+        )
     return np.memmap(f, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
 
 
-_MANIFEST_KEYS = {"format": str, "version": int, "kind": str, "dtype": str, "tokenizer": dict, "tokens": int,
-                  "documents": int, "train_tokens": int, "eval_documents": int, "shards": list}
+_MANIFEST_KEYS = {
+    "format": str,
+    "version": int,
+    "kind": str,
+    "dtype": str,
+    "tokenizer": dict,
+    "tokens": int,
+    "documents": int,
+    "train_tokens": int,
+    "eval_documents": int,
+    "shards": list,
+}
 
 
 def _check_manifest(p: Path, m: Any) -> None:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise _bad(p, "manifest.json is not a leantrain prepare manifest")
     if m.get("version") != VERSION:
-        raise DataError(f"The prepared data {str(p)!r} has format version {m.get('version')!r}; this leantrain reads "
-                        f"version {VERSION}. Prepare the corpus again with this leantrain.")
+        raise DataError(
+            f"The prepared data {str(p)!r} has format version {m.get('version')!r}; this leantrain reads "
+            f"version {VERSION}. Prepare the corpus again with this leantrain."
+        )
     for key, kind in _MANIFEST_KEYS.items():
         if not isinstance(m.get(key), kind):
             raise _bad(p, f"manifest.json's {key!r} is missing or not a {kind.__name__}")
@@ -315,8 +355,10 @@ def _check_manifest(p: Path, m: Any) -> None:
     if m["dtype"] not in ("uint16", "uint32"):
         raise _bad(p, f"manifest.json's dtype {m['dtype']!r} is not uint16 or uint32")
     shards = m["shards"]
-    if sum(s.get("tokens", 0) for s in shards) != m["tokens"] or \
-            sum(s.get("documents", 0) for s in shards) != m["documents"]:
+    if (
+        sum(s.get("tokens", 0) for s in shards) != m["tokens"]
+        or sum(s.get("documents", 0) for s in shards) != m["documents"]
+    ):
         raise _bad(p, "the shards' token or document counts do not add up to the manifest's totals")
     if not 0 < m["train_tokens"] < m["tokens"]:
         raise _bad(p, f"train_tokens={m['train_tokens']} is not inside the {m['tokens']} tokens")
@@ -329,13 +371,23 @@ def _check_index(p: Path, index_path: Path, rec: dict[str, Any], samples: bool) 
     n, size = rec["documents"], index_path.stat().st_size
     want = (2 * n + 1 if samples else n + 1) * 8
     if size != want:
-        raise _bad(p, f"{index_path.name} holds {size} bytes, but {n} documents need {want} (int64 offsets, one "
-                      f"more than documents{', then a first target per sample' if samples else ''})")
+        raise _bad(
+            p,
+            f"{index_path.name} holds {size} bytes, but {n} documents need {want} (int64 offsets, one "
+            f"more than documents{', then a first target per sample' if samples else ''})",
+        )
     values = np.fromfile(index_path, dtype="<i8")
-    offsets, first = values[:n + 1], values[n + 1:]
+    offsets, first = values[: n + 1], values[n + 1 :]
     lengths = np.diff(offsets)
-    if offsets[0] != 0 or offsets[-1] != rec["tokens"] or (lengths < 0).any() or \
-            (samples and ((first < 1) | (first > lengths)).any()):
-        raise _bad(p, f"{index_path.name} is not a document index of {rec['tokens']} tokens (offsets must start at "
-                      "0, never decrease, and end at the shard's length; a first target lies inside its sample)")
+    if (
+        offsets[0] != 0
+        or offsets[-1] != rec["tokens"]
+        or (lengths < 0).any()
+        or (samples and ((first < 1) | (first > lengths)).any())
+    ):
+        raise _bad(
+            p,
+            f"{index_path.name} is not a document index of {rec['tokens']} tokens (offsets must start at "
+            "0, never decrease, and end at the shard's length; a first target lies inside its sample)",
+        )
     return offsets, first

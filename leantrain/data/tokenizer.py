@@ -102,8 +102,15 @@ def byte_tokenizer_config() -> dict[str, Any]:
     """tokenizer_config.json of the exported byte tokenizer. ``split_special_tokens``: a text that spells a special
     token's name is encoded as its bytes, as ByteTokenizer does, not as the special id."""
     bos, eos, pad = BYTE_SPECIAL_TOKENS
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
-            "split_special_tokens": True, "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": pad,
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1 << 30,
+    }
 
 
 def _is_byte_tokenizer_json(path: Path) -> bool:
@@ -123,8 +130,9 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> list[str]:
 
     if isinstance(tokenizer, ByteTokenizer):
         (out / "tokenizer.json").write_text(byte_tokenizer_json(), encoding="utf-8")
-        (out / "tokenizer_config.json").write_text(json.dumps(byte_tokenizer_config(), indent=2) + "\n",
-                                                   encoding="utf-8")
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(byte_tokenizer_config(), indent=2) + "\n", encoding="utf-8"
+        )
         return ["tokenizer.json", "tokenizer_config.json"]
     source = Path(getattr(tokenizer, "path", "")).parent
     written = []
@@ -139,8 +147,7 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> list[str]:
 # EOS: for pretraining the end-of-document token (<|end_of_text|>) is preferred over the chat
 # end-of-turn token (<|eot_id|>), which is only used when nothing else is there.
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "[BOS]", "<|bos|>")
-_EOS_NAMES = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>", "[EOS]", "<|eos|>",
-              "<|eot_id|>", "<|im_end|>")
+_EOS_NAMES = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>", "[EOS]", "<|eos|>", "<|eot_id|>", "<|im_end|>")
 _PAD_NAMES = ("<|finetune_right_pad_id|>", "<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 
 
@@ -169,13 +176,17 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def __repr__(self) -> str:
-        return (f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
-                f"eos_id={self.eos_id}, pad_id={self.pad_id})")
+        return (
+            f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+            f"eos_id={self.eos_id}, pad_id={self.pad_id})"
+        )
 
 
-TOKENIZER_VALUES = ("tokenizer.path must be 'auto' (an HF model folder's own tokenizer.json, else byte), 'byte' "
-                    "(256 byte ids plus BOS, EOS, PAD), or a local Hugging Face tokenizer.json (or a folder that "
-                    "contains one)")
+TOKENIZER_VALUES = (
+    "tokenizer.path must be 'auto' (an HF model folder's own tokenizer.json, else byte), 'byte' "
+    "(256 byte ids plus BOS, EOS, PAD), or a local Hugging Face tokenizer.json (or a folder that "
+    "contains one)"
+)
 
 
 def build_tokenizer(path: str) -> Tokenizer:
@@ -201,15 +212,18 @@ def build_tokenizer(path: str) -> Tokenizer:
     try:
         from tokenizers import Tokenizer as _HFTok
     except ImportError as e:  # pragma: no cover - tokenizers is a runtime dependency
-        raise DataError(f"tokenizer.path={path!r} needs the 'tokenizers' package, which is not "
-                        f"installed ({e}); install it or use tokenizer.path=byte.") from e
+        raise DataError(
+            f"tokenizer.path={path!r} needs the 'tokenizers' package, which is not "
+            f"installed ({e}); install it or use tokenizer.path=byte."
+        ) from e
     try:
         tok = _HFTok.from_file(str(p))
     except Exception as e:  # the library raises plain Exception for bad JSON and bad schema
         raise DataError(
             f"Tokenizer file {str(p)!r} (tokenizer.path={path!r}) could not be loaded as a Hugging "
             f"Face tokenizer: {e}. It must be a tokenizer.json as written by "
-            f"tokenizers.Tokenizer.save() or transformers' save_pretrained(); {TOKENIZER_VALUES}.") from e
+            f"tokenizers.Tokenizer.save() or transformers' save_pretrained(); {TOKENIZER_VALUES}."
+        ) from e
 
     vocab = tok.get_vocab(with_added_tokens=True)
     added = _special_added_tokens(tok)
@@ -235,7 +249,8 @@ def build_tokenizer(path: str) -> Tokenizer:
         raise DataError(
             f"Tokenizer file {str(p)!r} has no end-of-text token: set eos_token in a "
             f"tokenizer_config.json beside it, or add one of {', '.join(_EOS_NAMES)} as a special "
-            f"token. Its special tokens are: {specials}. leantrain puts EOS after every document.")
+            f"token. Its special tokens are: {specials}. leantrain puts EOS after every document."
+        )
     return HFTokenizer(tok, str(p), bos, eos, eos if pad is None else pad)
 
 
@@ -252,9 +267,13 @@ def read_tokenizer_config(cfg_path: Path) -> dict[str, Any]:
     """A tokenizer_config.json as a dict ({} if absent): its special tokens and chat template."""
     if not cfg_path.is_file():
         return {}
-    return read_json(cfg_path, lambda reason: DataError(
-        f"Tokenizer config {reason}; fix or remove it (it is optional: it names bos_token/eos_token and the chat "
-        "template)."))
+    return read_json(
+        cfg_path,
+        lambda reason: DataError(
+            f"Tokenizer config {reason}; fix or remove it (it is optional: it names bos_token/eos_token and the chat "
+            "template)."
+        ),
+    )
 
 
 def _read_tokenizer_config(cfg_path: Path, vocab: dict[str, int]) -> dict[str, int]:
@@ -268,9 +287,11 @@ def _read_tokenizer_config(cfg_path: Path, vocab: dict[str, int]) -> dict[str, i
         if val is None:
             continue
         if not isinstance(val, str) or val not in vocab:
-            raise DataError(f"Tokenizer config {str(cfg_path)!r}: {key}={val!r} is not a token of "
-                            f"the tokenizer.json beside it; it must name one of its tokens, or be "
-                            "null/absent.")
+            raise DataError(
+                f"Tokenizer config {str(cfg_path)!r}: {key}={val!r} is not a token of "
+                f"the tokenizer.json beside it; it must name one of its tokens, or be "
+                "null/absent."
+            )
         out[key] = int(vocab[val])
     return out
 
@@ -284,7 +305,7 @@ def _encode_many(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     if batch is not None:
         step = 1024  # bound the memory held in Python lists at once
         for i in range(0, len(texts), step):
-            out.extend(np.asarray(ids, dtype=np.int64) for ids in batch(texts[i:i + step]))
+            out.extend(np.asarray(ids, dtype=np.int64) for ids in batch(texts[i : i + step]))
         return out
     return [np.asarray(tokenizer.encode(t), dtype=np.int64) for t in texts]
 
@@ -294,14 +315,18 @@ def check_vocab(tokenizer_size: int, tokenizer_path: str, embedding_rows: int, h
     a tokenizer other than the folder's own must have exactly as many (another size means another tokenizer;
     the folder's own may be smaller, as checkpoints pad their embeddings)."""
     if tokenizer_size > embedding_rows:
-        raise ConfigError(f"The tokenizer '{tokenizer_path}' has {tokenizer_size} tokens but the model's vocabulary "
-                          f"(its embedding) has only {embedding_rows}. Set model.vocab_size to at least "
-                          f"{tokenizer_size} (a model trained here), or use the model's own tokenizer.")
+        raise ConfigError(
+            f"The tokenizer '{tokenizer_path}' has {tokenizer_size} tokens but the model's vocabulary "
+            f"(its embedding) has only {embedding_rows}. Set model.vocab_size to at least "
+            f"{tokenizer_size} (a model trained here), or use the model's own tokenizer."
+        )
     own = Path(hf_folder).expanduser() / "tokenizer.json" if hf_folder else None
     given = Path(tokenizer_path).expanduser()
     given = given / "tokenizer.json" if given.is_dir() else given
     if own is not None and tokenizer_size != embedding_rows and given.resolve() != own.resolve():
-        raise ConfigError(f"The tokenizer '{tokenizer_path}' has {tokenizer_size} tokens, but the model in "
-                          f"model.hf_checkpoint='{hf_folder}' has {embedding_rows} embedding rows: it is not the "
-                          f"model's tokenizer. Leave tokenizer.path at 'auto' (the folder's tokenizer.json) or "
-                          f"name the tokenizer the model was trained with.")
+        raise ConfigError(
+            f"The tokenizer '{tokenizer_path}' has {tokenizer_size} tokens, but the model in "
+            f"model.hf_checkpoint='{hf_folder}' has {embedding_rows} embedding rows: it is not the "
+            f"model's tokenizer. Leave tokenizer.path at 'auto' (the folder's tokenizer.json) or "
+            f"name the tokenizer the model was trained with."
+        )

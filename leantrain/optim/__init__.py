@@ -1,18 +1,18 @@
 """The precision-aware optimizer: update rules with fp32 math and bf16 / fp32 / int8 / int4 state.
 
-    optimizer.py  the driver (LeanOptimizer: state, steps, chunks, gate, statistics, state_dict) and the rules as
-                  optimizers: AdamW, FactoredAdamW, Adafactor (OPTIMIZERS, by optimizer.name)
-    rules.py      the update rules: what each computes, element-wise or per matrix
-    codecs.py     the stored formats: each tensor's load as fp32 and store (bf16 nearest / stochastic / Kahan,
-                  int8, int4)
-    factored.py   Adafactor's factored second moment of a matrix (row and column EMAs), sharded or not
-    layout.py     the recipe's choices, each parameter's state layout, each step's scalars
-    update.py     the element-wise update of one tensor, run eagerly or as one torch.compile'd kernel
-    rounding.py   nearest, stochastic and Kahan-compensated rounding to bfloat16
-    randbits.py   the random bits of stochastic rounding: a keyed hash of each element's index
-    quant.py      block-wise int8 and int4 moments (code maps, absmax per block; nearest or stochastic codes)
-    sharding.py   FSDP2 (DTensor) parameters: which shard a rank holds, block scales per shard, packed int4 codes
-    release.py    gradient release (optimizer.in_backward): each update in the backward, gradients freed at once
+optimizer.py  the driver (LeanOptimizer: state, steps, chunks, gate, statistics, state_dict) and the rules as
+              optimizers: AdamW, FactoredAdamW, Adafactor (OPTIMIZERS, by optimizer.name)
+rules.py      the update rules: what each computes, element-wise or per matrix
+codecs.py     the stored formats: each tensor's load as fp32 and store (bf16 nearest / stochastic / Kahan,
+              int8, int4)
+factored.py   Adafactor's factored second moment of a matrix (row and column EMAs), sharded or not
+layout.py     the recipe's choices, each parameter's state layout, each step's scalars
+update.py     the element-wise update of one tensor, run eagerly or as one torch.compile'd kernel
+rounding.py   nearest, stochastic and Kahan-compensated rounding to bfloat16
+randbits.py   the random bits of stochastic rounding: a keyed hash of each element's index
+quant.py      block-wise int8 and int4 moments (code maps, absmax per block; nearest or stochastic codes)
+sharding.py   FSDP2 (DTensor) parameters: which shard a rank holds, block scales per shard, packed int4 codes
+release.py    gradient release (optimizer.in_backward): each update in the backward, gradients freed at once
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, factored: bool = F
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, name: str = "AdamW", *, seed: int = 0, compile: bool = False,
-                    **hyperparameters) -> LeanOptimizer:
+def build_optimizer(
+    model: torch.nn.Module, name: str = "AdamW", *, seed: int = 0, compile: bool = False, **hyperparameters
+) -> LeanOptimizer:
     """The optimizer of a training run: rule `name` (optimizer.name), weight decay on matrices only, the recipe's
     state and rounding (`hyperparameters`: HYPERPARAMETERS, as config.Optimizer names them)."""
     cls = OPTIMIZERS[name]

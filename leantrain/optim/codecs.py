@@ -28,6 +28,7 @@ from .rounding import kahan_write_, round_to_bf16_
 
 # --------------------------------------------------------------------------- moments
 
+
 @dataclass(frozen=True)
 class FloatMoment:
     """A moment stored as fp32 or bf16 values, one per element."""
@@ -76,11 +77,13 @@ def moment_codecs(kind: str) -> tuple[FloatMoment | QuantizedMoment, FloatMoment
     return MOMENT_CODECS.get(kind, (FLOAT, FLOAT))
 
 
-MOMENT_CODECS = {kind: (QuantizedMoment(s.exp_avg, True), QuantizedMoment(s.exp_avg_sq, False))
-                 for kind, s in quant.STORAGES.items()}
+MOMENT_CODECS = {
+    kind: (QuantizedMoment(s.exp_avg, True), QuantizedMoment(s.exp_avg_sq, False)) for kind, s in quant.STORAGES.items()
+}
 
 
 # --------------------------------------------------------------------------- weights
+
 
 @dataclass(frozen=True)
 class Float32Weight:
@@ -131,8 +134,11 @@ class KahanWeight:
         if not count:
             return {}
         lost = nonzero & (p == old)
-        return dict(updated=nonzero.count_nonzero(), lost=lost.count_nonzero(),
-                    compensated=(lost & (comp != comp_old)).count_nonzero())
+        return dict(
+            updated=nonzero.count_nonzero(),
+            lost=lost.count_nonzero(),
+            compensated=(lost & (comp != comp_old)).count_nonzero(),
+        )
 
 
 def weight_codec(dtype: torch.dtype, kahan: bool) -> Float32Weight | Bf16Weight | KahanWeight:

@@ -32,23 +32,36 @@ def allocate(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     factor replicated."""
     rows, cols = p.shape
     if not is_dtensor(p):
-        return (torch.zeros(rows, dtype=torch.float32, device=p.device),
-                torch.zeros(cols, dtype=torch.float32, device=p.device))
+        return (
+            torch.zeros(rows, dtype=torch.float32, device=p.device),
+            torch.zeros(cols, dtype=torch.float32, device=p.device),
+        )
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     if any(pl.is_shard() and pl.dim != 0 for pl in p.placements):
         raise ValueError(f"FactoredAdamW: factored matrices must be sharded by rows (dim 0), got {p.placements}")
     mesh = p.device_mesh
     row_placements = [Shard(0) if pl.is_shard() else Replicate() for pl in p.placements]
-    row = DTensor.from_local(torch.zeros(local(p).shape[0], dtype=torch.float32, device=p.device), mesh,
-                             row_placements, shape=torch.Size((rows,)), stride=(1,))
-    col = DTensor.from_local(torch.zeros(cols, dtype=torch.float32, device=p.device), mesh,
-                             [Replicate()] * mesh.ndim, shape=torch.Size((cols,)), stride=(1,))
+    row = DTensor.from_local(
+        torch.zeros(local(p).shape[0], dtype=torch.float32, device=p.device),
+        mesh,
+        row_placements,
+        shape=torch.Size((rows,)),
+        stride=(1,),
+    )
+    col = DTensor.from_local(
+        torch.zeros(cols, dtype=torch.float32, device=p.device),
+        mesh,
+        [Replicate()] * mesh.ndim,
+        shape=torch.Size((cols,)),
+        stride=(1,),
+    )
     return row, col
 
 
-def update_(p: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2: float,
-            gate: torch.Tensor | None = None) -> torch.Tensor:
+def update_(
+    p: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2: float, gate: torch.Tensor | None = None
+) -> torch.Tensor:
     """Fold p's gradient into the factors (in place) and return the column factor over its mean, the vector the
     update multiplies this rank's rows of R with. `gate` (0-dim bool or None): where False the factors keep their
     bits (a NaN/Inf gradient's statistics are not folded in)."""
@@ -72,8 +85,8 @@ def _square_means(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     chunk = _CPU_CHUNK if g.device.type == "cpu" else _CHUNK
     step = max(1, chunk // max(cols, 1))
     for a in range(0, rows, step):
-        g2 = g[a:a + step].float().square()  # not in place: an fp32 gradient is the gradient itself
-        row_mean[a:a + step] = g2.mean(dim=1)
+        g2 = g[a : a + step].float().square()  # not in place: an fp32 gradient is the gradient itself
+        row_mean[a : a + step] = g2.mean(dim=1)
         col_sum += g2.sum(dim=0)
     return row_mean, col_sum
 

@@ -64,8 +64,18 @@ class ParamLayout:
         return self.weight_field, self.exp_avg_field, self.exp_avg_sq_field
 
     @classmethod
-    def decide(cls, *, state_dtype: str, compensation: str, moments_rounding: str, param_dtype: torch.dtype,
-               numel: int, last_dim: int = 2, factored: bool = False, first_moment: bool = True) -> ParamLayout:
+    def decide(
+        cls,
+        *,
+        state_dtype: str,
+        compensation: str,
+        moments_rounding: str,
+        param_dtype: torch.dtype,
+        numel: int,
+        last_dim: int = 2,
+        factored: bool = False,
+        first_moment: bool = True,
+    ) -> ParamLayout:
         """The layout of a parameter of `param_dtype` and `numel` elements (a DTensor's: global), whose last
         dimension has `last_dim` elements, under a recipe; `factored`: its rule keeps v as factors (a matrix)."""
         moments = _moment_storage(state_dtype, param_dtype, numel, last_dim)
@@ -74,9 +84,11 @@ class ParamLayout:
         stochastic_moments = rounds_moments_stochastically(compensation, moments_rounding)
         stochastic_weight = compensation == "stochastic" and bf16_weight
         rounded_moments = stochastic_moments and moments != "float32"  # bf16 values or int8 codes
-        rounded_stochastically = (stochastic_weight or (kahan and stochastic_moments),  # weight or kahan_comp
-                                  rounded_moments and first_moment,  # exp_avg
-                                  rounded_moments and not factored)  # exp_avg_sq (factors: fp32)
+        rounded_stochastically = (
+            stochastic_weight or (kahan and stochastic_moments),  # weight or kahan_comp
+            rounded_moments and first_moment,  # exp_avg
+            rounded_moments and not factored,
+        )  # exp_avg_sq (factors: fp32)
         fields, count = [], 0
         for stochastic in rounded_stochastically:
             fields.append(count if stochastic else NO_FIELD)
@@ -127,9 +139,16 @@ class StepScalars(NamedTuple):
             raise ValueError("AdamW: a tensor lr is not supported; use a float")
         lr, wd, (beta1, beta2) = float(lr), group["weight_decay"], group["betas"]
         beta1 = beta1 if first_moment else 0.0
-        return cls(decay=1 - lr * wd, neg_lr_wd=-lr * wd, neg_step_size=-(lr / (1 - beta1**step)),
-                   bc2_sqrt=math.sqrt(1 - beta2**step), one_minus_beta1=1 - beta1, beta2=beta2,
-                   one_minus_beta2=1 - beta2, eps=group["eps"])
+        return cls(
+            decay=1 - lr * wd,
+            neg_lr_wd=-lr * wd,
+            neg_step_size=-(lr / (1 - beta1**step)),
+            bc2_sqrt=math.sqrt(1 - beta2**step),
+            one_minus_beta1=1 - beta1,
+            beta2=beta2,
+            one_minus_beta2=1 - beta2,
+            eps=group["eps"],
+        )
 
     def as_tensor(self, device) -> torch.Tensor:
         """One fp32 tensor on `device`. Python floats would be baked into the compiled graph (a recompile at every

@@ -167,15 +167,21 @@ class LeanOptimizer(torch.optim.Optimizer):
         if compile not in (True, False):
             raise ValueError(f"AdamW: compile must be True or False, got {compile!r}")
         defaults = dict(
-            lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
-            weight_decay=float(weight_decay), state_dtype=state_dtype,
-            compensation=compensation, moments_rounding=moments_rounding,
+            lr=float(lr),
+            betas=(float(betas[0]), float(betas[1])),
+            eps=float(eps),
+            weight_decay=float(weight_decay),
+            state_dtype=state_dtype,
+            compensation=compensation,
+            moments_rounding=moments_rounding,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group.get("factored") and not self.rule.factors_matrices:
-                raise ValueError(f"{self.rule.name}: a param group marked factored, but this rule keeps v per element "
-                                 f"(FactoredAdamW factors it)")
+                raise ValueError(
+                    f"{self.rule.name}: a param group marked factored, but this rule keeps v per element "
+                    f"(FactoredAdamW factors it)"
+                )
             for p in group["params"]:
                 if p.dtype not in _PARAM_DTYPES:
                     raise ValueError(
@@ -183,8 +189,10 @@ class LeanOptimizer(torch.optim.Optimizer):
                         f"of shape {tuple(p.shape)}"
                     )
                 if not local(p).is_contiguous():
-                    raise ValueError(f"AdamW: parameters must be contiguous (the update runs on flat views), got "
-                                     f"one of shape {tuple(p.shape)} and strides {tuple(local(p).stride())}")
+                    raise ValueError(
+                        f"AdamW: parameters must be contiguous (the update runs on flat views), got "
+                        f"one of shape {tuple(p.shape)} and strides {tuple(local(p).stride())}"
+                    )
         self.seed = int(seed)
         self.compile = bool(compile)
         self._keys: dict[torch.Tensor, int] = {}  # each parameter's random-bits key (randbits.tensor_key)
@@ -193,8 +201,11 @@ class LeanOptimizer(torch.optim.Optimizer):
         self._layouts: dict[torch.Tensor, ParamLayout] = {}
 
     def add_param_group(self, param_group: dict) -> None:
-        for key, allowed in (("state_dtype", STATE_DTYPES), ("compensation", COMPENSATIONS),
-                             ("moments_rounding", MOMENTS_ROUNDINGS)):
+        for key, allowed in (
+            ("state_dtype", STATE_DTYPES),
+            ("compensation", COMPENSATIONS),
+            ("moments_rounding", MOMENTS_ROUNDINGS),
+        ):
             if key in param_group:
                 _check_choice(key, param_group[key], allowed)
         super().add_param_group(param_group)
@@ -229,9 +240,13 @@ class LeanOptimizer(torch.optim.Optimizer):
         layout = self._layouts.get(p)
         if layout is None:
             layout = self._layouts[p] = ParamLayout.decide(
-                state_dtype=group["state_dtype"], compensation=group["compensation"],
-                moments_rounding=group["moments_rounding"], param_dtype=p.dtype, numel=p.numel(),
-                last_dim=p.shape[-1] if p.ndim else 1, factored=self._factored(group, p),
+                state_dtype=group["state_dtype"],
+                compensation=group["compensation"],
+                moments_rounding=group["moments_rounding"],
+                param_dtype=p.dtype,
+                numel=p.numel(),
+                last_dim=p.shape[-1] if p.ndim else 1,
+                factored=self._factored(group, p),
                 first_moment=self.rule.first_moment,
             )
         return layout
@@ -252,11 +267,15 @@ class LeanOptimizer(torch.optim.Optimizer):
                     continue
                 code = quant.initial_code(signed, fmt)
                 state[f"{name}_codes"] = (
-                    sharding.packed_codes(p, code) if fmt.bits == 4 else
-                    torch.full_like(p, code, dtype=torch.uint8, memory_format=torch.contiguous_format))
-                state[f"{name}_scale"] = (sharding.sharded_block_scales(p, fmt) if is_dtensor(p) else
-                                          torch.zeros(fmt.num_blocks(p.numel()), dtype=torch.float32,
-                                                      device=p.device))
+                    sharding.packed_codes(p, code)
+                    if fmt.bits == 4
+                    else torch.full_like(p, code, dtype=torch.uint8, memory_format=torch.contiguous_format)
+                )
+                state[f"{name}_scale"] = (
+                    sharding.sharded_block_scales(p, fmt)
+                    if is_dtensor(p)
+                    else torch.zeros(fmt.num_blocks(p.numel()), dtype=torch.float32, device=p.device)
+                )
         else:
             dtype = getattr(torch, layout.moments)
             for name in names:
@@ -278,8 +297,10 @@ class LeanOptimizer(torch.optim.Optimizer):
         refused: call it before the step.
         """
         if closure is not None and count_lost_updates:
-            raise ValueError("AdamW.step: count_lost_updates=True returns the step's UpdateStats, not a loss; "
-                             "call the closure before the step")
+            raise ValueError(
+                "AdamW.step: count_lost_updates=True returns the step's UpdateStats, not a loss; "
+                "call the closure before the step"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -298,8 +319,9 @@ class LeanOptimizer(torch.optim.Optimizer):
             self._step_one(group, p, scalars, counter)
 
     @torch.no_grad()
-    def step_parameter(self, p: torch.Tensor, counter: LostUpdateCounter | None = None,
-                       gate: torch.Tensor | None = None) -> None:
+    def step_parameter(
+        self, p: torch.Tensor, counter: LostUpdateCounter | None = None, gate: torch.Tensor | None = None
+    ) -> None:
         """The update of parameter `p` alone, with its gradient: what `step` does to it (gradient release,
         release.py, calls it from the backward).
 
@@ -313,8 +335,14 @@ class LeanOptimizer(torch.optim.Optimizer):
         """Take back the step count of a gated-off `step_parameter` (its update was not applied)."""
         self.state[p]["step"] -= 1
 
-    def _step_one(self, group: dict, p: torch.Tensor, scalars: dict, counter: LostUpdateCounter | None,
-                  gate: torch.Tensor | None = None) -> None:
+    def _step_one(
+        self,
+        group: dict,
+        p: torch.Tensor,
+        scalars: dict,
+        counter: LostUpdateCounter | None,
+        gate: torch.Tensor | None = None,
+    ) -> None:
         state, layout = self._init_state(group, p), self._layout(group, p)
         state["step"] += 1
         step = int(state["step"].item())
@@ -322,8 +350,11 @@ class LeanOptimizer(torch.optim.Optimizer):
             scalars[step, p.device] = StepScalars.of(group, step, self.rule.first_moment).as_tensor(p.device)
         keys = randbits.StepKeys(self._key(p), step, layout.num_fields)
         # per matrix first (the factors see the whole gradient), then element-wise, chunk by chunk
-        col = factored.update_(p, state["exp_avg_sq_row"], state["exp_avg_sq_col"], group["betas"][1], gate) \
-            if layout.factored else None
+        col = (
+            factored.update_(p, state["exp_avg_sq_row"], state["exp_avg_sq_col"], group["betas"][1], gate)
+            if layout.factored
+            else None
+        )
         step_scalars = scalars[step, p.device]
         if self.rule.update_clip > 0:
             step_scalars = self._clip_step(p, state, layout, step_scalars, col)
@@ -355,15 +386,18 @@ class LeanOptimizer(torch.optim.Optimizer):
             key = self._keys[p] = randbits.tensor_key(self.seed, index, sharding.shard_index(p))
         return key
 
-    def _step_param(self, p, state, layout: ParamLayout, keys: randbits.StepKeys, scalars, counter, gate,
-                    col: torch.Tensor | None) -> None:
+    def _step_param(
+        self, p, state, layout: ParamLayout, keys: randbits.StepKeys, scalars, counter, gate, col: torch.Tensor | None
+    ) -> None:
         """One parameter's update, chunk by chunk: on CPU chunks keep the fp32 temporaries in cache; everywhere
         they keep element indices within int32 (randbits). Chunking does not change the result. col: a factored
         matrix's column factor over its mean (factored.update_); its chunks are whole rows."""
         n = local(p).numel()
         if n >= 1 << 32:
-            raise ValueError(f"AdamW: a (local shard of a) parameter has {n} elements; at most 2^32 - 1 are "
-                             "supported (the random bits index elements with 32 bits)")
+            raise ValueError(
+                f"AdamW: a (local shard of a) parameter has {n} elements; at most 2^32 - 1 are "
+                "supported (the random bits index elements with 32 bits)"
+            )
         compiled = self.compile and update.supports(layout.moments, n)
         chunk = (_CPU_CHUNK_COMPILED if compiled else _CPU_CHUNK) if p.device.type == "cpu" else _MAX_CHUNK
         run = update.compiled_update if compiled else update.elementwise_update
@@ -371,8 +405,16 @@ class LeanOptimizer(torch.optim.Optimizer):
             chunk = _whole_rows(chunk, p.shape[1], layout.moments)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            counts = run(*_chunk(p, state, layout, a, b, chunk < n, col), keys.tensor(a, p.device), layout.fields,
-                         layout.moments, scalars, counter is not None, gate, layout.factored)
+            counts = run(
+                *_chunk(p, state, layout, a, b, chunk < n, col),
+                keys.tensor(a, p.device),
+                layout.fields,
+                layout.moments,
+                scalars,
+                counter is not None,
+                gate,
+                layout.factored,
+            )
             if counts is not None:
                 counter.add(counts)
 
@@ -435,16 +477,17 @@ def _whole_rows(chunk: int, cols: int, moments: str) -> int:
 def _chunk(p, state, layout: ParamLayout, a: int, b: int, chunked: bool, col: torch.Tensor | None) -> tuple:
     """Flat views of elements [a, b) of p's local tensors: (p, g, m, v, comp, m_scale, v_scale); a factored
     layout's v is its rows' part of the row factor, its v_scale `col` (factored.update_)."""
+
     def flat(t):  # sharded tensors: the math runs on this rank's shard
         return local(t).view(-1)[a:b]
 
     def scales(t, fmt):
         t = sharding.local_scale(t, local(p).numel(), fmt)
-        return t[a // fmt.block: fmt.num_blocks(b)] if chunked else t
+        return t[a // fmt.block : fmt.num_blocks(b)] if chunked else t
 
     def codes(t, fmt):  # int4: two codes per byte
         per_byte = 8 // fmt.bits
-        return local(t).view(-1)[a // per_byte: b // per_byte]
+        return local(t).view(-1)[a // per_byte : b // per_byte]
 
     storage = quant.STORAGES.get(layout.moments)
     if not layout.first_moment:
@@ -455,7 +498,7 @@ def _chunk(p, state, layout: ParamLayout, a: int, b: int, chunked: bool, col: to
         m, m_scale = flat(state["exp_avg"]), None
     if layout.factored:
         cols = p.shape[1]
-        v, v_scale = local(state["exp_avg_sq_row"])[a // cols: b // cols], col
+        v, v_scale = local(state["exp_avg_sq_row"])[a // cols : b // cols], col
     elif storage is not None:
         v = codes(state["exp_avg_sq_codes"], storage.exp_avg_sq)
         v_scale = scales(state["exp_avg_sq_scale"], storage.exp_avg_sq)
@@ -488,11 +531,13 @@ class LostUpdateCounter:
                 return None
             return sums[part] / sums[whole] if sums[whole] else 0.0
 
-        return UpdateStats(tracked_elements=sums.get("updated", 0),
-                           lost_update_fraction=share("lost", "updated") or 0.0,
-                           compensated_fraction=share("compensated", "updated") if "compensated" in sums else None,
-                           exp_avg_lost_fraction=share("exp_avg_lost", "exp_avg_updated"),
-                           exp_avg_sq_lost_fraction=share("exp_avg_sq_lost", "exp_avg_sq_updated"))
+        return UpdateStats(
+            tracked_elements=sums.get("updated", 0),
+            lost_update_fraction=share("lost", "updated") or 0.0,
+            compensated_fraction=share("compensated", "updated") if "compensated" in sums else None,
+            exp_avg_lost_fraction=share("exp_avg_lost", "exp_avg_updated"),
+            exp_avg_sq_lost_fraction=share("exp_avg_sq_lost", "exp_avg_sq_updated"),
+        )
 
 
 class AdamW(LeanOptimizer):
@@ -516,5 +561,8 @@ class Adafactor(LeanOptimizer):
 
 OPTIMIZERS: dict[str, type[LeanOptimizer]] = {cls.rule.name: cls for cls in (AdamW, FactoredAdamW, Adafactor)}
 # The keywords a rule's optimizer takes from the config's optimizer section (config.Optimizer names them alike)
-HYPERPARAMETERS = tuple(name for name in inspect.signature(LeanOptimizer.__init__).parameters
-                        if name not in ("self", "params", "seed", "compile"))
+HYPERPARAMETERS = tuple(
+    name
+    for name in inspect.signature(LeanOptimizer.__init__).parameters
+    if name not in ("self", "params", "seed", "compile")
+)

@@ -107,8 +107,11 @@ class Storage(NamedTuple):
 
 # state_dtype -> its moments' formats. "int4-int8": 4-bit exp_avg with 8-bit exp_avg_sq, because no 4-bit second
 # moment keeps Adam's steps within 0.5% of the exact ones while 4-bit m does (benchmarks/moment_maps.py)
-STORAGES = {"int8": Storage(INT8, INT8), "int4": Storage(FORMATS["int4"], FORMATS["int4"]),
-            "int4-int8": Storage(FORMATS["int4"], INT8)}
+STORAGES = {
+    "int8": Storage(INT8, INT8),
+    "int4": Storage(FORMATS["int4"], FORMATS["int4"]),
+    "int4-int8": Storage(FORMATS["int4"], INT8),
+}
 
 
 def _value(k: torch.Tensor, signed: bool, fmt: Format) -> torch.Tensor:
@@ -208,8 +211,15 @@ def unpack(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def quantize_(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, signed: bool,
-              rand: torch.Tensor | None = None, fmt: Format = INT8, gate: torch.Tensor | None = None) -> None:
+def quantize_(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    x: torch.Tensor,
+    signed: bool,
+    rand: torch.Tensor | None = None,
+    fmt: Format = INT8,
+    gate: torch.Tensor | None = None,
+) -> None:
     """Quantize flat fp32 `x` into flat uint8 `codes` (int4: packed) and per-block fp32 `scale` (in place).
 
     Without `rand`: round to the nearest code (ties up). With `rand` (a random field: int32 uniform in [0, 2^16)):

@@ -95,8 +95,9 @@ class GradientRelease:
             self._armed = False
         finite = torch.stack([f for _, f in self._gates]) if self._gates else torch.ones(0, dtype=torch.bool)
         skipped = (~finite).sum().to(device)
-        out.append(BackwardResult(self._squares, skipped,
-                                  self._counter.result() if self._counter is not None else None))
+        out.append(
+            BackwardResult(self._squares, skipped, self._counter.result() if self._counter is not None else None)
+        )
 
     def observe_norm(self, norm: torch.Tensor) -> None:
         """After a backward: the step's global gradient norm (all ranks'), from which "previous_norm" clips the next
@@ -112,8 +113,13 @@ class GradientRelease:
 
     def state_dict(self) -> dict:
         """What a resume needs: "previous_norm"'s factor (1.0 before the first step)."""
-        return {"previous_coef": (self._previous_coef if self._previous_coef is not None
-                                  else torch.ones((), dtype=torch.float32)).detach().cpu()}
+        return {
+            "previous_coef": (
+                self._previous_coef if self._previous_coef is not None else torch.ones((), dtype=torch.float32)
+            )
+            .detach()
+            .cpu()
+        }
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self._previous_coef = state["previous_coef"].to(device=device, dtype=torch.float32)

@@ -34,8 +34,16 @@ class Rule:
 
 
 ADAMW = Rule("AdamW", False, "AdamW: m and v per element (torch.optim.AdamW's update)")
-FACTORED_ADAMW = Rule("FactoredAdamW", True, "AdamW with Adafactor's factored v for the blocks' matrices; m per "
-                                             "element; embedding, output and norms as AdamW")
-ADAFACTOR = Rule("Adafactor", True, "no m; v factored for the blocks' matrices, per element elsewhere; each "
-                                    "tensor's step clipped to RMS 1", first_moment=False, update_clip=1.0)
+FACTORED_ADAMW = Rule(
+    "FactoredAdamW",
+    True,
+    "AdamW with Adafactor's factored v for the blocks' matrices; m per element; embedding, output and norms as AdamW",
+)
+ADAFACTOR = Rule(
+    "Adafactor",
+    True,
+    "no m; v factored for the blocks' matrices, per element elsewhere; each tensor's step clipped to RMS 1",
+    first_moment=False,
+    update_clip=1.0,
+)
 RULES = {rule.name: rule for rule in (ADAMW, FACTORED_ADAMW, ADAFACTOR)}

@@ -52,12 +52,13 @@ def sharded_block_scales(p: DTensor, fmt: quant.Format) -> DTensor:
 
 def local_scale(scale: torch.Tensor, numel: int, fmt: quant.Format) -> torch.Tensor:
     """The flat scales of this rank's blocks (see sharded_block_scales)."""
-    return scale.to_local()[0, :fmt.num_blocks(numel)] if is_dtensor(scale) else scale
+    return scale.to_local()[0, : fmt.num_blocks(numel)] if is_dtensor(scale) else scale
 
 
 def packed_codes(p: torch.Tensor, code: int) -> torch.Tensor:
     """int4 codes of parameter p, two per byte along its last dimension: p's shape with the last dimension halved,
     sharded like p (a DTensor's local rows are p's local rows)."""
+
     def halved(shape):
         return (*shape[:-1], shape[-1] // 2)
 
@@ -68,5 +69,6 @@ def packed_codes(p: torch.Tensor, code: int) -> torch.Tensor:
 
     local = torch.full(halved(p.to_local().shape), code, dtype=torch.uint8, device=p.device)
     shape = torch.Size(halved(p.shape))
-    return DTensor.from_local(local, p.device_mesh, p.placements, shape=shape,
-                              stride=torch.empty(shape, device="meta").stride())
+    return DTensor.from_local(
+        local, p.device_mesh, p.placements, shape=shape, stride=torch.empty(shape, device="meta").stride()
+    )

@@ -1,4 +1,5 @@
-"""The element-wise update of one tensor (on CPU: one chunk of it), written once: run eagerly, or compiled into one kernel.
+"""The element-wise update of one tensor (on CPU: one chunk of it), written once: run eagerly, or compiled into one
+kernel.
 
 `elementwise_update` is the whole step of one flat tensor: upcast, moments, denominator, weight, the random bits
 (randbits.py), every rounding (through the stored formats' codecs, codecs.py), the lost-update counts. It is
@@ -43,8 +44,9 @@ _RECOMPILE_LIMIT = 64  # graphs per process: layouts x dtypes x meter on/off; dy
 _compiled: dict = {}  # function -> its compiled form
 
 
-def elementwise_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None,
-                       factored=False):
+def elementwise_update(
+    p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None, factored=False
+):
     """One AdamW step of one tensor, in place; the same ops eager and compiled.
 
     p, g: weight and gradient; m, v: the moments (int8/int4: codes, with their block scales m_scale, v_scale);
@@ -60,8 +62,9 @@ def elementwise_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, s
     factored: v comes from its factors (`update_weight`), and only m is stored here.
     """
     rand = random_fields(p.numel(), keys, fields, p.device)
-    mf, vf, counts = update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate,
-                                   factored)
+    mf, vf, counts = update_weight(
+        p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate, factored
+    )
     moment_counts = store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate, factored)
     return {**counts, **moment_counts} if count else None
 
@@ -94,7 +97,8 @@ def update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalar
     step = (mf * s.neg_step_size).div_(denominator(vf, s))
     w_field = fields[0]
     counts = codecs.weight_codec(p.dtype, comp is not None).write_(
-        p, comp, p.float(), step, s, rand[w_field] if w_field >= 0 else None, gate, count)
+        p, comp, p.float(), step, s, rand[w_field] if w_field >= 0 else None, gate, count
+    )
     return mf, vf, _gated(counts, gate)
 
 
@@ -113,8 +117,8 @@ def denominator(vf: torch.Tensor, s: StepScalars) -> torch.Tensor:
 
 
 def store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate=None, factored=False):
-    """The second half of `elementwise_update`: the new fp32 moments `mf`, `vf` written to the state through their codecs
-    (both clobbered; factored: v's factors were written before the update, `vf` is dropped); returns the moments'
+    """The second half of `elementwise_update`: the new fp32 moments `mf`, `vf` written to the state through their
+    codecs (both clobbered; factored: v's factors were written before the update, `vf` is dropped); returns the moments'
     lost-update counts (a dict, empty unless `count`). rand: `random_fields`; gate: see `elementwise_update`."""
     m_codec, v_codec = codecs.moment_codecs(kind)
     moments = [] if m is None else [("exp_avg", m_codec, m.view(-1), m_scale, mf.view(-1), fields[1])]
@@ -122,8 +126,11 @@ def store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gat
         moments.append(("exp_avg_sq", v_codec, v.view(-1), v_scale, vf.view(-1), fields[2]))
     counting = count and kind != "float32"
     # lost: the fp32 result moved, the stored bf16 bits or int8/int4 code did not
-    old = [(stored.clone(), x != codec.load(stored, scale, False)) for _, codec, stored, scale, x, _ in moments] \
-        if counting else []
+    old = (
+        [(stored.clone(), x != codec.load(stored, scale, False)) for _, codec, stored, scale, x, _ in moments]
+        if counting
+        else []
+    )
     for _, codec, stored, scale, x, field in moments:
         codec.store_(stored, scale, x, rand[field] if field >= 0 else None, gate)
     counts = {}
@@ -155,8 +162,7 @@ def supports(kind: str, numel: int) -> bool:
     return kind not in quant.STORAGES or numel % quant.STORAGES[kind].block == 0
 
 
-def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None,
-                    factored=False):
+def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None, factored=False):
     """`elementwise_update` compiled (built on first use) on flat contiguous tensors; returns what it returns.
 
     bf16 and fp32 moments: one graph. Quantized moments: two, `update_weight`'s and `store_moments'`, with the new
@@ -173,21 +179,27 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
         return t
 
     p, g, m, v, comp, m_scale, v_scale = map(dyn, (p, g, m, v, comp, m_scale, v_scale))
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, automatic_dynamic_shapes=False), \
-            _vectorized_bitcasts():
+    with (
+        torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, automatic_dynamic_shapes=False),
+        _vectorized_bitcasts(),
+    ):
         if storage is None:
-            return _compile(elementwise_update)(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars,
-                                                count, gate, factored)
-        mf, vf, counts = _compile(_weight_stage)(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars,
-                                                 count, gate, factored)
+            return _compile(elementwise_update)(
+                p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate, factored
+            )
+        mf, vf, counts = _compile(_weight_stage)(
+            p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate, factored
+        )
         # each moment in its own format's blocks: a [blocks, 256] input viewed as 128-element blocks takes index
-        # arithmetic modulo the dynamic size, which inductor's CPU code does not vectorize (measured several times slower)
+        # arithmetic modulo the dynamic size, which inductor's CPU code does not vectorize (measured several times
+        # slower)
         if m is None and factored:  # nothing stored per element
             return counts if count else None
         mf = None if m is None else dyn(mf, (-1, storage.exp_avg.block))
         vf = None if factored else dyn(vf, (-1, storage.exp_avg_sq.block))
-        moment_counts = _compile(_moment_stage)(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate,
-                                                factored)
+        moment_counts = _compile(_moment_stage)(
+            m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate, factored
+        )
     return {**counts, **moment_counts} if count else None
 
 
@@ -226,6 +238,7 @@ def _vectorized_bitcasts():
         from torch._inductor.codegen import cpp
         from torch._inductor.codegen.cpp_utils import DTYPE_TO_CPP
         from torch._inductor.virtualized import V
+
         original = cpp.CppVecOverrides.__dict__["to_dtype_bitcast"]
     except (ImportError, AttributeError, KeyError):
         yield
@@ -238,8 +251,10 @@ def _vectorized_bitcasts():
         n_vec = V.kernel._get_num_vectors(src_dtype)
         if n_vec == 1:
             return f"at::vec::cast<{dst}, {src}>({x})"
-        return (f"[&]() {{ at::vec::VectorizedN<{dst}, {n_vec}> r; for (int i = 0; i < {n_vec}; i++) "
-                f"r[i] = at::vec::cast<{dst}, {src}>({x}[i]); return r; }}()")
+        return (
+            f"[&]() {{ at::vec::VectorizedN<{dst}, {n_vec}> r; for (int i = 0; i < {n_vec}; i++) "
+            f"r[i] = at::vec::cast<{dst}, {src}>({x}[i]); return r; }}()"
+        )
 
     cpp.CppVecOverrides.to_dtype_bitcast = staticmethod(to_dtype_bitcast)
     try:
