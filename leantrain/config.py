@@ -223,7 +223,13 @@ class Parallelism:
     dp_replicate: int = 1
     """Data-parallel replicas: each holds the whole model (DDP) or, with dp_shard > 1, one sharded copy (HSDP:
     sharded within a group of dp_shard ranks, e.g. a node, replicated across groups). -1: every rank that
-    dp_shard leaves. dp_replicate * dp_shard must equal the number of processes (the world size)."""
+    dp_shard leaves. dp_replicate * dp_shard * tp must equal the number of processes (the world size)."""
+    tp: int = 1
+    """Tensor-parallel degree: each transformer block's matmuls split over this many ranks (attention heads and
+    SwiGLU's hidden units: column-wise in, row-wise out), its norms and residual stream split along the sequence
+    (sequence parallelism); the ranks of one tensor-parallel group see the same batch. Composes with dp_shard
+    (FSDP2 over the data-parallel ranks: a 2-D mesh). tp must divide the heads, the key/value heads, ffn_dim
+    and data.seq_len. 1: none."""
 
 
 @dataclass(frozen=True)
@@ -565,6 +571,7 @@ def validate(cfg: Config, warn: bool = True) -> None:
         par.dp_replicate,
         "-1 (every rank dp_shard leaves) or a positive number of ranks",
     )
+    _require(par.tp >= 1, "parallelism.tp", par.tp, "a positive number of ranks (1: no tensor parallelism)")
     if par.dp_shard == par.dp_replicate == -1:
         raise ConfigError(
             "parallelism.dp_shard and parallelism.dp_replicate are both -1 ('every rank the other "
@@ -668,9 +675,17 @@ def suspicious_precision_settings(cfg: Config, dp_shard: int | None = None) -> l
 
 
 def data_parallel_degrees(cfg: Config, world_size: int) -> tuple[int, int]:
-    """(dp_replicate, dp_shard) for ``world_size`` processes, -1 resolved; their product must be the world size."""
+    """(dp_replicate, dp_shard) for ``world_size`` processes, -1 resolved against the ranks tensor parallelism
+    leaves (world_size / tp); dp_replicate * dp_shard * tp must be the world size."""
     par = cfg.parallelism
     replicate, shard = par.dp_replicate, par.dp_shard
+    if world_size % par.tp:
+        raise ConfigError(
+            f"parallelism.tp = {par.tp} does not divide the {world_size} process(es) of this run: "
+            f"dp_replicate * dp_shard * tp must equal the world size. Launch a multiple of {par.tp} processes "
+            f"(torchrun --nproc_per_node), or choose a tp that divides {world_size}."
+        )
+    world_size //= par.tp  # the data-parallel ranks
     if replicate == -1:
         replicate = world_size // shard if world_size % shard == 0 else 0
     if shard == -1:
@@ -678,9 +693,10 @@ def data_parallel_degrees(cfg: Config, world_size: int) -> tuple[int, int]:
     if replicate * shard != world_size:
         raise ConfigError(
             f"parallelism.dp_replicate = {par.dp_replicate} and parallelism.dp_shard = {par.dp_shard} "
-            f"do not fit the {world_size} process(es) of this run: dp_replicate * dp_shard must equal "
-            f"the world size (-1 takes every rank the other leaves). Launch with torchrun "
-            f"--nproc_per_node=N (N = dp_replicate * dp_shard per node), or change the degrees."
+            f"do not fit the {world_size * par.tp} process(es) of this run with parallelism.tp = {par.tp}: "
+            f"dp_replicate * dp_shard * tp must equal the world size (-1 takes every rank the others leave). "
+            f"Launch with torchrun --nproc_per_node=N (N = dp_replicate * dp_shard * tp per node), or change "
+            f"the degrees."
         )
     return replicate, shard
 

@@ -71,3 +71,9 @@ def is_dtensor(t: torch.Tensor) -> bool:
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view: writes go to the DTensor), or the tensor itself."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def split_dim(placement) -> int | None:
+    """The tensor dimension a DTensor placement splits over its mesh dimension (Shard, and FSDP2's _StridedShard
+    of a tensor-parallel dimension, which torch does not count as `is_shard()`); None for Replicate and Partial."""
+    return getattr(placement, "dim", None)

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from .data.tokenizer import save_tokenizer
+from .distributed import is_dtensor
 from .errors import CheckpointError
 from .families import (
     FAMILIES,
@@ -270,14 +271,24 @@ def load_hf(
     it is shorter). The model keeps config.json's max_position_embeddings as its positions (and RoPE tables).
     ``weights=False`` builds the model from config.json only, leaving the weights uninitialised.
     """
-    from safetensors import safe_open
-
     folder = Path(path).expanduser()
     config = read_config(folder)
     args = model_args_from_hf(config, max_seq_len, where=str(folder / "config.json"))
     model = build_model_from_args(args, dtype, device, seed=None)
-    if not weights:
-        return model
+    if weights:
+        load_hf_weights(model, folder)
+    return model
+
+
+def load_hf_weights(model: Transformer, path: str | Path) -> None:
+    """Copy an HF folder's weights into ``model`` (built from its config.json), one tensor at a time, cast to the
+    model's dtype. A sharded model (FSDP2 and / or tensor-parallel DTensors, materialized) keeps each rank's part:
+    every rank reads the whole tensor and keeps its shard (distribute_tensor without communication, as
+    precision.init_normal_ does), so no rank ever holds more than one full tensor beside its shards."""
+    from safetensors import safe_open
+
+    folder = Path(path).expanduser()
+    args = model.args
     weight_map = _weight_map(folder)
     names = _hf_names(args)
     missing = [hf for hf in names.values() if hf not in weight_map]
@@ -319,13 +330,21 @@ def load_hf(
                         heads = _heads_of(name, args)
                         if heads:
                             tensor = _hf_to_meta(tensor, heads)
-                        param.copy_(tensor)  # one tensor at a time, cast to the model's dtype
+                        param.copy_(_like(tensor.to(param.dtype), param))  # one tensor at a time
                         del tensor
             except CheckpointError:
                 raise
             except Exception as e:
                 raise CheckpointError(f"{file} could not be read ({type(e).__name__}: {e}).") from None
-    return model
+
+
+def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` as ``param`` holds it: this rank's shard of a DTensor parameter (no communication), else itself."""
+    if not is_dtensor(param):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 # ---- saving -----------------------------------------------------------------------------------------

@@ -212,9 +212,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``cache``: this layer's (keys, values) buffers of a :class:`KVCache`; x holds positions start_pos.."""
         bsz, seq, _ = x.shape
-        q = self.wq(x).view(bsz, seq, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
+        # -1 heads: all of them, or under tensor parallelism this rank's (parallel.apply_tp splits whole heads)
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seq, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = precision.apply_rotary(q, cos, sin), precision.apply_rotary(k, cos, sin)

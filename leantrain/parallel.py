@@ -41,6 +41,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import distributed
+from .errors import ConfigError
 from .precision import Precision
 from .runplan import ParallelPlan
 
@@ -50,8 +51,20 @@ class Distributed:
     """The plan of this process (rank, world, device, degrees) and what was started for it: the mesh."""
 
     plan: ParallelPlan
-    mesh: DeviceMesh | None = None  # ("dp_replicate", "dp_shard"); None in a single process
+    mesh: DeviceMesh | None = None  # ("dp_replicate", "dp_shard", "tp"); None in a single process
     owns_process_group: bool = False  # started here (torchrun), so shutdown() ends it
+
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        """The data-parallel ranks' mesh that FSDP2 shards over: (dp_replicate, dp_shard) for HSDP, else dp_shard."""
+        return self.mesh["dp_replicate", "dp_shard"] if self.plan.dp_replicate > 1 else self.mesh["dp_shard"]
+
+    @property
+    def dp_group(self) -> Any:
+        """The process group of this rank's data-parallel peers (the ranks of its tp position): the batch's
+        token counts, the logged loss and the step's token count are summed over it, never over the world, whose
+        tensor-parallel ranks hold the same batch."""
+        return self.mesh["dp"].get_group() if self.mesh is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -60,6 +73,10 @@ class Distributed:
     @property
     def world_size(self) -> int:
         return self.plan.world_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.plan.dp_size
 
     @property
     def is_main(self) -> bool:
@@ -88,8 +105,10 @@ def init_distributed(plan: ParallelPlan) -> Distributed:
     if owns:
         dist.init_process_group(backend(plan.device), device_id=plan.device if plan.device.type == "cuda" else None)
     mesh = init_device_mesh(
-        plan.device.type, (plan.dp_replicate, plan.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
+        plan.device.type, (plan.dp_replicate, plan.dp_shard, plan.tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
     )
+    # The data-parallel ranks as one dimension (torchtitan's flattened "dp"): what sums over the batch use.
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
     return Distributed(plan, mesh, owns)
 
 
@@ -108,14 +127,90 @@ def parallelize(
     """Activation checkpointing (``none``, ``full``, ``selective``) and compile per block; then FSDP2 / HSDP per
     block and root (on a meta model, before :func:`materialize`), or DDP (on a materialized model). In place;
     returns the model."""
+    if d.plan.tp > 1:
+        apply_tp(model, d.mesh["tp"])
     apply_activation_checkpointing(model, activation_checkpoint)
     if compile:
         apply_compile(model)
     if d.sharded:
-        apply_fsdp(model, d.mesh if d.plan.dp_replicate > 1 else d.mesh["dp_shard"], precision.fsdp_policy())
+        apply_fsdp(model, d.dp_mesh, precision.fsdp_policy())
     elif d.plan.dp_replicate > 1:
         apply_ddp(model, d.mesh["dp_replicate"])
     return model
+
+
+def check_tensor_parallel(args: Any, tp: int, seq_len: int) -> None:
+    """The model splits over ``tp`` ranks: whole attention heads and key/value heads per rank, SwiGLU's hidden units
+    and the sequence (sequence parallelism) in equal parts. ConfigError (exit 2) naming the numbers otherwise."""
+    if tp == 1:
+        return
+    sizes = {
+        "attention heads (model.n_heads)": args.n_heads,
+        "key/value heads (model.n_kv_heads)": args.n_kv_heads,
+        "SwiGLU hidden units (model.ffn_dim)": args.ffn_dim,
+        "tokens of a sequence (data.seq_len)": seq_len,
+    }
+    bad = [f"{n} {what}" for what, n in sizes.items() if n % tp]
+    if bad:
+        raise ConfigError(
+            f"parallelism.tp = {tp} does not divide the model's {', '.join(bad)}: tensor parallelism gives each "
+            f"rank whole heads and an equal part of the hidden units and of the sequence. Choose a tp that divides "
+            f"{', '.join(str(n) for n in sizes.values())} (e.g. "
+            f"{max(t for t in range(1, tp) if all(n % t == 0 for n in sizes.values()))})."
+        )
+
+
+def apply_tp(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Tensor parallelism over ``mesh`` (1-D, "tp"), Megatron's layout with sequence parallelism, as torchtitan
+    applies it to Llama: in each block, q/k/v and SwiGLU's w1/w3 column-wise (each rank its heads, its hidden
+    units), wo and w2 row-wise, their outputs reduce-scattered along the sequence; the two norms and the residual
+    stream between blocks hold 1/tp of the sequence (SequenceParallel), gathered before attention and the MLP.
+
+    The embedding, the final norm and the output projection are not split (replicated over tp, sharded by FSDP2
+    over dp_shard): the embedding's output is cut along the sequence for the first block, and the last block's
+    output gathered again, so the chunked fp32 loss (precision.linear_cross_entropy) runs as in one process, each
+    tp rank computing it for the whole sequence. Heads stay whole, so RoPE, GQA and Qwen3's per-head norms run
+    unchanged on each rank's heads."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    parallelize_module(
+        model,
+        mesh,
+        {
+            "tok_embeddings": PrepareModuleOutput(
+                output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True
+            ),
+            "norm": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            ),
+        },
+    )
+    for block in model.layers:
+        plan = {
+            "attention_norm": SequenceParallel(),
+            # (x, cos, sin, mask, cache, start_pos): the block's call; only x is split
+            "attention": PrepareModuleInput(
+                input_layouts=(Shard(1), *[None] * 5), desired_input_layouts=(Replicate(), *[None] * 5)
+            ),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w3": ColwiseParallel(),
+        }
+        parallelize_module(block, mesh, plan)
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, policy: Any) -> None:
@@ -219,16 +314,17 @@ def reshard(model: nn.Module) -> None:
 
 
 def mean_over_ranks(value: torch.Tensor, d: Distributed) -> torch.Tensor:
-    """The mean of a scalar over all ranks (for logging: every rank's loss on its part of the batch)."""
-    return sum_over_ranks(value, d) / d.world_size  # SUM, then divide: gloo has no AVG
+    """The mean of a scalar over the data-parallel ranks (for logging: every rank's loss on its part of the batch)."""
+    return sum_over_ranks(value, d) / d.dp_size  # SUM, then divide: gloo has no AVG
 
 
 def sum_over_ranks(value: torch.Tensor, d: Distributed) -> torch.Tensor:
-    """The sum of a tensor over all ranks (a new tensor; the value itself on one process)."""
-    if d.world_size == 1:
+    """The sum of a tensor over the data-parallel ranks, each part of the batch once (a new tensor; the value itself
+    where there is one data-parallel rank)."""
+    if d.dp_size == 1:
         return value
     total = value.detach().clone()
-    dist.all_reduce(total)
+    dist.all_reduce(total, group=d.dp_group)
     return total
 
 

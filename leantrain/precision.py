@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 import torch.nn.functional as F
 
-from .distributed import is_dtensor, local
+from .distributed import is_dtensor, local, split_dim
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -210,17 +210,30 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     """Global L2 norm of the gradients, each tensor's norm and their sum accumulated in fp32 (island 5).
 
-    Sharded (FSDP2, DTensor) gradients: each rank sums the squares of its own shards in fp32 and the
-    sums are all-reduced over the ranks that hold different shards (not over replicas, which hold the
-    same ones), so every rank gets the norm of the whole model's gradient.
+    Sharded (FSDP2, tensor-parallel: DTensor) gradients: each rank sums the squares of its own shards in fp32 and
+    the sums are all-reduced over the ranks that hold different shards (not over replicas, which hold the same
+    ones), so every rank gets the norm of the whole model's gradient. Gradients sharded over different mesh
+    dimensions (under tensor parallelism: the blocks' matrices over dp_shard and tp, the norms' and the
+    embedding's over dp_shard only) are summed and reduced group by group.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.float32)
     norms = torch._foreach_norm([local(g) for g in grads], 2, dtype=torch.float32)
-    if not is_dtensor(grads[0]):
+    if not any(is_dtensor(g) for g in grads):
         return torch.linalg.vector_norm(torch.stack(norms))
-    return norm_from_squares(torch.stack(norms).square().sum(), grads[0])
+    groups: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+    for g, norm in zip(grads, norms):
+        groups.setdefault(_shard_dims(g), (g, []))[1].append(norm)
+    return sum(sum_over_shards(torch.stack(ns).square().sum(), like) for like, ns in groups.values()).sqrt()
+
+
+def _shard_dims(t: torch.Tensor) -> tuple:
+    """The mesh dimensions (by name) over which DTensor `t` is split; () for a plain tensor."""
+    if not is_dtensor(t):
+        return ()
+    names = t.device_mesh.mesh_dim_names or tuple(range(t.device_mesh.ndim))
+    return tuple(names[d] for d, pl in enumerate(t.placements) if split_dim(pl) is not None)
 
 
 def grad_squares(grad: torch.Tensor) -> torch.Tensor:
@@ -236,13 +249,19 @@ def norm_from_squares(squares: torch.Tensor, like: torch.Tensor) -> torch.Tensor
     """The global L2 norm from this rank's fp32 sum of squares (island 5): for sharded tensors shaped like ``like``
     (a DTensor) the sums are all-reduced over the ranks holding different shards. Gradient release
     (optim/release.py) sums the squares as each gradient is made, before freeing it."""
+    return sum_over_shards(squares, like).sqrt()
+
+
+def sum_over_shards(squares: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's fp32 sum of squares of tensors sharded like ``like`` summed over the ranks that hold their other
+    shards (a new tensor; the sum itself for a plain tensor)."""
     if is_dtensor(like):
         squares = squares.clone()
         mesh = like.device_mesh
         for dim, placement in enumerate(like.placements):
-            if placement.is_shard():
+            if split_dim(placement) is not None:
                 torch.distributed.all_reduce(squares, group=mesh.get_group(dim))
-    return squares.sqrt()
+    return squares
 
 
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:

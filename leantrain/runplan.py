@@ -38,7 +38,9 @@ class RunPaths:
 
 @dataclass(frozen=True)
 class ParallelPlan:
-    """This process in the run: torchrun's rank and world, its device, and the data-parallel degrees."""
+    """This process in the run: torchrun's rank and world, its device, and the mesh's degrees, named as torchtitan's
+    ParallelDims names them: ``dp_replicate`` x ``dp_shard`` x ``tp`` ranks, tp innermost (the ranks of one
+    tensor-parallel group are consecutive, e.g. the GPUs of one node)."""
 
     rank: int
     local_rank: int
@@ -46,6 +48,17 @@ class ParallelPlan:
     device: torch.device
     dp_replicate: int
     dp_shard: int
+    tp: int = 1
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: each takes its own part of every global batch (a tensor-parallel group shares one)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's place among the data-parallel ranks (the same for every rank of a tensor-parallel group)."""
+        return self.rank // self.tp
 
     @property
     def is_main(self) -> bool:
@@ -57,6 +70,12 @@ class ParallelPlan:
     def sharded(self) -> bool:
         """Parameters are FSDP2 DTensors (dp_shard > 1)."""
         return self.dp_shard > 1
+
+    @property
+    def distributed_model(self) -> bool:
+        """Parameters are DTensors (FSDP2 and / or tensor parallelism): the model is built on the meta device and
+        each rank allocates and initialises only its own parts."""
+        return self.dp_shard > 1 or self.tp > 1
 
 
 @dataclass(frozen=True)
@@ -177,11 +196,19 @@ def parallel_plan(cfg: Config, env: Mapping[str, str] = os.environ) -> ParallelP
             f"have run. Shard instead (parallelism.dp_shard={world_size}: FSDP2 reduces each "
             f"gradient before its update), or leave optimizer.in_backward at false."
         )
-    if shard > 1 and cfg.model.hf_checkpoint:
+    tp = cfg.parallelism.tp
+    if tp > 1 and cfg.optimizer.in_backward:
         raise ConfigError(
-            f"model.hf_checkpoint='{cfg.model.hf_checkpoint}' cannot be loaded into a sharded model yet "
-            f"(parallelism.dp_shard = {shard}). Use parallelism.dp_shard=1 with "
-            f"parallelism.dp_replicate=-1 (DDP), or convert it with one process first."
+            f"optimizer.in_backward=true does not run with tensor parallelism yet (parallelism.tp = {tp}): its "
+            f"clipping sums each gradient's squares as it is made, and under tp the matrices' squares and the "
+            f"norms' must be reduced over different ranks. Leave optimizer.in_backward at false with tp > 1, or "
+            f"use parallelism.tp=1 (FSDP2 alone)."
+        )
+    if tp > 1 and replicate > 1 and shard == 1:
+        raise ConfigError(
+            f"parallelism.tp = {tp} with parallelism.dp_replicate = {replicate} and dp_shard = 1 (DDP): DDP does "
+            f"not take tensor-parallel (DTensor) parameters. Use FSDP2 for the data-parallel ranks instead "
+            f"(parallelism.dp_shard={replicate} parallelism.dp_replicate=1), or HSDP (dp_shard > 1)."
         )
     return ParallelPlan(
         rank=rank,
@@ -190,6 +217,7 @@ def parallel_plan(cfg: Config, env: Mapping[str, str] = os.environ) -> ParallelP
         device=distributed.default_device(local_rank),
         dp_replicate=replicate,
         dp_shard=shard,
+        tp=tp,
     )
 
 

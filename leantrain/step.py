@@ -51,14 +51,14 @@ def token_weights(labels: list[torch.Tensor], dist: parallel.Distributed) -> lis
     """Per micro-batch factors that turn the mean of its loss into its share of the global batch's token mean.
 
     The step's loss is the mean over every labelled token of the global batch (all micro-batches, all
-    ranks), so a micro-batch's mean loss counts with weight n * accum * world_size / N (n its labelled tokens,
+    data-parallel ranks), so a micro-batch's mean loss counts with weight n * accum * dp_size / N (n its labelled tokens,
     N the global batch's), divided by accum below and averaged over ranks by DDP/FSDP. Packed data labels
     every token, so each weight would be exactly 1.0 there (the step skips the call); SFT micro-batches differ
     in response tokens, and an unweighted mean would give a short response's tokens more say than a long one's.
     """
     counts = torch.stack([(x != IGNORE_INDEX).sum() for x in labels])
     total = parallel.sum_over_ranks(counts.sum(), dist)
-    scale = len(labels) * dist.world_size
+    scale = len(labels) * dist.dp_size
     return list(counts * scale / total)  # int64 / int64: fp32, and exactly 1.0 when the integers are equal
 
 
@@ -89,7 +89,7 @@ def train_step(
         updates = state.optimizer.step(count_lost_updates=count_lost_updates)
     guard.advance_schedule(state.scheduler)  # skipped steps count too: the schedule follows the step number
     state.step = step
-    tokens = sum(batch[0].numel() for batch in batches) * ctx.dist.world_size
+    tokens = sum(batch[0].numel() for batch in batches) * ctx.dist.dp_size
     return StepStats(
         step=step, loss=loss_sum, grad_norm=grad_norm, lr=lr, finite=finite, stop=stop, updates=updates, tokens=tokens
     )
@@ -129,5 +129,5 @@ def _step_in_backward(
         finite=finite,
         stop=stop,
         updates=updates,
-        tokens=batch[0].numel() * ctx.dist.world_size,
+        tokens=batch[0].numel() * ctx.dist.dp_size,
     )

@@ -19,6 +19,7 @@ from .data import build_datasets, build_tokenizer
 from .data.tokenizer import Tokenizer
 from .errors import ConfigError, storage_error
 from .evaluation import evaluate
+from .hf import load_hf_weights
 from .hooks import Hooks
 from .metrics import (
     MetricsLogger,
@@ -156,12 +157,15 @@ def build_state(
         cfg.job.seed,
         tokenizer,
         cfg.tokenizer.path,
-        "meta" if dist.sharded else device,
-        hf_weights=hf_weights,
+        "meta" if dist.plan.distributed_model else device,
+        hf_weights=hf_weights and not dist.plan.distributed_model,
     )
+    parallel.check_tensor_parallel(model.args, dist.plan.tp, cfg.data.seq_len)
     parallel.parallelize(model, dist, plan.precision, cfg.activation_checkpoint.mode, plan.compile)
-    if dist.sharded:  # FSDP2: shapes only until now; each rank allocates and initialises only its shards
+    if dist.plan.distributed_model:  # FSDP2 / TP: shapes only until now; each rank fills only its own parts
         parallel.materialize(model, device, cfg.job.seed)
+        if cfg.model.hf_checkpoint and hf_weights:
+            load_hf_weights(model, cfg.model.hf_checkpoint)
     optimizer = build_optimizer_for(model, plan.optimizer)
     return TrainState(model, optimizer, build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps), train_data)
 
@@ -200,10 +204,10 @@ def build_run(plan: RunPlan, hooks: Hooks = Hooks()) -> Run:
         cfg.data,
         tokenizer,
         cfg.job.seed,
-        rank=dist.plan.rank,
-        world_size=dist.world_size,
+        rank=dist.plan.dp_rank,
+        world_size=dist.dp_size,
         tokenizer_path=cfg.tokenizer.path,
-    )  # each rank: its slice of a global batch
+    )  # each data-parallel rank: its slice of a global batch (a tensor-parallel group shares one)
     state = build_state(plan, dist, train_data, tokenizer, hf_weights=resume_from is None)
     if plan.optimizer.in_backward:
         state.release = GradientRelease(state.optimizer, cfg.training.max_norm, cfg.training.release_clipping)

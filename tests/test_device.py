@@ -57,7 +57,7 @@ def _assert_same(a, b):
 
 
 def test_random_bits_on_the_device_are_the_cpus():
-    keys = randbits.StepKeys(randbits.tensor_key(3, 1, 2), 9, 3)
+    keys = randbits.StepKeys(randbits.tensor_key(3, 1), 9, 3)
     on_device = randbits.fields(1 << 16, keys.tensor(4096, DEVICE), 3, DEVICE)
     on_cpu = randbits.fields(1 << 16, keys.tensor(4096, "cpu"), 3, "cpu")
     assert all(torch.equal(a.cpu(), b) for a, b in zip(on_device, on_cpu))

@@ -405,7 +405,7 @@ def test_degrees_resolve_against_the_world_size():
     [({"parallelism.dp_shard": "2"}, 1), ({"parallelism.dp_shard": "3"}, 4), ({"parallelism.dp_replicate": "3"}, 4)],
 )
 def test_degrees_that_do_not_fit_the_world_size_are_a_config_error(overrides, world):
-    with pytest.raises(ConfigError, match="dp_replicate \\* dp_shard must equal the world size"):
+    with pytest.raises(ConfigError, match="dp_replicate \\* dp_shard \\* tp must equal the world size"):
         data_parallel_degrees(load_config(None, overrides), world)
 
 

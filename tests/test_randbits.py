@@ -34,8 +34,8 @@ def chi2(cells: torch.Tensor, bins: int) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-def fields(step=1, index=0, shard=0, count=3, numel=N, offset=0, seed=0):
-    keys = randbits.StepKeys(randbits.tensor_key(seed, index, shard), step, count)
+def fields(step=1, index=0, count=3, numel=N, offset=0, seed=0):
+    keys = randbits.StepKeys(randbits.tensor_key(seed, index), step, count)
     return randbits.fields(numel, keys.tensor(offset, "cpu"), count, "cpu")
 
 
@@ -76,10 +76,31 @@ def test_the_fields_of_one_element_are_independent():
     assert_independent(m, v)
 
 
-def test_parameters_and_shards_get_independent_bits():
+def test_parameters_and_seeds_get_independent_bits():
     assert_independent(fields(index=0)[0], fields(index=1)[0])
-    assert_independent(fields(shard=0)[0], fields(shard=1)[0])
     assert_independent(fields(seed=0)[0], fields(seed=1)[0])
+
+
+@pytest.mark.parametrize("rows, cols", [(8, 12), (5, 6)])
+def test_every_shard_draws_the_whole_tensors_bits_for_its_elements(rows, cols):
+    """A part of a [rows, cols] parameter, cut by rows (FSDP2, column-wise tensor parallelism) or by columns (row-wise
+    tensor parallelism), and chunked by whole local rows, draws for each element the bits of that element in the
+    unsharded tensor: the sharding and chunking of a run do not change its random bits."""
+    keys = randbits.StepKeys(randbits.tensor_key(7, 3), 5, 3)
+    whole = torch.stack(randbits.fields(rows * cols, keys.tensor(0, "cpu"), 3, "cpu")).view(3, rows, cols)
+    half_rows, half_cols = rows // 2, cols // 2
+    parts = {  # (row0, col0, local rows, local cols)
+        "rows": (half_rows, 0, rows - half_rows, cols),
+        "cols": (0, half_cols, rows, cols - half_cols),
+    }
+    for r0, c0, r, c in parts.values():
+        box = randbits.ElementBox(r0, c0, c, cols)
+        shard = randbits.StepKeys(randbits.tensor_key(7, 3), 5, 3, box)
+        for first_row in range(0, r, 2):  # chunks of two whole local rows
+            n = min(2, r - first_row) * c
+            got = randbits.fields(n, shard.tensor(first_row * c, "cpu"), 3, "cpu", box.strided)
+            want = whole[:, r0 + first_row : r0 + first_row + n // c, c0 : c0 + c].reshape(3, -1)
+            assert torch.equal(torch.stack(got), want)
 
 
 def test_the_pair_tests_detect_dependent_bits():
@@ -109,10 +130,9 @@ def test_element_indices_wrap_only_at_2_32():
     assert not torch.equal(wrapped[:2048], wrapped[2048:])
 
 
-def test_keys_are_a_pure_function_of_seed_index_shard_step():
+def test_keys_are_a_pure_function_of_seed_index_step():
     assert all(torch.equal(a, b) for a, b in zip(fields(step=3), fields(step=3)))
-    assert randbits.tensor_key(5, 2, 0) == randbits.tensor_key(5, 2)  # shard 0 is the unsharded run
-    assert len({randbits.tensor_key(s, i, sh) for s in range(3) for i in range(3) for sh in range(3)}) == 27
+    assert len({randbits.tensor_key(s, i) for s in range(3) for i in range(3)}) == 9
 
 
 def test_the_hash_is_a_bijection_so_no_two_counters_share_bits():

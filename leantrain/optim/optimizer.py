@@ -195,7 +195,8 @@ class LeanOptimizer(torch.optim.Optimizer):
                     )
         self.seed = int(seed)
         self.compile = bool(compile)
-        self._keys: dict[torch.Tensor, int] = {}  # each parameter's random-bits key (randbits.tensor_key)
+        # each parameter's random-bits key (randbits.tensor_key) and where this rank's part of it lies in the whole
+        self._keys: dict[torch.Tensor, tuple[int, randbits.ElementBox]] = {}
         # Decided once per parameter. Not in self.state: state_dict() and checkpoints hold the buffers only (the
         # layout follows from the recipe, which the param groups save).
         self._layouts: dict[torch.Tensor, ParamLayout] = {}
@@ -348,7 +349,8 @@ class LeanOptimizer(torch.optim.Optimizer):
         step = int(state["step"].item())
         if (step, p.device) not in scalars:
             scalars[step, p.device] = StepScalars.of(group, step, self.rule.first_moment).as_tensor(p.device)
-        keys = randbits.StepKeys(self._key(p), step, layout.num_fields)
+        key, box = self._key(p)
+        keys = randbits.StepKeys(key, step, layout.num_fields, box)
         # per matrix first (the factors see the whole gradient), then element-wise, chunk by chunk
         col = (
             factored.update_(p, state["exp_avg_sq_row"], state["exp_avg_sq_col"], group["betas"][1], gate)
@@ -365,9 +367,9 @@ class LeanOptimizer(torch.optim.Optimizer):
         `update_clip` (Adafactor's update clipping): a first pass over p's gradient and v, chunk by chunk, sums
         u² for u = g / (sqrt(v_hat) + eps), the step before the lr (over every shard of p); on the device."""
         s = StepScalars(*scalars.unbind())
-        n, cols = local(p).numel(), p.shape[1] if layout.factored else 1
+        n = local(p).numel()
         chunk = _CPU_CHUNK if p.device.type == "cpu" else _MAX_CHUNK
-        chunk = _whole_rows(chunk, cols, layout.moments) if layout.factored else chunk
+        chunk = _whole_rows(chunk, local(p).shape[1], layout.moments) if layout.factored else chunk
         total = torch.zeros((), dtype=torch.float32, device=p.device)
         for a in range(0, n, chunk):
             _, g, _, v, _, _, v_scale = _chunk(p, state, layout, a, min(n, a + chunk), chunk < n, col)
@@ -378,12 +380,13 @@ class LeanOptimizer(torch.optim.Optimizer):
         factor = torch.clamp(self.rule.update_clip / rms, max=1.0)
         return torch.cat([scalars[:2], scalars[2:3] * factor, scalars[3:]])  # neg_step_size (StepScalars' order)
 
-    def _key(self, p: torch.Tensor) -> int:
-        """Parameter p's random-bits key: the seed, p's index among all parameters, the shard this rank holds."""
+    def _key(self, p: torch.Tensor) -> tuple[int, randbits.ElementBox]:
+        """Parameter p's random-bits key (the seed and p's index among all parameters) and the box of global indices
+        this rank's part of it holds: every element draws the bits it would draw in one process."""
         key = self._keys.get(p)
         if key is None:
             index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
-            key = self._keys[p] = randbits.tensor_key(self.seed, index, sharding.shard_index(p))
+            key = self._keys[p] = (randbits.tensor_key(self.seed, index), randbits.ElementBox.of(p))
         return key
 
     def _step_param(
@@ -401,8 +404,8 @@ class LeanOptimizer(torch.optim.Optimizer):
         compiled = self.compile and update.supports(layout.moments, n)
         chunk = (_CPU_CHUNK_COMPILED if compiled else _CPU_CHUNK) if p.device.type == "cpu" else _MAX_CHUNK
         run = update.compiled_update if compiled else update.elementwise_update
-        if layout.factored:
-            chunk = _whole_rows(chunk, p.shape[1], layout.moments)
+        if layout.factored or keys.box.strided:  # chunks of whole local rows (the factors', a column shard's bits)
+            chunk = _whole_rows(chunk, keys.box.local_cols, layout.moments)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             counts = run(
@@ -414,6 +417,7 @@ class LeanOptimizer(torch.optim.Optimizer):
                 counter is not None,
                 gate,
                 layout.factored,
+                keys.box.strided,
             )
             if counts is not None:
                 counter.add(counts)
@@ -497,7 +501,7 @@ def _chunk(p, state, layout: ParamLayout, a: int, b: int, chunked: bool, col: to
     else:
         m, m_scale = flat(state["exp_avg"]), None
     if layout.factored:
-        cols = p.shape[1]
+        cols = local(p).shape[1]
         v, v_scale = local(state["exp_avg_sq_row"])[a // cols : b // cols], col
     elif storage is not None:
         v = codes(state["exp_avg_sq_codes"], storage.exp_avg_sq)

@@ -16,7 +16,9 @@ function of values the kernel already has, so
   memory and read back;
 * the eager path runs the very same torch integer ops, so eager and compiled results are bitwise equal;
 * nothing about the generator needs saving: a resumed run recomputes the same keys from the step number;
-* chunking or sharding a tensor does not change its bits (a chunk's keys fold in its first element's index).
+* chunking or sharding a tensor does not change its bits: an element's bits are those of its index in the whole
+  (global) tensor, whatever rank holds it (`ElementBox`): a chunk's keys fold in its first element's global
+  index, and a column shard (tensor parallelism's row-wise matrices) counts its elements along the global rows.
 
 Why not Philox-4x32-10 (torch's and Triton's): it needs the high half of 32x32-bit products, which torch's int32
 ops do not give; in int64 it would cost several times the two 32-bit multiplies here. The hash's statistical
@@ -28,6 +30,9 @@ a logical right shift is an arithmetic one with the sign-extended bits masked of
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -59,10 +64,14 @@ def hash32_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def fields(numel: int, keys: torch.Tensor, count: int, device) -> list[torch.Tensor]:
+def fields(
+    numel: int, keys: torch.Tensor, count: int, device, strided: tuple[int, int] | None = None
+) -> list[torch.Tensor]:
     """`count` random fields (int32 in [0, 2^16)) for `numel` consecutive elements, from int32 `keys` (one per
-    two fields, with the first element's index folded in: `StepKeys.tensor`). The same ops eager and compiled."""
-    counters = _counters(numel, device)
+    two fields, with the first element's global index folded in: `StepKeys.tensor`). ``strided``: (local, global)
+    row widths of a column shard, whose consecutive local elements are not consecutive globally
+    (`ElementBox.strided`). The same ops eager and compiled."""
+    counters = _counters(numel, device) if strided is None else _strided_counters(numel, *strided, device)
     out = []
     for h in range((count + 1) // 2):
         bits = hash32_(counters + keys[h])
@@ -86,6 +95,13 @@ def _counters(numel: int, device) -> torch.Tensor:
     return cached[:numel]
 
 
+def _strided_counters(numel: int, local_cols: int, global_cols: int, device) -> torch.Tensor:
+    """The counters of a column shard's elements: local element i sits (i // local_cols) global rows and
+    (i % local_cols) columns after the chunk's first element."""
+    i = torch.arange(numel, dtype=torch.int32, device=device)
+    return ((i // local_cols) * global_cols + i % local_cols) * _int32(COUNTER_STEP)
+
+
 def splitmix64(x: int) -> int:
     """splitmix64's output function of the 64-bit value x (Steele et al.): the host-side key mixer."""
     z = (x + 0x9E3779B97F4A7C15) & _M64
@@ -94,20 +110,60 @@ def splitmix64(x: int) -> int:
     return z ^ (z >> 31)
 
 
-def tensor_key(seed: int, index: int, shard: int = 0) -> int:
-    """The 64-bit key of one parameter: the job seed, its index among the optimizer's parameters, and which shard
-    of it this rank holds (replicas of a shard get the same key; shard 0 the key of an unsharded run)."""
-    key = splitmix64(splitmix64(seed & _M64) ^ index)
-    return splitmix64(key ^ (shard * 0x9E3779B97F4A7C15 & _M64)) if shard else key
+def tensor_key(seed: int, index: int) -> int:
+    """The 64-bit key of one parameter: the job seed and its index among the optimizer's parameters (the same on
+    every rank: a shard's elements are told apart by their global indices, `ElementBox`)."""
+    return splitmix64(splitmix64(seed & _M64) ^ index)
+
+
+@dataclass(frozen=True)
+class ElementBox:
+    """Where this rank's part of a parameter lies in the whole one, seen as [rows, global_cols] (a matrix; a vector
+    is a column): its first element at (row0, col0), its rows `local_cols` wide. A plain tensor, or a shard of
+    whole rows (FSDP2, tensor parallelism's column-wise matrices), is one run of consecutive global indices; a
+    column shard (row-wise matrices) is `strided`."""
+
+    row0: int = 0
+    col0: int = 0
+    local_cols: int = 1
+    global_cols: int = 1
+
+    @classmethod
+    def of(cls, p: torch.Tensor) -> ElementBox:
+        """The box of this rank's part of ``p`` (a plain tensor: the whole of it)."""
+        from ..distributed import is_dtensor
+
+        if not is_dtensor(p) or p.ndim == 0:
+            return cls()
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        if any(offset[2:]) or any(s != g for s, g in zip(shape[2:], p.shape[2:])):
+            raise ValueError(f"random bits: a shard of a {p.ndim}-D parameter cut past dim 1 ({p.placements})")
+        width = math.prod(p.shape[1:])
+        local_width = math.prod(shape[1:])
+        col0 = offset[1] * math.prod(p.shape[2:]) if p.ndim > 1 else 0
+        return cls(offset[0], col0, local_width, width)
+
+    @property
+    def strided(self) -> tuple[int, int] | None:
+        """(local, global) row widths where this part's elements are not consecutive globally, else None."""
+        return None if self.local_cols == self.global_cols else (self.local_cols, self.global_cols)
+
+    def global_index(self, i: int) -> int:
+        """The global index of this part's element i (chunks of a strided part start at whole local rows)."""
+        return (self.row0 + i // self.local_cols) * self.global_cols + self.col0 + i % self.local_cols
 
 
 class StepKeys:
     """The hash keys of one parameter at one step: one per two random fields."""
 
-    def __init__(self, key: int, step: int, count: int):
+    def __init__(self, key: int, step: int, count: int, box: ElementBox = ElementBox()):
         self.keys = [splitmix64(key ^ splitmix64((step << 8) | h)) & 0xFFFFFFFF for h in range((count + 1) // 2)]
+        self.box = box
 
     def tensor(self, offset: int, device) -> torch.Tensor:
-        """The keys of the chunk that starts at element `offset`, as int32 on `device` (see `fields`)."""
-        shift = offset * COUNTER_STEP
+        """The keys of the chunk that starts at this rank's element `offset`, as int32 on `device` (see `fields`):
+        the global index of that element folded in."""
+        shift = self.box.global_index(offset) * COUNTER_STEP
         return small_tensor([_int32(k + shift) for k in self.keys] or [0], torch.int32, device)

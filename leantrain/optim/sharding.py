@@ -1,9 +1,9 @@
 """Sharded (FSDP2 DTensor) parameters in the optimizer: which shard a rank holds, quantized moments' block scales
 and int4's packed codes.
 
-The math runs on each rank's local shard (`leantrain.distributed.local`). Ranks holding different shards must draw
-different random bits, while replicas of one shard (HSDP, DDP) must draw the same ones; int8 blocks are cut from the
-local shard.
+The math runs on each rank's local shard (`leantrain.distributed.local`), whatever its placement (FSDP2 cuts rows,
+tensor parallelism rows or columns); each element draws the random bits of its global index (randbits.ElementBox);
+int8 / int4 blocks are cut from the local shard.
 """
 
 from __future__ import annotations
@@ -13,41 +13,47 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..distributed import is_dtensor
+from ..distributed import is_dtensor, split_dim
 from . import quant
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
 
-def shard_index(p: torch.Tensor) -> int:
-    """Which shard of its parameter this rank holds: 0 for a plain tensor, the same for replicas."""
-    if not is_dtensor(p):
-        return 0
-    mesh, coordinate, index = p.device_mesh, p.device_mesh.get_coordinate(), 0
-    for dim, placement in enumerate(p.placements):
-        if placement.is_shard():
-            index = index * mesh.size(dim) + coordinate[dim]
-    return index
+def _shard_count(p: DTensor) -> int:
+    """How many different parts of `p` the ranks hold (replicas of a part count once)."""
+    return math.prod(p.device_mesh.size(d) for d, pl in enumerate(p.placements) if split_dim(pl) is not None)
 
 
-def _check_dim0(p: DTensor) -> None:
-    if any(pl.is_shard() and pl.dim != 0 for pl in p.placements):
-        raise ValueError(f"AdamW: quantized state needs parameters sharded on dim 0, got {p.placements}")
+def _largest_local_numel(p: DTensor) -> int:
+    """The most elements any rank holds of `p` (each sharded dimension cut into equal parts, the last smaller)."""
+    shape = list(p.shape)
+    for d, pl in enumerate(p.placements):
+        if split_dim(pl) is not None:
+            shape[pl.dim] = -(-shape[pl.dim] // p.device_mesh.size(d))
+    return math.prod(shape)
+
+
+def _parts_placements(p: DTensor) -> list:
+    """Placements of a [parts, ...] tensor with one row per part of `p`: rows split over every mesh dimension that
+    splits p (in mesh order, so row k is the part that mesh coordinate k holds), replicated over the others."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [Shard(0) if split_dim(pl) is not None else Replicate() for pl in p.placements]
 
 
 def sharded_block_scales(p: DTensor, fmt: quant.Format) -> DTensor:
-    """Block scales of a sharded parameter: each rank cuts its own shard into blocks; row r of this
-    [shards, blocks] DTensor (sharded like p, padded to the largest shard's block count) holds shard r's."""
-    _check_dim0(p)
-    mesh = p.device_mesh
-    shards = math.prod(mesh.size(d) for d, pl in enumerate(p.placements) if pl.is_shard())
-    largest = -(-p.shape[0] // shards) * (p.numel() // max(p.shape[0], 1))
-    nb = fmt.num_blocks(largest)
+    """Block scales of a sharded parameter, whatever its placements (FSDP2's rows, tensor parallelism's rows or
+    columns): each rank cuts its own part into blocks; row r of this [parts, blocks] DTensor (padded to the
+    largest part's block count) holds part r's. The blocks follow the layout, so the codes resume on the same
+    layout only (checkpoint.py refuses another)."""
+    nb = fmt.num_blocks(_largest_local_numel(p))
     from torch.distributed.tensor import DTensor
 
     row = torch.zeros(1, nb, dtype=torch.float32, device=p.device)  # this rank's row
-    return DTensor.from_local(row, mesh, p.placements, shape=torch.Size((shards, nb)), stride=(nb, 1))
+    return DTensor.from_local(
+        row, p.device_mesh, _parts_placements(p), shape=torch.Size((_shard_count(p), nb)), stride=(nb, 1)
+    )
 
 
 def local_scale(scale: torch.Tensor, numel: int, fmt: quant.Format) -> torch.Tensor:
@@ -64,7 +70,6 @@ def packed_codes(p: torch.Tensor, code: int) -> torch.Tensor:
 
     if not is_dtensor(p):
         return torch.full(halved(p.shape), code, dtype=torch.uint8, device=p.device)
-    _check_dim0(p)
     from torch.distributed.tensor import DTensor
 
     local = torch.full(halved(p.to_local().shape), code, dtype=torch.uint8, device=p.device)

@@ -45,7 +45,7 @@ _compiled: dict = {}  # function -> its compiled form
 
 
 def elementwise_update(
-    p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None, factored=False
+    p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None, factored=False, strided=None
 ):
     """One AdamW step of one tensor, in place; the same ops eager and compiled.
 
@@ -61,7 +61,7 @@ def elementwise_update(
 
     factored: v comes from its factors (`update_weight`), and only m is stored here.
     """
-    rand = random_fields(p.numel(), keys, fields, p.device)
+    rand = random_fields(p.numel(), keys, fields, p.device, strided)
     mf, vf, counts = update_weight(
         p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate, factored
     )
@@ -69,9 +69,10 @@ def elementwise_update(
     return {**counts, **moment_counts} if count else None
 
 
-def random_fields(numel, keys, used, device) -> list:
-    """The random fields of `numel` elements up to the largest field number in `used` (-1: none)."""
-    return randbits.fields(numel, keys, 1 + max(used), device) if max(used) >= 0 else []
+def random_fields(numel, keys, used, device, strided=None) -> list:
+    """The random fields of `numel` elements up to the largest field number in `used` (-1: none); `strided`: a column
+    shard's row widths (randbits.fields)."""
+    return randbits.fields(numel, keys, 1 + max(used), device, strided) if max(used) >= 0 else []
 
 
 def update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate=None, factored=False):
@@ -162,7 +163,9 @@ def supports(kind: str, numel: int) -> bool:
     return kind not in quant.STORAGES or numel % quant.STORAGES[kind].block == 0
 
 
-def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None, factored=False):
+def compiled_update(
+    p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate=None, factored=False, strided=None
+):
     """`elementwise_update` compiled (built on first use) on flat contiguous tensors; returns what it returns.
 
     bf16 and fp32 moments: one graph. Quantized moments: two, `update_weight`'s and `store_moments'`, with the new
@@ -185,10 +188,10 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
     ):
         if storage is None:
             return _compile(elementwise_update)(
-                p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate, factored
+                p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate, factored, strided
             )
         mf, vf, counts = _compile(_weight_stage)(
-            p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate, factored
+            p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate, factored, strided
         )
         # each moment in its own format's blocks: a [blocks, 256] input viewed as 128-element blocks takes index
         # arithmetic modulo the dynamic size, which inductor's CPU code does not vectorize (measured several times
@@ -198,18 +201,19 @@ def compiled_update(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scal
         mf = None if m is None else dyn(mf, (-1, storage.exp_avg.block))
         vf = None if factored else dyn(vf, (-1, storage.exp_avg_sq.block))
         moment_counts = _compile(_moment_stage)(
-            m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate, factored
+            m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate, factored, strided
         )
     return {**counts, **moment_counts} if count else None
 
 
-def _weight_stage(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate, factored):
-    rand = random_fields(p.numel(), keys, fields[:1], p.device)
+def _weight_stage(p, g, m, v, comp, m_scale, v_scale, keys, fields, kind, scalars, count, gate, factored, strided):
+    rand = random_fields(p.numel(), keys, fields[:1], p.device, strided)
     return update_weight(p, g, m, v, comp, m_scale, v_scale, rand, fields, kind, scalars, count, gate, factored)
 
 
-def _moment_stage(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate, factored):
-    rand = random_fields((vf if mf is None else mf).numel(), keys, fields[1:], (vf if mf is None else mf).device)
+def _moment_stage(m, v, m_scale, v_scale, mf, vf, keys, fields, kind, count, gate, factored, strided):
+    moment = vf if mf is None else mf
+    rand = random_fields(moment.numel(), keys, fields[1:], moment.device, strided)
     return store_moments(m, v, m_scale, v_scale, mf, vf, rand, fields, kind, count, gate, factored)
 
 
