@@ -112,7 +112,7 @@ def _plan(opts: dict[str, Any], overrides: dict[str, str], hooks: Any) -> int:
     cfg = load_config(opts["config"], overrides)  # validates parallelism.dp_shard too
     # The degree of the GPUs being planned for, not of this process (which runplan.resolve would decide):
     # -1 ("every rank") means one process here, so no sharding.
-    dp_shard = max(1, cfg.parallelism.dp_shard)
+    dp_shard, tp = max(1, cfg.parallelism.dp_shard), cfg.parallelism.tp
     if opts["largest"]:
         if cfg.model.hf_checkpoint:
             raise ConfigError(
@@ -122,7 +122,7 @@ def _plan(opts: dict[str, Any], overrides: dict[str, str], hooks: Any) -> int:
         result = largest(cfg, recipes, dp_shard, parse_bytes(opts["gpu-memory"]))
         print(to_json(result) if opts["json"] else format_largest(result))
         return 0
-    result = plan(cfg, recipes, dp_shard, parse_bytes(opts["gpu-memory"]))
+    result = plan(cfg, recipes, dp_shard, parse_bytes(opts["gpu-memory"]), tp)
     print(to_json(result) if opts["json"] else format_plan(result))
     return 0
 
@@ -223,15 +223,16 @@ Train options are those of `leantrain train --help`.
 """
 
 PLAN_USAGE = """usage: leantrain plan [--model.flavor=70B | --model.hf_checkpoint=DIR] [--recipe=NAME|all]
-                      [--parallelism.dp_shard=N]
+                      [--parallelism.dp_shard=N] [--parallelism.tp=T]
                       [--gpu-memory=80GiB] [--data.seq_len=S] [--data.local_batch_size=B] [--json]
        leantrain plan --largest [--gpu-memory=24GiB] [--data.seq_len=2048] [--recipe=NAME|all] [--json]
 
 Counts the model's parameters exactly (built on the meta device) and prints, per GPU and recipe, the
 bytes of weights, gradients and optimizer state (laid out by the optimizer itself, divided by the FSDP
-degree dp_shard), an activation estimate with and without activation checkpointing, the total, and
-whether it fits in --gpu-memory. Any train option (model.*, data.*) applies; with model.hf_checkpoint,
-only the folder's config.json is read (no weights are needed). The activation formula is
+degree dp_shard and, for the blocks' matrices, the tensor-parallel degree tp), an activation estimate
+with and without activation checkpointing, the total, and whether it fits in --gpu-memory. Any train
+option (model.*, data.*) applies; with model.hf_checkpoint, only the folder's config.json is read (no
+weights are needed). The activation formula is
 explained in leantrain/plan.py and the README.
 
 --largest: per recipe, the largest Llama 3 flavor (1B, 3B, 8B, 70B) whose full fine-tune fits in

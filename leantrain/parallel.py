@@ -53,6 +53,7 @@ class Distributed:
     plan: ParallelPlan
     mesh: DeviceMesh | None = None  # ("dp_replicate", "dp_shard", "tp"); None in a single process
     owns_process_group: bool = False  # started here (torchrun), so shutdown() ends it
+    dp: DeviceMesh | None = None  # the data-parallel ranks as one dimension (dp_replicate x dp_shard, flattened)
 
     @property
     def dp_mesh(self) -> DeviceMesh:
@@ -64,7 +65,7 @@ class Distributed:
         """The process group of this rank's data-parallel peers (the ranks of its tp position): the batch's
         token counts, the logged loss and the step's token count are summed over it, never over the world, whose
         tensor-parallel ranks hold the same batch."""
-        return self.mesh["dp"].get_group() if self.mesh is not None else None
+        return self.dp.get_group() if self.dp is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -108,8 +109,7 @@ def init_distributed(plan: ParallelPlan) -> Distributed:
         plan.device.type, (plan.dp_replicate, plan.dp_shard, plan.tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
     )
     # The data-parallel ranks as one dimension (torchtitan's flattened "dp"): what sums over the batch use.
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    return Distributed(plan, mesh, owns)
+    return Distributed(plan, mesh, owns, mesh["dp_replicate", "dp_shard"]._flatten("dp"))
 
 
 def shutdown(d: Distributed) -> None:
@@ -129,14 +129,32 @@ def parallelize(
     returns the model."""
     if d.plan.tp > 1:
         apply_tp(model, d.mesh["tp"])
-    apply_activation_checkpointing(model, activation_checkpoint)
-    if compile:
+    if compile and d.plan.tp > 1 and activation_checkpoint == "full":
+        # Under tensor parallelism torch 2.13 cannot compile a fully checkpointed block (AOT autograd finds the
+        # DeviceMesh among the tensors saved for the backward and fails): the compiled block is checkpointed instead
         apply_compile(model)
+        apply_activation_checkpointing(model, activation_checkpoint)
+    else:
+        apply_activation_checkpointing(model, activation_checkpoint)
+        if compile:
+            apply_compile(model)
     if d.sharded:
         apply_fsdp(model, d.dp_mesh, precision.fsdp_policy())
     elif d.plan.dp_replicate > 1:
         apply_ddp(model, d.mesh["dp_replicate"])
     return model
+
+
+def reduce_partial_gradients(model: nn.Module) -> None:
+    """Under tensor parallelism without FSDP2, the gradients of the parameters replicated over tp that sequence
+    parallelism applies to a part of the sequence (the blocks' norms) come out of the backward as partial sums
+    (DTensor's Partial): each rank's holds its own tokens' share. They are summed over tp here (one small all-reduce
+    each), before clipping and the update read them. (FSDP2's reduce-scatter does it under 2-D meshes: there they
+    arrive whole.)"""
+    for p in model.parameters():
+        g = p.grad
+        if distributed.is_dtensor(g) and g.placements != p.placements:
+            p.grad = g.redistribute(g.device_mesh, p.placements)
 
 
 def check_tensor_parallel(args: Any, tp: int, seq_len: int) -> None:

@@ -3,7 +3,11 @@
 The model is built on the meta device (no memory), its parameters counted exactly, and the optimizer's
 state is laid out on the meta parameters by the optimizer itself, so the planned state bytes are the
 bytes a real run allocates (tested against measured runs). FSDP (dp_shard = N) divides parameters,
-gradients and optimizer state by N.
+gradients and optimizer state by N; tensor parallelism (tp = T) divides the blocks' matrices and their state by T
+as well (the embedding, the output and the norms are not split over tp: parallel.apply_tp), and the blocks'
+activations by T (sequence parallelism), except the gathered inputs of attention and of the MLP that their first
+matmuls keep (2 c h per token and block). The loss's logits are not divided: each tp rank computes the loss of
+the whole sequence. Gradient release does not run under tensor parallelism, so a tp plan has no release rows.
 
 Every recipe is planned twice: as it is, and with gradient release (`optimizer.in_backward`, the row
 "RECIPE + in_backward"), where no full set of gradients exists: the planned gradient bytes are then the
@@ -58,18 +62,40 @@ def _storage_bytes(tensors) -> int:
 REPLICATED_STATE = ("exp_avg_sq_col",)
 
 
-def state_bytes(model: torch.nn.Module, spec: OptimizerSpec, dp_shard: int = 1) -> dict[str, int]:
-    """Params, grads and optimizer state on one of dp_shard FSDP ranks, laid out on meta tensors."""
-    params = list(model.parameters())
+# The blocks' matrices that tensor parallelism splits (parallel.apply_tp); the row-wise ones split their columns.
+TP_COLUMNWISE = (
+    "attention.wq.weight",
+    "attention.wk.weight",
+    "attention.wv.weight",
+    "feed_forward.w1.weight",
+    "feed_forward.w3.weight",
+)
+TP_ROWWISE = ("attention.wo.weight", "feed_forward.w2.weight")
+
+
+def state_bytes(model: torch.nn.Module, spec: OptimizerSpec, dp_shard: int = 1, tp: int = 1) -> dict[str, int]:
+    """Params, grads and optimizer state on one rank of dp_shard FSDP ranks x tp tensor-parallel ranks, laid out on
+    meta tensors."""
+    named = list(model.named_parameters())
     opt = build_optimizer(model, **spec.build_kwargs())
-    states = [opt.init_state(p) for p in params]
-    out = {
-        "params": _storage_bytes(params),
-        "grads": _storage_bytes(params),
-        "optimizer": _storage_bytes(v for s in states for k, v in s.items() if k not in REPLICATED_STATE),
-    }
-    out = {k: -(-v // dp_shard) for k, v in out.items()}
-    out["optimizer"] += _storage_bytes(v for s in states for k, v in s.items() if k in REPLICATED_STATE)
+    states = {name: opt.init_state(p) for name, p in named}
+    # under tp the split matrices and the rest are divided apart (with tp = 1: one group, as FSDP2 alone)
+    groups = [[n for n, _ in named if n.endswith(TP_COLUMNWISE + TP_ROWWISE) == split] for split in (True, False)]
+    parts = (dp_shard * tp, dp_shard) if tp > 1 else (dp_shard, dp_shard)
+    if tp == 1:
+        groups = [[n for n, _ in named], []]
+    params = dict(named)
+    out = {"params": 0, "grads": 0, "optimizer": 0}
+    for names, n in zip(groups, parts):
+        group = _storage_bytes(params[name] for name in names)
+        out["params"] += -(-group // n)
+        out["grads"] += -(-group // n)
+        state = (v for name in names for k, v in states[name].items() if k not in REPLICATED_STATE)
+        out["optimizer"] += -(-_storage_bytes(state) // n)
+    # the column factors: whole on every rank, except a row-wise matrix's, whose columns tp splits
+    for name in params:
+        replicated = _storage_bytes(v for k, v in states[name].items() if k in REPLICATED_STATE)
+        out["optimizer"] += -(-replicated // tp) if name.endswith(TP_ROWWISE) else replicated
     if spec.in_backward:
         out["grads"] = released_grad_bytes(model, dp_shard)
     return out
@@ -86,26 +112,31 @@ def released_grad_bytes(model: Transformer, dp_shard: int) -> int:
 
 
 def planned_state_bytes(
-    model: torch.nn.Module, precision: Precision, spec: OptimizerSpec, dp_shard: int = 1
+    model: torch.nn.Module, precision: Precision, spec: OptimizerSpec, dp_shard: int = 1, tp: int = 1
 ) -> dict[str, int]:
-    """What the planner predicts for this run's model (its meta twin) on one of dp_shard FSDP ranks, to set
-    beside the measured bytes."""
+    """What the planner predicts for this run's model (its meta twin) on one of dp_shard x tp ranks, to set beside
+    the measured bytes."""
     with torch.device("meta"), set_default_dtype(precision.storage):
         twin = Transformer(model.args)
-    return state_bytes(twin, spec, dp_shard)
+    return state_bytes(twin, spec, dp_shard, tp)
 
 
-def activation_bytes(compute_dtype: torch.dtype, tokens: int, model: torch.nn.Module, checkpointing: bool) -> int:
-    """Activation bytes of ``tokens`` tokens per micro-batch (formula in the module docstring)."""
+def activation_bytes(
+    compute_dtype: torch.dtype, tokens: int, model: torch.nn.Module, checkpointing: bool, tp: int = 1
+) -> int:
+    """Activation bytes of ``tokens`` tokens per micro-batch on one of tp tensor-parallel ranks (formula in the module
+    docstring)."""
     a = model.args
     c = torch.finfo(compute_dtype).bits // 8
     h_q, h_kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     block = c * (4 * a.dim + 5 * h_q + 4 * a.ffn_dim) + 4 * (2 * a.dim + h_q + h_kv)
     if a.qk_norm:
         block += (c + 4) * (h_q + h_kv)
+    if tp > 1:  # sequence parallelism splits it all, but the gathered inputs of attention and the MLP are kept whole
+        block = -(-block // tp) + 2 * c * a.dim
     logits = logits_island_bytes(c, a.vocab_size, a.dim)
     if checkpointing:
-        layers = a.n_layers * c * a.dim + block
+        layers = a.n_layers * -(-c * a.dim // tp) + block
     else:
         layers = a.n_layers * block
     return tokens * (layers + logits)
@@ -148,12 +179,13 @@ def _meta_model(cfg: Config, storage: torch.dtype, tokenizer: Tokenizer | None, 
     )
 
 
-def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dict[str, Any]:
+def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int, tp: int = 1) -> dict[str, Any]:
     """The plan of every recipe for this model. It takes the config itself, not a run plan: it is the `plan`
     command, which varies the config per recipe (config.with_recipe) for GPUs that are not this process's."""
     out: dict[str, Any] = {
         "flavor": cfg.model.flavor,
         "dp_shard": dp_shard,
+        "tp": tp,
         "gpu_memory_bytes": gpu_memory,
         "seq_len": cfg.data.seq_len,
         "local_batch_size": cfg.data.local_batch_size,
@@ -165,7 +197,8 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
     own = cfg.model.hf_checkpoint and cfg.tokenizer.path == "auto"
     tokenizer_name = "" if own else tokenizer_path(cfg)
     tokenizer = None if own else build_tokenizer(tokenizer_name)
-    for name, release in [(name, release) for name in recipes for release in (False, True)]:
+    releases = (False,) if tp > 1 else (False, True)  # gradient release does not run under tensor parallelism
+    for name, release in [(name, release) for name in recipes for release in releases]:
         rcfg = with_recipe(cfg, name)
         precision = precision_of(rcfg)
         model = _meta_model(cfg, precision.storage, tokenizer, tokenizer_name)
@@ -177,14 +210,14 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int) -> dic
         )
         out["num_params"] = num_params(model)
         spec = optimizer_spec(rcfg).with_release(release)
-        state = state_bytes(model, spec, dp_shard)
+        state = state_bytes(model, spec, dp_shard, tp)
         name = f"{name} + in_backward" if release else name
-        act = activation_bytes(precision.compute, tokens, model, checkpointing=False)
-        act_ckpt = activation_bytes(precision.compute, tokens, model, checkpointing=True)
+        act = activation_bytes(precision.compute, tokens, model, checkpointing=False, tp=tp)
+        act_ckpt = activation_bytes(precision.compute, tokens, model, checkpointing=True, tp=tp)
         total = sum(state.values()) + act
         out["recipes"][name] = {
             "state_bytes_per_gpu": state,
-            "state_bytes_per_param": sum(state.values()) * dp_shard / out["num_params"],
+            "state_bytes_per_param": sum(state.values()) * dp_shard * tp / out["num_params"],
             "activation_bytes_per_gpu": act,
             "activation_bytes_per_gpu_checkpointed": act_ckpt,
             "total_bytes_per_gpu": total,
@@ -243,7 +276,7 @@ def format_largest(p: dict[str, Any]) -> str:
 def format_plan(p: dict[str, Any]) -> str:
     gib = 2**30
     lines = [
-        f"{p['model']}: {p['num_params']:,} parameters; dp_shard={p['dp_shard']}, "
+        f"{p['model']}: {p['num_params']:,} parameters; dp_shard={p['dp_shard']}, tp={p['tp']}, "
         f"seq_len={p['seq_len']}, local_batch_size={p['local_batch_size']}, "
         f"GPU memory {p['gpu_memory_bytes'] / gib:.1f} GiB",
         "",

@@ -51,8 +51,8 @@ def token_weights(labels: list[torch.Tensor], dist: parallel.Distributed) -> lis
     """Per micro-batch factors that turn the mean of its loss into its share of the global batch's token mean.
 
     The step's loss is the mean over every labelled token of the global batch (all micro-batches, all
-    data-parallel ranks), so a micro-batch's mean loss counts with weight n * accum * dp_size / N (n its labelled tokens,
-    N the global batch's), divided by accum below and averaged over ranks by DDP/FSDP. Packed data labels
+    data-parallel ranks), so a micro-batch's mean loss counts with weight n * accum * dp_size / N (n its labelled
+    tokens, N the global batch's), divided by accum below and averaged over ranks by DDP/FSDP. Packed data labels
     every token, so each weight would be exactly 1.0 there (the step skips the call); SFT micro-batches differ
     in response tokens, and an unweighted mean would give a short response's tokens more say than a long one's.
     """
@@ -81,6 +81,8 @@ def train_step(
             loss = batch_loss(state.model, batch) * weight / accum
         loss.backward()
         loss_sum += loss.detach()
+    if ctx.dist.plan.tp > 1:
+        parallel.reduce_partial_gradients(state.model)
     grad_norm = ctx.hooks.grad_norm(step, clip_grad_norm_(state.model.parameters(), ctx.max_norm))
     finite, stop = ctx.nonfinite.check(step, loss_sum, grad_norm)  # one host sync; the same on every rank
     lr = state.scheduler.get_last_lr()[0]

@@ -173,7 +173,13 @@ def build_state(
 def build_checkpointer(plan: RunPlan, hooks: Hooks = Hooks()) -> checkpoint.Checkpointer:
     cfg = plan.config
     return checkpoint.Checkpointer(
-        plan.paths.checkpoints, cfg.checkpoint, cfg.training.steps, plan.config_record, plan.recipe, hooks
+        plan.paths.checkpoints,
+        cfg.checkpoint,
+        cfg.training.steps,
+        plan.config_record,
+        plan.recipe,
+        hooks,
+        checkpoint.layout_of(plan),
     )
 
 
@@ -362,7 +368,9 @@ def _summary(run: Run, measured_state: dict[str, int], weights: Path) -> dict[st
         peak_memory_bytes=peak_memory_bytes(run.dist.device),
         state_bytes=measured_state,
         state_bytes_per_param=sum(measured_state.values()) / parallel.local_numel(model),
-        planned_state_bytes=planned_state_bytes(model, plan.precision, plan.optimizer, run.dist.plan.dp_shard),
+        planned_state_bytes=planned_state_bytes(
+            model, plan.precision, plan.optimizer, run.dist.plan.dp_shard, run.dist.plan.tp
+        ),
     )
     summary = {
         k: summary[k]

@@ -13,8 +13,8 @@ Tolerance on every step's loss (relative, 2 ranks vs 1 process), set from the di
   batches instead of one matmul over the whole batch); measured 1.8e-7.
 * bf16, bf16-kahan: 1e-3. The gradients are bf16: each rank's half-batch gradient is rounded to bf16
   (8 significant bits) before the reduction adds them, so a gradient element can differ by one bf16 ulp
-  (0.4%) from the single-process one, and under FSDP2 the ranks' shards draw other stochastic-rounding bits
-  than one process (their seeds are mixed with the shard index). The loss moves by far less; measured
+  (0.4%) from the single-process one (each element draws the stochastic-rounding bits it draws in one process,
+  randbits.ElementBox, so the bits add no difference of their own). The loss moves by far less; measured
   2.6e-5 (bf16), 1.2e-5 (bf16-kahan); HSDP 4.2e-5, compile 3.8e-5 (fused kernels round bf16 intermediates
   differently).
 * bf16-int8: 3e-3. The same bf16 differences, amplified by the int8 moments: a tiny change of a moment can

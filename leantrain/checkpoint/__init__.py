@@ -198,8 +198,31 @@ def find_resume(plan: RunPlan) -> Path | None:
         return None
     path = found[-1][1]
     info = read_info(path)
+    check_layout(path, info, layout_of(plan), plan.config.optimizer.state_dtype)
     check_config(path, info, plan.config_record, plan.recipe)
     return path
+
+
+def layout_of(plan: RunPlan) -> dict[str, int]:
+    """How a run cuts its model into parts: the FSDP2 and tensor-parallel degrees (replicas hold the same parts)."""
+    return {"dp_shard": plan.parallel.dp_shard, "tp": plan.parallel.tp}
+
+
+def check_layout(path: Path, info: dict[str, Any], layout: dict[str, int], state_dtype: str) -> None:
+    """A checkpoint resumes on any layout (DCP reshards every tensor by its global position), except quantized
+    moments: their blocks and scales are cut from each rank's part of a parameter (optim/sharding.py), so they mean
+    their values only on the layout that wrote them. Refused there (CheckpointError), instead of read wrong."""
+    theirs = info.get("layout")
+    if state_dtype not in quant.STORAGES or theirs is None or theirs == layout:
+        return
+    raise CheckpointError(
+        f"The checkpoint {path} (step {info['step']}) holds {state_dtype} Adam moments in blocks of each rank's part "
+        f"of the parameters, cut by parallelism.dp_shard = {theirs['dp_shard']} and tp = {theirs['tp']}; this run "
+        f"cuts them by dp_shard = {layout['dp_shard']} and tp = {layout['tp']}, so the blocks' scales would not "
+        f"match their codes. Resume it with dp_shard={theirs['dp_shard']} and tp={theirs['tp']} (any dp_replicate), "
+        f"or start a new run from its weights (`leantrain export` it and set model.hf_checkpoint). The other "
+        f"recipes resume on any layout."
+    )
 
 
 def check_config(path: Path, info: dict[str, Any], record: dict[str, Any], recipe: str | None) -> None:
@@ -259,12 +282,15 @@ class Checkpointer:
         record: dict[str, Any],
         recipe: str | None,
         hooks: Hooks = Hooks(),
+        layout: dict[str, int] | None = None,
     ):
         """``root``: the run's checkpoints folder; ``settings``: the checkpoint.* keys; ``last_step``:
-        training.steps (always saved); ``record`` and ``recipe``: the run's config and recipe, written into
-        each checkpoint's leantrain.json for a resume to compare."""
+        training.steps (always saved); ``record`` and ``recipe``: the run's config and recipe, and ``layout``
+        (the parts the model is cut into: dp_shard and tp), written into each checkpoint's leantrain.json for a
+        resume to compare."""
         self.root, self.settings, self.last_step = root, settings, last_step
         self.record, self.recipe, self.hooks = record, recipe, hooks
+        self.layout = layout or {"dp_shard": 1, "tp": 1}
 
     # -- save
 
@@ -350,6 +376,7 @@ class Checkpointer:
                 "recipe": self.recipe,
                 "model_only": model_only,
                 "world_size": distributed.world_size(),
+                "layout": self.layout,
                 "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "torch_version": torch.__version__,
                 "model_args": dataclasses.asdict(state.model.args),

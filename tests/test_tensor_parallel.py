@@ -1,0 +1,314 @@
+"""Tensor parallelism (parallelism.tp) in real processes on gloo (CPU), against a single process with the same global
+batch and initial weights: 2 ranks of tp = 2, and 4 ranks of dp_shard = 2 x tp = 2; a checkpoint saved under 2 x 2
+resumed on 1 process and on 4 ranks of FSDP2 alone; an HF folder loaded into the tensor-parallel model. Without
+processes: every layout that cannot run is refused (ConfigError, exit 2) before anything starts.
+
+Tolerances on every step's loss (relative), measured on these 5 steps (debug model, lr 3e-3) and kept with 10x or
+more headroom, as tests/test_distributed.py's: fp32 1e-5 (measured 9.2e-8 under tp = 2, 1.8e-7 under 2 x 2: only the
+order of fp32 sums differs); bf16-sr 1e-3 (3.4e-5, 4.0e-5; compiled with full checkpointing 5.5e-5; resumed on
+another layout 4.0e-5 and 4.2e-5: bf16 partial sums of the row-wise matmuls and of the data-parallel gradient
+reduction are rounded before they are added; every element draws the random bits it draws in one process,
+randbits.ElementBox); bf16-int8 3e-3 (3.3e-5, 4.0e-5: the same, and int8 blocks cut from each rank's part).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from leantrain.config import load_config, parse_overrides
+from leantrain.errors import CheckpointError, ConfigError
+from leantrain.metrics import read_metrics
+from leantrain.runplan import parallel_plan, resolve
+
+STEPS = 5
+COMMON = [
+    "--model.flavor=debug",
+    "--compile.enable=false",
+    "--data.seq_len=32",
+    "--eval.steps=1",
+    "--metrics.progress=false",
+    "--lr_scheduler.warmup_steps=2",
+    f"--training.steps={STEPS}",
+    "--metrics.log_freq=1",
+    "--eval.interval=0",
+    "--optimizer.lr=3e-3",
+]
+RECIPES = ["fp32", "bf16-sr", "bf16-int8"]
+TOLERANCE = {"fp32": 1e-5, "bf16-sr": 1e-3, "bf16-int8": 3e-3}
+LAYOUTS = {  # name -> (processes, arguments); each data-parallel rank takes 8 / dp samples of the 8-sample batch
+    "tp2": (2, ["--parallelism.tp=2", "--parallelism.dp_shard=1", "--data.local_batch_size=8"]),
+    "dp2xtp2": (4, ["--parallelism.tp=2", "--parallelism.dp_shard=2", "--data.local_batch_size=4"]),
+}
+CHECKPOINTED = ["--checkpoint.enable=true", "--checkpoint.interval=3"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+def _losses(folder) -> list[float]:
+    return [r["loss"] for r in read_metrics(os.path.join(folder, "metrics.jsonl"))]
+
+
+def _assert_close(got: list[float], want: list[float], rel: float) -> None:
+    assert len(got) == len(want), (got, want)
+    worst = max(abs(g - w) / w for g, w in zip(got, want))
+    assert worst <= rel, f"losses {got} vs one process {want}: relative difference {worst:.2e} > {rel:.0e}"
+
+
+def _train_here(*args: str) -> None:
+    from leantrain.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers
+    try:
+        train(resolve(load_config(None, parse_overrides([*COMMON, *args]))))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _torchrun(nproc: int, jobs: list[list[str]], root) -> None:
+    """Every job in one launch of `nproc` ranks (tests/distributed_jobs.py)."""
+    path = root / f"jobs-{nproc}.json"
+    path.write_text(json.dumps(jobs))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            os.path.join(ROOT, "tests", "distributed_jobs.py"),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A Hugging Face folder whose weights are not those the runs would draw (another seed): a run that trains from
+    it starts from them only if they were loaded."""
+    from leantrain.data import ByteTokenizer
+    from leantrain.hf import save_hf
+    from leantrain.model import build_model
+
+    folder = tmp_path_factory.mktemp("hf")
+    save_hf(build_model("debug", seed=123), folder, tokenizer=ByteTokenizer())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, hf_folder):
+    """The single-process references here; every 2-rank run in one torchrun, every 4-rank run in another."""
+    root = tmp_path_factory.mktemp("tp")
+    for recipe in RECIPES:
+        _train_here(f"--recipe={recipe}", "--data.local_batch_size=8", f"--job.dump_folder={root / f'single-{recipe}'}")
+    _train_here(
+        "--recipe=fp32",
+        "--data.local_batch_size=8",
+        "--training.steps=1",
+        "--lr_scheduler.warmup_steps=0",
+        f"--job.dump_folder={root / 'single-step'}",
+    )
+    hf = [f"--model.hf_checkpoint={hf_folder}", "--recipe=fp32"]
+    _train_here(*hf, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-hf'}")
+    for name, (nproc, layout) in LAYOUTS.items():
+        jobs = [[*COMMON, f"--recipe={r}", *layout, f"--job.dump_folder={root / f'{name}-{r}'}"] for r in RECIPES]
+        step = [
+            "--recipe=fp32",
+            "--training.steps=1",
+            "--lr_scheduler.warmup_steps=0",
+            f"--job.dump_folder={root / f'{name}-step'}",
+        ]
+        jobs.append([*COMMON, *layout, *step])
+        if name == "tp2":
+            jobs.append([*COMMON, *hf, *layout, f"--job.dump_folder={root / 'tp2-hf'}"])
+            # compile with full activation checkpointing (the compiled block is checkpointed under tp)
+            compiled = ["--compile.enable=true", "--activation_checkpoint.mode=full"]
+            jobs.append([*COMMON, "--recipe=bf16-sr", *layout, *compiled, f"--job.dump_folder={root / 'tp2-compile'}"])
+        else:
+            # saved at step 3 under 2 x 2, then (next job) resumed on 4 ranks of FSDP2 alone for steps 4 and 5
+            saved = root / "saved-2x2"
+            jobs.append(
+                [
+                    *COMMON,
+                    "--recipe=bf16-sr",
+                    *layout,
+                    *CHECKPOINTED,
+                    "--training.steps=3",
+                    f"--job.dump_folder={saved}",
+                ]
+            )
+            jobs.append(
+                [
+                    *COMMON,
+                    "--recipe=bf16-sr",
+                    "--parallelism.dp_shard=4",
+                    "--data.local_batch_size=2",
+                    *CHECKPOINTED,
+                    f"--job.dump_folder={root / 'resumed-fsdp4'}",
+                ]
+            )
+        if name == "dp2xtp2":
+            # the resumed run's folder starts as a copy of the saved one: made between the two jobs, so two launches
+            _torchrun(nproc, jobs[:-1], root)
+            shutil.copytree(saved, root / "resumed-fsdp4")
+            shutil.copytree(saved, root / "resumed-single")
+            _torchrun(nproc, jobs[-1:], root)
+        else:
+            _torchrun(nproc, jobs, root)
+    _train_here(
+        "--recipe=bf16-sr", "--data.local_batch_size=8", *CHECKPOINTED, f"--job.dump_folder={root / 'resumed-single'}"
+    )
+    return root
+
+
+@pytest.mark.torchrun
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_tensor_parallel_runs_match_one_process(runs, layout, recipe):
+    one, many = _losses(runs / f"single-{recipe}"), _losses(runs / f"{layout}-{recipe}")
+    # the same initial weights and batch: in fp32 the same first loss up to the order of sums (in bf16 the row-wise
+    # matmuls' partial sums are rounded before they are added)
+    assert many[0] == pytest.approx(one[0], rel=1e-6 if recipe == "fp32" else TOLERANCE[recipe])
+    _assert_close(many, one, TOLERANCE[recipe])
+
+
+@pytest.mark.torchrun
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_one_tensor_parallel_step_is_the_single_process_step(runs, layout):
+    """The weights after one fp32 step, saved sharded by the layout and read back whole in one process (DCP), against
+    the single-process step's: the sharded forward, backward, clipping and update make the same step, to fp32
+    rounding (measured as the norm of the steps' difference over the norm of the step: Adam's first step is about
+    lr * sign(g), so an element whose gradient is within rounding of 0 may step the other way; a few do)."""
+    from leantrain.checkpoint import load_model
+
+    start, one, many = (load_model(str(runs / name))[0] for name in ("single-step", "single-step", f"{layout}-step"))
+    start.init_weights(0)  # the initial weights (job.seed 0)
+    step = torch.cat([(a - s).flatten() for a, s in zip(one.parameters(), start.parameters())])
+    other = torch.cat([(b - s).flatten() for b, s in zip(many.parameters(), start.parameters())])
+    assert (other - step).norm() <= 1e-2 * step.norm(), ((other - step).norm(), step.norm())
+
+
+@pytest.mark.torchrun
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_planner_counts_each_ranks_part_of_the_training_state(runs, layout, recipe):
+    """summary.json: rank 0's measured state bytes beside the planner's for its layout (dp_shard x tp): the blocks'
+    matrices split over both, the embedding, output and norms over dp_shard only. Within 1%: FSDP2 splits the
+    259-row embedding and output 130 / 129."""
+    summary = json.loads((runs / f"{layout}-{recipe}" / "summary.json").read_text())
+    single = json.loads((runs / f"single-{recipe}" / "summary.json").read_text())["state_bytes"]
+    for kind, planned in summary["planned_state_bytes"].items():
+        assert summary["state_bytes"][kind] == pytest.approx(planned, rel=1e-2), kind
+        assert summary["state_bytes"][kind] < 0.7 * single[kind]  # the blocks' share divided by tp at least
+
+
+@pytest.mark.torchrun
+def test_tensor_parallel_compiles_with_full_activation_checkpointing(runs):
+    _assert_close(_losses(runs / "tp2-compile"), _losses(runs / "single-bf16-sr"), TOLERANCE["bf16-sr"])
+
+
+@pytest.mark.torchrun
+def test_hf_weights_load_into_the_tensor_parallel_model(runs):
+    one, many = _losses(runs / "single-hf"), _losses(runs / "tp2-hf")
+    assert many[0] == pytest.approx(one[0], rel=1e-6)
+    assert many[0] != pytest.approx(_losses(runs / "single-fp32")[0], rel=1e-3)  # not the run's own initial weights
+    _assert_close(many, one, TOLERANCE["fp32"])
+
+
+@pytest.mark.torchrun
+@pytest.mark.parametrize("resumed", ["resumed-single", "resumed-fsdp4"])
+def test_a_2x2_checkpoint_resumes_on_other_layouts(runs, resumed):
+    """Saved at step 3 by dp_shard = 2 x tp = 2; resumed on 1 process, and on 4 ranks of dp_shard = 4: DCP reshards
+    the weights and the moments, and steps 4 and 5 continue the single-process run."""
+    saved, after = _losses(runs / "saved-2x2"), _losses(runs / resumed)
+    assert after[:3] == saved  # the resumed run's metrics continue the saved run's
+    _assert_close(after, _losses(runs / "single-bf16-sr"), TOLERANCE["bf16-sr"])
+
+
+# ---- without processes ------------------------------------------------------------------------------------
+
+
+def _plan(world: int, *args: str):
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world)}
+    return parallel_plan(load_config(None, parse_overrides(list(args))), env)
+
+
+def test_the_layout_names_its_degrees_and_the_data_parallel_ranks():
+    plan = _plan(8, "--parallelism.tp=2", "--parallelism.dp_shard=2", "--parallelism.dp_replicate=-1")
+    assert (plan.dp_replicate, plan.dp_shard, plan.tp, plan.dp_size) == (2, 2, 2, 4)
+    plan = _plan(4, "--parallelism.tp=2")  # dp_shard -1: every rank tp leaves
+    assert (plan.dp_shard, plan.tp, plan.dp_rank) == (2, 2, 0)
+    env = {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "4"}
+    assert parallel_plan(load_config(None, {"parallelism.tp": "2"}), env).dp_rank == 1  # tp innermost
+
+
+@pytest.mark.parametrize(
+    "world, args, message",
+    [
+        (3, ["--parallelism.tp=2"], "tp = 2 does not divide the 3 process"),
+        (4, ["--parallelism.tp=2", "--parallelism.dp_shard=1", "--parallelism.dp_replicate=1"], "tp must equal"),
+        (4, ["--parallelism.tp=2", "--parallelism.dp_shard=1", "--parallelism.dp_replicate=2"], "DDP does not take"),
+        (2, ["--parallelism.tp=2", "--optimizer.in_backward=true"], "in_backward=true does not run with tensor"),
+        (2, ["--parallelism.tp=0"], "parallelism.tp"),
+    ],
+)
+def test_layouts_that_cannot_run_are_refused_before_anything_starts(world, args, message):
+    with pytest.raises(ConfigError, match=message):
+        _plan(world, *args)
+
+
+@pytest.mark.parametrize(
+    "tp, seq, names",
+    [(4, 32, ["2 key/value heads"]), (3, 32, ["4 attention heads", "2 key/value heads", "32 tokens"])],
+)
+def test_a_tp_that_does_not_divide_the_model_names_what_it_does_not_divide(tp, seq, names):
+    from leantrain.model import model_args
+    from leantrain.parallel import check_tensor_parallel
+
+    with pytest.raises(ConfigError) as e:
+        check_tensor_parallel(model_args("debug"), tp, seq)
+    for name in names:
+        assert name in str(e.value)
+    check_tensor_parallel(model_args("debug"), 2, seq)  # 4 heads, 2 kv heads, ffn 192, seq 32: all divisible by 2
+
+
+def test_quantized_moments_resume_only_on_the_layout_that_cut_their_blocks():
+    from leantrain.checkpoint import check_layout
+
+    info = {"step": 3, "layout": {"dp_shard": 2, "tp": 2}}
+    check_layout("ckpt", info, {"dp_shard": 2, "tp": 2}, "int8")
+    check_layout("ckpt", info, {"dp_shard": 4, "tp": 1}, "bfloat16")  # not quantized: DCP reshards it
+    with pytest.raises(CheckpointError, match="dp_shard=2 and tp=2"):
+        check_layout("ckpt", info, {"dp_shard": 4, "tp": 1}, "int8")
+
+
+def test_the_planner_divides_the_blocks_matrices_by_tp_and_the_rest_by_dp_shard():
+    from leantrain.model import FLAVORS
+    from leantrain.plan import plan
+
+    cfg = load_config(None, {"model.flavor": "70B", "data.seq_len": "8192", "data.local_batch_size": "1"})
+    by_tp = plan(cfg, ["bf16-sr"], dp_shard=1, gpu_memory=80 * 2**30, tp=8)["recipes"]
+    by_fsdp = plan(cfg, ["bf16-sr"], dp_shard=8, gpu_memory=80 * 2**30)["recipes"]
+    assert list(by_tp) == ["bf16-sr"]  # no gradient-release rows: release does not run under tp
+    a = FLAVORS["70B"]
+    h_kv = a.n_kv_heads * a.dim // a.n_heads
+    matrices = a.n_layers * (2 * a.dim * a.dim + 2 * h_kv * a.dim + 3 * a.dim * a.ffn_dim)
+    rest = 2 * a.vocab_size * a.dim + (2 * a.n_layers + 1) * a.dim  # embedding, output, norms: not split over tp
+    assert by_tp["bf16-sr"]["state_bytes_per_gpu"]["params"] == 2 * (matrices // 8 + rest)
+    assert by_fsdp["bf16-sr"]["state_bytes_per_gpu"]["params"] == -(-2 * (matrices + rest) // 8)
+    # sequence parallelism: the blocks' activations by tp, but not the gathered inputs nor the loss's logits
+    assert by_tp["bf16-sr"]["activation_bytes_per_gpu"] < by_fsdp["bf16-sr"]["activation_bytes_per_gpu"] / 4
