@@ -20,10 +20,12 @@ latency per step (tens of microseconds against steps of tens of milliseconds or 
 need the optimizer to take the flag, and the consecutive count would still need a host read now and
 then; we keep the simple, exact version.
 
-*Distributed.* Each rank's loss covers only its part of the batch, so the flag, together with the stop
-request below, is all-reduced (MAX over all ranks, the default process group that torchrun's ranks form;
-the same group parallel.mean_over_ranks uses) before anyone decides: every rank skips, or stops, at the
-same step. It is one extra collective of 2 integers per step, only when the world size is above 1.
+*Distributed.* Each rank's loss covers only its part of the batch, so the flag, together with the stop request
+below, is all-reduced (MAX over all ranks, the default process group that torchrun's ranks form) before anyone
+decides: every rank skips, or stops, at the same step. Over the world, not over the data-parallel ranks that the
+loss mean and the token counts sum over: a tensor-parallel group's ranks hold parts of the same weights and must
+skip the same steps as the others. It is one extra collective of 2 integers per step, only when the world size is
+above 1.
 
 **Stop signals.** The command line wraps training in :func:`stop_on_signals`: the first SIGTERM or SIGINT
 only sets a flag; the trainer finishes the step in flight, saves a checkpoint (checkpoint.enable), says

@@ -1,15 +1,17 @@
-"""Several devices: torchrun, the device mesh, FSDP2 / HSDP / DDP, activation checkpointing and compile.
+"""Several devices: torchrun, the device mesh, FSDP2 / HSDP / DDP, tensor parallelism, activation checkpointing
+and compile.
 
 All of it is applied *to* the model by the functions below; model.py knows nothing of it. The trainer
 calls, in this order:
 
     dist = init_distributed(plan.parallel)       # the process group and mesh; one process: none
     model = ...built on the meta device...       # under FSDP2: shapes only, in the storage dtype
-    parallelize(model, dist, precision, ac_mode, compile)  # per block: activation checkpointing, compile, fully_shard;
+    parallelize(model, dist, precision, ac_mode, compile)  # tp; per block: checkpointing, compile, fully_shard;
                                                  # then the root (FSDP2 / HSDP), or DDP for a built model
     materialize(model, dist.device, seed)        # FSDP2: to_empty + init_weights, each rank fills its shards
 
-Data parallelism has two degrees on a 2-D mesh ``(dp_replicate, dp_shard)``:
+The mesh has three named dimensions, ``(dp_replicate, dp_shard, tp)``, tp innermost (torchtitan's ParallelDims;
+context parallelism would be a fourth, between dp_shard and tp). Data parallelism has two degrees:
 
 * ``dp_shard`` (FSDP2): parameters, gradients and optimizer state split over dp_shard ranks, gathered one
   transformer block at a time for the forward and backward. Memory per rank falls as 1/dp_shard; each
@@ -18,9 +20,12 @@ Data parallelism has two degrees on a 2-D mesh ``(dp_replicate, dp_shard)``:
 * both (HSDP): sharded within groups of dp_shard ranks (a node, on its fast links), replicated across the
   groups (gradients all-reduced between them).
 
-Every rank is a data-parallel rank: it takes its own ``local_batch_size`` samples of each global batch
-(``local_batch_size * world_size`` samples), and DDP and FSDP2 average the gradients over ranks, which for
-the equal-sized packed batches is the gradient of the mean loss over the global batch.
+and ``tp`` (:func:`apply_tp`) splits each block's matrices over tp ranks, which see the same batch.
+
+Each data-parallel rank (``dp_replicate * dp_shard`` of them; a tensor-parallel group is one) takes its own
+``local_batch_size`` samples of each global batch, and DDP and FSDP2 average the gradients over them, which for
+the equal-sized packed batches is the gradient of the mean loss over the global batch. The batch's sums (token
+counts, the logged loss) run over the data-parallel ranks (``Distributed.dp_group``), never the world.
 
 Precision (the decisions are leantrain.precision's): full bf16 shards bf16 parameters with no
 MixedPrecisionPolicy; ``bf16-mixed`` under FSDP2 uses ``Precision.fsdp_policy`` instead of autocast.

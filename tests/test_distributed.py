@@ -505,19 +505,23 @@ def test_adamw_on_sharded_parameters_equals_adamw_on_plain_ones(one_rank_group, 
             assert torch.equal(value, local.reshape(value.shape)), key
 
 
-def test_shards_draw_different_random_bits_and_replicas_the_same():
-    """HSDP on 2 x 2 ranks (a fake process group: no processes): ranks 0 and 2 hold shard 0, ranks 1 and 3
-    shard 1. Replicas must draw the same stochastic-rounding bits or they would drift apart."""
+def test_shards_draw_their_elements_bits_and_replicas_the_same():
+    """A fake process group of 4 ranks (no processes). HSDP on 2 x 2: ranks 0 and 2 hold rows 0-4 of a [10, 64]
+    parameter, ranks 1 and 3 rows 5-9; then FSDP2 rows x tensor-parallel columns on 2 x 2. Each rank's part knows
+    where its elements lie in the whole parameter (randbits.ElementBox, whose bits test_randbits checks), so replicas
+    draw the same bits and every element the bits it draws in one process; int8 scales and int4 codes are cut per
+    part whatever the placement."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from leantrain.optim.randbits import tensor_key
     from leantrain.optim import quant
-    from leantrain.optim.sharding import packed_codes, shard_index, sharded_block_scales
+    from leantrain.optim.randbits import ElementBox
+    from leantrain.optim.sharding import packed_codes, sharded_block_scales
 
-    indices = []
+    int8 = quant.FORMATS["int8"]
+    hsdp, tp = [], []
     for rank in range(4):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=4)
         try:
@@ -525,14 +529,27 @@ def test_shards_draw_different_random_bits_and_replicas_the_same():
             p = DTensor.from_local(
                 torch.zeros(5, 64), mesh, [Replicate(), Shard(0)], shape=torch.Size((10, 64)), stride=(64, 1)
             )
-            indices.append(shard_index(p))
-            scales = sharded_block_scales(p, quant.FORMATS["int8"])  # one row of block scales per shard
+            hsdp.append(ElementBox.of(p))
+            scales = sharded_block_scales(p, int8)  # one row of block scales per shard
             assert tuple(scales.shape) == (2, 2) and tuple(scales.to_local().shape) == (1, 2)
             codes = packed_codes(p, 0)  # int4: the parameter's rows, half its columns, sharded like it
             assert tuple(codes.shape) == (10, 32) and tuple(codes.to_local().shape) == (5, 32)
             assert codes.placements == p.placements
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "tp"))
+            q = DTensor.from_local(
+                torch.zeros(5, 32), mesh, [Shard(0), Shard(1)], shape=torch.Size((10, 64)), stride=(64, 1)
+            )
+            tp.append(ElementBox.of(q))
+            scales = sharded_block_scales(q, int8)  # 4 parts of 160 elements: one block each
+            assert tuple(scales.shape) == (4, 1) and tuple(scales.to_local().shape) == (1, 1)
+            codes = packed_codes(q, 0)
+            assert tuple(codes.shape) == (10, 32) and tuple(codes.to_local().shape) == (5, 16)
         finally:
             dist.destroy_process_group()
-    assert indices == [0, 1, 0, 1]
-    keys = [tensor_key(7, 3, shard) for shard in indices]
-    assert keys[0] == keys[2] == tensor_key(7, 3) and keys[1] == keys[3] != keys[0]
+    assert [(b.row0, b.col0, b.strided) for b in hsdp] == [(0, 0, None), (5, 0, None)] * 2  # replicas: the same
+    assert [(b.row0, b.col0, b.strided) for b in tp] == [
+        (0, 0, (32, 64)),
+        (0, 32, (32, 64)),
+        (5, 0, (32, 64)),
+        (5, 32, (32, 64)),
+    ]

@@ -5,10 +5,12 @@ processes: every layout that cannot run is refused (ConfigError, exit 2) before 
 
 Tolerances on every step's loss (relative), measured on these 5 steps (debug model, lr 3e-3) and kept with 10x or
 more headroom, as tests/test_distributed.py's: fp32 1e-5 (measured 9.2e-8 under tp = 2, 1.8e-7 under 2 x 2: only the
-order of fp32 sums differs); bf16-sr 1e-3 (3.4e-5, 4.0e-5; compiled with full checkpointing 5.5e-5; resumed on
-another layout 4.0e-5 and 4.2e-5: bf16 partial sums of the row-wise matmuls and of the data-parallel gradient
-reduction are rounded before they are added; every element draws the random bits it draws in one process,
-randbits.ElementBox); bf16-int8 3e-3 (3.3e-5, 4.0e-5: the same, and int8 blocks cut from each rank's part).
+order of fp32 sums differs); bf16-sr and bf16-kahan 1e-3 (3.4e-5 and 3.1e-5, 4.0e-5 and 3.9e-5; compiled with full
+checkpointing 5.5e-5; resumed on another layout 4.0e-5 and 4.2e-5: bf16 partial sums of the row-wise matmuls and
+of the data-parallel gradient reduction are rounded before they are added; every element draws the random bits it
+draws in one process, randbits.ElementBox); bf16-int8 and bf16-int8-factored 3e-3 (3.3e-5 and 4.0e-5, 4.0e-5 and
+4.8e-5: the same, and int8 blocks cut from each rank's part). The 2 x 2 layout runs fp32, bf16-sr and bf16-int8
+(4 processes on the suite's 2 cores); the factored and Kahan figures under 2 x 2 were measured once by hand.
 """
 
 import json
@@ -39,8 +41,9 @@ COMMON = [
     "--eval.interval=0",
     "--optimizer.lr=3e-3",
 ]
-RECIPES = ["fp32", "bf16-sr", "bf16-int8"]
-TOLERANCE = {"fp32": 1e-5, "bf16-sr": 1e-3, "bf16-int8": 3e-3}
+RECIPES = ["fp32", "bf16-sr", "bf16-kahan", "bf16-int8", "bf16-int8-factored"]
+RECIPES_2X2 = ["fp32", "bf16-sr", "bf16-int8"]  # 4 processes on the suite's 2 cores: the issue's three
+TOLERANCE = {"fp32": 1e-5, "bf16-sr": 1e-3, "bf16-kahan": 1e-3, "bf16-int8": 3e-3, "bf16-int8-factored": 3e-3}
 LAYOUTS = {  # name -> (processes, arguments); each data-parallel rank takes 8 / dp samples of the 8-sample batch
     "tp2": (2, ["--parallelism.tp=2", "--parallelism.dp_shard=1", "--data.local_batch_size=8"]),
     "dp2xtp2": (4, ["--parallelism.tp=2", "--parallelism.dp_shard=2", "--data.local_batch_size=4"]),
@@ -125,7 +128,8 @@ def runs(tmp_path_factory, hf_folder):
     hf = [f"--model.hf_checkpoint={hf_folder}", "--recipe=fp32"]
     _train_here(*hf, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-hf'}")
     for name, (nproc, layout) in LAYOUTS.items():
-        jobs = [[*COMMON, f"--recipe={r}", *layout, f"--job.dump_folder={root / f'{name}-{r}'}"] for r in RECIPES]
+        recipes = RECIPES if name == "tp2" else RECIPES_2X2
+        jobs = [[*COMMON, f"--recipe={r}", *layout, f"--job.dump_folder={root / f'{name}-{r}'}"] for r in recipes]
         step = [
             "--recipe=fp32",
             "--training.steps=1",
@@ -175,9 +179,11 @@ def runs(tmp_path_factory, hf_folder):
     return root
 
 
+LAYOUT_RECIPES = [(layout, r) for layout in LAYOUTS for r in (RECIPES if layout == "tp2" else RECIPES_2X2)]
+
+
 @pytest.mark.torchrun
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("layout, recipe", LAYOUT_RECIPES)
 def test_tensor_parallel_runs_match_one_process(runs, layout, recipe):
     one, many = _losses(runs / f"single-{recipe}"), _losses(runs / f"{layout}-{recipe}")
     # the same initial weights and batch: in fp32 the same first loss up to the order of sums (in bf16 the row-wise
@@ -203,8 +209,7 @@ def test_one_tensor_parallel_step_is_the_single_process_step(runs, layout):
 
 
 @pytest.mark.torchrun
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("layout, recipe", LAYOUT_RECIPES)
 def test_the_planner_counts_each_ranks_part_of_the_training_state(runs, layout, recipe):
     """summary.json: rank 0's measured state bytes beside the planner's for its layout (dp_shard x tp): the blocks'
     matrices split over both, the embedding, output and norms over dp_shard only. Within 1%: FSDP2 splits the

@@ -119,7 +119,8 @@ def tensor_key(seed: int, index: int) -> int:
 @dataclass(frozen=True)
 class ElementBox:
     """Where this rank's part of a parameter lies in the whole one, seen as [rows, global_cols] (a matrix; a vector
-    is a column): its first element at (row0, col0), its rows `local_cols` wide. A plain tensor, or a shard of
+    is a column): its first element at (row0, col0), its rows `local_cols` wide (chunks of whole rows, which the
+    factored rule needs, are multiples of it). A plain tensor, or a shard of
     whole rows (FSDP2, tensor parallelism's column-wise matrices), is one run of consecutive global indices; a
     column shard (row-wise matrices) is `strided`."""
 
@@ -133,14 +134,14 @@ class ElementBox:
         """The box of this rank's part of ``p`` (a plain tensor: the whole of it)."""
         from ..distributed import is_dtensor
 
+        width = math.prod(p.shape[1:])  # 1 for a vector (and a scalar)
         if not is_dtensor(p) or p.ndim == 0:
-            return cls()
+            return cls(0, 0, width, width)
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
         if any(offset[2:]) or any(s != g for s, g in zip(shape[2:], p.shape[2:])):
             raise ValueError(f"random bits: a shard of a {p.ndim}-D parameter cut past dim 1 ({p.placements})")
-        width = math.prod(p.shape[1:])
         local_width = math.prod(shape[1:])
         col0 = offset[1] * math.prod(p.shape[2:]) if p.ndim > 1 else 0
         return cls(offset[0], col0, local_width, width)
