@@ -7,7 +7,7 @@ gradients and optimizer state by N; tensor parallelism (tp = T) divides the bloc
 as well (the embedding, the output and the norms are not split over tp: parallel.apply_tp), and the blocks'
 activations by T (sequence parallelism), except the gathered inputs of attention and of the MLP that their first
 matmuls keep (2 c h per token and block). The loss's logits are not divided: each tp rank computes the loss of
-the whole sequence. Gradient release does not run under tensor parallelism, so a tp plan has no release rows.
+the whole sequence.
 
 Every recipe is planned twice: as it is, and with gradient release (`optimizer.in_backward`, the row
 "RECIPE + in_backward"), where no full set of gradients exists: the planned gradient bytes are then the
@@ -97,18 +97,24 @@ def state_bytes(model: torch.nn.Module, spec: OptimizerSpec, dp_shard: int = 1, 
         replicated = _storage_bytes(v for k, v in states[name].items() if k in REPLICATED_STATE)
         out["optimizer"] += -(-replicated // tp) if name.endswith(TP_ROWWISE) else replicated
     if spec.in_backward:
-        out["grads"] = released_grad_bytes(model, dp_shard)
+        out["grads"] = released_grad_bytes(model, dp_shard, tp)
     return out
 
 
-def released_grad_bytes(model: Transformer, dp_shard: int) -> int:
-    """Gradient release: the gradient bytes alive at once (module docstring)."""
+def released_grad_bytes(model: Transformer, dp_shard: int, tp: int = 1) -> int:
+    """Gradient release: the gradient bytes alive at once (module docstring); under tp a block's (mostly split
+    matrices) divided by dp_shard x tp, the root's by dp_shard."""
     if dp_shard == 1:
-        return max(_storage_bytes([p]) for p in model.parameters())
+        return max(
+            -(-_storage_bytes([p]) // (tp if name.endswith(TP_COLUMNWISE + TP_ROWWISE) else 1))
+            for name, p in model.named_parameters()
+        )
     blocks = [list(block.parameters()) for block in model.layers]
     in_blocks = {id(p) for params in blocks for p in params}
     root = [p for p in model.parameters() if id(p) not in in_blocks]
-    return -(-max(_storage_bytes(params) for params in [*blocks, root]) // dp_shard)
+    return max(
+        max(-(-_storage_bytes(params) // (dp_shard * tp)) for params in blocks), -(-_storage_bytes(root) // dp_shard)
+    )
 
 
 def planned_state_bytes(
@@ -197,8 +203,7 @@ def plan(cfg: Config, recipes: list[str], dp_shard: int, gpu_memory: int, tp: in
     own = cfg.model.hf_checkpoint and cfg.tokenizer.path == "auto"
     tokenizer_name = "" if own else tokenizer_path(cfg)
     tokenizer = None if own else build_tokenizer(tokenizer_name)
-    releases = (False,) if tp > 1 else (False, True)  # gradient release does not run under tensor parallelism
-    for name, release in [(name, release) for name in recipes for release in releases]:
+    for name, release in [(name, release) for name in recipes for release in (False, True)]:
         rcfg = with_recipe(cfg, name)
         precision = precision_of(rcfg)
         model = _meta_model(cfg, precision.storage, tokenizer, tokenizer_name)

@@ -225,7 +225,37 @@ def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
     groups: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
     for g, norm in zip(grads, norms):
         groups.setdefault(_shard_dims(g), (g, []))[1].append(norm)
-    return sum(sum_over_shards(torch.stack(ns).square().sum(), like) for like, ns in groups.values()).sqrt()
+    return _global_norm((like, torch.stack(ns).square().sum()) for like, ns in groups.values())
+
+
+def _global_norm(groups: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The norm from (a tensor sharded like the group's, this rank's fp32 sum of the group's squares) pairs: each sum
+    all-reduced over the ranks holding the group's other shards, then added (island 5)."""
+    return sum(sum_over_shards(squares, like) for like, squares in groups).sqrt()
+
+
+class SquareSums:
+    """fp32 sums of squares of gradients as they are made (gradient release, optim/release.py), kept apart by how
+    the gradients are sharded, so that the global norm reduces each over its own ranks (:func:`grad_norm`'s
+    grouping: under tensor parallelism the blocks' matrices are split over dp_shard and tp, the norms over
+    dp_shard only)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._groups: dict[tuple, list] = {}
+
+    def add(self, squares: torch.Tensor, like: torch.Tensor) -> None:
+        """Add this rank's sum of squares of one gradient sharded like ``like``."""
+        entry = self._groups.setdefault(
+            _shard_dims(like), [like, torch.zeros((), dtype=torch.float32, device=self.device)]
+        )
+        entry[1] += squares
+
+    def norm(self) -> torch.Tensor:
+        """The global L2 norm of everything added (every rank's shards)."""
+        if not self._groups:
+            return torch.zeros((), dtype=torch.float32, device=self.device)
+        return _global_norm((like, squares) for like, squares in self._groups.values())
 
 
 def _shard_dims(t: torch.Tensor) -> tuple:

@@ -197,13 +197,6 @@ def parallel_plan(cfg: Config, env: Mapping[str, str] = os.environ) -> ParallelP
             f"gradient before its update), or leave optimizer.in_backward at false."
         )
     tp = cfg.parallelism.tp
-    if tp > 1 and cfg.optimizer.in_backward:
-        raise ConfigError(
-            f"optimizer.in_backward=true does not run with tensor parallelism yet (parallelism.tp = {tp}): its "
-            f"clipping sums each gradient's squares as it is made, and under tp the matrices' squares and the "
-            f"norms' must be reduced over different ranks. Leave optimizer.in_backward at false with tp > 1, or "
-            f"use parallelism.tp=1 (FSDP2 alone)."
-        )
     if tp > 1 and replicate > 1 and shard == 1:
         raise ConfigError(
             f"parallelism.tp = {tp} with parallelism.dp_replicate = {replicate} and dp_shard = 1 (DDP): DDP does "

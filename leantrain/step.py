@@ -18,7 +18,7 @@ from .hooks import Hooks
 from .model import batch_loss
 from .optim import UpdateStats
 from .optim.release import GradientRelease
-from .precision import IGNORE_INDEX, Precision, clip_grad_norm_, norm_from_squares
+from .precision import IGNORE_INDEX, Precision, clip_grad_norm_
 from .state import TrainState
 
 
@@ -113,7 +113,7 @@ def _step_in_backward(
         with ctx.release.backward(device, count_lost_updates) as result:
             loss.backward()
         (released,) = result
-        grad_norm = norm_from_squares(released.grad_squares, next(state.model.parameters()))
+        grad_norm = released.grad_squares.norm()
         ctx.release.observe_norm(grad_norm)  # "previous_norm" clipping's factor for the next step
         finite = not ctx.nonfinite.check_released(step, released.skipped_params)
         if not finite:  # some rank skipped a parameter's update: its step count was advanced on the host

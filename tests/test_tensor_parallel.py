@@ -49,6 +49,9 @@ LAYOUTS = {  # name -> (processes, arguments); each data-parallel rank takes 8 /
     "dp2xtp2": (4, ["--parallelism.tp=2", "--parallelism.dp_shard=2", "--data.local_batch_size=4"]),
 }
 CHECKPOINTED = ["--checkpoint.enable=true", "--checkpoint.interval=3"]
+# gradient release, against the normal step without clipping (release clips by its own rules)
+NOCLIP = ["--recipe=bf16-int8", "--training.max_norm=0"]
+RELEASE = ["--optimizer.in_backward=true", *NOCLIP]
 
 
 def _env() -> dict[str, str]:
@@ -125,6 +128,7 @@ def runs(tmp_path_factory, hf_folder):
         "--lr_scheduler.warmup_steps=0",
         f"--job.dump_folder={root / 'single-step'}",
     )
+    _train_here(*NOCLIP, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-noclip'}")
     hf = [f"--model.hf_checkpoint={hf_folder}", "--recipe=fp32"]
     _train_here(*hf, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-hf'}")
     for name, (nproc, layout) in LAYOUTS.items():
@@ -137,6 +141,7 @@ def runs(tmp_path_factory, hf_folder):
             f"--job.dump_folder={root / f'{name}-step'}",
         ]
         jobs.append([*COMMON, *layout, *step])
+        jobs.append([*COMMON, *RELEASE, *layout, f"--job.dump_folder={root / f'{name}-release'}"])
         if name == "tp2":
             jobs.append([*COMMON, *hf, *layout, f"--job.dump_folder={root / 'tp2-hf'}"])
             # compile with full activation checkpointing (the compiled block is checkpointed under tp)
@@ -222,6 +227,17 @@ def test_the_planner_counts_each_ranks_part_of_the_training_state(runs, layout, 
 
 
 @pytest.mark.torchrun
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gradient_release_under_tensor_parallelism_matches_one_process(runs, layout):
+    """The updates inside the backward's hooks: on the tp-split matrices, on the norms (without FSDP2 their partial
+    gradients summed in the hook), and the logged norm reduced per placement group."""
+    released, normal = runs / f"{layout}-release", runs / "single-noclip"
+    _assert_close(_losses(released), _losses(normal), TOLERANCE["bf16-int8"])
+    norms = [[r["grad_norm"] for r in read_metrics(folder / "metrics.jsonl")] for folder in (released, normal)]
+    _assert_close(*norms, TOLERANCE["bf16-int8"])
+
+
+@pytest.mark.torchrun
 def test_tensor_parallel_compiles_with_full_activation_checkpointing(runs):
     _assert_close(_losses(runs / "tp2-compile"), _losses(runs / "single-bf16-sr"), TOLERANCE["bf16-sr"])
 
@@ -267,7 +283,6 @@ def test_the_layout_names_its_degrees_and_the_data_parallel_ranks():
         (3, ["--parallelism.tp=2"], "tp = 2 does not divide the 3 process"),
         (4, ["--parallelism.tp=2", "--parallelism.dp_shard=1", "--parallelism.dp_replicate=1"], "tp must equal"),
         (4, ["--parallelism.tp=2", "--parallelism.dp_shard=1", "--parallelism.dp_replicate=2"], "DDP does not take"),
-        (2, ["--parallelism.tp=2", "--optimizer.in_backward=true"], "in_backward=true does not run with tensor"),
         (2, ["--parallelism.tp=0"], "parallelism.tp"),
     ],
 )
@@ -308,7 +323,7 @@ def test_the_planner_divides_the_blocks_matrices_by_tp_and_the_rest_by_dp_shard(
     cfg = load_config(None, {"model.flavor": "70B", "data.seq_len": "8192", "data.local_batch_size": "1"})
     by_tp = plan(cfg, ["bf16-sr"], dp_shard=1, gpu_memory=80 * 2**30, tp=8)["recipes"]
     by_fsdp = plan(cfg, ["bf16-sr"], dp_shard=8, gpu_memory=80 * 2**30)["recipes"]
-    assert list(by_tp) == ["bf16-sr"]  # no gradient-release rows: release does not run under tp
+    assert list(by_tp) == ["bf16-sr", "bf16-sr + in_backward"]
     a = FLAVORS["70B"]
     h_kv = a.n_kv_heads * a.dim // a.n_heads
     matrices = a.n_layers * (2 * a.dim * a.dim + 2 * h_kv * a.dim + 3 * a.dim * a.ffn_dim)

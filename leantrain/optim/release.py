@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import is_dtensor, local
-from ..precision import clip_coefficient, grad_squares, norm_from_squares
+from ..precision import SquareSums, clip_coefficient, grad_squares, norm_from_squares
 from .optimizer import LeanOptimizer, LostUpdateCounter, UpdateStats
 
 
@@ -56,7 +56,7 @@ from .optimizer import LeanOptimizer, LostUpdateCounter, UpdateStats
 class BackwardResult:
     """What the released updates of one backward did."""
 
-    grad_squares: torch.Tensor  # fp32 sum of this rank's gradient squares (its shards: the caller reduces them)
+    grad_squares: SquareSums  # fp32 sums of this rank's gradient squares (its shards), reduced by `.norm()`
     skipped_params: torch.Tensor  # int: parameters whose gradient was NaN/Inf on this rank (their update skipped)
     updates: UpdateStats | None  # the lost-update counts, when asked for
 
@@ -76,7 +76,7 @@ class GradientRelease:
         self._previous_coef: torch.Tensor | None = None  # "previous_norm": the factor of the step before (None: 1)
         self._armed = False
         self._counter: LostUpdateCounter | None = None
-        self._squares: torch.Tensor | None = None
+        self._squares: SquareSums | None = None
         self._gates: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its gradient was finite) per hook
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -86,7 +86,7 @@ class GradientRelease:
     def backward(self, device: torch.device, count_lost_updates: bool = False) -> Iterator[list[BackwardResult]]:
         """Arm the hooks for the backward run inside the block; the result is appended to the yielded list."""
         self._armed, self._gates = True, []
-        self._squares = torch.zeros((), dtype=torch.float32, device=device)
+        self._squares = SquareSums(device)
         self._counter = LostUpdateCounter() if count_lost_updates else None
         out: list[BackwardResult] = []
         try:
@@ -135,8 +135,10 @@ class GradientRelease:
     def _hook(self, p: torch.Tensor) -> None:
         if not self._armed:  # a backward outside a training step (a test's, a user's): keep the gradient
             return
+        if is_dtensor(p.grad) and p.grad.placements != p.placements:  # a sequence-parallel norm's partial sums
+            p.grad = p.grad.redistribute(p.grad.device_mesh, p.placements)  # (parallel.reduce_partial_gradients)
         squares = grad_squares(p.grad)
-        self._squares += squares
+        self._squares.add(squares, p.grad)
         finite = _on_every_shard(torch.isfinite(squares), p)  # on the device: no host sync (module docstring)
         if self.max_norm > 0:
             local(p.grad).mul_(self._coefficient(p, squares))  # as exact clipping scales a gradient
