@@ -55,6 +55,64 @@ def leantrain_cli():
     return run_leantrain
 
 
+# ---- several processes: tests/test_distributed.py and tests/test_tensor_parallel.py ------------------------------
+
+# 5 steps of the debug model at lr 3e-3, logged each step; every run of both modules starts from these arguments.
+DIST_STEPS = 5
+DIST_COMMON = [
+    "--model.flavor=debug",
+    "--compile.enable=false",
+    "--data.seq_len=32",
+    "--eval.steps=1",
+    "--metrics.progress=false",
+    "--lr_scheduler.warmup_steps=2",
+    f"--training.steps={DIST_STEPS}",
+    "--metrics.log_freq=1",
+    "--eval.interval=0",
+    "--optimizer.lr=3e-3",
+]
+
+
+def losses(folder) -> list[float]:
+    """Every logged step's loss of a run."""
+    from leantrain.metrics import read_metrics
+
+    return [r["loss"] for r in read_metrics(os.path.join(folder, "metrics.jsonl"))]
+
+
+def assert_losses_close(got: list[float], want: list[float], rel: float) -> None:
+    """Step by step within a relative tolerance of the single-process run's."""
+    assert len(got) == len(want), (got, want)
+    worst = max(abs(g - w) / w for g, w in zip(got, want))
+    assert worst <= rel, f"losses {got} vs one process {want}: relative difference {worst:.2e} > {rel:.0e}"
+
+
+def torchrun_jobs(nproc: int, jobs: list[list[str]], path) -> None:
+    """Train every job (a list of `--section.key=value` arguments) in one torchrun launch of `nproc` gloo ranks
+    (tests/distributed_jobs.py: the process start-up is paid once); `path`: where the jobs' JSON goes."""
+    import json
+
+    with open(path, "w") as f:
+        json.dump(jobs, f)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            os.path.join(ROOT, "tests", "distributed_jobs.py"),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+
+
 # ---- the tiers: `make test-fast` runs what none of these markers names (pyproject.toml registers them) -------
 
 

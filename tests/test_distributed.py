@@ -34,7 +34,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import DIST_COMMON, DIST_STEPS, ROOT, assert_losses_close, losses, torchrun_jobs
 from leantrain.config import data_parallel_degrees, load_config, parse_overrides, suspicious_precision_settings
 from leantrain.runplan import parallel_plan, precision_of, resolve
 from leantrain.errors import ConfigError
@@ -42,19 +42,6 @@ from leantrain.metrics import read_metrics
 
 pytestmark = pytest.mark.torchrun
 
-STEPS = 5
-COMMON = [
-    "--model.flavor=debug",
-    "--compile.enable=false",
-    "--data.seq_len=32",
-    "--eval.steps=1",
-    "--metrics.progress=false",
-    "--lr_scheduler.warmup_steps=2",
-    f"--training.steps={STEPS}",
-    "--metrics.log_freq=1",
-    "--eval.interval=0",
-    "--optimizer.lr=3e-3",
-]
 RECIPES = ["fp32", "bf16", "bf16-kahan", "bf16-int8", "bf16-int4", "bf16-int4-int8", "bf16-int8-factored"]
 TOLERANCE = {
     "fp32": 1e-5,
@@ -92,14 +79,9 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 
-def _losses(folder) -> list[float]:
-    return [r["loss"] for r in read_metrics(os.path.join(folder, "metrics.jsonl"))]
-
-
 def _assert_close(got: list[float], want: list[float], rel: float) -> None:
-    assert len(got) == len(want) == STEPS
-    worst = max(abs(g - w) / w for g, w in zip(got, want))
-    assert worst <= rel, f"losses {got} vs one process {want}: relative difference {worst:.2e} > {rel:.0e}"
+    assert len(got) == DIST_STEPS
+    assert_losses_close(got, want, rel)
 
 
 def _prepared_builtin(root) -> str:
@@ -132,7 +114,7 @@ def runs(tmp_path_factory):
                         None,
                         parse_overrides(
                             [
-                                *COMMON,
+                                *DIST_COMMON,
                                 f"--recipe={recipe}",
                                 "--data.local_batch_size=8",
                                 f"--job.dump_folder={root / f'single-{recipe}'}",
@@ -149,7 +131,7 @@ def runs(tmp_path_factory):
                         None,
                         parse_overrides(
                             [
-                                *COMMON,
+                                *DIST_COMMON,
                                 f"--recipe={recipe}",
                                 "--data.local_batch_size=8",
                                 "--training.max_norm=0",
@@ -164,7 +146,7 @@ def runs(tmp_path_factory):
                 load_config(
                     None,
                     parse_overrides(
-                        [*COMMON, *chat, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-chat'}"]
+                        [*DIST_COMMON, *chat, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-chat'}"]
                     ),
                 )
             )
@@ -173,7 +155,7 @@ def runs(tmp_path_factory):
         torch.set_num_threads(threads)
     jobs = [
         [
-            *COMMON,
+            *DIST_COMMON,
             f"--recipe={recipe}",
             "--data.local_batch_size=4",
             *MODES[mode],
@@ -183,13 +165,13 @@ def runs(tmp_path_factory):
         for recipe in RECIPES
     ]
     jobs += [
-        [*COMMON, f"--recipe={recipe}", "--data.local_batch_size=4", *extra, f"--job.dump_folder={root / name}"]
+        [*DIST_COMMON, f"--recipe={recipe}", "--data.local_batch_size=4", *extra, f"--job.dump_folder={root / name}"]
         for name, (recipe, extra) in VARIANTS.items()
     ]
     # FSDP2 on a prepared folder of the same documents: each rank memory-maps its own windows.
     jobs.append(
         [
-            *COMMON,
+            *DIST_COMMON,
             "--recipe=fp32",
             "--data.local_batch_size=4",
             *MODES["fsdp"],
@@ -198,27 +180,10 @@ def runs(tmp_path_factory):
         ]
     )
     jobs += [
-        [*COMMON, *chat, "--data.local_batch_size=4", *MODES[mode], f"--job.dump_folder={root / f'{mode}-chat'}"]
+        [*DIST_COMMON, *chat, "--data.local_batch_size=4", *MODES[mode], f"--job.dump_folder={root / f'{mode}-chat'}"]
         for mode in MODES
     ]
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            os.path.join(ROOT, "tests", "distributed_jobs.py"),
-            str(root / "jobs.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=_env(),
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    torchrun_jobs(2, jobs, root / "jobs.json")
     return root
 
 
@@ -235,8 +200,8 @@ def _chat_args(root) -> list[str]:
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_packed_chat_on_two_ranks_matches_one_process(runs, mode):
-    assert _losses(runs / f"{mode}-chat")[0] == pytest.approx(_losses(runs / "single-chat")[0], rel=1e-6)
-    _assert_close(_losses(runs / f"{mode}-chat"), _losses(runs / "single-chat"), TOLERANCE["fp32"])
+    assert losses(runs / f"{mode}-chat")[0] == pytest.approx(losses(runs / "single-chat")[0], rel=1e-6)
+    _assert_close(losses(runs / f"{mode}-chat"), losses(runs / "single-chat"), TOLERANCE["fp32"])
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -244,14 +209,14 @@ def test_packed_chat_on_two_ranks_matches_one_process(runs, mode):
 def test_two_ranks_match_one_process_with_the_same_global_batch(runs, mode, recipe):
     one, two = runs / f"single-{recipe}", runs / f"{mode}-{recipe}"
     # The same initial weights and batch: the first loss is the same up to the order of fp32 sums.
-    assert _losses(two)[0] == pytest.approx(_losses(one)[0], rel=1e-6)
-    _assert_close(_losses(two), _losses(one), TOLERANCE[recipe])
+    assert losses(two)[0] == pytest.approx(losses(one)[0], rel=1e-6)
+    _assert_close(losses(two), losses(one), TOLERANCE[recipe])
 
 
 def test_two_ranks_on_prepared_data_match_one_process_on_the_raw_corpus(runs):
     # Prepared shards give the same windows as the in-memory corpus, and the ranks' slices make up its batch.
-    assert _losses(runs / "fsdp-prepared")[0] == pytest.approx(_losses(runs / "single-fp32")[0], rel=1e-6)
-    _assert_close(_losses(runs / "fsdp-prepared"), _losses(runs / "single-fp32"), TOLERANCE["fp32"])
+    assert losses(runs / "fsdp-prepared")[0] == pytest.approx(losses(runs / "single-fp32")[0], rel=1e-6)
+    _assert_close(losses(runs / "fsdp-prepared"), losses(runs / "single-fp32"), TOLERANCE["fp32"])
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -284,7 +249,7 @@ def test_fsdp_gives_each_rank_half_of_the_training_state(runs, recipe):
 
 def test_only_rank_0_writes_the_run_files(runs):
     folder = runs / "fsdp-bf16"
-    assert [r["step"] for r in read_metrics(folder / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in read_metrics(folder / "metrics.jsonl")] == list(range(1, DIST_STEPS + 1))
     assert {"config.toml", "metrics.jsonl", "summary.json", "loss.png"} <= set(os.listdir(folder))
 
 
@@ -298,14 +263,14 @@ def test_ddp_replicas_stay_identical(runs, recipe):
 @pytest.mark.parametrize("variant", ["ac-full", "ac-selective"])
 def test_activation_checkpointing_leaves_the_loss_unchanged(runs, variant):
     # Recomputing the same ops on the same inputs gives the same values, so the runs are identical.
-    assert _losses(runs / variant) == _losses(runs / "fsdp-bf16")
+    assert losses(runs / variant) == losses(runs / "fsdp-bf16")
 
 
 @pytest.mark.parametrize("variant", ["compile-fsdp", "compile-ddp", "compile-fsdp-int8"])
 def test_compile_matches_one_process_within_the_recipe_tolerance(runs, variant):
     # Inductor fuses the elementwise ops, rounding some bf16 intermediates differently.
     recipe = VARIANTS[variant][0]
-    _assert_close(_losses(runs / variant), _losses(runs / f"single-{recipe}"), TOLERANCE[recipe])
+    _assert_close(losses(runs / variant), losses(runs / f"single-{recipe}"), TOLERANCE[recipe])
 
 
 def test_gradient_release_under_fsdp_skips_a_parameter_on_every_rank_when_one_shard_is_nan():
@@ -334,10 +299,10 @@ def test_gradient_release_under_fsdp_skips_a_parameter_on_every_rank_when_one_sh
 def test_gradient_release_under_fsdp_matches_one_process_without_it(runs):
     """optimizer.in_backward on 2 FSDP2 ranks (int8 moments, sharded scales) against the normal step of one process
     (both without clipping): the updates run in FSDP2's post-reduce-scatter hooks on each rank's shards."""
-    _assert_close(_losses(runs / "release-fsdp"), _losses(runs / "single-noclip-bf16-int8"), TOLERANCE["bf16-int8"])
+    _assert_close(losses(runs / "release-fsdp"), losses(runs / "single-noclip-bf16-int8"), TOLERANCE["bf16-int8"])
     _assert_close(
-        _losses(runs / "release-fsdp-factored"),
-        _losses(runs / "single-noclip-bf16-int8-factored"),
+        losses(runs / "release-fsdp-factored"),
+        losses(runs / "single-noclip-bf16-int8-factored"),
         TOLERANCE["bf16-int8-factored"],
     )
     assert json.loads((runs / "release-fsdp" / "summary.json").read_text())["state_bytes"]["grads"] == 0
@@ -366,7 +331,7 @@ def test_hsdp_on_two_nodes_over_loopback_matches_one_process(runs):
         "-m",
         "leantrain",
         "train",
-        *COMMON,
+        *DIST_COMMON,
         "--recipe=bf16",
         "--data.local_batch_size=2",
         "--parallelism.dp_replicate=2",
@@ -383,7 +348,7 @@ def test_hsdp_on_two_nodes_over_loopback_matches_one_process(runs):
         for node in nodes:
             node.kill()
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-4000:] for o in outputs)
-    _assert_close(_losses(folder), _losses(runs / "single-bf16"), TOLERANCE["bf16"])
+    _assert_close(losses(folder), losses(runs / "single-bf16"), TOLERANCE["bf16"])
     assert json.loads((folder / "summary.json").read_text())["world_size"] == 4
 
 

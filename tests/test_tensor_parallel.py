@@ -14,33 +14,17 @@ draws in one process, randbits.ElementBox); bf16-int8 and bf16-int8-factored 3e-
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import DIST_COMMON, assert_losses_close, losses, torchrun_jobs
 from leantrain.config import load_config, parse_overrides
 from leantrain.errors import CheckpointError, ConfigError
 from leantrain.metrics import read_metrics
 from leantrain.runplan import parallel_plan, resolve
 
-STEPS = 5
-COMMON = [
-    "--model.flavor=debug",
-    "--compile.enable=false",
-    "--data.seq_len=32",
-    "--eval.steps=1",
-    "--metrics.progress=false",
-    "--lr_scheduler.warmup_steps=2",
-    f"--training.steps={STEPS}",
-    "--metrics.log_freq=1",
-    "--eval.interval=0",
-    "--optimizer.lr=3e-3",
-]
 RECIPES = ["fp32", "bf16-sr", "bf16-kahan", "bf16-int8", "bf16-int8-factored"]
 RECIPES_2X2 = ["fp32", "bf16-sr", "bf16-int8"]  # 4 processes on the suite's 2 cores: the issue's three
 TOLERANCE = {"fp32": 1e-5, "bf16-sr": 1e-3, "bf16-kahan": 1e-3, "bf16-int8": 3e-3, "bf16-int8-factored": 3e-3}
@@ -54,52 +38,15 @@ NOCLIP = ["--recipe=bf16-int8", "--training.max_norm=0"]
 RELEASE = ["--optimizer.in_backward=true", *NOCLIP]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-
-
-def _losses(folder) -> list[float]:
-    return [r["loss"] for r in read_metrics(os.path.join(folder, "metrics.jsonl"))]
-
-
-def _assert_close(got: list[float], want: list[float], rel: float) -> None:
-    assert len(got) == len(want), (got, want)
-    worst = max(abs(g - w) / w for g, w in zip(got, want))
-    assert worst <= rel, f"losses {got} vs one process {want}: relative difference {worst:.2e} > {rel:.0e}"
-
-
 def _train_here(*args: str) -> None:
     from leantrain.train import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun's workers
     try:
-        train(resolve(load_config(None, parse_overrides([*COMMON, *args]))))
+        train(resolve(load_config(None, parse_overrides([*DIST_COMMON, *args]))))
     finally:
         torch.set_num_threads(threads)
-
-
-def _torchrun(nproc: int, jobs: list[list[str]], root) -> None:
-    """Every job in one launch of `nproc` ranks (tests/distributed_jobs.py)."""
-    path = root / f"jobs-{nproc}.json"
-    path.write_text(json.dumps(jobs))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            os.path.join(ROOT, "tests", "distributed_jobs.py"),
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=_env(),
-        cwd=ROOT,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
 
 
 @pytest.fixture(scope="module")
@@ -133,26 +80,28 @@ def runs(tmp_path_factory, hf_folder):
     _train_here(*hf, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-hf'}")
     for name, (nproc, layout) in LAYOUTS.items():
         recipes = RECIPES if name == "tp2" else RECIPES_2X2
-        jobs = [[*COMMON, f"--recipe={r}", *layout, f"--job.dump_folder={root / f'{name}-{r}'}"] for r in recipes]
+        jobs = [[*DIST_COMMON, f"--recipe={r}", *layout, f"--job.dump_folder={root / f'{name}-{r}'}"] for r in recipes]
         step = [
             "--recipe=fp32",
             "--training.steps=1",
             "--lr_scheduler.warmup_steps=0",
             f"--job.dump_folder={root / f'{name}-step'}",
         ]
-        jobs.append([*COMMON, *layout, *step])
-        jobs.append([*COMMON, *RELEASE, *layout, f"--job.dump_folder={root / f'{name}-release'}"])
+        jobs.append([*DIST_COMMON, *layout, *step])
+        jobs.append([*DIST_COMMON, *RELEASE, *layout, f"--job.dump_folder={root / f'{name}-release'}"])
         if name == "tp2":
-            jobs.append([*COMMON, *hf, *layout, f"--job.dump_folder={root / 'tp2-hf'}"])
+            jobs.append([*DIST_COMMON, *hf, *layout, f"--job.dump_folder={root / 'tp2-hf'}"])
             # compile with full activation checkpointing (the compiled block is checkpointed under tp)
             compiled = ["--compile.enable=true", "--activation_checkpoint.mode=full"]
-            jobs.append([*COMMON, "--recipe=bf16-sr", *layout, *compiled, f"--job.dump_folder={root / 'tp2-compile'}"])
+            jobs.append(
+                [*DIST_COMMON, "--recipe=bf16-sr", *layout, *compiled, f"--job.dump_folder={root / 'tp2-compile'}"]
+            )
         else:
             # saved at step 3 under 2 x 2, then (next job) resumed on 4 ranks of FSDP2 alone for steps 4 and 5
             saved = root / "saved-2x2"
             jobs.append(
                 [
-                    *COMMON,
+                    *DIST_COMMON,
                     "--recipe=bf16-sr",
                     *layout,
                     *CHECKPOINTED,
@@ -162,7 +111,7 @@ def runs(tmp_path_factory, hf_folder):
             )
             jobs.append(
                 [
-                    *COMMON,
+                    *DIST_COMMON,
                     "--recipe=bf16-sr",
                     "--parallelism.dp_shard=4",
                     "--data.local_batch_size=2",
@@ -172,12 +121,12 @@ def runs(tmp_path_factory, hf_folder):
             )
         if name == "dp2xtp2":
             # the resumed run's folder starts as a copy of the saved one: made between the two jobs, so two launches
-            _torchrun(nproc, jobs[:-1], root)
+            torchrun_jobs(nproc, jobs[:-1], root / f"jobs-{nproc}.json")
             shutil.copytree(saved, root / "resumed-fsdp4")
             shutil.copytree(saved, root / "resumed-single")
-            _torchrun(nproc, jobs[-1:], root)
+            torchrun_jobs(nproc, jobs[-1:], root / f"jobs-{nproc}.json")
         else:
-            _torchrun(nproc, jobs, root)
+            torchrun_jobs(nproc, jobs, root / f"jobs-{nproc}.json")
     _train_here(
         "--recipe=bf16-sr", "--data.local_batch_size=8", *CHECKPOINTED, f"--job.dump_folder={root / 'resumed-single'}"
     )
@@ -190,11 +139,11 @@ LAYOUT_RECIPES = [(layout, r) for layout in LAYOUTS for r in (RECIPES if layout 
 @pytest.mark.torchrun
 @pytest.mark.parametrize("layout, recipe", LAYOUT_RECIPES)
 def test_tensor_parallel_runs_match_one_process(runs, layout, recipe):
-    one, many = _losses(runs / f"single-{recipe}"), _losses(runs / f"{layout}-{recipe}")
+    one, many = losses(runs / f"single-{recipe}"), losses(runs / f"{layout}-{recipe}")
     # the same initial weights and batch: in fp32 the same first loss up to the order of sums (in bf16 the row-wise
     # matmuls' partial sums are rounded before they are added)
     assert many[0] == pytest.approx(one[0], rel=1e-6 if recipe == "fp32" else TOLERANCE[recipe])
-    _assert_close(many, one, TOLERANCE[recipe])
+    assert_losses_close(many, one, TOLERANCE[recipe])
 
 
 @pytest.mark.torchrun
@@ -232,22 +181,22 @@ def test_gradient_release_under_tensor_parallelism_matches_one_process(runs, lay
     """The updates inside the backward's hooks: on the tp-split matrices, on the norms (without FSDP2 their partial
     gradients summed in the hook), and the logged norm reduced per placement group."""
     released, normal = runs / f"{layout}-release", runs / "single-noclip"
-    _assert_close(_losses(released), _losses(normal), TOLERANCE["bf16-int8"])
+    assert_losses_close(losses(released), losses(normal), TOLERANCE["bf16-int8"])
     norms = [[r["grad_norm"] for r in read_metrics(folder / "metrics.jsonl")] for folder in (released, normal)]
-    _assert_close(*norms, TOLERANCE["bf16-int8"])
+    assert_losses_close(*norms, TOLERANCE["bf16-int8"])
 
 
 @pytest.mark.torchrun
 def test_tensor_parallel_compiles_with_full_activation_checkpointing(runs):
-    _assert_close(_losses(runs / "tp2-compile"), _losses(runs / "single-bf16-sr"), TOLERANCE["bf16-sr"])
+    assert_losses_close(losses(runs / "tp2-compile"), losses(runs / "single-bf16-sr"), TOLERANCE["bf16-sr"])
 
 
 @pytest.mark.torchrun
 def test_hf_weights_load_into_the_tensor_parallel_model(runs):
-    one, many = _losses(runs / "single-hf"), _losses(runs / "tp2-hf")
+    one, many = losses(runs / "single-hf"), losses(runs / "tp2-hf")
     assert many[0] == pytest.approx(one[0], rel=1e-6)
-    assert many[0] != pytest.approx(_losses(runs / "single-fp32")[0], rel=1e-3)  # not the run's own initial weights
-    _assert_close(many, one, TOLERANCE["fp32"])
+    assert many[0] != pytest.approx(losses(runs / "single-fp32")[0], rel=1e-3)  # not the run's own initial weights
+    assert_losses_close(many, one, TOLERANCE["fp32"])
 
 
 @pytest.mark.torchrun
@@ -255,9 +204,9 @@ def test_hf_weights_load_into_the_tensor_parallel_model(runs):
 def test_a_2x2_checkpoint_resumes_on_other_layouts(runs, resumed):
     """Saved at step 3 by dp_shard = 2 x tp = 2; resumed on 1 process, and on 4 ranks of dp_shard = 4: DCP reshards
     the weights and the moments, and steps 4 and 5 continue the single-process run."""
-    saved, after = _losses(runs / "saved-2x2"), _losses(runs / resumed)
+    saved, after = losses(runs / "saved-2x2"), losses(runs / resumed)
     assert after[:3] == saved  # the resumed run's metrics continue the saved run's
-    _assert_close(after, _losses(runs / "single-bf16-sr"), TOLERANCE["bf16-sr"])
+    assert_losses_close(after, losses(runs / "single-bf16-sr"), TOLERANCE["bf16-sr"])
 
 
 # ---- without processes ------------------------------------------------------------------------------------
