@@ -183,6 +183,12 @@ def check_tensor_parallel(args: Any, tp: int, seq_len: int) -> None:
         )
 
 
+# The blocks' matrices tensor parallelism splits (module names within a block): column-wise (each rank its heads, its
+# hidden units) and row-wise (their inputs split the same way; the outputs reduce-scattered along the sequence).
+TP_COLUMNWISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+TP_ROWWISE = ("attention.wo", "feed_forward.w2")
+
+
 def apply_tp(model: nn.Module, mesh: DeviceMesh) -> None:
     """Tensor parallelism over ``mesh`` (1-D, "tp"), Megatron's layout with sequence parallelism, as torchtitan
     applies it to Llama: in each block, q/k/v and SwiGLU's w1/w3 column-wise (each rank its heads, its hidden
@@ -219,19 +225,14 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh) -> None:
     for block in model.layers:
         plan = {
             "attention_norm": SequenceParallel(),
+            "ffn_norm": SequenceParallel(),
             # (x, cos, sin, mask, cache, start_pos): the block's call; only x is split
             "attention": PrepareModuleInput(
                 input_layouts=(Shard(1), *[None] * 5), desired_input_layouts=(Replicate(), *[None] * 5)
             ),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "ffn_norm": SequenceParallel(),
             "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-            "feed_forward.w3": ColwiseParallel(),
+            **{name: ColwiseParallel() for name in TP_COLUMNWISE},
+            **{name: RowwiseParallel(output_layouts=Shard(1)) for name in TP_ROWWISE},
         }
         parallelize_module(block, mesh, plan)
 

@@ -46,6 +46,7 @@ from .data.tokenizer import Tokenizer, build_tokenizer
 from .loader import build_model_for
 from .model import FLAVORS, TOKENIZER_SIZED_FLAVORS, Transformer, num_params
 from .optim import build_optimizer
+from .parallel import TP_COLUMNWISE, TP_ROWWISE
 from .precision import LOSS_VOCAB_CHUNK, Precision
 from .runplan import OptimizerSpec, optimizer_spec, precision_of, tokenizer_path
 from .utils import set_default_dtype
@@ -62,15 +63,9 @@ def _storage_bytes(tensors) -> int:
 REPLICATED_STATE = ("exp_avg_sq_col",)
 
 
-# The blocks' matrices that tensor parallelism splits (parallel.apply_tp); the row-wise ones split their columns.
-TP_COLUMNWISE = (
-    "attention.wq.weight",
-    "attention.wk.weight",
-    "attention.wv.weight",
-    "feed_forward.w1.weight",
-    "feed_forward.w3.weight",
-)
-TP_ROWWISE = ("attention.wo.weight", "feed_forward.w2.weight")
+# The parameters of the blocks' matrices that tensor parallelism splits (parallel.apply_tp); row-wise: their columns.
+TP_SPLIT = tuple(f"{name}.weight" for name in TP_COLUMNWISE + TP_ROWWISE)
+TP_ROWWISE_WEIGHTS = tuple(f"{name}.weight" for name in TP_ROWWISE)
 
 
 def state_bytes(model: torch.nn.Module, spec: OptimizerSpec, dp_shard: int = 1, tp: int = 1) -> dict[str, int]:
@@ -79,11 +74,11 @@ def state_bytes(model: torch.nn.Module, spec: OptimizerSpec, dp_shard: int = 1, 
     named = list(model.named_parameters())
     opt = build_optimizer(model, **spec.build_kwargs())
     states = {name: opt.init_state(p) for name, p in named}
-    # under tp the split matrices and the rest are divided apart (with tp = 1: one group, as FSDP2 alone)
-    groups = [[n for n, _ in named if n.endswith(TP_COLUMNWISE + TP_ROWWISE) == split] for split in (True, False)]
-    parts = (dp_shard * tp, dp_shard) if tp > 1 else (dp_shard, dp_shard)
-    if tp == 1:
-        groups = [[n for n, _ in named], []]
+    if tp == 1:  # FSDP2 alone: everything divided by dp_shard
+        groups, parts = [[n for n, _ in named]], (dp_shard,)
+    else:  # the split matrices by dp_shard x tp, the rest by dp_shard
+        groups = [[n for n, _ in named if n.endswith(TP_SPLIT) == split] for split in (True, False)]
+        parts = (dp_shard * tp, dp_shard)
     params = dict(named)
     out = {"params": 0, "grads": 0, "optimizer": 0}
     for names, n in zip(groups, parts):
@@ -95,7 +90,7 @@ def state_bytes(model: torch.nn.Module, spec: OptimizerSpec, dp_shard: int = 1, 
     # the column factors: whole on every rank, except a row-wise matrix's, whose columns tp splits
     for name in params:
         replicated = _storage_bytes(v for k, v in states[name].items() if k in REPLICATED_STATE)
-        out["optimizer"] += -(-replicated // tp) if name.endswith(TP_ROWWISE) else replicated
+        out["optimizer"] += -(-replicated // tp) if name.endswith(TP_ROWWISE_WEIGHTS) else replicated
     if spec.in_backward:
         out["grads"] = released_grad_bytes(model, dp_shard, tp)
     return out
@@ -106,8 +101,7 @@ def released_grad_bytes(model: Transformer, dp_shard: int, tp: int = 1) -> int:
     matrices) divided by dp_shard x tp, the root's by dp_shard."""
     if dp_shard == 1:
         return max(
-            -(-_storage_bytes([p]) // (tp if name.endswith(TP_COLUMNWISE + TP_ROWWISE) else 1))
-            for name, p in model.named_parameters()
+            -(-_storage_bytes([p]) // (tp if name.endswith(TP_SPLIT) else 1)) for name, p in model.named_parameters()
         )
     blocks = [list(block.parameters()) for block in model.layers]
     in_blocks = {id(p) for params in blocks for p in params}

@@ -120,9 +120,9 @@ def tensor_key(seed: int, index: int) -> int:
 class ElementBox:
     """Where this rank's part of a parameter lies in the whole one, seen as [rows, global_cols] (a matrix; a vector
     is a column): its first element at (row0, col0), its rows `local_cols` wide (chunks of whole rows, which the
-    factored rule needs, are multiples of it). A plain tensor, or a shard of
-    whole rows (FSDP2, tensor parallelism's column-wise matrices), is one run of consecutive global indices; a
-    column shard (row-wise matrices) is `strided`."""
+    factored rule needs, are multiples of it). A plain tensor, or a shard of whole rows (FSDP2, tensor
+    parallelism's column-wise matrices), is one run of consecutive global indices; a column shard (row-wise
+    matrices) is `strided`."""
 
     row0: int = 0
     col0: int = 0

@@ -1,5 +1,5 @@
-"""Sharded (FSDP2 DTensor) parameters in the optimizer: which shard a rank holds, quantized moments' block scales
-and int4's packed codes.
+"""Sharded (FSDP2 and tensor-parallel DTensor) parameters in the optimizer: quantized moments' block scales and
+int4's packed codes.
 
 The math runs on each rank's local shard (`leantrain.distributed.local`), whatever its placement (FSDP2 cuts rows,
 tensor parallelism rows or columns); each element draws the random bits of its global index (randbits.ElementBox);
