@@ -187,6 +187,7 @@ def check_tensor_parallel(args: Any, tp: int, seq_len: int) -> None:
 # hidden units) and row-wise (their inputs split the same way; the outputs reduce-scattered along the sequence).
 TP_COLUMNWISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
 TP_ROWWISE = ("attention.wo", "feed_forward.w2")
+TP_VOCABULARY = ("tok_embeddings", "output")  # the model's own: split by vocabulary rows
 
 
 def apply_tp(model: nn.Module, mesh: DeviceMesh) -> None:
@@ -195,33 +196,37 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh) -> None:
     units), wo and w2 row-wise, their outputs reduce-scattered along the sequence; the two norms and the residual
     stream between blocks hold 1/tp of the sequence (SequenceParallel), gathered before attention and the MLP.
 
-    The embedding, the final norm and the output projection are not split (replicated over tp, sharded by FSDP2
-    over dp_shard): the embedding's output is cut along the sequence for the first block, and the last block's
-    output gathered again, so the chunked fp32 loss (precision.linear_cross_entropy) runs as in one process, each
-    tp rank computing it for the whole sequence. Heads stay whole, so RoPE, GQA and Qwen3's per-head norms run
-    unchanged on each rank's heads."""
+    The embedding and the output projection are split by vocabulary rows (torchtitan's layout): the embedding's
+    output is cut along the sequence for the first block; the last block's output is gathered whole for the final
+    norm, and the chunked fp32 loss (precision.linear_cross_entropy) runs on each rank's vocabulary rows, the
+    ranks combining their log-sum-exps. Heads stay whole, so RoPE, GQA and Qwen3's per-head norms run unchanged on
+    each rank's heads."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         PrepareModuleInput,
-        PrepareModuleOutput,
         RowwiseParallel,
         SequenceParallel,
         parallelize_module,
     )
 
-    parallelize_module(
-        model,
-        mesh,
-        {
-            "tok_embeddings": PrepareModuleOutput(
-                output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True
-            ),
-            "norm": PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
-            ),
-        },
-    )
+    root = {
+        # the vocabulary's rows split, each token's row all-reduced; the first block cuts it along the sequence (a
+        # reduce-scatter straight into Shard(1), torchtitan's, fails torch 2.13's compiled block's backward)
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "layers.0": PrepareModuleInput(
+            input_layouts=(Replicate(), *[None] * 3),
+            desired_input_layouts=(Shard(1), *[None] * 3),
+            use_local_output=True,
+        ),
+        "norm": PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+        ),
+    }
+    if not model.args.tie_embeddings:  # (tied: the embedding's split rows are the output's)
+        root["output"] = ColwiseParallel(output_layouts=Replicate())  # the logits' path (generation) gathers them
+    parallelize_module(model, mesh, root)
+    model.tie_weights()
     for block in model.layers:
         plan = {
             "attention_norm": SequenceParallel(),

@@ -3,11 +3,11 @@
 The model is built on the meta device (no memory), its parameters counted exactly, and the optimizer's
 state is laid out on the meta parameters by the optimizer itself, so the planned state bytes are the
 bytes a real run allocates (tested against measured runs). FSDP (dp_shard = N) divides parameters,
-gradients and optimizer state by N; tensor parallelism (tp = T) divides the blocks' matrices and their state by T
-as well (the embedding, the output and the norms are not split over tp: parallel.apply_tp), and the blocks'
-activations by T (sequence parallelism), except the gathered inputs of attention and of the MLP that their first
-matmuls keep (2 c h per token and block). The loss's logits are not divided: each tp rank computes the loss of
-the whole sequence.
+gradients and optimizer state by N; tensor parallelism (tp = T) divides the blocks' matrices, the embedding and
+the output (by vocabulary rows) and their state by T as well (the norms are not split over tp:
+parallel.apply_tp), the blocks' activations by T (sequence parallelism), except the gathered inputs of attention
+and of the MLP that their first matmuls keep (2 c h per token and block), and the loss's logits island by T (each
+rank computes the logits of its own vocabulary rows).
 
 Every recipe is planned twice: as it is, and with gradient release (`optimizer.in_backward`, the row
 "RECIPE + in_backward"), where no full set of gradients exists: the planned gradient bytes are then the
@@ -46,7 +46,7 @@ from .data.tokenizer import Tokenizer, build_tokenizer
 from .loader import build_model_for
 from .model import FLAVORS, TOKENIZER_SIZED_FLAVORS, Transformer, num_params
 from .optim import build_optimizer
-from .parallel import TP_COLUMNWISE, TP_ROWWISE
+from .parallel import TP_COLUMNWISE, TP_ROWWISE, TP_VOCABULARY
 from .precision import LOSS_VOCAB_CHUNK, Precision
 from .runplan import OptimizerSpec, optimizer_spec, precision_of, tokenizer_path
 from .utils import set_default_dtype
@@ -64,7 +64,7 @@ REPLICATED_STATE = ("exp_avg_sq_col",)
 
 
 # The parameters of the blocks' matrices that tensor parallelism splits (parallel.apply_tp); row-wise: their columns.
-TP_SPLIT = tuple(f"{name}.weight" for name in TP_COLUMNWISE + TP_ROWWISE)
+TP_SPLIT = tuple(f"{name}.weight" for name in TP_COLUMNWISE + TP_ROWWISE + TP_VOCABULARY)
 TP_ROWWISE_WEIGHTS = tuple(f"{name}.weight" for name in TP_ROWWISE)
 
 
@@ -99,16 +99,18 @@ def state_bytes(model: torch.nn.Module, spec: OptimizerSpec, dp_shard: int = 1, 
 def released_grad_bytes(model: Transformer, dp_shard: int, tp: int = 1) -> int:
     """Gradient release: the gradient bytes alive at once (module docstring); under tp a block's (mostly split
     matrices) divided by dp_shard x tp, the root's by dp_shard."""
+
+    def part(named) -> int:  # one rank's part of these parameters' gradients (the split ones and the rest apart)
+        split = _storage_bytes(p for n, p in named if tp > 1 and n.endswith(TP_SPLIT))
+        rest = _storage_bytes(p for n, p in named if not (tp > 1 and n.endswith(TP_SPLIT)))
+        return -(-split // (dp_shard * tp)) + -(-rest // dp_shard)
+
+    named = list(model.named_parameters())
     if dp_shard == 1:
-        return max(
-            -(-_storage_bytes([p]) // (tp if name.endswith(TP_SPLIT) else 1)) for name, p in model.named_parameters()
-        )
-    blocks = [list(block.parameters()) for block in model.layers]
-    in_blocks = {id(p) for params in blocks for p in params}
-    root = [p for p in model.parameters() if id(p) not in in_blocks]
-    return max(
-        max(-(-_storage_bytes(params) // (dp_shard * tp)) for params in blocks), -(-_storage_bytes(root) // dp_shard)
-    )
+        return max(part([(n, p)]) for n, p in named)
+    blocks = [[(f"layers.{i}.{n}", p) for n, p in block.named_parameters()] for i, block in enumerate(model.layers)]
+    root = [(n, p) for n, p in named if not n.startswith("layers.")]
+    return max(part(unit) for unit in [*blocks, root])
 
 
 def planned_state_bytes(
@@ -134,7 +136,7 @@ def activation_bytes(
         block += (c + 4) * (h_q + h_kv)
     if tp > 1:  # sequence parallelism splits it all, but the gathered inputs of attention and the MLP are kept whole
         block = -(-block // tp) + 2 * c * a.dim
-    logits = logits_island_bytes(c, a.vocab_size, a.dim)
+    logits = logits_island_bytes(c, -(-a.vocab_size // tp), a.dim)
     if checkpointing:
         layers = a.n_layers * -(-c * a.dim // tp) + block
     else:

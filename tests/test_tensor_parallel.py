@@ -52,13 +52,17 @@ def _train_here(*args: str) -> None:
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     """A Hugging Face folder whose weights are not those the runs would draw (another seed): a run that trains from
-    it starts from them only if they were loaded."""
+    it starts from them only if they were loaded. Its embedding and output matrix are one (Llama 3.2's
+    tie_word_embeddings), which tensor parallelism splits once, by vocabulary rows."""
+    import dataclasses
+
     from leantrain.data import ByteTokenizer
     from leantrain.hf import save_hf
-    from leantrain.model import build_model
+    from leantrain.model import FLAVORS, build_model_from_args
 
     folder = tmp_path_factory.mktemp("hf")
-    save_hf(build_model("debug", seed=123), folder, tokenizer=ByteTokenizer())
+    tied = dataclasses.replace(FLAVORS["debug"], tie_embeddings=True)
+    save_hf(build_model_from_args(tied, seed=123), folder, tokenizer=ByteTokenizer())
     return folder
 
 
@@ -265,7 +269,7 @@ def test_quantized_moments_resume_only_on_the_layout_that_cut_their_blocks():
         check_layout("ckpt", info, {"dp_shard": 4, "tp": 1}, "int8")
 
 
-def test_the_planner_divides_the_blocks_matrices_by_tp_and_the_rest_by_dp_shard():
+def test_the_planner_divides_the_split_matrices_by_tp_and_the_norms_by_dp_shard_only():
     from leantrain.model import FLAVORS
     from leantrain.plan import plan
 
@@ -275,9 +279,9 @@ def test_the_planner_divides_the_blocks_matrices_by_tp_and_the_rest_by_dp_shard(
     assert list(by_tp) == ["bf16-sr", "bf16-sr + in_backward"]
     a = FLAVORS["70B"]
     h_kv = a.n_kv_heads * a.dim // a.n_heads
-    matrices = a.n_layers * (2 * a.dim * a.dim + 2 * h_kv * a.dim + 3 * a.dim * a.ffn_dim)
-    rest = 2 * a.vocab_size * a.dim + (2 * a.n_layers + 1) * a.dim  # embedding, output, norms: not split over tp
-    assert by_tp["bf16-sr"]["state_bytes_per_gpu"]["params"] == 2 * (matrices // 8 + rest)
-    assert by_fsdp["bf16-sr"]["state_bytes_per_gpu"]["params"] == -(-2 * (matrices + rest) // 8)
-    # sequence parallelism: the blocks' activations by tp, but not the gathered inputs nor the loss's logits
+    split = a.n_layers * (2 * a.dim * a.dim + 2 * h_kv * a.dim + 3 * a.dim * a.ffn_dim) + 2 * a.vocab_size * a.dim
+    norms = (2 * a.n_layers + 1) * a.dim  # not split over tp
+    assert by_tp["bf16-sr"]["state_bytes_per_gpu"]["params"] == 2 * (split // 8 + norms)
+    assert by_fsdp["bf16-sr"]["state_bytes_per_gpu"]["params"] == -(-2 * (split + norms) // 8)
+    # sequence parallelism: the blocks' activations by tp, but not the gathered inputs
     assert by_tp["bf16-sr"]["activation_bytes_per_gpu"] < by_fsdp["bf16-sr"]["activation_bytes_per_gpu"] / 4
