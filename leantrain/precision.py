@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -162,9 +162,7 @@ def linear_cross_entropy(
     ``hidden`` is summed over vocabulary chunks in fp32 and rounded once; each chunk's part of it is a
     compute-dtype matmul (torch 2.13 has no bf16 matmul with fp32 output on CPU).
     """
-    if is_dtensor(weight):  # tensor parallelism: each rank holds a part of the vocabulary
-        return _VocabParallelLinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), chunk)
-    if weight.shape[0] <= chunk:  # one chunk: the logits once, as they always were
+    if weight.shape[0] <= chunk and not is_dtensor(weight):  # one chunk: the logits once, as they always were
         return cross_entropy(F.linear(hidden, weight), labels)
     return _ChunkedLinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), chunk)
 
@@ -172,22 +170,38 @@ def linear_cross_entropy(
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """linear_cross_entropy over vocabulary chunks; saves the fp32 log-sum-exp per token (4 bytes) for the
     backward. Why not torch.utils.checkpoint around each chunk: autograd would still keep every chunk's fp32
-    logits (log_softmax saves its output) until the backward reached them, i.e. all of them."""
+    logits (log_softmax saves its output) until the backward reached them, i.e. all of them.
+
+    Under tensor parallelism ``weight`` is a DTensor split by vocabulary rows over the tp group (``hidden`` whole on
+    every rank of it): each rank runs the chunks of its own rows, and the group combines the per-token log-sum-exps
+    (a max and a sum of exponentials, all-reduced) and target logits (summed: one rank holds each label), so every
+    rank gets the whole vocabulary's loss; the backward sums the hidden state's gradient over the group and returns
+    each rank's rows of the matrix's gradient. Written here because torch's loss_parallel takes the whole logits
+    (10 bytes per vocabulary entry per token), not chunks of them."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk):
+        rows, first, group, layout = _vocabulary_part(weight)
         valid = labels != IGNORE_INDEX
         lse = torch.full(labels.shape, float("-inf"), dtype=torch.float32, device=hidden.device)
         target = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-        for start in range(0, weight.shape[0], chunk):
-            logits = F.linear(hidden, weight[start : start + chunk]).float()
+        for start in range(0, rows.shape[0], chunk):
+            logits = F.linear(hidden, rows[start : start + chunk]).float()
             lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-            inside = valid & (labels >= start) & (labels < start + logits.shape[1])
-            local = torch.where(inside, labels - start, 0)
+            vocab = first + start  # the chunk's first vocabulary id
+            inside = valid & (labels >= vocab) & (labels < vocab + logits.shape[1])
+            local = torch.where(inside, labels - vocab, 0)
             target += torch.where(inside, logits.gather(1, local[:, None]).squeeze(1), 0.0)
+        if group is not None:  # the other ranks' rows
+            top = lse.clone()
+            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
+            total = (lse - top).exp()
+            torch.distributed.all_reduce(total, group=group)
+            torch.distributed.all_reduce(target, group=group)
+            lse = top + total.log()
         count = valid.sum()
-        ctx.save_for_backward(hidden, weight, labels, lse, count)
-        ctx.chunk = chunk
+        ctx.save_for_backward(hidden, rows, labels, lse, count)
+        ctx.chunk, ctx.first, ctx.group, ctx.layout = chunk, first, group, layout
         return torch.where(valid, lse - target, 0.0).sum() / count
 
     @staticmethod
@@ -200,77 +214,34 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, weight.shape[0], ctx.chunk):
             w = weight[start : start + ctx.chunk]
             probs = F.linear(hidden, w).float().sub_(lse[:, None]).exp_()
-            inside = valid & (labels >= start) & (labels < start + w.shape[0])
+            vocab = ctx.first + start
+            inside = valid & (labels >= vocab) & (labels < vocab + w.shape[0])
             rows = inside.nonzero().squeeze(1)
-            probs[rows, labels[rows] - start] -= 1.0  # softmax minus the one-hot target
+            probs[rows, labels[rows] - vocab] -= 1.0  # softmax minus the one-hot target
             grad_logits = probs.mul_(scale).to(hidden.dtype)  # as the loss's fp32 gradient reaches the matmul
             grad_weight[start : start + w.shape[0]] = grad_logits.T @ hidden
             grad_hidden += grad_logits @ w
+        if ctx.group is not None:  # every rank's rows' share of it
+            torch.distributed.all_reduce(grad_hidden, group=ctx.group)
+        if ctx.layout is not None:
+            from torch.distributed.tensor import DTensor
+
+            mesh, placements, shape, stride = ctx.layout
+            grad_weight = DTensor.from_local(grad_weight, mesh, placements, shape=shape, stride=stride)
         return grad_hidden.to(hidden.dtype), grad_weight, None, None
 
 
-class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
-    """linear_cross_entropy with the output matrix split by vocabulary rows over a tensor-parallel group (a DTensor,
-    Shard(0) on one mesh dimension; ``hidden`` whole on every rank of the group): each rank computes the logits of its
-    own rows, chunk by chunk in fp32 as _ChunkedLinearCrossEntropy does, and the group combines the per-token
-    log-sum-exps (a max and a sum of exponentials, all-reduced) and target logits (summed: one rank holds each
-    label), so every rank gets the whole vocabulary's loss. The backward sums the hidden state's gradient over the
-    group and returns each rank's rows of the matrix's gradient. Written here because torch's loss_parallel takes
-    the whole logits (10 bytes per vocabulary entry per token, island 4), not chunks of them."""
+def _vocabulary_part(weight: torch.Tensor) -> tuple[torch.Tensor, int, Any, tuple | None]:
+    """The output matrix's rows this rank holds, the vocabulary id of the first, the process group holding the other
+    rows and the DTensor layout to give its gradient; (weight, 0, None, None) where one rank holds every row."""
+    if not is_dtensor(weight):
+        return weight, 0, None, None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        (dim,) = [d for d, pl in enumerate(weight.placements) if split_dim(pl) is not None]
-        group = weight.device_mesh.get_group(dim)
-        w = weight.to_local()
-        start = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)[1][0]
-        valid = labels != IGNORE_INDEX
-        lse = torch.full(labels.shape, float("-inf"), dtype=torch.float32, device=hidden.device)
-        target = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-        for a in range(0, w.shape[0], chunk):
-            logits = F.linear(hidden, w[a : a + chunk]).float()
-            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-            first = start + a
-            inside = valid & (labels >= first) & (labels < first + logits.shape[1])
-            local_label = torch.where(inside, labels - first, 0)
-            target += torch.where(inside, logits.gather(1, local_label[:, None]).squeeze(1), 0.0)
-        top = lse.clone()
-        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
-        total = (lse - top).exp()
-        torch.distributed.all_reduce(total, group=group)
-        torch.distributed.all_reduce(target, group=group)
-        lse = top + total.log()
-        count = valid.sum()
-        ctx.save_for_backward(hidden, w, labels, lse, count)
-        ctx.chunk, ctx.start, ctx.group = chunk, start, group
-        ctx.layout = (weight.device_mesh, weight.placements, weight.shape, weight.stride())
-        return torch.where(valid, lse - target, 0.0).sum() / count
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        from torch.distributed.tensor import DTensor
-
-        hidden, w, labels, lse, count = ctx.saved_tensors
-        valid = labels != IGNORE_INDEX
-        scale = torch.where(valid, grad_loss / count, 0.0)[:, None]
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_w = torch.empty_like(w)
-        for a in range(0, w.shape[0], ctx.chunk):
-            part = w[a : a + ctx.chunk]
-            probs = F.linear(hidden, part).float().sub_(lse[:, None]).exp_()
-            first = ctx.start + a
-            inside = valid & (labels >= first) & (labels < first + part.shape[0])
-            rows = inside.nonzero().squeeze(1)
-            probs[rows, labels[rows] - first] -= 1.0
-            grad_logits = probs.mul_(scale).to(hidden.dtype)
-            grad_w[a : a + part.shape[0]] = grad_logits.T @ hidden
-            grad_hidden += grad_logits @ part
-        torch.distributed.all_reduce(grad_hidden, group=ctx.group)  # every rank's rows' share of it
-        mesh, placements, shape, stride = ctx.layout
-        grad_weight = DTensor.from_local(grad_w, mesh, placements, shape=shape, stride=stride)
-        return grad_hidden.to(hidden.dtype), grad_weight, None, None
+    (dim,) = [d for d, pl in enumerate(weight.placements) if split_dim(pl) is not None]
+    first = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)[1][0]
+    layout = (weight.device_mesh, weight.placements, weight.shape, weight.stride())
+    return weight.to_local(), first, weight.device_mesh.get_group(dim), layout
 
 
 def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
