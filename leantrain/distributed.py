@@ -77,3 +77,22 @@ def split_dim(placement) -> int | None:
     """The tensor dimension a DTensor placement splits over its mesh dimension (Shard, and FSDP2's _StridedShard
     of a tensor-parallel dimension, which torch does not count as `is_shard()`); None for Replicate and Partial."""
     return getattr(placement, "dim", None)
+
+
+def part_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` (a whole tensor, the same on every rank) as DTensor ``like`` holds it: this rank's part, cut without
+    communication (every rank has the whole); a plain ``like``: ``full`` itself."""
+    if not is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def settle_gradient(p: torch.Tensor) -> None:
+    """Give ``p.grad`` its parameter's placements. Under tensor parallelism without FSDP2, a parameter replicated over
+    tp that sequence parallelism applies to a part of the sequence (the blocks' norms) gets a gradient of partial
+    sums (DTensor's Partial: each rank its own tokens' share); they are summed here (one small all-reduce)."""
+    g = p.grad
+    if is_dtensor(g) and g.placements != p.placements:
+        p.grad = g.redistribute(g.device_mesh, p.placements)

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from .data.tokenizer import save_tokenizer
-from .distributed import is_dtensor
+from .distributed import part_like
 from .errors import CheckpointError
 from .families import (
     FAMILIES,
@@ -330,21 +330,12 @@ def load_hf_weights(model: Transformer, path: str | Path) -> None:
                         heads = _heads_of(name, args)
                         if heads:
                             tensor = _hf_to_meta(tensor, heads)
-                        param.copy_(_like(tensor.to(param.dtype), param))  # one tensor at a time
+                        param.copy_(part_like(tensor.to(param.dtype), param))  # one tensor at a time
                         del tensor
             except CheckpointError:
                 raise
             except Exception as e:
                 raise CheckpointError(f"{file} could not be read ({type(e).__name__}: {e}).") from None
-
-
-def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``full`` as ``param`` holds it: this rank's shard of a DTensor parameter (no communication), else itself."""
-    if not is_dtensor(param):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 # ---- saving -----------------------------------------------------------------------------------------

@@ -150,18 +150,6 @@ def parallelize(
     return model
 
 
-def reduce_partial_gradients(model: nn.Module) -> None:
-    """Under tensor parallelism without FSDP2, the gradients of the parameters replicated over tp that sequence
-    parallelism applies to a part of the sequence (the blocks' norms) come out of the backward as partial sums
-    (DTensor's Partial): each rank's holds its own tokens' share. They are summed over tp here (one small all-reduce
-    each), before clipping and the update read them. (FSDP2's reduce-scatter does it under 2-D meshes: there they
-    arrive whole.)"""
-    for p in model.parameters():
-        g = p.grad
-        if distributed.is_dtensor(g) and g.placements != p.placements:
-            p.grad = g.redistribute(g.device_mesh, p.placements)
-
-
 def check_tensor_parallel(args: Any, tp: int, seq_len: int) -> None:
     """The model splits over ``tp`` ranks: whole attention heads and key/value heads per rank, SwiGLU's hidden units
     and the sequence (sequence parallelism) in equal parts. ConfigError (exit 2) naming the numbers otherwise."""

@@ -68,27 +68,27 @@ TP_SPLIT = tuple(f"{name}.weight" for name in TP_COLUMNWISE + TP_ROWWISE + TP_VO
 TP_ROWWISE_WEIGHTS = tuple(f"{name}.weight" for name in TP_ROWWISE)
 
 
+def _per_rank(sizes: list[tuple[str, int]], dp_shard: int, tp: int) -> int:
+    """One rank's part of the bytes of (parameter name, bytes) pairs: tensor parallelism's split matrices divided by
+    dp_shard x tp, the rest by dp_shard (with tp = 1, all of it together, as FSDP2 alone)."""
+    split = sum(b for n, b in sizes if tp > 1 and n.endswith(TP_SPLIT))
+    rest = sum(b for _, b in sizes) - split
+    return -(-split // (dp_shard * tp)) + -(-rest // dp_shard)
+
+
 def state_bytes(model: torch.nn.Module, spec: OptimizerSpec, dp_shard: int = 1, tp: int = 1) -> dict[str, int]:
     """Params, grads and optimizer state on one rank of dp_shard FSDP ranks x tp tensor-parallel ranks, laid out on
     meta tensors."""
     named = list(model.named_parameters())
     opt = build_optimizer(model, **spec.build_kwargs())
     states = {name: opt.init_state(p) for name, p in named}
-    if tp == 1:  # FSDP2 alone: everything divided by dp_shard
-        groups, parts = [[n for n, _ in named]], (dp_shard,)
-    else:  # the split matrices by dp_shard x tp, the rest by dp_shard
-        groups = [[n for n, _ in named if n.endswith(TP_SPLIT) == split] for split in (True, False)]
-        parts = (dp_shard * tp, dp_shard)
-    params = dict(named)
-    out = {"params": 0, "grads": 0, "optimizer": 0}
-    for names, n in zip(groups, parts):
-        group = _storage_bytes(params[name] for name in names)
-        out["params"] += -(-group // n)
-        out["grads"] += -(-group // n)
-        state = (v for name in names for k, v in states[name].items() if k not in REPLICATED_STATE)
-        out["optimizer"] += -(-_storage_bytes(state) // n)
+    weights = _per_rank([(n, _storage_bytes([p])) for n, p in named], dp_shard, tp)
+    sharded_state = [
+        (n, _storage_bytes(v for k, v in states[n].items() if k not in REPLICATED_STATE)) for n, _ in named
+    ]
+    out = {"params": weights, "grads": weights, "optimizer": _per_rank(sharded_state, dp_shard, tp)}
     # the column factors: whole on every rank, except a row-wise matrix's, whose columns tp splits
-    for name in params:
+    for name, _ in named:
         replicated = _storage_bytes(v for k, v in states[name].items() if k in REPLICATED_STATE)
         out["optimizer"] += -(-replicated // tp) if name.endswith(TP_ROWWISE_WEIGHTS) else replicated
     if spec.in_backward:
@@ -97,13 +97,10 @@ def state_bytes(model: torch.nn.Module, spec: OptimizerSpec, dp_shard: int = 1, 
 
 
 def released_grad_bytes(model: Transformer, dp_shard: int, tp: int = 1) -> int:
-    """Gradient release: the gradient bytes alive at once (module docstring); under tp a block's (mostly split
-    matrices) divided by dp_shard x tp, the root's by dp_shard."""
+    """Gradient release: the gradient bytes alive at once (module docstring), one rank's part of them."""
 
-    def part(named) -> int:  # one rank's part of these parameters' gradients (the split ones and the rest apart)
-        split = _storage_bytes(p for n, p in named if tp > 1 and n.endswith(TP_SPLIT))
-        rest = _storage_bytes(p for n, p in named if not (tp > 1 and n.endswith(TP_SPLIT)))
-        return -(-split // (dp_shard * tp)) + -(-rest // dp_shard)
+    def part(named) -> int:
+        return _per_rank([(n, _storage_bytes([p])) for n, p in named], dp_shard, tp)
 
     named = list(model.named_parameters())
     if dp_shard == 1:

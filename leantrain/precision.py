@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 import torch.nn.functional as F
 
-from .distributed import is_dtensor, local, split_dim
+from .distributed import is_dtensor, local, part_like, split_dim
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -362,11 +362,7 @@ def init_normal_(param: torch.Tensor, std: float, generator: torch.Generator | N
     with torch.no_grad():
         values = torch.empty(param.shape, dtype=torch.float32, device=param.device)
         values.normal_(0.0, std, generator=generator).clamp_(-3 * std, 3 * std)
-        if is_dtensor(param):
-            from torch.distributed.tensor import distribute_tensor
-
-            values = distribute_tensor(values, param.device_mesh, param.placements, src_data_rank=None)
-        param.copy_(values)
+        param.copy_(part_like(values, param))
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:

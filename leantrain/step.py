@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import guard, parallel
+from .distributed import settle_gradient
 from .hooks import Hooks
 from .model import batch_loss
 from .optim import UpdateStats
@@ -81,8 +82,9 @@ def train_step(
             loss = batch_loss(state.model, batch) * weight / accum
         loss.backward()
         loss_sum += loss.detach()
-    if ctx.dist.plan.tp > 1:
-        parallel.reduce_partial_gradients(state.model)
+    if ctx.dist.plan.tp > 1:  # the sequence-parallel norms' partial sums
+        for p in state.model.parameters():
+            settle_gradient(p)
     grad_norm = ctx.hooks.grad_norm(step, clip_grad_norm_(state.model.parameters(), ctx.max_norm))
     finite, stop = ctx.nonfinite.check(step, loss_sum, grad_norm)  # one host sync; the same on every rank
     lr = state.scheduler.get_last_lr()[0]

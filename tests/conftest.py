@@ -73,6 +73,23 @@ DIST_COMMON = [
 ]
 
 
+def train_reference(*args: str) -> None:
+    """A single-process reference run, in this process, on one thread as each torchrun worker runs:
+    DIST_COMMON, then ``args``."""
+    import torch
+
+    from leantrain.config import load_config, parse_overrides
+    from leantrain.runplan import resolve
+    from leantrain.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(resolve(load_config(None, parse_overrides([*DIST_COMMON, *args]))))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def losses(folder) -> list[float]:
     """Every logged step's loss of a run."""
     from leantrain.metrics import read_metrics

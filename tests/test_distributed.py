@@ -34,9 +34,9 @@ import sys
 import pytest
 import torch
 
-from conftest import DIST_COMMON, DIST_STEPS, ROOT, assert_losses_close, losses, torchrun_jobs
-from leantrain.config import data_parallel_degrees, load_config, parse_overrides, suspicious_precision_settings
-from leantrain.runplan import parallel_plan, precision_of, resolve
+from conftest import DIST_COMMON, DIST_STEPS, ROOT, assert_losses_close, losses, torchrun_jobs, train_reference
+from leantrain.config import data_parallel_degrees, load_config, suspicious_precision_settings
+from leantrain.runplan import parallel_plan, precision_of
 from leantrain.errors import ConfigError
 from leantrain.metrics import read_metrics
 
@@ -101,58 +101,19 @@ def _prepared_builtin(root) -> str:
 def runs(tmp_path_factory):
     """Train every configuration once: single-process references here, all 2-rank runs in one torchrun."""
     root = tmp_path_factory.mktemp("dist")
-    from leantrain.train import train
-
     chat = _chat_args(root)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's workers
-    try:
-        for recipe in RECIPES:
-            train(
-                resolve(
-                    load_config(
-                        None,
-                        parse_overrides(
-                            [
-                                *DIST_COMMON,
-                                f"--recipe={recipe}",
-                                "--data.local_batch_size=8",
-                                f"--job.dump_folder={root / f'single-{recipe}'}",
-                            ]
-                        ),
-                    )
-                )
-            )
-        # the references of gradient release: the normal step, without clipping
-        for recipe in ("bf16-int8", "bf16-int8-factored"):
-            train(
-                resolve(
-                    load_config(
-                        None,
-                        parse_overrides(
-                            [
-                                *DIST_COMMON,
-                                f"--recipe={recipe}",
-                                "--data.local_batch_size=8",
-                                "--training.max_norm=0",
-                                f"--job.dump_folder={root / f'single-noclip-{recipe}'}",
-                            ]
-                        ),
-                    )
-                )
-            )
-        train(
-            resolve(
-                load_config(
-                    None,
-                    parse_overrides(
-                        [*DIST_COMMON, *chat, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-chat'}"]
-                    ),
-                )
-            )
+    for recipe in RECIPES:
+        train_reference(
+            f"--recipe={recipe}", "--data.local_batch_size=8", f"--job.dump_folder={root / f'single-{recipe}'}"
         )
-    finally:
-        torch.set_num_threads(threads)
+    for recipe in ("bf16-int8", "bf16-int8-factored"):  # the references of gradient release: no clipping
+        train_reference(
+            f"--recipe={recipe}",
+            "--data.local_batch_size=8",
+            "--training.max_norm=0",
+            f"--job.dump_folder={root / f'single-noclip-{recipe}'}",
+        )
+    train_reference(*chat, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-chat'}")
     jobs = [
         [
             *DIST_COMMON,

@@ -20,11 +20,11 @@ import shutil
 import pytest
 import torch
 
-from conftest import DIST_COMMON, assert_losses_close, losses, torchrun_jobs
+from conftest import DIST_COMMON, assert_losses_close, losses, torchrun_jobs, train_reference
 from leantrain.config import load_config, parse_overrides
 from leantrain.errors import CheckpointError, ConfigError
 from leantrain.metrics import read_metrics
-from leantrain.runplan import parallel_plan, resolve
+from leantrain.runplan import parallel_plan
 
 RECIPES = ["fp32", "bf16-sr", "bf16-kahan", "bf16-int8", "bf16-int8-factored"]
 RECIPES_2X2 = ["fp32", "bf16-sr", "bf16-int8"]  # 4 processes on the suite's 2 cores: the issue's three
@@ -37,17 +37,6 @@ CHECKPOINTED = ["--checkpoint.enable=true", "--checkpoint.interval=3"]
 # gradient release, against the normal step without clipping (release clips by its own rules)
 NOCLIP = ["--recipe=bf16-int8", "--training.max_norm=0"]
 RELEASE = ["--optimizer.in_backward=true", *NOCLIP]
-
-
-def _train_here(*args: str) -> None:
-    from leantrain.train import train
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's workers
-    try:
-        train(resolve(load_config(None, parse_overrides([*DIST_COMMON, *args]))))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +61,19 @@ def runs(tmp_path_factory, hf_folder):
     """The single-process references here; every 2-rank run in one torchrun, every 4-rank run in another."""
     root = tmp_path_factory.mktemp("tp")
     for recipe in RECIPES:
-        _train_here(f"--recipe={recipe}", "--data.local_batch_size=8", f"--job.dump_folder={root / f'single-{recipe}'}")
-    _train_here(
+        train_reference(
+            f"--recipe={recipe}", "--data.local_batch_size=8", f"--job.dump_folder={root / f'single-{recipe}'}"
+        )
+    train_reference(
         "--recipe=fp32",
         "--data.local_batch_size=8",
         "--training.steps=1",
         "--lr_scheduler.warmup_steps=0",
         f"--job.dump_folder={root / 'single-step'}",
     )
-    _train_here(*NOCLIP, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-noclip'}")
+    train_reference(*NOCLIP, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-noclip'}")
     hf = [f"--model.hf_checkpoint={hf_folder}", "--recipe=fp32"]
-    _train_here(*hf, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-hf'}")
+    train_reference(*hf, "--data.local_batch_size=8", f"--job.dump_folder={root / 'single-hf'}")
     for name, (nproc, layout) in LAYOUTS.items():
         recipes = RECIPES if name == "tp2" else RECIPES_2X2
         jobs = [[*DIST_COMMON, f"--recipe={r}", *layout, f"--job.dump_folder={root / f'{name}-{r}'}"] for r in recipes]
@@ -132,7 +123,7 @@ def runs(tmp_path_factory, hf_folder):
             torchrun_jobs(nproc, jobs[-1:], root / f"jobs-{nproc}.json")
         else:
             torchrun_jobs(nproc, jobs, root / f"jobs-{nproc}.json")
-    _train_here(
+    train_reference(
         "--recipe=bf16-sr", "--data.local_batch_size=8", *CHECKPOINTED, f"--job.dump_folder={root / 'resumed-single'}"
     )
     return root

@@ -47,7 +47,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from ..distributed import is_dtensor, local
+from ..distributed import is_dtensor, local, settle_gradient
 from ..precision import SquareSums, clip_coefficient, grad_squares, norm_from_squares
 from .optimizer import LeanOptimizer, LostUpdateCounter, UpdateStats
 
@@ -135,8 +135,7 @@ class GradientRelease:
     def _hook(self, p: torch.Tensor) -> None:
         if not self._armed:  # a backward outside a training step (a test's, a user's): keep the gradient
             return
-        if is_dtensor(p.grad) and p.grad.placements != p.placements:  # a sequence-parallel norm's partial sums
-            p.grad = p.grad.redistribute(p.grad.device_mesh, p.placements)  # (parallel.reduce_partial_gradients)
+        settle_gradient(p)  # a sequence-parallel norm's partial sums
         squares = grad_squares(p.grad)
         self._squares.add(squares, p.grad)
         finite = _on_every_shard(torch.isfinite(squares), p)  # on the device: no host sync (module docstring)
